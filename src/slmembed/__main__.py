@@ -1,0 +1,3 @@
+from slmembed.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Data loaders: NLI triplets for training, STS sets for evaluation."""
