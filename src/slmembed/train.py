@@ -1,0 +1,188 @@
+"""Contrastive LoRA fine-tuning, top to bottom.
+
+One step: take the step's global batch of triplets (a fixed, seeded permutation per epoch, so the order is a function
+of the step alone), give this rank its slice, embed anchors, positives and negatives in one padded forward, compute
+InfoNCE against all ranks' candidates, step AdamW and the schedule. Runs unchanged under ``torchrun`` (accelerate
+sets up the process group and DDP). Checkpoints (adapter, optimizer, schedule, RNG, step) are written atomically
+every ``save_every`` steps; ``resume=True`` continues from the newest one exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import get_scheduler
+
+from slmembed import models
+from slmembed.atomic import atomic_dir, write_json, write_text
+from slmembed.config import Recipe
+from slmembed.data.nli import load_triplets
+from slmembed.embedder import Embedder, EmbedSpec
+from slmembed.errors import SlmembedError
+from slmembed.loss import info_nce
+
+
+def batch_indices(n: int, global_batch: int, step: int, seed: int) -> np.ndarray:
+    """Triplet indices of the global batch at ``step``: epoch e uses permutation(seed + e), remainder dropped."""
+    per_epoch = n // global_batch
+    epoch, k = divmod(step, per_epoch)
+    order = np.random.default_rng(seed + epoch).permutation(n)
+    return order[k * global_batch : (k + 1) * global_batch]
+
+
+def add_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    cfg, n_layers = recipe.lora, model.config.num_hidden_layers
+    layers = sorted({i % n_layers for i in cfg.layers}) if cfg.layers is not None else None
+    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.targets,
+                      layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
+    return get_peft_model(model, lora)
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "checkpoints").glob("step-*"))
+
+
+def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, keep: int) -> None:
+    with atomic_dir(run_dir / "checkpoints" / f"step-{step:07d}") as tmp:
+        save_file(get_peft_model_state_dict(model), tmp / "adapter.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step}))
+    for old in _checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
+    optim = torch.load(ckpt / "optim.pt", weights_only=True)
+    optimizer.load_state_dict(optim["optimizer"])
+    scheduler.load_state_dict(optim["scheduler"])
+    rng = torch.load(ckpt / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((ckpt / "state.json").read_text())["step"]
+
+
+def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, resume: bool = False,
+          device: str = "auto", progress: bool = True) -> dict:
+    """Train the recipe's LoRA adapter into ``run_dir``; return the run summary (also written as summary.json)."""
+    run_dir = Path(run_dir)
+    tc = recipe.train
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SlmembedError("--device cuda: no CUDA GPU is visible on this machine")
+    acc = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if tc.bf16 else "no")
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise SlmembedError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --output")
+    torch.manual_seed(tc.seed)
+
+    # Data: triplets, a seeded subsample if asked, and every unique sentence tokenised once.
+    data = load_triplets(recipe.data.sources, data_dir=data_dir, skip_bad_rows=recipe.data.skip_bad_rows)
+    triplets = data.triplets
+    if recipe.data.max_triplets is not None and recipe.data.max_triplets < len(triplets):
+        keep = np.random.default_rng(tc.seed).permutation(len(triplets))[: recipe.data.max_triplets]
+        triplets = [triplets[i] for i in sorted(keep)]
+    global_batch = tc.batch_size * acc.num_processes
+    if len(triplets) < global_batch:
+        raise SlmembedError(f"{len(triplets)} triplets are fewer than one global batch of {global_batch}")
+    total = tc.max_steps or tc.epochs * (len(triplets) // global_batch)
+
+    # Model: backbone in bf16 (if asked), fp32 LoRA adapters on top.
+    dtype = torch.bfloat16 if tc.bf16 else torch.float32
+    attn = "sdpa" if acc.device.type == "cuda" else "eager"  # eager trains faster than SDPA on the CPU
+    base, tokenizer = models.load(recipe.model.name, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code,
+                                  attn_implementation=attn)
+    model = add_lora(base, recipe)
+    spec = EmbedSpec(recipe.model.pooling, recipe.model.prompt, recipe.model.max_length, recipe.model.append_eos)
+    texts = sorted({t for trip in triplets for t in trip})
+    token_ids = dict(zip(texts, Embedder(model, tokenizer, spec).tokenize(texts)))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
+    model, optimizer = acc.prepare(model, optimizer)
+    embedder = Embedder(model, tokenizer, spec)
+
+    start = 0
+    if resume and _checkpoints(run_dir):
+        start = load_checkpoint(_checkpoints(run_dir)[-1], acc.unwrap_model(model), optimizer, scheduler)
+        acc.print(f"resumed from step {start}")
+    if acc.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+        write_json(run_dir / "data.json", {"triplets": len(triplets), "counts": data.counts,
+                                          "duplicates": data.duplicates, "skipped_rows": data.skipped_rows})
+    log_path = run_dir / "train_log.jsonl"
+    if acc.is_main_process and start == 0:
+        log_path.write_text("")
+    acc.wait_for_everyone()
+
+    model.train()
+    t0, seen_t0 = time.time(), start
+    bar = None
+    if progress and acc.is_main_process:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=start, desc="train", unit="step")
+    for step in range(start, total):
+        rows = batch_indices(len(triplets), global_batch, step, tc.seed)
+        rows = rows[acc.process_index * tc.batch_size : (acc.process_index + 1) * tc.batch_size]
+        columns = 3 if tc.hard_negatives else 2
+        ids = [token_ids[triplets[i][c]] for c in range(columns) for i in rows]
+        with acc.autocast():
+            emb = embedder.forward_ids(ids, tc.chunk_tokens).view(columns, len(rows), -1)
+        loss = info_nce(emb[0], emb[1], emb[2] if tc.hard_negatives else None, tc.temperature)
+        if not torch.isfinite(loss):
+            raise SlmembedError(f"loss is {loss.item()} at step {step + 1}; the last good checkpoint is kept, "
+                                "fix the cause and continue with --resume")
+        acc.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if bar is not None:
+            bar.update(1)
+        if done % tc.log_every == 0 or done == total:
+            elapsed = time.time() - t0
+            rate = (done - seen_t0) * global_batch / max(elapsed, 1e-9)
+            record = {"step": done, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0],
+                      "triplets_per_s": round(rate, 2), "elapsed_s": round(elapsed, 2)}
+            if acc.is_main_process:
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if done % tc.save_every == 0 and done < total:
+            if acc.is_main_process:
+                save_checkpoint(run_dir, acc.unwrap_model(model), optimizer, scheduler, done, tc.keep_checkpoints)
+            acc.wait_for_everyone()
+    if bar is not None:
+        bar.close()
+
+    summary = {"steps": total, "batch_size": global_batch, "triplets": len(triplets),
+               "triplets_seen": total * global_batch, "minutes": round((time.time() - t0) / 60, 3),
+               "device": _device_name(acc.device), "world_size": acc.num_processes}
+    if acc.is_main_process:
+        with atomic_dir(run_dir / "adapter") as tmp:
+            acc.unwrap_model(model).save_pretrained(tmp)
+        write_json(run_dir / "embed.json", {"model": recipe.model.name, "spec": spec.__dict__})
+        write_json(run_dir / "summary.json", summary)
+    acc.wait_for_everyone()
+    return summary
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"

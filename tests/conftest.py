@@ -1,0 +1,51 @@
+"""Shared fixtures: the packaged SmolLM2 folder, and tiny random models of the paper's architectures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, GemmaConfig, LlamaConfig, PhiConfig
+
+from slmembed import models
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# Tiny random stand-ins for the paper's models: Gemma-2B (gemma), Phi-2 (phi) and MiniCPM-2B, whose remote code is a
+# Llama-style decoder with q_proj/v_proj (llama).
+TINY = {
+    "gemma": GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=1, head_dim=8),
+    "phi": PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
+    "llama": LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2),
+}
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    assert DATA.is_dir(), f"tests need the data in {DATA}"
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The packaged SmolLM2-135M, converted once from GGUF into the cache."""
+    return Path(models.resolve("smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
+    """Folders with a tiny random model per architecture, sharing SmolLM2's tokenizer (right padding)."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    out = {}
+    for arch, config in TINY.items():
+        folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+        config = config.__class__(**{**config.to_dict(), "vocab_size": len(tokenizer),
+                                     "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.eos_token_id})
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        out[arch] = folder
+    return out

@@ -1,0 +1,75 @@
+"""Pooling, EOS, prompts and padding: the same text must give the same vector whichever side pads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from slmembed.embedder import PROMPTS, Embedder, EmbedSpec, load_embedder, pool
+
+TEXTS = ["A man is playing a guitar.", "Hi", "The quick brown fox jumps over the lazy dog near the river bank today."]
+
+
+def test_pool_picks_last_real_token_for_both_paddings() -> None:
+    hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
+    right = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    torch.testing.assert_close(pool(hidden, right, "last"), torch.stack([hidden[0, 1], hidden[1, 3]]))
+    torch.testing.assert_close(pool(hidden, left, "last"), torch.stack([hidden[0, 3], hidden[1, 3]]))
+    torch.testing.assert_close(pool(hidden, left, "cls"), torch.stack([hidden[0, 2], hidden[1, 0]]))
+    torch.testing.assert_close(pool(hidden, right, "mean"), torch.stack([hidden[0, :2].mean(0), hidden[1].mean(0)]))
+
+
+def _embedder(folder, side: str, **spec) -> Embedder:
+    emb = load_embedder(str(folder), device=torch.device("cpu"), dtype=torch.float32, **spec)
+    emb.tokenizer.padding_side = side
+    return emb
+
+
+@pytest.mark.parametrize("arch", ["gemma", "phi", "llama"])
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_left_and_right_padding_agree_on_tiny_models(tiny_models, arch: str, pooling: str) -> None:
+    right = _embedder(tiny_models[arch], "right", pooling=pooling).encode(TEXTS, batch_size=3)
+    left = _embedder(tiny_models[arch], "left", pooling=pooling).encode(TEXTS, batch_size=3)
+    alone = np.stack([_embedder(tiny_models[arch], "right", pooling=pooling).encode([t])[0] for t in TEXTS])
+    np.testing.assert_allclose(left, right, atol=1e-5)
+    np.testing.assert_allclose(right, alone, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(right, axis=1), 1.0, rtol=1e-5)
+
+
+def test_left_and_right_padding_agree_on_smollm2(smollm2_dir) -> None:
+    right = _embedder(smollm2_dir, "right").encode(TEXTS, batch_size=3)
+    left = _embedder(smollm2_dir, "left").encode(TEXTS, batch_size=3)
+    assert (left * right).sum(1).min() > 0.9999
+
+
+def test_eos_appended_and_kept_under_truncation(tiny_models) -> None:
+    emb = _embedder(tiny_models["llama"], "right", max_length=8)
+    ids = emb.tokenize(["one two three four five six seven eight nine ten", "hi"])
+    eos = emb.tokenizer.eos_token_id
+    assert len(ids[0]) == 8 and ids[0][-1] == eos and ids[1][-1] == eos
+    assert ids[1][:-1] == emb.tokenizer("hi")["input_ids"]
+
+
+def test_prompt_templates(tiny_models) -> None:
+    emb = _embedder(tiny_models["llama"], "right", prompt="P1")
+    expected = emb.tokenizer(PROMPTS["P1"].format("a cat"))["input_ids"] + [emb.tokenizer.eos_token_id]
+    assert emb.tokenize(["a cat"])[0] == expected
+    with pytest.raises(ValueError, match="must contain"):
+        EmbedSpec(prompt="no placeholder")
+
+
+def test_encode_keeps_input_order(tiny_models) -> None:
+    emb = _embedder(tiny_models["llama"], "left")
+    texts = TEXTS * 3
+    batched = emb.encode(texts, batch_size=2)
+    for i, t in enumerate(texts):
+        np.testing.assert_allclose(batched[i], emb.encode([t])[0], atol=1e-5)
+
+
+def test_collate_pads_to_a_multiple_of_8_with_position_ids_on_the_left(tiny_models) -> None:
+    emb = _embedder(tiny_models["llama"], "left")
+    batch = emb.collate([[5, 6, 7], [5] * 10])
+    assert batch["input_ids"].shape == (2, 16)
+    assert batch["position_ids"][0, -3:].tolist() == [0, 1, 2] and batch["attention_mask"][0].sum() == 3

@@ -1,0 +1,79 @@
+"""InfoNCE against a direct computation, and the cross-rank gather against one process over the whole batch."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from slmembed.loss import info_nce
+
+
+def reference(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None, tau: float) -> float:
+    """Loop-by-loop InfoNCE in float64: -log softmax of cos(a_i, p_i) among all positives and negatives."""
+    cands = list(p) + (list(n) if n is not None else [])
+    cos = lambda x, y: float(x.double() @ y.double() / (x.double().norm() * y.double().norm()))  # noqa: E731
+    total = 0.0
+    for i, ai in enumerate(a):
+        logits = [cos(ai, c) / tau for c in cands]
+        top = max(logits)
+        total += -(logits[i] - top - math.log(sum(math.exp(v - top) for v in logits)))
+    return total / len(a)
+
+
+@pytest.mark.parametrize("tau", [0.05, 1.0])
+@pytest.mark.parametrize("hard", [True, False])
+def test_info_nce_matches_reference(tau: float, hard: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    a, p, n = (torch.randn(6, 5, generator=g) * 3 for _ in range(3))
+    got = info_nce(a, p, n if hard else None, temperature=tau).item()
+    assert got == pytest.approx(reference(a, p, n if hard else None, tau), rel=1e-5)
+
+
+def test_info_nce_is_low_when_positives_match() -> None:
+    a = torch.eye(4)
+    assert info_nce(a, a.clone(), -a, temperature=0.05).item() < 1e-6
+    assert info_nce(a, a.roll(1, 0), None, temperature=0.05).item() > 10
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, world: int, port: int, a, p, n, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    rows = slice(rank * len(a) // world, (rank + 1) * len(a) // world)
+    la, lp, ln = (t[rows].clone().requires_grad_(True) for t in (a, p, n))
+    loss = info_nce(la, lp, ln, temperature=0.05)
+    loss.backward()
+    out[rank] = (loss.detach(), la.grad, lp.grad, ln.grad)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process_over_the_whole_batch() -> None:
+    """Mean of the rank losses = the global loss; each rank's gradient / world = the global gradient's slice.
+
+    (DDP averages parameter gradients over ranks, which supplies that 1/world.)
+    """
+    g = torch.Generator().manual_seed(2)
+    a, p, n = (torch.randn(8, 16, generator=g) for _ in range(3))
+    full = [t.clone().requires_grad_(True) for t in (a, p, n)]
+    loss = info_nce(*full, temperature=0.05)
+    loss.backward()
+
+    world = 2
+    out = mp.Manager().dict()
+    mp.start_processes(_rank, args=(world, _free_port(), a, p, n, out), nprocs=world, start_method="spawn")
+    assert torch.stack([out[r][0] for r in range(world)]).mean().item() == pytest.approx(loss.item(), rel=1e-6)
+    for r in range(world):
+        rows = slice(r * 4, (r + 1) * 4)
+        for k, t in enumerate(full):
+            torch.testing.assert_close(out[r][k + 1] / world, t.grad[rows], rtol=1e-5, atol=1e-7)
