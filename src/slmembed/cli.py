@@ -39,14 +39,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from slmembed.atomic import write_json
+    from slmembed.data.sts import load_all
     from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate, table
 
+    sets = load_all(args.tasks, args.data_dir)  # bad task names and data fail before the model loads
     overrides = {k: v for k, v in (("pooling", args.pooling), ("prompt", args.prompt)) if v is not None}
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     embedder = load_embedder(args.model, args.adapter, device=_device(args.device), dtype=dtype,
                              trust_remote_code=args.trust_remote_code, **overrides)
-    result = evaluate(embedder, args.tasks, args.data_dir, batch_size=args.batch_size, progress=True)
+    result = evaluate(embedder, sets, batch_size=args.batch_size, progress=True)
     label = args.model or str(args.adapter)
     print(table({label: result["scores"]}))
     if args.output:
@@ -105,6 +107,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # per-tensor loading bars; slmembed shows its own progress
     try:
         return args.func(args)
     except SlmembedError as exc:

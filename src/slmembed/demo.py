@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from slmembed.config import load_recipe, with_overrides
-from slmembed.embedder import load_embedder
+from slmembed.data.sts import load_all
+from slmembed.embedder import EmbedSpec, load_embedder
 from slmembed.evaluate import evaluate
 from slmembed.train import train
 
@@ -16,12 +17,12 @@ def demo(output: str | Path, recipe_name: str = "demo-smollm2", overrides: list[
     """Evaluate STSBenchmark test, train the demo recipe, evaluate again; return and print the figures."""
     t0 = time.time()
     recipe = with_overrides(load_recipe(recipe_name), overrides or [])
-    model = recipe.model.name
+    model, sets = recipe.model.name, load_all(["STSBenchmark"], data_dir)
     print(f"[demo] {model}: STSBenchmark test before training ...", flush=True)
-    before = evaluate(load_embedder(model, prompt=recipe.model.prompt), ["STSBenchmark"], data_dir)["average"]
+    before = evaluate(load_embedder(model, **EmbedSpec.of(recipe.model).__dict__), sets)["average"]
     print(f"[demo] before: {before:.2f}", flush=True)
     summary = train(recipe, output, data_dir=data_dir, device=device)
-    after = evaluate(load_embedder(None, adapter=output), ["STSBenchmark"], data_dir)["average"]
+    after = evaluate(load_embedder(None, adapter=output), sets)["average"]
     minutes = (time.time() - t0) / 60
     print(f"[demo] STSBenchmark test Spearman x100: before {before:.2f} -> after {after:.2f} "
           f"(gain {after - before:+.2f}); {summary['steps']} steps of {summary['batch_size']} triplets; "

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmembed import models
+from slmembed.config import ModelConfig
 from slmembed.errors import SlmembedError
 
 POOLINGS = ("last", "mean", "cls")
@@ -50,6 +51,11 @@ class EmbedSpec:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.prompt is not None and "{}" not in PROMPTS.get(self.prompt, self.prompt):
             raise ValueError(f"prompt must contain '{{}}' for the text or be one of {sorted(PROMPTS)}: {self.prompt!r}")
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> EmbedSpec:
+        """The spec a recipe's model section asks for."""
+        return cls(model.pooling, model.prompt, model.max_length, model.append_eos)
 
     @property
     def template(self) -> str:

@@ -5,9 +5,6 @@ Every unique sentence across the chosen tasks is encoded exactly once per run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
-
 import numpy as np
 from scipy.stats import spearmanr
 
@@ -25,10 +22,10 @@ def score(sets: dict[str, StsSet], vectors: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
-def evaluate(embedder: Embedder, tasks: Sequence[str] | None = None, data_dir: str | Path | None = None,
-             batch_size: int = 64, progress: bool = False) -> dict:
-    """Encode the unique sentences of ``tasks`` (default: all nine) once and score every task."""
-    sets = load_all(tasks or TASKS, data_dir)
+def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_size: int = 64,
+             progress: bool = False) -> dict:
+    """Encode the unique sentences of ``sets`` (default: all nine from the data directory) once; score each set."""
+    sets = sets if sets is not None else load_all(TASKS)
     texts = sorted({s for sts in sets.values() for s in (*sts.sentences1, *sts.sentences2)})
     vecs = embedder.encode(texts, batch_size=batch_size, progress=progress)
     scores = score(sets, dict(zip(texts, vecs)))

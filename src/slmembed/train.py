@@ -82,7 +82,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     tc = recipe.train
     if device == "cuda" and not torch.cuda.is_available():
         raise SlmembedError("--device cuda: no CUDA GPU is visible on this machine")
-    acc = Accelerator(cpu=device == "cpu", mixed_precision="bf16" if tc.bf16 else "no")
+    acc = Accelerator(cpu=device == "cpu")  # bf16 autocast is ours (below), so runs in one process can differ
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise SlmembedError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --output")
     torch.manual_seed(tc.seed)
@@ -104,7 +104,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     base, tokenizer = models.load(recipe.model.name, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code,
                                   attn_implementation=attn)
     model = add_lora(base, recipe)
-    spec = EmbedSpec(recipe.model.pooling, recipe.model.prompt, recipe.model.max_length, recipe.model.append_eos)
+    spec = EmbedSpec.of(recipe.model)
     texts = sorted({t for trip in triplets for t in trip})
     token_ids = dict(zip(texts, Embedder(model, tokenizer, spec).tokenize(texts)))
 
@@ -140,7 +140,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         rows = rows[acc.process_index * tc.batch_size : (acc.process_index + 1) * tc.batch_size]
         columns = 3 if tc.hard_negatives else 2
         ids = [token_ids[triplets[i][c]] for c in range(columns) for i in rows]
-        with acc.autocast():
+        with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
             emb = embedder.forward_ids(ids, tc.chunk_tokens).view(columns, len(rows), -1)
         loss = info_nce(emb[0], emb[1], emb[2] if tc.hard_negatives else None, tc.temperature)
         if not torch.isfinite(loss):
