@@ -20,6 +20,19 @@ def _device(name: str):
     return torch.device(name)
 
 
+def provenance() -> dict:
+    """How a result file was made: the command line, the machine and the date."""
+    import datetime
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    return {"command": " ".join(["slmembed", *sys.argv[1:]]), "device": device, "host": platform.node(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from slmembed.config import load_recipe, with_overrides
     from slmembed.train import train
@@ -53,7 +66,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(table({label: result["scores"]}))
     if args.output:
         write_json(args.output, {"model": label, "adapter": args.adapter, "spec": embedder.spec.__dict__,
-                                 "dtype": str(next(embedder.model.parameters()).dtype), **result})
+                                 "dtype": str(next(embedder.model.parameters()).dtype), **result,
+                                 "run": provenance()})
     return 0
 
 
@@ -62,7 +76,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from slmembed.demo import demo
 
     result = demo(args.output, args.recipe, args.set, data_dir=args.data_dir, device=args.device)
-    write_json(Path(args.output) / "demo.json", result)
+    write_json(Path(args.output) / "demo.json", {**result, "run": provenance()})
     return 0
 
 
