@@ -121,13 +121,17 @@ def test_copy_loads(broken: Path) -> None:
     assert len(load_sts("STS13", broken)) == 1500
 
 
-def test_gold_not_a_number(broken: Path) -> None:
-    gold = broken / "sts13" / "STS.gs.FNWN.txt"
-    _edit_line(gold, 3, "abc")
+@pytest.mark.parametrize("name, line, text, problem", [
+    ("STS.gs.FNWN.txt", 3, "abc", "'abc'"),                            # gold score that is not a number
+    ("STS.input.headlines.txt", 5, "a sentence with no tab", "found 1"),  # input line with one column
+])
+def test_bad_line_is_named_with_file_and_line(broken: Path, name: str, line: int, text: str, problem: str) -> None:
+    path = broken / "sts13" / name
+    _edit_line(path, line, text)
     with pytest.raises(DataError) as e:
         load_sts("STS13", broken)
-    assert f"{gold}:3:" in str(e.value) and "'abc'" in str(e.value)
-    assert (e.value.path, e.value.line) == (str(gold), 3)
+    assert f"{path}:{line}:" in str(e.value) and problem in str(e.value)
+    assert (e.value.path, e.value.line) == (str(path), line)
 
 
 def test_missing_gold_file(broken: Path) -> None:
@@ -135,14 +139,6 @@ def test_missing_gold_file(broken: Path) -> None:
     gold.unlink()
     with pytest.raises(DataError, match="STS.gs.OnWN.txt: file not found"):
         load_sts("STS13", broken)
-
-
-def test_input_line_without_tab(broken: Path) -> None:
-    inp = broken / "sts13" / "STS.input.headlines.txt"
-    _edit_line(inp, 5, "a sentence with no tab")
-    with pytest.raises(DataError) as e:
-        load_sts("STS13", broken)
-    assert f"{inp}:5:" in str(e.value) and "found 1" in str(e.value)
 
 
 def test_line_count_mismatch(broken: Path) -> None:

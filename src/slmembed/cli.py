@@ -33,16 +33,24 @@ def provenance() -> dict:
             "torch": torch.__version__}
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _recipe(args: argparse.Namespace, name: str, model: str | None = None):
+    """Load a recipe with --set overrides; remote code runs only if the recipe wants it and the user allows it."""
     from slmembed.config import load_recipe, with_overrides
+
+    recipe = with_overrides(load_recipe(name), args.set or [])
+    if model:
+        recipe.model.name = model
+    if recipe.model.trust_remote_code and not args.trust_remote_code:
+        raise SlmembedError(f"recipe {recipe.name} runs the model's own code: pass --trust-remote-code to allow it")
+    recipe.model.trust_remote_code = args.trust_remote_code
+    _device(args.device)
+    return recipe
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from slmembed.train import train
 
-    recipe = with_overrides(load_recipe(args.config), args.set or [])
-    if args.trust_remote_code:
-        recipe.model.trust_remote_code = True
-    elif recipe.model.trust_remote_code:
-        raise SlmembedError(f"recipe {recipe.name} runs the model's own code: pass --trust-remote-code to allow it")
-    _device(args.device)
+    recipe = _recipe(args, args.config)
     summary = train(recipe, args.output, data_dir=args.data_dir, resume=args.resume, device=args.device)
     print(json.dumps(summary, indent=2))
     return 0
@@ -71,6 +79,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from slmembed.atomic import write_json
+    from slmembed.reproduce import reproduce
+
+    recipe = _recipe(args, args.recipe or args.model, args.model if args.recipe else None)
+    name = Path(args.output).name
+    result = reproduce(recipe, args.output, args.run_dir or Path("runs/reproduce") / name, data_dir=args.data_dir,
+                       device=args.device, curve=args.curve)
+    result["run"] = provenance()
+    write_json(Path(args.output) / f"{name}.json", result)
+    print(Path(args.output, f"{name}.md").read_text())
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from slmembed.atomic import write_json
     from slmembed.demo import demo
@@ -84,7 +106,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slmembed", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    def common(sp: argparse.ArgumentParser) -> None:
+    def common(sp: argparse.ArgumentParser, recipe: bool = False) -> None:
+        if recipe:
+            sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                            help="override a recipe field, e.g. train.lr=5e-4 (repeatable)")
         sp.add_argument("--data-dir", help="data folder (default: $SLMEMBED_DATA, then ../shared/data)")
         sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         sp.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
@@ -93,8 +118,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="recipe YAML file or name in configs/ (e.g. gemma-2b)")
     t.add_argument("--output", required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe field, e.g. train.lr=5e-4")
-    common(t)
+    common(t, recipe=True)
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="Spearman x100 on the STS sets (MTEB conventions)")
@@ -110,11 +134,19 @@ def parser() -> argparse.ArgumentParser:
     common(e)
     e.set_defaults(func=cmd_eval)
 
+    r = sub.add_parser("reproduce", help="the paper's experiment: nine STS sets before, train, nine sets after")
+    r.add_argument("--model", required=True, help="model; also the recipe name in configs/ unless --recipe is given")
+    r.add_argument("--recipe", help="recipe YAML or name (default: configs/MODEL.yaml)")
+    r.add_argument("--output", required=True, help="results folder results/reproduce/NAME; files are NAME.*")
+    r.add_argument("--run-dir", help="training run folder (default: runs/reproduce/NAME)")
+    r.add_argument("--curve", type=int, default=0, help="also score this many evenly spaced checkpoints")
+    common(r, recipe=True)
+    r.set_defaults(func=cmd_reproduce)
+
     d = sub.add_parser("demo", help="fine-tune an offline model on the CPU; STSBenchmark before/after")
     d.add_argument("--recipe", default="demo-smollm2")
     d.add_argument("--output", default="runs/demo")
-    d.add_argument("--set", action="append", metavar="KEY=VALUE")
-    common(d)
+    common(d, recipe=True)
     d.set_defaults(func=cmd_demo)
     return p
 

@@ -134,7 +134,7 @@ def load(
     *,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
-    attn_implementation: str | None = "sdpa",
+    attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the backbone (no LM head) and its tokenizer; set a pad token if the tokenizer has none."""
     source = resolve(name_or_path)

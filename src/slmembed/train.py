@@ -76,8 +76,11 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
 
 
 def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, resume: bool = False,
-          device: str = "auto", progress: bool = True) -> dict:
-    """Train the recipe's LoRA adapter into ``run_dir``; return the run summary (also written as summary.json)."""
+          device: str = "auto", progress: bool = True, spaced_checkpoints: int | None = None) -> dict:
+    """Train the recipe's LoRA adapter into ``run_dir``; return the run summary (also written as summary.json).
+
+    ``spaced_checkpoints=k`` replaces the recipe's checkpoint interval: k evenly spaced checkpoints are kept.
+    """
     run_dir = Path(run_dir)
     tc = recipe.train
     if device == "cuda" and not torch.cuda.is_available():
@@ -97,10 +100,13 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     if len(triplets) < global_batch:
         raise SlmembedError(f"{len(triplets)} triplets are fewer than one global batch of {global_batch}")
     total = tc.max_steps or tc.epochs * (len(triplets) // global_batch)
+    save_every, keep = tc.save_every, tc.keep_checkpoints
+    if spaced_checkpoints:
+        save_every, keep = max(1, -(-total // (spaced_checkpoints + 1))), spaced_checkpoints + 1
 
     # Model: backbone in bf16 (if asked), fp32 LoRA adapters on top.
     dtype = torch.bfloat16 if tc.bf16 else torch.float32
-    attn = "sdpa" if acc.device.type == "cuda" else "eager"  # eager trains faster than SDPA on the CPU
+    attn = None if acc.device.type == "cuda" else "eager"  # SDPA where supported; eager trains faster on the CPU
     base, tokenizer = models.load(recipe.model.name, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code,
                                   attn_implementation=attn)
     model = add_lora(base, recipe)
@@ -163,9 +169,9 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
                     fh.write(json.dumps(record) + "\n")
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
-        if done % tc.save_every == 0 and done < total:
+        if done % save_every == 0 and done < total:
             if acc.is_main_process:
-                save_checkpoint(run_dir, acc.unwrap_model(model), optimizer, scheduler, done, tc.keep_checkpoints)
+                save_checkpoint(run_dir, acc.unwrap_model(model), optimizer, scheduler, done, keep)
             acc.wait_for_everyone()
     if bar is not None:
         bar.close()

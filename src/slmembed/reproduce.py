@@ -1,0 +1,100 @@
+"""The paper's experiment for one model: nine-set scores before training, train with a recipe, scores after.
+
+Writes ``NAME.json`` (before, after, train summary, optional learning curve), ``NAME.md`` (a table) and ``NAME.png``
+(grouped bars per task) into the output folder, whose name is NAME. The curve evaluates the checkpoints the run
+keeps, as the nine-set average against the number of triplets seen.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from slmembed.atomic import atomic_path, write_json, write_text
+from slmembed.config import Recipe
+from slmembed.data.sts import TASKS, load_all, load_sts
+from slmembed.embedder import EmbedSpec, load_embedder
+from slmembed.evaluate import evaluate, table
+from slmembed.train import _checkpoints, add_lora, train
+
+
+def _curve(recipe: Recipe, run_dir: Path, sets: dict, device: str, final: dict) -> list[dict]:
+    """Nine-set average of every kept checkpoint, plus the final adapter."""
+    embedder = load_embedder(recipe.model.name, device=_torch_device(device), **EmbedSpec.of(recipe.model).__dict__)
+    embedder.model = add_lora(embedder.model, recipe).eval()
+    points = []
+    for ckpt in _checkpoints(run_dir):
+        set_peft_model_state_dict(embedder.model, load_file(ckpt / "adapter.safetensors"))
+        step = int(ckpt.name.split("-")[1])
+        points.append({"step": step, "triplets_seen": step * final["batch_size"],
+                       "average": evaluate(embedder, sets)["average"]})
+    points.append({"step": final["steps"], "triplets_seen": final["triplets_seen"], "average": None})
+    return points
+
+
+def _torch_device(device: str) -> torch.device:
+    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+
+
+def plot(path: Path, name: str, before: dict, after: dict) -> None:
+    """Grouped bars of the nine scores (and the average) before and after training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [*before["scores"], "average"]
+    b = [*before["scores"].values(), before["average"]]
+    a = [*after["scores"].values(), after["average"]]
+    x = range(len(tasks))
+    fig, ax = plt.subplots(figsize=(10, 4))
+    ax.bar([i - 0.2 for i in x], b, width=0.4, label="before", color="#9aa5b1")
+    ax.bar([i + 0.2 for i in x], a, width=0.4, label="after", color="#1f6feb")
+    for i, v in zip(x, a):
+        ax.text(i + 0.2, v + 1, f"{v:.1f}", ha="center", fontsize=7)
+    ax.set_xticks(list(x), tasks, rotation=30, ha="right")
+    ax.set_ylabel("Spearman x100 (cosine)")
+    ax.set_ylim(min(0, *b, *a) - 5, 100)
+    ax.set_title(f"{name}: STS before and after contrastive fine-tuning")
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_dir: str | None = None,
+              device: str = "auto", curve: int = 0) -> dict:
+    """Evaluate, train, evaluate; with ``curve`` > 0, keep that many evenly spaced checkpoints and score them."""
+    output, run_dir = Path(output), Path(run_dir)
+    name = output.name
+    sets = load_all(TASKS, data_dir)
+    spec = EmbedSpec.of(recipe.model).__dict__
+    before = evaluate(load_embedder(recipe.model.name, device=_torch_device(device),
+                                    trust_remote_code=recipe.model.trust_remote_code, **spec), sets)
+    print(f"[reproduce] {name} before: {before['average']:.2f}", flush=True)
+    summary = train(recipe, run_dir, data_dir=data_dir, device=device, resume=(run_dir / "checkpoints").exists(),
+                    spaced_checkpoints=curve or None)
+    tuned = load_embedder(None, adapter=run_dir, device=_torch_device(device),
+                          trust_remote_code=recipe.model.trust_remote_code)
+    after = evaluate(tuned, sets)
+    # STSBenchmark dev, the only score meant for choosing between recipes (the nine test sets are not).
+    after["stsb_dev"] = evaluate(tuned, {"dev": load_sts("STSBenchmark", data_dir, split="dev")})["average"]
+    print(f"[reproduce] {name} after: {after['average']:.2f}", flush=True)
+    result = {"model": recipe.model.name, "recipe": recipe.to_dict(), "before": before, "after": after,
+              "train": summary}
+    if curve:
+        points = _curve(recipe, run_dir, sets, device, summary)
+        points[-1]["average"] = after["average"]
+        result["curve"] = points
+    output.mkdir(parents=True, exist_ok=True)
+    write_json(output / f"{name}.json", result)
+    write_text(output / f"{name}.md", f"# {name}\n\n" + table({"before": before["scores"], "after": after["scores"]})
+               + f"\n\nTrained {summary['steps']} steps of {summary['batch_size']} triplets in "
+               f"{summary['minutes']:.1f} min on {summary['device']}.\n")
+    plot(output / f"{name}.png", name, before, after)
+    return result
+
