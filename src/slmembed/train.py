@@ -96,6 +96,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     if recipe.data.max_triplets is not None and recipe.data.max_triplets < len(triplets):
         keep = np.random.default_rng(tc.seed).permutation(len(triplets))[: recipe.data.max_triplets]
         triplets = [triplets[i] for i in sorted(keep)]
+    acc.print(f"triplets: {len(triplets)} used of {len(data.triplets)} from {len(data.counts)} sources "
+              f"({data.duplicates} duplicates dropped, {data.skipped_rows} bad rows skipped); per source in data.json")
     global_batch = tc.batch_size * acc.num_processes
     if len(triplets) < global_batch:
         raise SlmembedError(f"{len(triplets)} triplets are fewer than one global batch of {global_batch}")
