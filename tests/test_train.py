@@ -57,7 +57,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_models, data_dir)
     for name in ("adapter", "summary.json", "embed.json"):
         target = tmp_path / "b" / name
         train_mod.shutil.rmtree(target) if target.is_dir() else target.unlink()
-    assert [p.name for p in train_mod._checkpoints(tmp_path / "b")] == ["step-0000002", "step-0000004"]
+    assert [p.name for p in train_mod.checkpoints(tmp_path / "b")] == ["step-0000002", "step-0000004"]
     train_mod.train(recipe, tmp_path / "b", data_dir=data_dir, resume=True, progress=False)
     a = load_file(tmp_path / "a/adapter/adapter_model.safetensors")
     b = load_file(tmp_path / "b/adapter/adapter_model.safetensors")
@@ -85,7 +85,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, ti
     monkeypatch.setattr(train_mod, "info_nce", flaky)
     with pytest.raises(SlmembedError, match="loss is nan at step 3"):
         train_mod.train(_tiny_recipe(tiny_models), tmp_path / "run", data_dir=data_dir, progress=False)
-    assert [p.name for p in train_mod._checkpoints(tmp_path / "run")] == ["step-0000002"]
+    assert [p.name for p in train_mod.checkpoints(tmp_path / "run")] == ["step-0000002"]
 
 
 def test_batches_are_a_function_of_the_step() -> None:

@@ -8,16 +8,7 @@ import sys
 from pathlib import Path
 
 from slmembed.errors import SlmembedError
-
-
-def _device(name: str):
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SlmembedError("--device cuda: no CUDA GPU is visible on this machine")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+from slmembed.models import resolve_device
 
 
 def provenance() -> dict:
@@ -43,7 +34,7 @@ def _recipe(args: argparse.Namespace, name: str, model: str | None = None):
     if recipe.model.trust_remote_code and not args.trust_remote_code:
         raise SlmembedError(f"recipe {recipe.name} runs the model's own code: pass --trust-remote-code to allow it")
     recipe.model.trust_remote_code = args.trust_remote_code
-    _device(args.device)
+    resolve_device(args.device)
     return recipe
 
 
@@ -67,7 +58,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sets = load_all(args.tasks, args.data_dir)  # bad task names and data fail before the model loads
     overrides = {k: v for k, v in (("pooling", args.pooling), ("prompt", args.prompt)) if v is not None}
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    embedder = load_embedder(args.model, args.adapter, device=_device(args.device), dtype=dtype,
+    embedder = load_embedder(args.model, args.adapter, device=resolve_device(args.device), dtype=dtype,
                              trust_remote_code=args.trust_remote_code, **overrides)
     result = evaluate(embedder, sets, batch_size=args.batch_size, progress=True)
     label = args.model or str(args.adapter)

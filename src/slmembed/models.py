@@ -120,6 +120,15 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> cuda if visible, else cpu; asking for cuda without a GPU is a user error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SlmembedError("--device cuda: no CUDA GPU is visible on this machine")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
 def best_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
     if device.type == "cuda":

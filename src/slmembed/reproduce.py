@@ -18,25 +18,23 @@ from slmembed.config import Recipe
 from slmembed.data.sts import TASKS, load_all, load_sts
 from slmembed.embedder import EmbedSpec, load_embedder
 from slmembed.evaluate import evaluate, table
-from slmembed.train import _checkpoints, add_lora, train
+from slmembed.models import resolve_device
+from slmembed.train import checkpoints, add_lora, train
 
 
 def _curve(recipe: Recipe, run_dir: Path, sets: dict, device: str, final: dict) -> list[dict]:
     """Nine-set average of every kept checkpoint, plus the final adapter."""
-    embedder = load_embedder(recipe.model.name, device=_torch_device(device), **EmbedSpec.of(recipe.model).__dict__)
+    embedder = load_embedder(recipe.model.name, device=resolve_device(device),
+                             trust_remote_code=recipe.model.trust_remote_code, **EmbedSpec.of(recipe.model).__dict__)
     embedder.model = add_lora(embedder.model, recipe).eval()
     points = []
-    for ckpt in _checkpoints(run_dir):
+    for ckpt in checkpoints(run_dir):
         set_peft_model_state_dict(embedder.model, load_file(ckpt / "adapter.safetensors"))
         step = int(ckpt.name.split("-")[1])
         points.append({"step": step, "triplets_seen": step * final["batch_size"],
                        "average": evaluate(embedder, sets)["average"]})
     points.append({"step": final["steps"], "triplets_seen": final["triplets_seen"], "average": None})
     return points
-
-
-def _torch_device(device: str) -> torch.device:
-    return torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
 
 
 def plot(path: Path, name: str, before: dict, after: dict) -> None:
@@ -73,12 +71,12 @@ def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_d
     name = output.name
     sets = load_all(TASKS, data_dir)
     spec = EmbedSpec.of(recipe.model).__dict__
-    before = evaluate(load_embedder(recipe.model.name, device=_torch_device(device),
+    before = evaluate(load_embedder(recipe.model.name, device=resolve_device(device),
                                     trust_remote_code=recipe.model.trust_remote_code, **spec), sets)
     print(f"[reproduce] {name} before: {before['average']:.2f}", flush=True)
     summary = train(recipe, run_dir, data_dir=data_dir, device=device, resume=(run_dir / "checkpoints").exists(),
-                    spaced_checkpoints=curve or None)
-    tuned = load_embedder(None, adapter=run_dir, device=_torch_device(device),
+                    spacedcheckpoints=curve or None)
+    tuned = load_embedder(None, adapter=run_dir, device=resolve_device(device),
                           trust_remote_code=recipe.model.trust_remote_code)
     after = evaluate(tuned, sets)
     # STSBenchmark dev, the only score meant for choosing between recipes (the nine test sets are not).

@@ -46,7 +46,7 @@ def add_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     return get_peft_model(model, lora)
 
 
-def _checkpoints(run_dir: Path) -> list[Path]:
+def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step-*"))
 
 
@@ -59,7 +59,7 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, keep:
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step}))
-    for old in _checkpoints(run_dir)[:-keep]:
+    for old in checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -76,16 +76,14 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
 
 
 def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, resume: bool = False,
-          device: str = "auto", progress: bool = True, spaced_checkpoints: int | None = None) -> dict:
+          device: str = "auto", progress: bool = True, spacedcheckpoints: int | None = None) -> dict:
     """Train the recipe's LoRA adapter into ``run_dir``; return the run summary (also written as summary.json).
 
-    ``spaced_checkpoints=k`` replaces the recipe's checkpoint interval: k evenly spaced checkpoints are kept.
+    ``spacedcheckpoints=k`` replaces the recipe's checkpoint interval: k evenly spaced checkpoints are kept.
     """
     run_dir = Path(run_dir)
     tc = recipe.train
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SlmembedError("--device cuda: no CUDA GPU is visible on this machine")
-    acc = Accelerator(cpu=device == "cpu")  # bf16 autocast is ours (below), so runs in one process can differ
+    acc = Accelerator(cpu=models.resolve_device(device).type == "cpu")  # bf16 autocast is ours (below), so runs in one process can differ
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise SlmembedError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --output")
     torch.manual_seed(tc.seed)
@@ -102,9 +100,9 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     if len(triplets) < global_batch:
         raise SlmembedError(f"{len(triplets)} triplets are fewer than one global batch of {global_batch}")
     total = tc.max_steps or tc.epochs * (len(triplets) // global_batch)
-    save_every, keep = tc.save_every, tc.keep_checkpoints
-    if spaced_checkpoints:
-        save_every, keep = max(1, -(-total // (spaced_checkpoints + 1))), spaced_checkpoints + 1
+    save_every, keep = tc.save_every, tc.keepcheckpoints
+    if spacedcheckpoints:
+        save_every, keep = max(1, -(-total // (spacedcheckpoints + 1))), spacedcheckpoints + 1
 
     # Model: backbone in bf16 (if asked), fp32 LoRA adapters on top.
     dtype = torch.bfloat16 if tc.bf16 else torch.float32
@@ -123,8 +121,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     embedder = Embedder(model, tokenizer, spec)
 
     start = 0
-    if resume and _checkpoints(run_dir):
-        start = load_checkpoint(_checkpoints(run_dir)[-1], acc.unwrap_model(model), optimizer, scheduler)
+    if resume and checkpoints(run_dir):
+        start = load_checkpoint(checkpoints(run_dir)[-1], acc.unwrap_model(model), optimizer, scheduler)
         acc.print(f"resumed from step {start}")
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
