@@ -75,7 +75,7 @@ def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_d
                                     trust_remote_code=recipe.model.trust_remote_code, **spec), sets)
     print(f"[reproduce] {name} before: {before['average']:.2f}", flush=True)
     summary = train(recipe, run_dir, data_dir=data_dir, device=device, resume=(run_dir / "checkpoints").exists(),
-                    spacedcheckpoints=curve or None)
+                    spaced_checkpoints=curve or None)
     tuned = load_embedder(None, adapter=run_dir, device=resolve_device(device),
                           trust_remote_code=recipe.model.trust_remote_code)
     after = evaluate(tuned, sets)

@@ -76,14 +76,15 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
 
 
 def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, resume: bool = False,
-          device: str = "auto", progress: bool = True, spacedcheckpoints: int | None = None) -> dict:
+          device: str = "auto", progress: bool = True, spaced_checkpoints: int | None = None) -> dict:
     """Train the recipe's LoRA adapter into ``run_dir``; return the run summary (also written as summary.json).
 
-    ``spacedcheckpoints=k`` replaces the recipe's checkpoint interval: k evenly spaced checkpoints are kept.
+    ``spaced_checkpoints=k`` replaces the recipe's checkpoint interval: k evenly spaced checkpoints are kept.
     """
     run_dir = Path(run_dir)
     tc = recipe.train
-    acc = Accelerator(cpu=models.resolve_device(device).type == "cpu")  # bf16 autocast is ours (below), so runs in one process can differ
+    # bf16 autocast is ours (below), not accelerate's, whose process-wide state would fix one precision per process.
+    acc = Accelerator(cpu=models.resolve_device(device).type == "cpu")
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise SlmembedError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --output")
     torch.manual_seed(tc.seed)
@@ -100,9 +101,9 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     if len(triplets) < global_batch:
         raise SlmembedError(f"{len(triplets)} triplets are fewer than one global batch of {global_batch}")
     total = tc.max_steps or tc.epochs * (len(triplets) // global_batch)
-    save_every, keep = tc.save_every, tc.keepcheckpoints
-    if spacedcheckpoints:
-        save_every, keep = max(1, -(-total // (spacedcheckpoints + 1))), spacedcheckpoints + 1
+    save_every, keep = tc.save_every, tc.keep_checkpoints
+    if spaced_checkpoints:
+        save_every, keep = max(1, -(-total // (spaced_checkpoints + 1))), spaced_checkpoints + 1
 
     # Model: backbone in bf16 (if asked), fp32 LoRA adapters on top.
     dtype = torch.bfloat16 if tc.bf16 else torch.float32
