@@ -71,15 +71,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from slmembed.atomic import write_json
     from slmembed.reproduce import reproduce
 
     recipe = _recipe(args, args.recipe or args.model, args.model if args.recipe else None)
     name = Path(args.output).name
-    result = reproduce(recipe, args.output, args.run_dir or Path("runs/reproduce") / name, data_dir=args.data_dir,
-                       device=args.device, curve=args.curve)
-    result["run"] = provenance()
-    write_json(Path(args.output) / f"{name}.json", result)
+    reproduce(recipe, args.output, args.run_dir or Path("runs/reproduce") / name, data_dir=args.data_dir,
+              device=args.device, curve=args.curve, provenance=provenance())
     print(Path(args.output, f"{name}.md").read_text())
     return 0
 

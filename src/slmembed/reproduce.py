@@ -65,7 +65,7 @@ def plot(path: Path, name: str, before: dict, after: dict) -> None:
 
 
 def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_dir: str | None = None,
-              device: str = "auto", curve: int = 0) -> dict:
+              device: str = "auto", curve: int = 0, provenance: dict | None = None) -> dict:
     """Evaluate, train, evaluate; with ``curve`` > 0, keep that many evenly spaced checkpoints and score them."""
     output, run_dir = Path(output), Path(run_dir)
     name = output.name
@@ -88,6 +88,8 @@ def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_d
         points = _curve(recipe, run_dir, sets, device, summary)
         points[-1]["average"] = after["average"]
         result["curve"] = points
+    if provenance is not None:
+        result["run"] = provenance
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / f"{name}.json", result)
     write_text(output / f"{name}.md", f"# {name}\n\n" + table({"before": before["scores"], "after": after["scores"]})

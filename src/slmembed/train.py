@@ -112,14 +112,14 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
                                   attn_implementation=attn)
     model = add_lora(base, recipe)
     spec = EmbedSpec.of(recipe.model)
-    texts = sorted({t for trip in triplets for t in trip})
-    token_ids = dict(zip(texts, Embedder(model, tokenizer, spec).tokenize(texts)))
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
     model, optimizer = acc.prepare(model, optimizer)
     embedder = Embedder(model, tokenizer, spec)
+    texts = sorted({t for trip in triplets for t in trip})
+    token_ids = dict(zip(texts, embedder.tokenize(texts)))  # every unique sentence tokenised once
 
     start = 0
     if resume and checkpoints(run_dir):
