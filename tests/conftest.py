@@ -1,7 +1,9 @@
-"""Shared fixtures: the packaged SmolLM2 folder, and tiny random models of the paper's architectures."""
+"""Shared fixtures: the packaged SmolLM2 folder, tiny random models of the paper's architectures, and unsafe\nvariants of one (pickle weights, remote code)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -49,3 +51,31 @@ def tiny_models(tmp_path_factory, smollm2_dir) -> dict[str, Path]:
         tokenizer.save_pretrained(folder)
         out[arch] = folder
     return out
+
+
+def _copy(src: Path, dest: Path, skip_suffix: str = "") -> Path:
+    dest.mkdir()
+    for f in src.iterdir():
+        if not skip_suffix or f.suffix != skip_suffix:
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+@pytest.fixture
+def pickle_model(tmp_path, tiny_models) -> Path:
+    """The tiny Llama with its weights as a pickle, pytorch_model.bin, and no safetensors."""
+    folder = _copy(tiny_models["llama"], tmp_path / "pickle-model", skip_suffix=".safetensors")
+    torch.save(AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).state_dict(), folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.fixture
+def remote_code_model(tmp_path, tiny_models) -> Path:
+    """The tiny Llama as a model that needs its own code (as MiniCPM-2B does); that code raises if it ever runs."""
+    folder = _copy(tiny_models["llama"], tmp_path / "remote-code-model")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "minicpm"  # a type transformers only knows through remote code
+    config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel", "AutoConfig": "modeling_custom.CustomConfig"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_custom.py").write_text("raise RuntimeError('remote code ran')\n")
+    return folder

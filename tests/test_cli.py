@@ -35,10 +35,77 @@ def test_eval_writes_the_documented_json(tmp_path) -> None:
     (["train", "--config", "minicpm-2b", "--output", "x"], "--trust-remote-code"),
     (["train", "--config", "no-such-recipe", "--output", "x"], "no recipe"),
     (["eval", "--model", "all-minilm-l6-v2", "--device", "cuda"], "no CUDA GPU"),
+    (["train", "--config", "demo-smollm2", "--output", "x", "--device", "cuda"], "no CUDA GPU"),
+    (["train", "--config", "demo-smollm2", "--output", "x", "--set", "model.name=no-such-model", "--set",
+      "data.sources=[cad_snli]"], "unknown model 'no-such-model'"),
+    (["train", "--config", "demo-smollm2", "--output", "x", "--data-dir", "/no/such/dir"],
+     "/no/such/dir does not exist"),
+    (["reproduce", "--model", "smollm2-135m", "--output", "x", "--data-dir", "/no/such/dir"],
+     "/no/such/dir does not exist"),
+    (["train", "--config", "demo-smollm2", "--output", "x", "--set", "train.batch_size=abc"],
+     "train.batch_size: expected int, got 'abc'"),
+    (["train", "--config", "demo-smollm2", "--output", "x", "--set", "train.batch=8"], "no field 'train.batch'"),
 ])
-def test_errors_are_one_line_with_exit_code_2(args, message, capsys) -> None:
+def test_errors_are_one_line_with_exit_code_2(args, message, capsys, tmp_path, monkeypatch) -> None:
     if "cuda" in args:
         pytest.importorskip("torch").cuda.is_available() and pytest.skip("a GPU is present")
+    monkeypatch.chdir(tmp_path)
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("slmembed: error:") and message in err and "\n" not in err
+    assert list(tmp_path.iterdir()) == []  # no output folder or file
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("train:\n  lr: fast\n", "recipe.yaml.train.lr: expected float, got 'fast'"),
+    ("train:\n  batch_size: 8.5\n", "train.batch_size: expected int, got 8.5"),
+    ("lora:\n  targets: q_proj\n", "lora.targets: expected list[str], got 'q_proj'"),
+    ("model: [smollm2-135m]\n", "recipe.yaml.model: expected a mapping"),
+    ("lora:\n  rank: 4\n", "unknown field(s) rank"),
+    ("train: {lr: 1e-3\n", "recipe.yaml:2: not valid YAML (expected ',' or '}', but got '<stream end>')"),
+    ("train:\n  max_steps: [1\n", "not valid YAML"),
+    ("- a list\n", "expected a mapping"),
+])
+def test_bad_recipe_files_are_one_line_errors(yaml_text, message, capsys, tmp_path) -> None:
+    (tmp_path / "recipe.yaml").write_text(yaml_text)
+    assert main(["train", "--config", str(tmp_path / "recipe.yaml"), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"slmembed: error: {tmp_path / 'recipe.yaml'}") and message in err and "\n" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fixture, extra, message", [
+    ("pickle_model", [], "pytorch_model.bin is a pickle checkpoint, which can run code when loaded"),
+    ("remote_code_model", [], "--trust-remote-code"),
+    ("pickle_model", ["--set", "model.allow_pickle=true"], "loads pickle weights, which can run code: pass --allow-pickle"),
+])
+def test_unsafe_models_are_refused(fixture, extra, message, request, capsys, tmp_path) -> None:
+    """Pickle weights and a model's own code are refused by eval and train unless the user allows them."""
+    folder = request.getfixturevalue(fixture)
+    out = tmp_path / "out"
+    commands = [["eval", "--model", str(folder), "--tasks", "STSBenchmark", "--output", str(out)],
+                ["train", "--config", "demo-smollm2", "--output", str(out), "--set", f"model.name={folder}",
+                 "--set", "data.sources=[cad_snli]", *extra]]
+    capsys.readouterr()
+    for args in commands[1:] if extra else commands:
+        assert main([*args, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("slmembed: error:") and message in err and "\n" not in err, err
+        assert not out.exists()
+
+
+
+def test_skip_bad_rows_flag_skips_and_reports(tmp_path, tiny_models, capsys) -> None:
+    rows = [f"anchor {i},positive {i},negative {i}" for i in range(16)]
+    rows[3], rows[9] = "only,two", "a,,c"
+    (tmp_path / "t.csv").write_text("sent0,sent1,hard_neg\n" + "\n".join(rows) + "\n")
+    args = ["train", "--config", "demo-smollm2", "--output", str(tmp_path / "run"), "--device", "cpu",
+            "--set", f"model.name={tiny_models['llama']}", "--set", f"data.sources=['{tmp_path / 't.csv'}']",
+            "--set", "train.max_steps=1", "--set", "train.batch_size=8", "--set", "train.bf16=false"]
+    capsys.readouterr()
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"slmembed: error: {tmp_path / 't.csv'}:5: expected 3 comma-separated columns " \
+                                      "(sent0,sent1,hard_neg), found 2\n"
+    assert main([*args, "--skip-bad-rows"]) == 0
+    assert json.loads((tmp_path / "run" / "data.json").read_text())["skipped_rows"] == 2
+    assert "14 used of 14 from 1 sources (0 duplicates dropped, 2 bad rows skipped)" in capsys.readouterr().out

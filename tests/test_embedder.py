@@ -73,3 +73,20 @@ def test_collate_pads_to_a_multiple_of_8_with_position_ids_on_the_left(tiny_mode
     batch = emb.collate([[5, 6, 7], [5] * 10])
     assert batch["input_ids"].shape == (2, 16)
     assert batch["position_ids"][0, -3:].tolist() == [0, 1, 2] and batch["attention_mask"][0].sum() == 3
+
+
+def test_pickle_adapters_are_refused_unless_allowed(tmp_path, tiny_models) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    from slmembed import models
+    from slmembed.errors import SlmembedError
+
+    base = str(tiny_models["llama"])
+    lora = get_peft_model(models.load(base)[0], LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path, safe_serialization=False)  # adapter_model.bin, a pickle
+    assert (tmp_path / "adapter_model.bin").exists()
+    with pytest.raises(SlmembedError, match="adapter_model.bin is a pickle checkpoint.*--allow-pickle"):
+        load_embedder(base, tmp_path, device=torch.device("cpu"), dtype=torch.float32)
+    tuned = load_embedder(base, tmp_path, device=torch.device("cpu"), dtype=torch.float32, allow_pickle=True)
+    plain = load_embedder(base, device=torch.device("cpu"), dtype=torch.float32)
+    assert not np.allclose(tuned.encode(TEXTS), plain.encode(TEXTS), atol=1e-4)  # the adapter was applied

@@ -50,18 +50,34 @@ def test_lora_on_chosen_layers_only(tiny_models) -> None:
     assert names and all(".layers.1." in n for n in names)
 
 
-def test_remote_code_is_refused_unless_asked(tmp_path, tiny_models) -> None:
-    config = json.loads((tiny_models["llama"] / "config.json").read_text())
-    config["model_type"] = "minicpm"  # as MiniCPM-2B's config: a type transformers only knows through remote code
-    config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel", "AutoConfig": "modeling_custom.CustomConfig"}
-    for f in tiny_models["llama"].iterdir():
-        (tmp_path / f.name).write_bytes(f.read_bytes())
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "modeling_custom.py").write_text("raise RuntimeError('remote code ran')\n")
+def test_remote_code_is_refused_unless_asked(remote_code_model) -> None:
     with pytest.raises(SlmembedError, match="--trust-remote-code"):
-        models.load(str(tmp_path))
+        models.load(str(remote_code_model))
     with pytest.raises(RuntimeError, match="remote code ran"):
-        models.load(str(tmp_path), trust_remote_code=True)
+        models.load(str(remote_code_model), trust_remote_code=True)
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_pickle_weights_are_refused_unless_allowed(pickle_model, tiny_models) -> None:
+    with pytest.raises(SlmembedError) as info:
+        models.load(str(pickle_model))
+    assert str(info.value).startswith(f"{pickle_model / 'pytorch_model.bin'} is a pickle checkpoint")
+    assert "--allow-pickle" in str(info.value)
+    model, _ = models.load(str(pickle_model), allow_pickle=True)
+    assert _same_weights(model, models.load(str(tiny_models["llama"]))[0])
+
+
+def test_safetensors_win_over_pickle_weights(pickle_model, tiny_models) -> None:
+    reference = models.load(str(tiny_models["llama"]))[0]
+    state = torch.load(pickle_model / "pytorch_model.bin", weights_only=True)
+    torch.save({k: torch.zeros_like(v) for k, v in state.items()}, pickle_model / "pytorch_model.bin")
+    (pickle_model / "model.safetensors").write_bytes((tiny_models["llama"] / "model.safetensors").read_bytes())
+    for allow in (False, True):
+        assert _same_weights(models.load(str(pickle_model), allow_pickle=allow)[0], reference)
 
 
 def test_best_dtype_is_bf16_or_fp32() -> None:

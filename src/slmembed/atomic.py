@@ -72,3 +72,25 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_leftovers(folder: str | Path) -> list[Path]:
+    """Undo what writes killed midway left below ``folder``; return the paths handled.
+
+    Temporary ``.NAME.*.tmp`` files and folders are removed. A ``.NAME.old`` folder (a kill between atomic_dir's two
+    renames) is renamed back to NAME if NAME is missing, else removed.
+    """
+    handled = []
+    for root, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            path = Path(root, name)
+            if name.startswith(".") and name.endswith(".old") and path.is_dir():
+                target = path.with_name(name[1:-4])
+                shutil.rmtree(path) if target.exists() else os.replace(path, target)
+            elif name.startswith(".") and name.endswith(".tmp"):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            else:
+                continue
+            handled.append(path)
+        dirs[:] = [d for d in dirs if Path(root, d) not in handled]  # gone or renamed: nothing to walk
+    return handled

@@ -34,6 +34,10 @@ def _recipe(args: argparse.Namespace, name: str, model: str | None = None):
     if recipe.model.trust_remote_code and not args.trust_remote_code:
         raise SlmembedError(f"recipe {recipe.name} runs the model's own code: pass --trust-remote-code to allow it")
     recipe.model.trust_remote_code = args.trust_remote_code
+    if recipe.model.allow_pickle and not args.allow_pickle:
+        raise SlmembedError(f"recipe {recipe.name} loads pickle weights, which can run code: pass --allow-pickle")
+    recipe.model.allow_pickle = args.allow_pickle
+    recipe.data.skip_bad_rows = recipe.data.skip_bad_rows or args.skip_bad_rows
     resolve_device(args.device)
     return recipe
 
@@ -59,7 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("pooling", args.pooling), ("prompt", args.prompt)) if v is not None}
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     embedder = load_embedder(args.model, args.adapter, device=resolve_device(args.device), dtype=dtype,
-                             trust_remote_code=args.trust_remote_code, **overrides)
+                             trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, **overrides)
     result = evaluate(embedder, sets, batch_size=args.batch_size, progress=True)
     label = args.model or str(args.adapter)
     print(table({label: result["scores"]}))
@@ -90,6 +94,62 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(name: str, args: argparse.Namespace):
+    """An Embedder for a packaged model name, a model folder, an exported folder or a training run folder, and the
+    id it goes by (the name, or the folder's name)."""
+    import torch
+
+    from slmembed.embedder import load_embedder
+
+    path = Path(name)
+    is_run = path.is_dir() and ((path / "adapter").is_dir() or (path / "adapter_config.json").exists())
+    kwargs = {"device": resolve_device(args.device), "trust_remote_code": args.trust_remote_code,
+              "allow_pickle": args.allow_pickle,
+              "dtype": {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]}
+    embedder = load_embedder(None, adapter=path, **kwargs) if is_run else load_embedder(name, **kwargs)
+    return embedder, path.name if path.is_dir() else name
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from slmembed.data.sts import load_all
+    from slmembed.export import export
+
+    sets = load_all(args.tasks, args.data_dir) if args.eval else None
+    meta = export(args.adapter, args.output, fmt=args.format, merge=not args.no_merge, dtype=args.dtype,
+                  scores=args.scores, evaluate_sets=sets)
+    print(json.dumps({"output": args.output, **meta}, indent=2))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from slmembed.embed_file import embed_file
+
+    embedder, model_id = _load_model(args.model, args)
+    summary = embed_file(embedder, model_id, args.input, args.output, column=args.column,
+                         chunk_size=args.chunk_size, batch_size=args.batch_size)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from slmembed.serve import Limits, serve
+
+    limits = Limits(max_inputs=args.max_inputs, max_chars=args.max_chars, max_batch=args.max_batch)
+    embedder, model_id = _load_model(args.model, args)
+    serve(embedder, args.name or model_id, host=args.host, port=args.port, limits=limits,
+          api_key=args.api_key or os.environ.get("SLMEMBED_API_KEY") or None)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from slmembed.report import report
+
+    print(report(args.folder, args.output))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slmembed", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -101,6 +161,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--data-dir", help="data folder (default: $SLMEMBED_DATA, then ../shared/data)")
         sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
         sp.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+        sp.add_argument("--allow-pickle", action="store_true",
+                        help="allow pickle weights (pytorch_model.bin, .pt), which can run code when loaded")
 
     t = sub.add_parser("train", help="fine-tune a LoRA adapter with a recipe")
     t.add_argument("--config", required=True, help="recipe YAML file or name in configs/ (e.g. gemma-2b)")
@@ -116,7 +178,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="write the scores to this JSON file")
     e.add_argument("--pooling", choices=["last", "mean", "cls"])
     e.add_argument("--prompt", help="prompt template with {} or P1/P2/P3")
-    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--batch-size", type=int, help="sentences per batch (default: 1024 on a GPU, 64 on the CPU)")
     e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="auto: bf16 where the device computes it natively, else fp32")
     common(e)
@@ -130,12 +192,64 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--curve", type=int, default=0, help="also score this many evenly spaced checkpoints")
     common(r, recipe=True)
     r.set_defaults(func=cmd_reproduce)
+    for sp in (t, r):
+        sp.add_argument("--skip-bad-rows", action="store_true",
+                        help="skip malformed training-data rows (counted in data.json) instead of stopping")
 
     d = sub.add_parser("demo", help="fine-tune an offline model on the CPU; STSBenchmark before/after")
     d.add_argument("--recipe", default="demo-smollm2")
     d.add_argument("--output", default="runs/demo")
     common(d, recipe=True)
     d.set_defaults(func=cmd_demo)
+
+    def loading(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="auto: bf16 where the device computes it natively, else fp32")
+        sp.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+        sp.add_argument("--allow-pickle", action="store_true",
+                        help="allow pickle weights (pytorch_model.bin, .pt), which can run code when loaded")
+
+    x = sub.add_parser("export", help="a training run as a sentence-transformers (or transformers) model folder")
+    x.add_argument("--adapter", required=True, help="training run folder")
+    x.add_argument("--output", required=True, help="model folder to write (replaced if it exists)")
+    x.add_argument("--format", default="st", choices=["st", "hf"], help="st: sentence-transformers; hf: transformers")
+    x.add_argument("--no-merge", action="store_true", help="keep the PEFT adapter instead of merging it")
+    x.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights dtype (default float32: the merge stays exact and sentence-transformers matches "
+                        "slmembed to cosine 0.9998; auto: as the base model stores them, often half the size)")
+    x.add_argument("--scores", help="eval or reproduce JSON for the model card (default: RUN/eval.json if present)")
+    x.add_argument("--eval", action="store_true", help="score the exported folder for the model card")
+    x.add_argument("--tasks", nargs="+", help="with --eval; default: all nine")
+    x.add_argument("--data-dir", help="data folder (default: $SLMEMBED_DATA, then ../shared/data)")
+    x.set_defaults(func=cmd_export)
+
+    m = sub.add_parser("embed", help="embed a text (one per line), CSV or JSONL file into .npy or .parquet")
+    m.add_argument("input", help="input file: .csv, .jsonl/.ndjson, or text with one text a line")
+    m.add_argument("--output", required=True, help="OUT.npy or OUT.parquet; chunks go to OUT.parts/ meanwhile")
+    m.add_argument("--model", required=True, help="model name or folder, exported folder, or training run folder")
+    m.add_argument("--column", help="CSV column or JSONL field holding the text (default: text)")
+    m.add_argument("--chunk-size", type=int, default=4096, help="texts per resumable chunk")
+    m.add_argument("--batch-size", type=int, default=64)
+    loading(m)
+    m.set_defaults(func=cmd_embed)
+
+    v = sub.add_parser("serve", help="an OpenAI-compatible embeddings API (POST /v1/embeddings)")
+    v.add_argument("model", help="model name or folder, exported folder, or training run folder")
+    v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--name", help="model id in the API (default: the model name or folder name)")
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $SLMEMBED_API_KEY; none: open)")
+    v.add_argument("--max-inputs", type=int, default=256, help="texts per request")
+    v.add_argument("--max-chars", type=int, default=16384, help="characters per text")
+    v.add_argument("--max-batch", type=int, default=256, help="texts per encode call, merged across requests")
+    loading(v)
+    v.set_defaults(func=cmd_serve)
+
+    o = sub.add_parser("report", help="markdown report with plots of a run, a reproduce result, or an ablation folder")
+    o.add_argument("folder", help="training run folder, results/reproduce/NAME, or results/reproduce")
+    o.add_argument("--output", help="folder for report.md and the PNGs (default: the folder itself)")
+    o.set_defaults(func=cmd_report)
     return p
 
 

@@ -22,6 +22,7 @@ from slmembed.errors import SlmembedError
 class ModelConfig:
     name: str = "smollm2-135m"
     trust_remote_code: bool = False
+    allow_pickle: bool = False  # load pickle weights (pytorch_model.bin, .pt); needs --allow-pickle too
     pooling: str = "last"
     prompt: str | None = None
     max_length: int = 150
@@ -50,6 +51,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     bf16: bool = True
     chunk_tokens: int = 4096  # padded tokens per forward chunk; sequences are length-sorted into chunks
+    grad_cache: bool = False  # cached negatives (GradCache): memory set by chunk_tokens, not batch_size
+    compile: bool = False  # torch.compile the model (pays off on GPUs for long runs)
     seed: int = 42
     save_every: int = 200
     keep_checkpoints: int = 2
@@ -106,7 +109,7 @@ def _check(value: Any, hint: Any, where: str) -> Any:
             return value
     elif isinstance(value, hint):
         return value
-    name = getattr(hint, "__name__", str(hint).replace("typing.", ""))
+    name = str(hint).replace("typing.", "") if origin else hint.__name__  # list[str], int | None; int
     raise SlmembedError(f"{where}: expected {name}, got {value!r}")
 
 
@@ -146,7 +149,9 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise SlmembedError(f"{path}: not valid YAML: {exc}") from exc
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SlmembedError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from exc
     return recipe_from_dict(data, where=str(path))
 
 

@@ -102,17 +102,16 @@ class Embedder:
 
         The width is rounded up to a multiple of ``multiple``: few distinct shapes let kernels be reused.
         """
-        width = -(-max(len(row) for row in ids) // multiple) * multiple
-        pad, left = self.tokenizer.pad_token_id, self.tokenizer.padding_side == "left"
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, row in enumerate(ids):
-            sl = slice(width - len(row), width) if left else slice(0, len(row))
-            input_ids[i, sl] = torch.tensor(row)
-            mask[i, sl] = 1
-        batch = {"input_ids": input_ids, "attention_mask": mask}
+        lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+        width = int(-(-lengths.max() // multiple) * multiple)
+        left = self.tokenizer.padding_side == "left"
+        cols = np.arange(width)
+        real = cols >= (width - lengths)[:, None] if left else cols < lengths[:, None]
+        input_ids = np.full((len(ids), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        input_ids[real] = np.fromiter((t for row in ids for t in row), dtype=np.int64, count=int(lengths.sum()))
+        batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(real.astype(np.int64))}
         if left:
-            batch["position_ids"] = (mask.cumsum(1) - 1).clamp(min=0)
+            batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
         return batch
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -121,41 +120,51 @@ class Embedder:
         hidden = self.model(**batch).last_hidden_state
         return F.normalize(pool(hidden, batch["attention_mask"], self.spec.pooling).float(), dim=-1)
 
+    @staticmethod
+    def chunks(ids: Sequence[list[int]], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
+        """Split positions 0..N-1 into length-sorted chunks of at most ``max_tokens`` padded tokens (and ``max_rows``).
+
+        Sequences of similar length share a chunk, so little compute is spent on padding.
+        """
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        out, start = [], 0
+        while start < len(order):
+            end = start + 1
+            while (end < len(order) and (end - start + 1) * len(ids[order[end]]) <= max_tokens
+                   and (max_rows is None or end - start < max_rows)):
+                end += 1
+            out.append(order[start:end])
+            start = end
+        return out
+
     def forward_ids(self, ids: Sequence[list[int]], max_tokens: int = 4096) -> torch.Tensor:
         """Embeddings [N, D] (input order, with gradients) of token id lists, run as length-sorted chunks.
 
-        Each chunk holds sequences of similar length, at most ``max_tokens`` padded tokens, so little compute is
-        spent on padding; the chunks' graphs stay alive for one backward over the whole batch.
+        The chunks' graphs stay alive for one backward over the whole batch.
         """
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        chunks, start = [], 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and (end - start + 1) * len(ids[order[end]]) <= max_tokens:
-                end += 1
-            chunks.append(order[start:end])
-            start = end
+        chunks = self.chunks(ids, max_tokens)
         out = torch.cat([self.forward(self.collate([ids[i] for i in chunk])) for chunk in chunks])
-        return out[torch.argsort(torch.tensor([i for chunk in chunks for i in chunk], device=out.device))]
+        inverse = torch.from_numpy(np.argsort(np.concatenate(chunks)))
+        return out[inverse.to(out.device, non_blocking=True)]
 
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """Normalised float32 embeddings [N, D] in input order; batches are formed from length-sorted texts."""
+    def encode(self, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = None,
+               progress: bool = False) -> np.ndarray:
+        """Normalised float32 embeddings [N, D] in input order.
+
+        Texts are length-sorted into batches of at most ``batch_size`` texts and, if given, ``max_tokens`` padded
+        tokens (a token budget keeps batches of short texts large and batches of long texts within memory).
+        """
         ids = self.tokenize(texts)
-        order = np.argsort([-len(row) for row in ids], kind="stable")
-        out = np.empty((len(ids), 0), dtype=np.float32)
-        chunks = range(0, len(ids), batch_size)
+        chunks = self.chunks(ids, max_tokens or batch_size * self.spec.max_length, batch_size)
+        batches = chunks
         if progress:
             from tqdm.auto import tqdm
 
-            chunks = tqdm(chunks, desc="encode", unit="batch")
-        for start in chunks:
-            sel = order[start : start + batch_size]
-            vecs = self.forward(self.collate([ids[i] for i in sel])).cpu().numpy()
-            if out.shape[1] == 0:
-                out = np.empty((len(ids), vecs.shape[1]), dtype=np.float32)
-            out[sel] = vecs
-        return out
+            batches = tqdm(chunks, desc="encode", unit="batch")
+        vecs = [self.forward(self.collate([ids[i] for i in chunk])) for chunk in batches]
+        out = torch.cat(vecs).cpu().numpy() if vecs else np.empty((0, 0), dtype=np.float32)
+        return out[np.argsort(np.concatenate(chunks))] if len(out) else out
 
 
 def _sentence_transformers_spec(folder: Path) -> EmbedSpec | None:
@@ -168,11 +177,19 @@ def _sentence_transformers_spec(folder: Path) -> EmbedSpec | None:
         cfg = folder / module.get("path", "") / "config.json"
         if module["type"].endswith("Pooling") and cfg.exists():
             modes = json.loads(cfg.read_text())
-            pooling = "last" if modes.get("pooling_mode_lasttoken") else "cls" if modes.get("pooling_mode_cls_token") else "mean"
+            legacy = ("lasttoken" if modes.get("pooling_mode_lasttoken")
+                      else "cls" if modes.get("pooling_mode_cls_token") else "mean")  # sentence-transformers < 6
+            pooling = {"lasttoken": "last", "cls": "cls"}.get(modes.get("pooling_mode", legacy), "mean")
     bert_cfg = folder / "sentence_bert_config.json"
     if bert_cfg.exists():
         max_length = json.loads(bert_cfg.read_text()).get("max_seq_length", max_length)
     return EmbedSpec(pooling=pooling, max_length=max_length, append_eos=pooling == "last")
+
+
+def _exported_spec(folder: Path) -> EmbedSpec | None:
+    """The spec an ``slmembed export`` folder records in its embed.json, if it is one."""
+    saved = folder / "embed.json"
+    return EmbedSpec(**json.loads(saved.read_text())["spec"]) if saved.exists() else None
 
 
 def load_embedder(
@@ -182,12 +199,13 @@ def load_embedder(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     **spec_overrides: object,
 ) -> Embedder:
     """Build an Embedder from a model name/folder and optionally a training run folder (or adapter folder).
 
-    ``model`` may be None when ``adapter`` is a run folder, which names its base model. The embedding spec comes from the run (``embed.json``), else from a sentence-transformers folder's pooling
-    config, else decoder defaults (last token + EOS); ``spec_overrides`` win over all of them.
+    ``model`` may be None when ``adapter`` is a run folder, which names its base model. The embedding spec comes from the run (``embed.json``), else from an exported folder's ``embed.json``, else
+    from a sentence-transformers folder's pooling config, else decoder defaults (last token + EOS); ``spec_overrides`` win over all of them.
     """
     from peft import PeftModel
 
@@ -204,12 +222,14 @@ def load_embedder(
         adapter_dir = adapter / "adapter" if (adapter / "adapter").is_dir() else adapter
         if not (adapter_dir / "adapter_config.json").exists():
             raise SlmembedError(f"{adapter}: no adapter_config.json (expected a training run or adapter folder)")
+        models.refuse_pickle(adapter_dir, "adapter_model.safetensors", allow_pickle)
     if model is None:
         raise SlmembedError("no model given: pass --model, or --adapter with a training run folder")
     if adapter is None:
-        spec = _sentence_transformers_spec(Path(models.resolve(model))) or spec
+        folder = Path(models.resolve(model))
+        spec = _exported_spec(folder) or _sentence_transformers_spec(folder) or spec
     spec = dataclasses.replace(spec, **spec_overrides) if spec_overrides else spec
-    net, tokenizer = models.load(model, dtype=dtype, trust_remote_code=trust_remote_code)
+    net, tokenizer = models.load(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
     if adapter_dir is not None:
         net = PeftModel.from_pretrained(net, str(adapter_dir)).merge_and_unload()
     return Embedder(net.to(device).eval(), tokenizer, spec)

@@ -22,12 +22,17 @@ def score(sets: dict[str, StsSet], vectors: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
-def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_size: int = 64,
+def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_size: int | None = None,
              progress: bool = False) -> dict:
-    """Encode the unique sentences of ``sets`` (default: all nine from the data directory) once; score each set."""
+    """Encode the unique sentences of ``sets`` (default: all nine from the data directory) once; score each set.
+
+    Batches hold at most ``batch_size`` sentences (default 1024 on a GPU, 64 on the CPU) and 32 padded tokens per
+    sentence on average, so long sentences do not blow up memory.
+    """
     sets = sets if sets is not None else load_all(TASKS)
     texts = sorted({s for sts in sets.values() for s in (*sts.sentences1, *sts.sentences2)})
-    vecs = embedder.encode(texts, batch_size=batch_size, progress=progress)
+    batch_size = batch_size or (1024 if embedder.device.type == "cuda" else 64)
+    vecs = embedder.encode(texts, batch_size=batch_size, max_tokens=32 * batch_size, progress=progress)
     scores = score(sets, dict(zip(texts, vecs)))
     return {"scores": scores, "average": round(float(np.mean(list(scores.values()))), 2),
             "sentences": len(texts)}

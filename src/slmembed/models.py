@@ -2,7 +2,8 @@
 
 Accepted names: a local transformers or sentence-transformers folder, a Hugging Face hub id, or one of the offline
 packaged models below. GGUF-packed models are dequantised once into a transformers folder (safetensors) under the
-cache directory and reloaded from there. Remote code runs only when the caller passes ``trust_remote_code=True``.
+cache directory and reloaded from there. Remote code runs only when the caller passes ``trust_remote_code=True``;
+weights load from safetensors, and pickle weights (which can run code when unpickled) only with ``allow_pickle=True``.
 """
 
 from __future__ import annotations
@@ -120,6 +121,24 @@ def resolve(name_or_path: str) -> str:
     return name_or_path
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickle(folder: str | Path, safetensors_name: str, allow_pickle: bool) -> None:
+    """Refuse a folder whose weights are pickles (unpickling can run arbitrary code) unless ``allow_pickle``.
+
+    A folder that has ``safetensors_name`` (or its shard index) passes: its safetensors are what gets loaded.
+    """
+    folder = Path(folder)
+    if allow_pickle or not folder.is_dir() or any(
+            (folder / name).exists() for name in (safetensors_name, f"{safetensors_name}.index.json")):
+        return
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise SlmembedError(f"{pickles[0]} is a pickle checkpoint, which can run code when loaded: convert it to "
+                            f"{safetensors_name}, or pass --allow-pickle if you trust it")
+
+
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> cuda if visible, else cpu; asking for cuda without a GPU is a user error."""
     if name == "cuda" and not torch.cuda.is_available():
@@ -143,15 +162,24 @@ def load(
     *,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
     attn_implementation: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the backbone (no LM head) and its tokenizer; set a pad token if the tokenizer has none."""
+    """Load the backbone (no LM head) and its tokenizer; set a pad token if the tokenizer has none.
+
+    Weights come from safetensors; pickle weights (``pytorch_model.bin``) only with ``allow_pickle``, and even then
+    safetensors are preferred where both exist.
+    """
     source = resolve(name_or_path)
+    # cuDNN's attention builds a graph per input shape, milliseconds of CPU each: with batches of ever-changing
+    # shapes it dominated a training step on the H100. PyTorch's own flash / memory-efficient kernels do not.
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    refuse_pickle(source, "model.safetensors", allow_pickle)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         model = AutoModel.from_pretrained(
             source, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
-            use_safetensors=None,
+            use_safetensors=None if allow_pickle else True,
         )
     except OSError as exc:
         raise SlmembedError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc

@@ -25,7 +25,8 @@ from slmembed.train import checkpoints, add_lora, train
 def _curve(recipe: Recipe, run_dir: Path, sets: dict, device: str, final: dict) -> list[dict]:
     """Nine-set average of every kept checkpoint, plus the final adapter."""
     embedder = load_embedder(recipe.model.name, device=resolve_device(device),
-                             trust_remote_code=recipe.model.trust_remote_code, **EmbedSpec.of(recipe.model).__dict__)
+                             trust_remote_code=recipe.model.trust_remote_code, allow_pickle=recipe.model.allow_pickle,
+                             **EmbedSpec.of(recipe.model).__dict__)
     embedder.model = add_lora(embedder.model, recipe).eval()
     points = []
     for ckpt in checkpoints(run_dir):
@@ -72,12 +73,13 @@ def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_d
     sets = load_all(TASKS, data_dir)
     spec = EmbedSpec.of(recipe.model).__dict__
     before = evaluate(load_embedder(recipe.model.name, device=resolve_device(device),
-                                    trust_remote_code=recipe.model.trust_remote_code, **spec), sets)
+                                    trust_remote_code=recipe.model.trust_remote_code,
+                                    allow_pickle=recipe.model.allow_pickle, **spec), sets)
     print(f"[reproduce] {name} before: {before['average']:.2f}", flush=True)
     summary = train(recipe, run_dir, data_dir=data_dir, device=device, resume=(run_dir / "checkpoints").exists(),
                     spaced_checkpoints=curve or None)
     tuned = load_embedder(None, adapter=run_dir, device=resolve_device(device),
-                          trust_remote_code=recipe.model.trust_remote_code)
+                          trust_remote_code=recipe.model.trust_remote_code, allow_pickle=recipe.model.allow_pickle)
     after = evaluate(tuned, sets)
     # STSBenchmark dev, the only score meant for choosing between recipes (the nine test sets are not).
     after["stsb_dev"] = evaluate(tuned, {"dev": load_sts("STSBenchmark", data_dir, split="dev")})["average"]

@@ -1,14 +1,17 @@
 """Contrastive LoRA fine-tuning, top to bottom.
 
 One step: take the step's global batch of triplets (a fixed, seeded permutation per epoch, so the order is a function
-of the step alone), give this rank its slice, embed anchors, positives and negatives in one padded forward, compute
-InfoNCE against all ranks' candidates, step AdamW and the schedule. Runs unchanged under ``torchrun`` (accelerate
+of the step alone), give this rank its slice, embed anchors, positives and negatives in length-sorted chunks, compute
+InfoNCE against all ranks' candidates, step AdamW and the schedule. With ``grad_cache`` the backward runs chunk by
+chunk (gradcache.py), so the batch size is bounded by time, not memory. The host reads losses only every
+``log_every`` steps, so the GPU is never left waiting for Python. Runs unchanged under ``torchrun`` (accelerate
 sets up the process group and DDP). Checkpoints (adapter, optimizer, schedule, RNG, step) are written atomically
 every ``save_every`` steps; ``resume=True`` continues from the newest one exactly where it stopped.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -22,20 +25,26 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from slmembed import models
-from slmembed.atomic import atomic_dir, write_json, write_text
+from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
 from slmembed.config import Recipe
 from slmembed.data.nli import load_triplets
 from slmembed.embedder import Embedder, EmbedSpec
 from slmembed.errors import SlmembedError
+from slmembed.gradcache import cached_backward
 from slmembed.loss import info_nce
 
 
 def batch_indices(n: int, global_batch: int, step: int, seed: int) -> np.ndarray:
     """Triplet indices of the global batch at ``step``: epoch e uses permutation(seed + e), remainder dropped."""
-    per_epoch = n // global_batch
-    epoch, k = divmod(step, per_epoch)
-    order = np.random.default_rng(seed + epoch).permutation(n)
-    return order[k * global_batch : (k + 1) * global_batch]
+    epoch, k = divmod(step, n // global_batch)
+    return _permutation(n, seed + epoch)[k * global_batch : (k + 1) * global_batch]
+
+
+@functools.lru_cache(maxsize=2)
+def _permutation(n: int, seed: int) -> np.ndarray:
+    order = np.random.default_rng(seed).permutation(n)
+    order.flags.writeable = False
+    return order
 
 
 def add_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
@@ -75,6 +84,19 @@ def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
     return json.loads((ckpt / "state.json").read_text())["step"]
 
 
+def _trim_log(path: Path, step: int) -> None:
+    """Keep the log's records up to ``step``, where the run continues; later and half-written lines are dropped."""
+    kept = []
+    for line in path.read_text().splitlines() if step and path.exists() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line + "\n")
+    write_text(path, "".join(kept))
+
+
 def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, resume: bool = False,
           device: str = "auto", progress: bool = True, spaced_checkpoints: int | None = None) -> dict:
     """Train the recipe's LoRA adapter into ``run_dir``; return the run summary (also written as summary.json).
@@ -109,7 +131,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     dtype = torch.bfloat16 if tc.bf16 else torch.float32
     attn = None if acc.device.type == "cuda" else "eager"  # SDPA where supported; eager trains faster on the CPU
     base, tokenizer = models.load(recipe.model.name, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code,
-                                  attn_implementation=attn)
+                                  allow_pickle=recipe.model.allow_pickle, attn_implementation=attn)
     model = add_lora(base, recipe)
     spec = EmbedSpec.of(recipe.model)
 
@@ -121,6 +143,9 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     texts = sorted({t for trip in triplets for t in trip})
     token_ids = dict(zip(texts, embedder.tokenize(texts)))  # every unique sentence tokenised once
 
+    if resume and acc.is_main_process:
+        clean_leftovers(run_dir)  # half-written files of a run killed while saving
+    acc.wait_for_everyone()
     start = 0
     if resume and checkpoints(run_dir):
         start = load_checkpoint(checkpoints(run_dir)[-1], acc.unwrap_model(model), optimizer, scheduler)
@@ -131,12 +156,22 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         write_json(run_dir / "data.json", {"triplets": len(triplets), "counts": data.counts,
                                           "duplicates": data.duplicates, "skipped_rows": data.skipped_rows})
     log_path = run_dir / "train_log.jsonl"
-    if acc.is_main_process and start == 0:
-        log_path.write_text("")
+    if acc.is_main_process:
+        _trim_log(log_path, start)
     acc.wait_for_everyone()
 
     model.train()
+    if tc.compile:
+        embedder.model = torch.compile(model)
+    columns = 3 if tc.hard_negatives else 2
+
+    def loss_of(emb: torch.Tensor) -> torch.Tensor:
+        emb = emb.view(columns, -1, emb.shape[-1])
+        return info_nce(emb[0], emb[1], emb[2] if tc.hard_negatives else None, tc.temperature)
+
+    board = _tensorboard(run_dir / "tensorboard", start) if acc.is_main_process else None
     t0, seen_t0 = time.time(), start
+    pending: list[torch.Tensor] = []  # losses not yet read on the host: reading one waits for the GPU
     bar = None
     if progress and acc.is_main_process:
         from tqdm.auto import tqdm
@@ -145,29 +180,44 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     for step in range(start, total):
         rows = batch_indices(len(triplets), global_batch, step, tc.seed)
         rows = rows[acc.process_index * tc.batch_size : (acc.process_index + 1) * tc.batch_size]
-        columns = 3 if tc.hard_negatives else 2
         ids = [token_ids[triplets[i][c]] for c in range(columns) for i in rows]
         with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-            emb = embedder.forward_ids(ids, tc.chunk_tokens).view(columns, len(rows), -1)
-        loss = info_nce(emb[0], emb[1], emb[2] if tc.hard_negatives else None, tc.temperature)
-        if not torch.isfinite(loss):
-            raise SlmembedError(f"loss is {loss.item()} at step {step + 1}; the last good checkpoint is kept, "
-                                "fix the cause and continue with --resume")
-        acc.backward(loss)
+            if tc.grad_cache:
+                loss = cached_backward(embedder, ids, tc.chunk_tokens, loss_of, lambda: acc.no_sync(model))
+            else:
+                loss = loss_of(embedder.forward_ids(ids, tc.chunk_tokens))
+                acc.backward(loss)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        pending.append(loss.detach())
         done = step + 1
         if bar is not None:
             bar.update(1)
+        if done % tc.log_every and done % save_every and done != total:
+            continue
+        # Every log_every steps, before a checkpoint and at the end: read the losses, stop on the first non-finite.
+        losses = torch.stack(pending).tolist()
+        bad = next((i for i, v in enumerate(losses) if not np.isfinite(v)), None)
+        if bad is not None:
+            if bar is not None:
+                bar.close()  # now, so that the error is the last line on the terminal
+            raise SlmembedError(f"loss is {losses[bad]} at step {done - len(losses) + bad + 1}; the last good "
+                                "checkpoint is kept, fix the cause and continue with --resume")
+        pending.clear()
         if done % tc.log_every == 0 or done == total:
             elapsed = time.time() - t0
             rate = (done - seen_t0) * global_batch / max(elapsed, 1e-9)
-            record = {"step": done, "loss": round(loss.item(), 6), "lr": scheduler.get_last_lr()[0],
+            record = {"step": done, "loss": round(losses[-1], 6), "lr": scheduler.get_last_lr()[0],
                       "triplets_per_s": round(rate, 2), "elapsed_s": round(elapsed, 2)}
+            if acc.device.type == "cuda":
+                record["peak_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 3)
             if acc.is_main_process:
                 with open(log_path, "a") as fh:
                     fh.write(json.dumps(record) + "\n")
+                if board is not None:
+                    for key in ("loss", "lr", "triplets_per_s"):
+                        board.add_scalar(f"train/{key}", record[key], done)
                 if bar is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
         if done % save_every == 0 and done < total:
@@ -176,6 +226,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
             acc.wait_for_everyone()
     if bar is not None:
         bar.close()
+    if board is not None:
+        board.close()
 
     summary = {"steps": total, "batch_size": global_batch, "triplets": len(triplets),
                "triplets_seen": total * global_batch, "minutes": round((time.time() - t0) / 60, 3),
@@ -187,6 +239,18 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         write_json(run_dir / "summary.json", summary)
     acc.wait_for_everyone()
     return summary
+
+
+def _tensorboard(folder: Path, start: int):
+    """A TensorBoard writer for the logged scalars when tensorboard is installed, else None; a resumed run drops
+    the events past its checkpoint."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(folder), purge_step=start or None, flush_secs=10)
 
 
 def _device_name(device: torch.device) -> str:

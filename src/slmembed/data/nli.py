@@ -115,17 +115,19 @@ def _open(path: Path) -> IO[str]:
         raise DataError(path, f"cannot read file ({exc.strerror or exc}); {_EXPECTED}") from None
 
 
-def _first_line(path: Path) -> str:
+def _first_line(path: Path) -> tuple[int, str]:
+    """The 1-based number and text of the first non-blank line."""
     with _open(path) as f:
-        for line in f:
-            if line.strip():
-                return line.rstrip("\r\n").lstrip("\ufeff")
+        for number, line in enumerate(f, 1):
+            text = line.rstrip("\r\n").lstrip("\ufeff")
+            if text.strip():
+                return number, text
     raise DataError(path, f"file is empty; {_EXPECTED}")
 
 
 def detect_format(path: str | Path) -> str:
     """Return the ``FORMATS`` name of a file's format, judged by its header or first JSON line."""
-    line = _first_line(Path(path))
+    number, line = _first_line(Path(path))
     if line.lstrip().startswith("{"):
         try:
             keys = set(json.loads(line))
@@ -147,19 +149,31 @@ def detect_format(path: str | Path) -> str:
         for name, matches in rules:
             if matches:
                 return name
-    raise DataError(path, f"unknown format (first line {line[:80]!r}); {_EXPECTED}")
+    raise DataError(path, f"unknown format (first line {line[:80]!r}); {_EXPECTED}", number)
 
 
 def _csv_records(path: Path, fmt: Format) -> Iterator[tuple[int, dict[str, str] | str]]:
-    """Yield (1-based line, record or problem) for each data row of a CSV/TSV file."""
+    """Yield (1-based line, record or problem) for each data row of a CSV/TSV file.
+
+    The header is the first non-blank line and must name the format's columns; blank lines are skipped.
+    """
     quoting = csv.QUOTE_MINIMAL if fmt.quoted else csv.QUOTE_NONE
     sep = "tab" if fmt.delimiter == "\t" else "comma"
+    csv.field_size_limit(2**31 - 1)  # the default, 131,072 characters, would reject long but valid fields
     with _open(path) as f:
         reader = csv.reader(f, delimiter=fmt.delimiter, quoting=quoting)
-        start = 1
+        line = start = 1
+        header: list[str] = []
         try:
-            header = [c.strip().lstrip("\ufeff") for c in next(reader, [])]
-            start = reader.line_num + 1
+            for row in reader:
+                line, start = start, reader.line_num + 1
+                header = [c.strip().lstrip("\ufeff") for c in row]
+                if any(header):
+                    break
+            missing = [repr(c) for c in fmt.columns if c not in header]
+            if missing:
+                raise DataError(path, f"header is missing {', '.join(missing)}; expected {sep}-separated columns "
+                                      f"including {', '.join(fmt.columns)}", line)
             for row in reader:
                 line, start = start, reader.line_num + 1
                 if not any(cell.strip() for cell in row):

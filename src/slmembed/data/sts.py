@@ -24,6 +24,8 @@ Hugging Face Hub copies that MTEB uses (``mteb/sts12-sts`` ...), which needs the
 
 from __future__ import annotations
 
+import math
+import re
 import zipfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -83,17 +85,28 @@ def _lines(path: Path) -> list[str]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise DataError(path, f"not valid UTF-8 (byte {e.start})", line=data.count(b"\n", 0, e.start) + 1) from None
+    if not text:
+        raise DataError(path, "file is empty")
     lines = text.split("\n")  # not splitlines(): it would also split on U+0085, U+2028, \x1c ...
     if lines and lines[-1] == "":
         lines.pop()
     return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
-def _score(path: Path, text: str, line: int) -> float:
+def _finite(text: str) -> float | None:
+    """The number in ``text``, or None if it is not a finite number (nan and inf are not scores)."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
-        raise DataError(path, f"gold score {text!r} is not a number", line=line) from None
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _score(path: Path, text: str, line: int) -> float:
+    value = _finite(text)
+    if value is None:
+        raise DataError(path, f"gold score {text!r} is not a finite number", line=line)
+    return value
 
 
 def _columns(path: Path, line_text: str, line: int, minimum: int = 2) -> list[str]:
@@ -185,8 +198,10 @@ def _docx_rows(path: Path, width: int) -> dict[int, list[str]]:
         cells = [_cell_text(tc) for tc in tr.iter(f"{_W}tc")]
         if n == 1:  # header: "", "Sentence 1", "Sentence 2" / "Sentence No", "Annotator A" ...
             continue
-        if len(cells) != width or not cells[0].isdigit():
+        if len(cells) != width or not re.fullmatch("[0-9]+", cells[0]):
             raise DataError(path, f"table row {n}: expected {width} cells starting with a pair number, got {cells[:2]}")
+        if int(cells[0]) in rows:
+            raise DataError(path, f"table row {n}: duplicate pair number {int(cells[0])}")
         rows[int(cells[0])] = cells[1:]
     return rows
 
@@ -200,10 +215,10 @@ def _load_biosses(folder: Path) -> _Cols:
     for no in sorted(pairs):
         out[0].append(pairs[no][0])
         out[1].append(pairs[no][1])
-        try:
-            out[2].append(sum(float(s) for s in scores[no]) / len(scores[no]))
-        except ValueError:
-            raise DataError(scores_path, f"pair {no}: annotator scores {scores[no]} are not all numbers") from None
+        values = [_finite(s) for s in scores[no]]
+        if None in values:
+            raise DataError(scores_path, f"pair {no}: annotator scores {scores[no]} are not all finite numbers")
+        out[2].append(sum(values) / len(values))
     return out
 
 

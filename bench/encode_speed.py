@@ -1,0 +1,88 @@
+"""Encoding speed: slmembed against sentence-transformers' ``encode`` over the nine STS sets' unique sentences.
+
+Same model, pooling (last token with EOS), precision (bf16) and device; each tool batches the way it does by
+default for throughput (slmembed: length-sorted batches under a token budget; the peer: its own length sorting at
+batch size 256). Both are timed after a warm-up pass, with the GPU finished. The vectors must agree (cosine).
+Then the end-to-end nine-set evaluation, timed as a user runs it: a fresh ``slmembed eval`` process, model loaded
+from the cached folder.
+
+    python bench/encode_speed.py --model gemma-3-270m --output results/bench/encode-gemma-3-270m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import StEncoder, save, st_model
+from slmembed import models
+from slmembed.data.sts import TASKS, load_all
+from slmembed.embedder import load_embedder
+
+
+def timed(fn, *args, **kwargs) -> tuple[np.ndarray, float]:
+    fn(*args, **kwargs)  # warm-up: kernels chosen, caches filled
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--batch-size", type=int, default=1024,
+                   help="slmembed's batch cap (its token budget is 32 per text)")
+    p.add_argument("--peer-batch-size", type=int, default=256)
+    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--data-dir")
+    p.add_argument("--output", required=True)
+    args = p.parse_args()
+
+    sets = load_all(args.tasks, args.data_dir)
+    texts = sorted({s for sts in sets.values() for s in (*sts.sentences1, *sts.sentences2)})
+    ours = load_embedder(args.model, dtype=torch.bfloat16)
+    vecs, seconds = timed(ours.encode, texts, batch_size=args.batch_size, max_tokens=32 * args.batch_size)
+    result = {"model": args.model, "sentences": len(texts), "dtype": "bfloat16",
+              "slmembed": {"sentences_per_s": round(len(texts) / seconds), "seconds": round(seconds, 2),
+                           "batch_size": args.batch_size, "max_tokens": 32 * args.batch_size}}
+    print("slmembed", result["slmembed"])
+
+    peer = StEncoder(st_model(models.resolve(args.model), ours.spec.max_length), ours, args.peer_batch_size)
+    peer_vecs, peer_seconds = timed(peer.encode, texts)
+    cos = (vecs * peer_vecs).sum(1)
+    result["sentence_transformers"] = {"sentences_per_s": round(len(texts) / peer_seconds),
+                                       "seconds": round(peer_seconds, 2), "batch_size": args.peer_batch_size}
+    result["speedup"] = round(peer_seconds / seconds, 2)
+    result["cosine_ours_vs_peer"] = {"min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 5)}
+    print("peer", result["sentence_transformers"], "speedup", result["speedup"], result["cosine_ours_vs_peer"])
+    del ours, peer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "eval.json"
+        command = [sys.executable, "-m", "slmembed", "eval", "--model", args.model, "--output", str(out)]
+        command += ["--tasks", *args.tasks] + (["--data-dir", args.data_dir] if args.data_dir else [])
+        t = time.perf_counter()
+        subprocess.run(command, check=True, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL)
+        wall = time.perf_counter() - t
+        scores = json.loads(out.read_text())
+    result["nine_set_eval"] = {"wall_s": round(wall, 2), "average": scores["average"],
+                               "command": " ".join(["slmembed", *command[3:]])}
+    print("eval", result["nine_set_eval"])
+    save(args.output, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+"""Training speed: slmembed against sentence-transformers, same GPU, model, LoRA, loss, batch and data, one process.
+
+For each batch size: slmembed's own ``train`` (eager, then torch.compile'd, then with GradCache) and the peer's
+SentenceTransformerTrainer with MultipleNegativesRankingLoss (and its cached variant, which is how a peer user
+reaches large batches). Rates are triplets/s between a step after warm-up and the last step, both timed after the
+GPU finished. Model FLOPs per step are counted from the actual token lengths (see ``model_flops``); MFU divides
+them by the measured bf16 matmul ceiling. Then a quality check: both train the same number of steps on the same
+triplets with the same schedule, and both are scored on the nine STS sets.
+
+    python bench/train_speed.py --model gemma-3-270m --batches 60 512 --quality-steps 200 \
+        --output results/bench/train-gemma-3-270m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoConfig, TrainerCallback
+
+from common import StEncoder, check_same_tokens, matmul_ceiling_tflops, save, st_model, st_texts
+from slmembed import models
+from slmembed.config import Recipe, load_recipe, with_overrides
+from slmembed.data.nli import load_triplets
+from slmembed.data.sts import TASKS, load_all
+from slmembed.embedder import Embedder, EmbedSpec, load_embedder
+from slmembed.evaluate import evaluate
+from slmembed.train import batch_indices, train
+
+
+def model_flops(config, lengths: np.ndarray) -> float:
+    """FLOPs of one LoRA training step over sequences of these real lengths.
+
+    Frozen weights need no weight gradients, so each linear layer costs its forward (2 N L) and its input gradient
+    (2 N L); attention scores and mixing cost 4 L^2 d per layer forward and twice that backward. LoRA's own
+    matrices (under 1% of N) and elementwise work are not counted.
+    """
+    h, layers = config.hidden_size, config.num_hidden_layers
+    dq = config.num_attention_heads * getattr(config, "head_dim", h // config.num_attention_heads)
+    dkv = config.num_key_value_heads * getattr(config, "head_dim", h // config.num_attention_heads)
+    n_linear = layers * (h * dq + 2 * h * dkv + dq * h + 3 * h * config.intermediate_size)
+    return float(4 * n_linear * lengths.sum() + 3 * 4 * layers * dq * (lengths.astype(np.float64) ** 2).sum())
+
+
+def step_tokens(recipe: Recipe, triplets, embedder: Embedder, steps: range) -> tuple[np.ndarray, int]:
+    """Real token lengths of every sequence in ``steps``, and the padded tokens the chunked forward computes."""
+    lengths, padded = [], 0
+    for step in steps:
+        rows = batch_indices(len(triplets), recipe.train.batch_size, step, recipe.train.seed)
+        ids = embedder.tokenize([triplets[i][c] for c in range(3) for i in rows])
+        lengths += [len(x) for x in ids]
+        padded += sum(len(chunk) * -(-max(len(ids[i]) for i in chunk) // 8) * 8
+                      for chunk in embedder.chunks(ids, recipe.train.chunk_tokens))
+    return np.array(lengths), padded
+
+
+def _peak_gib() -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else float("nan")
+
+
+def _reset() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_ours(recipe: Recipe, warmup: int, steps: int, data_dir: str | None, run_dir: Path) -> dict:
+    recipe = with_overrides(recipe, [f"train.max_steps={warmup + steps}", f"train.log_every={math.gcd(warmup, steps)}",
+                                     "train.save_every=1000000"])
+    _reset()
+    t = time.perf_counter()
+    try:
+        train(recipe, run_dir, data_dir=data_dir, progress=False)
+    except torch.OutOfMemoryError:
+        _reset()
+        return {"oom": True}
+    log = {r["step"]: r for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())}
+    a, b = log[warmup], log[warmup + steps]
+    seconds = b["elapsed_s"] - a["elapsed_s"]
+    return {"triplets_per_s": round(steps * recipe.train.batch_size / seconds, 1),
+            "ms_per_step": round(1000 * seconds / steps, 1), "peak_gib": _peak_gib(),
+            "final_loss": b["loss"], "wall_s_with_load": round(time.perf_counter() - t, 1)}
+
+
+class _Timer(TrainerCallback):
+    """Times the peer between the end of step ``warmup`` and the end of the last step, GPU work included."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.marks = warmup, {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.warmup or state.global_step == state.max_steps:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.marks[state.global_step] = time.perf_counter()
+
+
+def run_peer(recipe: Recipe, triplets, warmup: int, steps: int, embedder: Embedder, out_dir: Path,
+             cached: int | None = None) -> tuple[dict, object]:
+    """The peer trained on exactly the triplets slmembed's first ``warmup + steps`` steps use."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
+
+    tc, total = recipe.train, warmup + steps
+    rows = np.concatenate([batch_indices(len(triplets), tc.batch_size, s, tc.seed) for s in range(total)])
+    columns = {name: st_texts([triplets[i][c] for i in rows], embedder)
+               for c, name in enumerate(("anchor", "positive", "negative"))}
+    model = st_model(models.resolve(recipe.model.name), recipe.model.max_length)
+    model.add_adapter(LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                                 target_modules=recipe.lora.targets))
+    scale = 1 / tc.temperature
+    loss = (losses.CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=cached) if cached
+            else losses.MultipleNegativesRankingLoss(model, scale=scale))
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out_dir), per_device_train_batch_size=tc.batch_size, max_steps=total, learning_rate=tc.lr,
+        lr_scheduler_type=tc.schedule, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay, bf16=tc.bf16,
+        max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none", seed=tc.seed,
+        dataloader_drop_last=True, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+    timer = _Timer(warmup)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), loss=loss,
+                                         callbacks=[timer])
+    _reset()
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError:
+        del trainer, model, loss
+        _reset()
+        return {"oom": True}, None
+    seconds = timer.marks[total] - timer.marks[warmup]
+    losses_logged = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    result = {"triplets_per_s": round(steps * tc.batch_size / seconds, 1),
+              "ms_per_step": round(1000 * seconds / steps, 1),
+              "peak_gib": _peak_gib(), "final_loss": losses_logged[-1],
+              "losses": losses_logged}
+    return result, model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="gemma-3-270m")
+    p.add_argument("--batches", type=int, nargs="+", default=[60, 512])
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--variants", nargs="*", default=["eager", "compile", "grad_cache"])
+    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--cache-sweep", type=int, nargs="*", default=[], help="GradCache batch sizes for memory vs batch")
+    p.add_argument("--quality-steps", type=int, default=0, help="train both this many steps at the first batch size")
+    p.add_argument("--quality-lr", type=float, default=5e-4)
+    p.add_argument("--quality-tasks", nargs="+", default=list(TASKS), help="STS sets of the quality check")
+    p.add_argument("--profile", help="write torch.profiler tables of slmembed's first variant at the first batch here")
+    p.add_argument("--data-dir")
+    p.add_argument("--output", required=True)
+    args = p.parse_args()
+
+    base = load_recipe(args.model)
+    triplets = load_triplets(base.data.sources, data_dir=args.data_dir).triplets
+    folder = models.resolve(base.model.name)
+    config = AutoConfig.from_pretrained(folder)
+    from transformers import AutoTokenizer
+
+    tokenizer_only = Embedder(torch.nn.Linear(1, 1), AutoTokenizer.from_pretrained(folder), EmbedSpec.of(base.model))
+    ceiling = matmul_ceiling_tflops() if torch.cuda.is_available() else float("nan")
+    result = {"model": args.model, "matmul_ceiling_tflops": round(ceiling, 1), "warmup_steps": args.warmup,
+              "timed_steps": args.steps, "lora": base.lora.__dict__, "batches": {}}
+    print(f"bf16 matmul ceiling: {ceiling:.0f} TFLOP/s")
+    scratch = Path(tempfile.mkdtemp(prefix="bench-"))
+
+    variant_sets = {"eager": [], "compile": ["train.compile=true"], "grad_cache": ["train.grad_cache=true"],
+                    "one_chunk": ["train.chunk_tokens=65536"]}
+    for batch in args.batches:
+        recipe = with_overrides(base, [f"train.batch_size={batch}"])
+        lengths, padded = step_tokens(recipe, triplets, tokenizer_only, range(args.warmup, args.warmup + args.steps))
+        flops = model_flops(config, lengths) / args.steps
+        row = {"tokens_per_step": int(lengths.sum()) // args.steps, "padded_tokens_per_step": padded // args.steps,
+               "model_tflop_per_step": round(flops / 1e12, 3)}
+        for variant in args.variants:
+            ours = run_ours(with_overrides(recipe, variant_sets[variant]), args.warmup, args.steps, args.data_dir,
+                            scratch / f"ours-{batch}-{variant}")
+            if not ours.get("oom"):
+                ours["mfu"] = round(flops / (ours["ms_per_step"] / 1000) / (ceiling * 1e12), 4)
+            row[f"slmembed_{variant}"] = ours
+            print(batch, variant, ours)
+        if args.profile:  # the first variant again, under the profiler (which slows it a little)
+            run = (with_overrides(recipe, variant_sets[args.variants[0]]), args.warmup, args.steps, args.data_dir,
+                   scratch / f"profile-{batch}")
+            row["profiled"] = profiled(run, args.profile)
+            args.profile = None
+        if args.peer:
+            for name, cached in (("st_mnrl", None), ("st_cached_mnrl", 64 if batch > 64 else None)):
+                if name == "st_cached_mnrl" and not cached:
+                    continue
+                peer, _ = run_peer(recipe, triplets, args.warmup, args.steps, tokenizer_only, scratch / name, cached)
+                peer.pop("losses", None)
+                row[name] = peer
+                print(batch, name, peer)
+            best_ours = max(v["triplets_per_s"] for k, v in row.items()
+                            if k.startswith("slmembed_") and "oom" not in v)
+            peers = [v["triplets_per_s"] for k, v in row.items() if k.startswith("st_") and "oom" not in v]
+            row["speedup_vs_best_peer"] = round(best_ours / max(peers), 2) if peers else None
+        result["batches"][str(batch)] = row
+
+    for batch in args.cache_sweep:
+        recipe = with_overrides(base, [f"train.batch_size={batch}", "train.grad_cache=true"])
+        sweep = run_ours(recipe, 2, 2, args.data_dir, scratch / f"sweep-{batch}")
+        result.setdefault("grad_cache_memory", {})[str(batch)] = sweep
+        print("grad cache", batch, sweep)
+
+    if args.quality_steps:
+        result["quality"] = quality(base, triplets, tokenizer_only, args, scratch)
+    save(args.output, result)
+
+
+def profiled(run: tuple, path: str) -> dict:
+    """``run_ours(*run)`` under torch.profiler: kernel time against wall time, and the top operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = run_ours(*run)
+    events = prof.key_averages()
+    kernel_us = sum(e.self_device_time_total for e in events)
+    header = (f"{' '.join(sys.argv)}\nslmembed run: {result}\nGPU kernel time {kernel_us / 1e6:.2f} s in all "
+              "(model load and warm-up included)\n\n")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tables = [events.table(sort_by=key, row_limit=40, max_name_column_width=70)
+              for key in ("self_device_time_total", "self_cpu_time_total")]
+    Path(path).write_text(header + "\n\n".join(tables))
+    result["profile"] = path
+    return result
+
+
+def quality(base: Recipe, triplets, embedder: Embedder, args, scratch: Path) -> dict:
+    """Both tools, same triplets, steps and schedule: the nine-set averages must agree within 1 point."""
+    recipe = with_overrides(base, [f"train.batch_size={args.batches[0]}", f"train.lr={args.quality_lr}",
+                                   "train.warmup_steps=20", "train.log_every=1"])
+    steps = args.quality_steps
+    ours = run_ours(recipe, steps // 2, steps - steps // 2, args.data_dir, scratch / "quality-ours")
+    ours_losses = [json.loads(r)["loss"] for r in (scratch / "quality-ours/train_log.jsonl").read_text().splitlines()]
+    sets = load_all(args.quality_tasks, args.data_dir)
+    ours["nine_set"] = evaluate(load_embedder(None, scratch / "quality-ours"), sets)
+    peer, model = run_peer(recipe, triplets, steps // 2, steps - steps // 2, embedder, scratch / "quality-peer")
+    peer_losses = peer.pop("losses")
+    encoder = StEncoder(model, embedder)
+    peer["nine_set"] = evaluate(encoder, sets)
+    peer["tokenisation_mismatches_of_1000"] = check_same_tokens(model, embedder, [t[0] for t in triplets[:1000]])
+    return {"steps": steps, "batch_size": recipe.train.batch_size, "lr": recipe.train.lr,
+            "schedule": recipe.train.schedule,
+            "slmembed": ours, "sentence_transformers": peer,
+            "mean_loss_last_20": {"slmembed": round(float(np.mean(ours_losses[-20:])), 4),
+                                  "sentence_transformers": round(float(np.mean(peer_losses[-20:])), 4)},
+            "average_difference": round(ours["nine_set"]["average"] - peer["nine_set"]["average"], 2)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""A markdown report with PNG plots for a training run, a reproduce result, or a folder of several of them.
+
+What a folder holds decides what the report shows:
+
+* ``train_log.jsonl``: training loss and learning rate against step (``train.png``).
+* a reproduce JSON (``NAME.json`` with ``before`` and ``after``): the nine-set scores before and after as grouped
+  bars (``scores.png``) and a table; or an ``eval.json``: the scores as a table.
+* subfolders with reproduce JSONs (e.g. ``results/reproduce``): the ablation table (one row per run: recipe
+  differences, average before and after, STSBenchmark dev), per-task scores, the averages as bars
+  (``ablation.png``) and the runs' loss curves together (``losses.png``).
+
+Everything is written to ``report.md`` and the PNGs beside it (the folder itself unless another output is given).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from slmembed.atomic import atomic_path, write_text
+from slmembed.config import Recipe
+from slmembed.errors import DataError, SlmembedError
+from slmembed.evaluate import table
+from slmembed.reproduce import plot as plot_scores
+
+
+# Recipe fields that change speed or bookkeeping, not the trained model: left out of the ablation table.
+NOT_RESULTS = {"model.trust_remote_code", "model.allow_pickle", "train.chunk_tokens", "train.grad_cache",
+               "train.compile", "train.save_every", "train.keep_checkpoints", "train.log_every", "data.skip_bad_rows"}
+
+
+@dataclass
+class Run:
+    """What one folder holds: its training log, reproduce result and/or eval result (each may be missing)."""
+
+    name: str
+    log: list[dict] | None
+    result: dict | None  # reproduce JSON
+    scores: dict | None  # eval JSON
+
+
+def read_log(path: Path) -> list[dict]:
+    """The records of a train_log.jsonl; a line that is not a record with step, loss and lr is a DataError."""
+    records = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(path, f"not valid JSON: {exc.msg}", line_no) from None
+        if not isinstance(record, dict) or not {"step", "loss", "lr"} <= record.keys():
+            raise DataError(path, "expected an object with step, loss and lr", line_no)
+        records.append(record)
+    return records
+
+
+def find_run(folder: Path) -> Run | None:
+    """The run in ``folder``, or None if it holds neither a training log nor scores."""
+    log = read_log(folder / "train_log.jsonl") if (folder / "train_log.jsonl").exists() else None
+    result = scores = None
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        if isinstance(data, dict) and "scores" in data.get("before", {}) and "scores" in data.get("after", {}):
+            result = data
+        elif path.name == "eval.json" and "scores" in data:
+            scores = data
+    if log is None and result is None and scores is None:
+        return None
+    return Run(folder.name, log, result, scores)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    _pyplot().close(fig)
+
+
+def plot_training(path: Path, name: str, log: list[dict]) -> None:
+    """Loss and learning rate against step, side by side."""
+    plt = _pyplot()
+    steps = [r["step"] for r in log]
+    fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
+    marker = "." if len(log) < 40 else None
+    loss_ax.plot(steps, [r["loss"] for r in log], color="#1f6feb", marker=marker)
+    loss_ax.set(xlabel="step", ylabel="InfoNCE loss", title=f"{name}: training loss")
+    lr_ax.plot(steps, [r["lr"] for r in log], color="#d1242f", marker=marker)
+    lr_ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
+    lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in (loss_ax, lr_ax):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_losses(path: Path, runs: list[Run]) -> None:
+    """The training loss of several runs on one axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for i, run in enumerate(runs):  # ten colours, then the next line style
+        ax.plot([r["step"] for r in run.log], [r["loss"] for r in run.log], label=run.name, linewidth=1.2,
+                color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3])
+    ax.set(xlabel="step", ylabel="InfoNCE loss", title="training loss per run")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_ablation(path: Path, runs: list[Run]) -> None:
+    """Nine-set average before and after training, one pair of bars per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    x = range(len(runs))
+    before = [r.result["before"]["average"] for r in runs]
+    after = [r.result["after"]["average"] for r in runs]
+    ax.bar([i - 0.2 for i in x], before, width=0.4, label="before", color="#9aa5b1")
+    ax.bar([i + 0.2 for i in x], after, width=0.4, label="after", color="#1f6feb")
+    for i, v in zip(x, after):
+        ax.text(i + 0.2, v + 1, f"{v:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(list(x), [r.name for r in runs], rotation=20, ha="right", fontsize=8)
+    ax.set(ylabel="nine-set average (Spearman x100)", title="ablation: STS average before and after fine-tuning",
+           ylim=(min(0, *before) - 5, 100))
+    ax.legend()
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _recipe_fields(run: Run) -> dict[str, str]:
+    """A run's recipe as section.key -> JSON value; fields an older result lacks take today's defaults."""
+    fields = {}
+    for section, defaults in Recipe().to_dict().items():
+        if isinstance(defaults, dict):
+            saved = run.result.get("recipe", {}).get(section, {})
+            fields.update({f"{section}.{k}": json.dumps(saved.get(k, v)) for k, v in defaults.items()})
+    return fields
+
+
+def _ablation(runs: list[Run], out: Path) -> list[str]:
+    fields = [_recipe_fields(r) for r in runs]
+    diffs = [k for k in fields[0] if len({f[k] for f in fields}) > 1 and k not in NOT_RESULTS]
+    head = ["run", *diffs, "steps x batch", "before", "after", "gain", "STSB dev"]
+    lines = ["## Ablation", "", "| " + " | ".join(head) + " |", "|---|" + "---|" * len(diffs) + "---:|" * 5]
+    for r, f in zip(runs, fields):
+        b, a, t = r.result["before"], r.result["after"], r.result["train"]
+        cells = [r.name, *(f"`{f[k]}`" for k in diffs), f"{t['steps']} x {t['batch_size']}",
+                 f"{b['average']:.2f}", f"**{a['average']:.2f}**", f"{a['average'] - b['average']:+.2f}",
+                 f"{a['stsb_dev']:.2f}" if "stsb_dev" in a else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![ablation](ablation.png)", "", "Scores after training, per task:", "",
+              table({r.name: r.result["after"]["scores"] for r in runs})]
+    plot_ablation(out / "ablation.png", runs)
+    logged = [r for r in runs if r.log]
+    if logged:
+        plot_losses(out / "losses.png", logged)
+        lines += ["", "![losses](losses.png)"]
+    return lines
+
+
+def _single(run: Run, out: Path) -> list[str]:
+    lines = []
+    if run.result:
+        t = run.result["train"]
+        lines += [f"Model `{run.result['model']}`: {t['steps']} steps of {t['batch_size']} triplets "
+                  f"({t['triplets_seen']} seen) in {t['minutes']:.1f} min on {t['device']}.", "",
+                  "## STS scores (Spearman x100)", "",
+                  table({"before": run.result["before"]["scores"], "after": run.result["after"]["scores"]}),
+                  "", "![scores](scores.png)", ""]
+        plot_scores(out / "scores.png", run.name, run.result["before"], run.result["after"])
+        if run.result.get("curve"):
+            lines += ["Nine-set average at kept checkpoints: " + ", ".join(
+                f"step {p['step']}: {p['average']:.2f}" for p in run.result["curve"]) + ".", ""]
+    elif run.scores:
+        lines += ["## STS scores (Spearman x100)", "", table({"score": run.scores["scores"]}), ""]
+    if run.log:
+        last = run.log[-1]
+        lines += ["## Training", "", f"{len(run.log)} log records to step {last['step']}; final loss "
+                  f"{last['loss']:.4f}" + (f", {last['triplets_per_s']:.1f} triplets/s." if "triplets_per_s" in last
+                                           else "."), "", "![training](train.png)", ""]
+        plot_training(out / "train.png", run.name, run.log)
+    return lines
+
+
+def report(folder: str | Path, output: str | Path | None = None) -> Path:
+    """Write ``report.md`` and its plots for ``folder`` into ``output`` (default: the folder); return its path."""
+    folder = Path(folder)
+    out = Path(output) if output else folder
+    if not folder.is_dir():
+        raise SlmembedError(f"{folder}: no such folder")
+    run = find_run(folder)
+    ablation = [r for r in (find_run(sub) for sub in sorted(folder.iterdir()) if sub.is_dir()) if r and r.result]
+    ablation = ablation if len(ablation) >= 2 else []
+    if run is None and not ablation:
+        raise SlmembedError(f"nothing to report in {folder}: expected train_log.jsonl, a reproduce or eval JSON, or "
+                            "two or more subfolders holding reproduce JSONs")
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [f"# Report: {folder.name}", ""]
+    if run:
+        lines += _single(run, out)
+    if ablation:
+        lines += _ablation(ablation, out)
+    target = out / "report.md"
+    write_text(target, "\n".join(lines).rstrip() + "\n")
+    return target

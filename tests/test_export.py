@@ -1,0 +1,178 @@
+"""Export round trips on tiny trained runs: sentence-transformers and transformers folders, merged or with the adapter,
+from left- and right-padding tokenizers; token ids, embeddings and STS scores must match slmembed's own."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from transformers import AutoModel, AutoTokenizer
+
+from slmembed.cli import main
+from slmembed.config import Recipe
+from slmembed.data.sts import load_all, load_sts
+from slmembed.embedder import load_embedder, pool
+from slmembed.errors import SlmembedError
+from slmembed.evaluate import evaluate
+from slmembed.export import export
+from slmembed.train import train
+
+CPU = torch.device("cpu")
+RUNS = {  # name: (base tokenizer's padding side, pooling, prompt)
+    "right-last-prompt": ("right", "last", "Represent this sentence: {}"),
+    "left-last": ("left", "last", None),
+    "left-mean": ("left", "mean", None),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_models, data_dir) -> dict:
+    """A short real training run per RUNS entry, on the tiny Llama with the SmolLM2 tokenizer padding as asked."""
+    root = tmp_path_factory.mktemp("export-runs")
+    out = {}
+    for name, (side, pooling, prompt) in RUNS.items():
+        base = root / f"base-{side}"
+        if not base.exists():
+            shutil.copytree(tiny_models["llama"], base)
+            tokenizer = AutoTokenizer.from_pretrained(base)
+            tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = side
+            tokenizer.save_pretrained(base)
+            assert AutoTokenizer.from_pretrained(base).padding_side == side
+        recipe = Recipe()
+        recipe.model.name, recipe.model.max_length = str(base), 24
+        recipe.model.pooling, recipe.model.prompt = pooling, prompt
+        recipe.data.sources, recipe.data.max_triplets = ["cad_snli"], 64
+        recipe.train.batch_size, recipe.train.max_steps, recipe.train.warmup_steps = 8, 4, 1
+        recipe.train.lr, recipe.train.bf16 = 5e-3, False
+        train(recipe, root / name, data_dir=str(data_dir), progress=False)
+        out[name] = root / name
+    return out
+
+
+@pytest.fixture(scope="module")
+def stsb_texts(data_dir) -> list[str]:
+    sts = load_sts("STSBenchmark", str(data_dir))
+    return sorted({*sts.sentences1, *sts.sentences2}) + ["a sentence far longer than the maximum length " * 8]
+
+
+def _reference(run):
+    return load_embedder(None, adapter=run, device=CPU, dtype=torch.float32)
+
+
+def _st_token_ids(model: SentenceTransformer, texts: list[str]) -> list[list[int]]:
+    features = model.preprocess(texts, prompt=model.prompts.get(model.default_prompt_name or "", None))
+    return [row[mask.bool()].tolist() for row, mask in zip(features["input_ids"], features["attention_mask"])]
+
+
+def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a * b).sum(1).min())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
+def test_sentence_transformers_round_trip(runs, stsb_texts, tmp_path, name) -> None:
+    out = tmp_path / "st"
+    export(runs[name], out)
+    _, pooling, prompt = RUNS[name]
+    modules = json.loads((out / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[1] for m in modules] == ["Transformer", "Pooling", "Normalize"]
+    assert json.loads((out / "1_Pooling/config.json").read_text())["pooling_mode"] == {"last": "lasttoken"}.get(
+        pooling, pooling)
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    st_config = json.loads((out / "config_sentence_transformers.json").read_text())
+    assert st_config["default_prompt_name"] == ("default" if prompt else None)
+
+    texts = stsb_texts[::5] + stsb_texts[-1:]  # every STSB sentence: bench/export_check.py on the real model
+    reference = _reference(runs[name])
+    model = SentenceTransformer(str(out), device="cpu", local_files_only=True)
+    assert _st_token_ids(model, texts) == reference.tokenize(texts)  # EOS appended, truncated alike
+    expected = reference.encode(texts)
+    right = model.encode(texts, batch_size=64)
+    assert _min_cosine(right, expected) >= 0.999
+    model.tokenizer.padding_side = "left"  # padding must not matter
+    assert _min_cosine(model.encode(texts, batch_size=64), expected) >= 0.999
+    back = load_embedder(str(out), device=CPU, dtype=torch.float32)  # slmembed reads the folder back alike
+    back.tokenizer.padding_side = "left"
+    assert back.tokenize(texts) == reference.tokenize(texts)
+    assert _min_cosine(back.encode(texts), expected) >= 0.999
+
+
+def test_transformers_format_and_unmerged_adapter(runs, tmp_path) -> None:
+    run = runs["right-last-prompt"]
+    texts = ["A man is playing a guitar.", "Hi", "Two dogs run across a snowy field near the old barn."]
+    reference = _reference(run)
+    expected = reference.encode(texts)
+
+    hf = tmp_path / "hf"
+    export(run, hf, fmt="hf")
+    assert not (hf / "modules.json").exists()
+    tokenizer, model = AutoTokenizer.from_pretrained(hf), AutoModel.from_pretrained(hf, dtype=torch.float32)
+    batch = tokenizer([f"Represent this sentence: {t}" for t in texts], padding=True, truncation=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        vecs = pool(model(**batch).last_hidden_state, batch["attention_mask"], "last")
+    assert _min_cosine(torch.nn.functional.normalize(vecs, dim=-1).numpy(), expected) >= 0.999
+    assert _min_cosine(load_embedder(str(hf), device=CPU, dtype=torch.float32).encode(texts), expected) >= 0.999
+
+    for fmt in ("st", "hf"):
+        kept = tmp_path / f"{fmt}-adapter"
+        export(run, kept, fmt=fmt, merge=False)
+        assert (kept / "adapter_model.safetensors").exists() and not (kept / "model.safetensors").exists()
+        back = load_embedder(None, adapter=kept, device=CPU, dtype=torch.float32)
+        assert _min_cosine(back.encode(texts), expected) >= 0.999
+        if fmt == "st":
+            loaded = SentenceTransformer(str(kept), device="cpu", local_files_only=True)
+            assert _min_cosine(loaded.encode(texts), expected) >= 0.999
+
+
+def test_model_card_scores_from_eval_or_reproduce_json(runs, data_dir, tmp_path) -> None:
+    run = runs["left-last"]
+    sets = load_all(["STS17", "BIOSSES"], str(data_dir))
+    out = tmp_path / "evaluated"
+    export(run, out, evaluate_sets=sets)
+    exported = json.loads((out / "eval.json").read_text())
+    assert exported["scores"] == evaluate(load_embedder(str(out)), sets)["scores"]
+    # The same scores as the run itself (float32: bf16 rounds a merged and an unmerged tiny model differently).
+    direct = evaluate(_reference(run), sets)["scores"]
+    again = evaluate(load_embedder(str(out), device=CPU, dtype=torch.float32), sets)["scores"]
+    assert again == pytest.approx(direct, abs=0.1)
+    card = (out / "README.md").read_text()
+    assert "library_name: sentence-transformers" in card
+    assert f"| STS17 | {exported['scores']['STS17']:.2f} |" in card
+
+    reproduce = tmp_path / "repro.json"
+    reproduce.write_text(json.dumps({"before": {"scores": {"BIOSSES": 1.5}, "average": 1.5},
+                                     "after": {"scores": {"BIOSSES": 42.25}, "average": 42.25}}))
+    export(run, tmp_path / "carded", scores=reproduce)
+    card = (tmp_path / "carded/README.md").read_text()
+    assert "| BIOSSES | 1.50 | 42.25 |" in card and str(reproduce) in card
+    assert "## Training" in card and "LoRA r=8" in card
+
+
+def test_bad_exports_are_refused(runs, tmp_path) -> None:
+    with pytest.raises(SlmembedError, match="not a training run folder"):
+        export(tmp_path, tmp_path / "out")
+    run = tmp_path / "suffix-run"
+    shutil.copytree(runs["left-last"], run)
+    saved = json.loads((run / "embed.json").read_text())
+    saved["spec"]["prompt"] = "P1"  # text after {}: not a sentence-transformers prompt
+    (run / "embed.json").write_text(json.dumps(saved))
+    with pytest.raises(SlmembedError, match="--format hf"):
+        export(run, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    export(run, tmp_path / "out", fmt="hf")  # slmembed applies the whole template itself
+    back = load_embedder(str(tmp_path / "out"), device=CPU, dtype=torch.float32)
+    assert back.tokenize(["a cat"]) == _reference(run).tokenize(["a cat"])
+
+
+def test_cli_export(runs, tmp_path, capsys) -> None:
+    out = tmp_path / "cli"
+    assert main(["export", "--adapter", str(runs["left-mean"]), "--output", str(out), "--format", "hf"]) == 0
+    assert json.loads(capsys.readouterr().out)["spec"]["pooling"] == "mean" and (out / "model.safetensors").exists()
+    assert main(["export", "--adapter", str(tmp_path), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a training run folder" in err
