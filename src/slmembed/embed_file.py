@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from slmembed.atomic import atomic_path, write_json
+from slmembed.data.jsonl import json_lines
 from slmembed.embedder import Embedder
 from slmembed.errors import DataError, SlmembedError
 
@@ -65,13 +66,7 @@ def _csv_texts(path: Path, fh, column: str | None) -> Iterator[str]:
 
 
 def _jsonl_texts(path: Path, fh, field: str) -> Iterator[str]:
-    for line_no, line in enumerate(fh, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(path, f"not valid JSON: {exc.msg}", line_no) from None
+    for line_no, obj in json_lines(path, fh):
         text = obj.get(field) if isinstance(obj, dict) else None
         if not isinstance(text, str) or not text.strip():
             raise DataError(path, f"expected an object with a non-empty string field {field!r}", line_no)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from slmembed.atomic import atomic_path, write_text
 from slmembed.config import Recipe
+from slmembed.data.jsonl import json_lines
 from slmembed.errors import DataError, SlmembedError
 from slmembed.evaluate import table
 from slmembed.reproduce import plot as plot_scores
@@ -43,13 +44,7 @@ class Run:
 def read_log(path: Path) -> list[dict]:
     """The records of a train_log.jsonl; a line that is not a record with step, loss and lr is a DataError."""
     records = []
-    for line_no, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(path, f"not valid JSON: {exc.msg}", line_no) from None
+    for line_no, record in json_lines(path, path.read_text().splitlines()):
         if not isinstance(record, dict) or not {"step", "loss", "lr"} <= record.keys():
             raise DataError(path, "expected an object with step, loss and lr", line_no)
         records.append(record)
