@@ -64,13 +64,19 @@ def _killed(*args, **kwargs):
     raise KeyboardInterrupt  # the run dies after writing its chunks, before joining them
 
 
-def test_interrupted_run_resumes_from_its_chunks(embedder, expected, tmp_path, monkeypatch) -> None:
+def _interrupted_run(embedder, tmp_path, monkeypatch) -> tuple:
+    """A text file and an output path whose run died after writing its chunks of 4 texts."""
     src, out = tmp_path / "in.txt", tmp_path / "out.npy"
     _write(src, "txt")
     monkeypatch.setattr(ef, "_join", _killed)
     with pytest.raises(KeyboardInterrupt):
         ef.embed_file(embedder, "tiny", src, out, chunk_size=4, progress=False)
     monkeypatch.undo()
+    return src, out
+
+
+def test_interrupted_run_resumes_from_its_chunks(embedder, expected, tmp_path, monkeypatch) -> None:
+    src, out = _interrupted_run(embedder, tmp_path, monkeypatch)
     parts = tmp_path / "out.npy.parts"
     assert sorted(p.name for p in parts.iterdir()) == ["00000000.npy", "00000001.npy", "00000002.npy",
                                                        "manifest.json"] and not out.exists()
@@ -82,12 +88,7 @@ def test_interrupted_run_resumes_from_its_chunks(embedder, expected, tmp_path, m
 
 
 def test_sidecar_of_another_input_is_not_mixed_in(embedder, tmp_path, monkeypatch) -> None:
-    src, out = tmp_path / "in.txt", tmp_path / "out.npy"
-    _write(src, "txt")
-    monkeypatch.setattr(ef, "_join", _killed)
-    with pytest.raises(KeyboardInterrupt):
-        ef.embed_file(embedder, "tiny", src, out, chunk_size=4, progress=False)
-    monkeypatch.undo()
+    src, out = _interrupted_run(embedder, tmp_path, monkeypatch)
     for model, chunk_size in (("other-model", 4), ("tiny", 5)):
         with pytest.raises(SlmembedError, match="delete it to start over"):
             ef.embed_file(embedder, model, src, out, chunk_size=chunk_size, progress=False)

@@ -7,16 +7,18 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 from slmembed.errors import SlmembedError
 from slmembed.models import resolve_device
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype of eval, embed, serve
 
 
 def provenance() -> dict:
     """How a result file was made: the command line, the machine and the date."""
     import datetime
     import platform
-
-    import torch
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     return {"command": " ".join(["slmembed", *sys.argv[1:]]), "device": device, "host": platform.node(),
@@ -52,8 +54,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from slmembed.atomic import write_json
     from slmembed.data.sts import load_all
     from slmembed.embedder import load_embedder
@@ -61,8 +61,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     sets = load_all(args.tasks, args.data_dir)  # bad task names and data fail before the model loads
     overrides = {k: v for k, v in (("pooling", args.pooling), ("prompt", args.prompt)) if v is not None}
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    embedder = load_embedder(args.model, args.adapter, device=resolve_device(args.device), dtype=dtype,
+    embedder = load_embedder(args.model, args.adapter, device=resolve_device(args.device), dtype=DTYPES[args.dtype],
                              trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, **overrides)
     result = evaluate(embedder, sets, batch_size=args.batch_size, progress=True)
     label = args.model or str(args.adapter)
@@ -97,15 +96,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _load_model(name: str, args: argparse.Namespace):
     """An Embedder for a packaged model name, a model folder, an exported folder or a training run folder, and the
     id it goes by (the name, or the folder's name)."""
-    import torch
-
     from slmembed.embedder import load_embedder
 
     path = Path(name)
     is_run = path.is_dir() and ((path / "adapter").is_dir() or (path / "adapter_config.json").exists())
-    kwargs = {"device": resolve_device(args.device), "trust_remote_code": args.trust_remote_code,
-              "allow_pickle": args.allow_pickle,
-              "dtype": {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]}
+    kwargs = {"device": resolve_device(args.device), "dtype": DTYPES[args.dtype],
+              "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
     embedder = load_embedder(None, adapter=path, **kwargs) if is_run else load_embedder(name, **kwargs)
     return embedder, path.name if path.is_dir() else name
 
@@ -154,15 +150,22 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slmembed", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
+    def model_safety(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+        sp.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+        sp.add_argument("--allow-pickle", action="store_true",
+                        help="allow pickle weights (pytorch_model.bin, .pt), which can run code when loaded")
+
+    def dtype(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--dtype", default="auto", choices=list(DTYPES),
+                        help="auto: bf16 where the device computes it natively, else fp32")
+
     def common(sp: argparse.ArgumentParser, recipe: bool = False) -> None:
         if recipe:
             sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                             help="override a recipe field, e.g. train.lr=5e-4 (repeatable)")
         sp.add_argument("--data-dir", help="data folder (default: $SLMEMBED_DATA, then ../shared/data)")
-        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        sp.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
-        sp.add_argument("--allow-pickle", action="store_true",
-                        help="allow pickle weights (pytorch_model.bin, .pt), which can run code when loaded")
+        model_safety(sp)
 
     t = sub.add_parser("train", help="fine-tune a LoRA adapter with a recipe")
     t.add_argument("--config", required=True, help="recipe YAML file or name in configs/ (e.g. gemma-2b)")
@@ -179,8 +182,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--pooling", choices=["last", "mean", "cls"])
     e.add_argument("--prompt", help="prompt template with {} or P1/P2/P3")
     e.add_argument("--batch-size", type=int, help="sentences per batch (default: 1024 on a GPU, 64 on the CPU)")
-    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: bf16 where the device computes it natively, else fp32")
+    dtype(e)
     common(e)
     e.set_defaults(func=cmd_eval)
 
@@ -203,12 +205,8 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     def loading(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        sp.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                        help="auto: bf16 where the device computes it natively, else fp32")
-        sp.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
-        sp.add_argument("--allow-pickle", action="store_true",
-                        help="allow pickle weights (pytorch_model.bin, .pt), which can run code when loaded")
+        model_safety(sp)
+        dtype(sp)
 
     x = sub.add_parser("export", help="a training run as a sentence-transformers (or transformers) model folder")
     x.add_argument("--adapter", required=True, help="training run folder")

@@ -142,10 +142,7 @@ class Embedder:
 
         The chunks' graphs stay alive for one backward over the whole batch.
         """
-        chunks = self.chunks(ids, max_tokens)
-        out = torch.cat([self.forward(self.collate([ids[i] for i in chunk])) for chunk in chunks])
-        inverse = torch.from_numpy(np.argsort(np.concatenate(chunks)))
-        return out[inverse.to(out.device, non_blocking=True)]
+        return self._embed_chunks(ids, self.chunks(ids, max_tokens))
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = None,
@@ -156,15 +153,21 @@ class Embedder:
         tokens (a token budget keeps batches of short texts large and batches of long texts within memory).
         """
         ids = self.tokenize(texts)
+        if not ids:
+            return np.empty((0, 0), dtype=np.float32)
         chunks = self.chunks(ids, max_tokens or batch_size * self.spec.max_length, batch_size)
+        return self._embed_chunks(ids, chunks, progress).cpu().numpy()
+
+    def _embed_chunks(self, ids: Sequence[list[int]], chunks: list[list[int]], progress: bool = False) -> torch.Tensor:
+        """Embeddings of ``ids`` in input order, computed one chunk of positions at a time."""
         batches = chunks
         if progress:
             from tqdm.auto import tqdm
 
             batches = tqdm(chunks, desc="encode", unit="batch")
-        vecs = [self.forward(self.collate([ids[i] for i in chunk])) for chunk in batches]
-        out = torch.cat(vecs).cpu().numpy() if vecs else np.empty((0, 0), dtype=np.float32)
-        return out[np.argsort(np.concatenate(chunks))] if len(out) else out
+        out = torch.cat([self.forward(self.collate([ids[i] for i in chunk])) for chunk in batches])
+        inverse = torch.from_numpy(np.argsort(np.concatenate(chunks)))
+        return out[inverse.to(out.device, non_blocking=True)]
 
 
 def _sentence_transformers_spec(folder: Path) -> EmbedSpec | None:

@@ -18,11 +18,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from slmembed.atomic import atomic_path, write_text
+from slmembed.atomic import write_text
 from slmembed.config import Recipe
 from slmembed.data.jsonl import json_lines
 from slmembed.errors import DataError, SlmembedError
 from slmembed.evaluate import table
+from slmembed.plots import before_after_bars, pyplot, save
 from slmembed.reproduce import plot as plot_scores
 
 
@@ -66,24 +67,9 @@ def find_run(folder: Path) -> Run | None:
     return Run(folder.name, log, result, scores)
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    _pyplot().close(fig)
-
-
 def plot_training(path: Path, name: str, log: list[dict]) -> None:
     """Loss and learning rate against step, side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     steps = [r["step"] for r in log]
     fig, (loss_ax, lr_ax) = plt.subplots(1, 2, figsize=(10, 3.6))
     marker = "." if len(log) < 40 else None
@@ -95,12 +81,12 @@ def plot_training(path: Path, name: str, log: list[dict]) -> None:
     for ax in (loss_ax, lr_ax):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_losses(path: Path, runs: list[Run]) -> None:
     """The training loss of several runs on one axis."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(10, 4))
     for i, run in enumerate(runs):  # ten colours, then the next line style
         ax.plot([r["step"] for r in run.log], [r["loss"] for r in run.log], label=run.name, linewidth=1.2,
@@ -109,26 +95,14 @@ def plot_losses(path: Path, runs: list[Run]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save(fig, path)
 
 
 def plot_ablation(path: Path, runs: list[Run]) -> None:
     """Nine-set average before and after training, one pair of bars per run."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4.2))
-    x = range(len(runs))
-    before = [r.result["before"]["average"] for r in runs]
-    after = [r.result["after"]["average"] for r in runs]
-    ax.bar([i - 0.2 for i in x], before, width=0.4, label="before", color="#9aa5b1")
-    ax.bar([i + 0.2 for i in x], after, width=0.4, label="after", color="#1f6feb")
-    for i, v in zip(x, after):
-        ax.text(i + 0.2, v + 1, f"{v:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(list(x), [r.name for r in runs], rotation=20, ha="right", fontsize=8)
-    ax.set(ylabel="nine-set average (Spearman x100)", title="ablation: STS average before and after fine-tuning",
-           ylim=(min(0, *before) - 5, 100))
-    ax.legend()
-    fig.tight_layout()
-    _save(fig, path)
+    before_after_bars(path, [r.name for r in runs], [r.result["before"]["average"] for r in runs],
+                      [r.result["after"]["average"] for r in runs], ylabel="nine-set average (Spearman x100)",
+                      title="ablation: STS average before and after fine-tuning")
 
 
 def _recipe_fields(run: Run) -> dict[str, str]:

@@ -13,12 +13,13 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from slmembed.atomic import atomic_path, write_json, write_text
+from slmembed.atomic import write_json, write_text
 from slmembed.config import Recipe
 from slmembed.data.sts import TASKS, load_all, load_sts
 from slmembed.embedder import EmbedSpec, load_embedder
 from slmembed.evaluate import evaluate, table
 from slmembed.models import resolve_device
+from slmembed.plots import before_after_bars
 from slmembed.train import checkpoints, add_lora, train
 
 
@@ -40,29 +41,9 @@ def _curve(recipe: Recipe, run_dir: Path, sets: dict, device: str, final: dict) 
 
 def plot(path: Path, name: str, before: dict, after: dict) -> None:
     """Grouped bars of the nine scores (and the average) before and after training."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tasks = [*before["scores"], "average"]
-    b = [*before["scores"].values(), before["average"]]
-    a = [*after["scores"].values(), after["average"]]
-    x = range(len(tasks))
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.bar([i - 0.2 for i in x], b, width=0.4, label="before", color="#9aa5b1")
-    ax.bar([i + 0.2 for i in x], a, width=0.4, label="after", color="#1f6feb")
-    for i, v in zip(x, a):
-        ax.text(i + 0.2, v + 1, f"{v:.1f}", ha="center", fontsize=7)
-    ax.set_xticks(list(x), tasks, rotation=30, ha="right")
-    ax.set_ylabel("Spearman x100 (cosine)")
-    ax.set_ylim(min(0, *b, *a) - 5, 100)
-    ax.set_title(f"{name}: STS before and after contrastive fine-tuning")
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    before_after_bars(path, [*before["scores"], "average"], [*before["scores"].values(), before["average"]],
+                      [*after["scores"].values(), after["average"]], ylabel="Spearman x100 (cosine)",
+                      title=f"{name}: STS before and after contrastive fine-tuning")
 
 
 def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_dir: str | None = None,

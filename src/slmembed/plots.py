@@ -1,0 +1,41 @@
+"""The PNG charts of reproduce results and reports: matplotlib off-screen, files written atomically."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from slmembed.atomic import atomic_path
+
+
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    pyplot().close(fig)
+
+
+def before_after_bars(path: Path, labels: Sequence[str], before: Sequence[float], after: Sequence[float], *,
+                      title: str, ylabel: str) -> None:
+    """One pair of bars (before, after) per label, the after value written above its bar."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    x = range(len(labels))
+    ax.bar([i - 0.2 for i in x], before, width=0.4, label="before", color="#9aa5b1")
+    ax.bar([i + 0.2 for i in x], after, width=0.4, label="after", color="#1f6feb")
+    for i, v in zip(x, after):
+        ax.text(i + 0.2, v + 1, f"{v:.1f}", ha="center", fontsize=8)
+    ax.set_xticks(list(x), labels, rotation=25, ha="right", fontsize=8)
+    ax.set(ylabel=ylabel, title=title, ylim=(min(0, *before, *after) - 5, 100))
+    ax.legend()
+    fig.tight_layout()
+    save(fig, path)
