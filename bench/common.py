@@ -1,9 +1,10 @@
 """What every benchmark needs: provenance, the GPU's measured matmul ceiling, and the sentence-transformers peer.
 
 The peer is built the way its users would build it for this task: Transformer -> Pooling(lasttoken) -> Normalize,
-bf16 weights, a PEFT LoRA adapter, MultipleNegativesRankingLoss with scale 20 (= temperature 0.05). Its tokenizer
-does not append EOS, so the peer's texts carry the EOS token as text; ``check_same_tokens`` verifies that this gives
-exactly slmembed's token ids.
+bf16 weights, a PEFT LoRA adapter, MultipleNegativesRankingLoss with scale 20 (= temperature 0.05). Its tokenizer is
+given what ``slmembed export`` gives an exported model's: it appends EOS itself and pads on the right, so both tools
+see the same token ids (``check_same_tokens`` verifies it) at the same positions. (Carrying EOS as text gave other
+ids for about a quarter of the sentences with transformers 5.17, and left padding shifts Gemma's positions.)
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import numpy as np
 import torch
 
 from slmembed.atomic import write_json
-from slmembed.embedder import Embedder
+from slmembed.embedder import Embedder, EmbedSpec
+from slmembed.export import export_tokenizer
 
 
 def provenance() -> dict:
@@ -49,25 +51,28 @@ def matmul_ceiling_tflops(n: int = 8192, repeats: int = 50) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e12
 
 
-def st_model(folder: str | Path, max_length: int, dtype: torch.dtype = torch.bfloat16):
+def st_model(folder: str | Path, spec: EmbedSpec, dtype: torch.dtype = torch.bfloat16):
     """The peer: a sentence-transformers model with last-token pooling over ``folder``'s backbone."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.models import Normalize, Pooling, Transformer
 
     # Plain text in, hidden states out: without the pin, sentence-transformers 6 wraps the text of a model that has
     # a chat template (SmolLM2-Instruct) in that template.
-    backbone = Transformer(str(folder), model_kwargs={"dtype": dtype}, max_seq_length=max_length,
+    backbone = Transformer(str(folder), model_kwargs={"dtype": dtype}, max_seq_length=spec.max_length,
                            modality_config={"text": {"method": "forward", "method_output_name": "last_hidden_state"}},
                            module_output_name="token_embeddings")
+    tokenizer = getattr(backbone, "tokenizer", None) or backbone.processor
+    if tokenizer.pad_token is None:  # as slmembed does (models.load): SmolLM2's GGUF tokenizer has no pad token
+        tokenizer.pad_token = tokenizer.eos_token
+    export_tokenizer(tokenizer, spec)
     pooling = Pooling(backbone.get_embedding_dimension(), pooling_mode="lasttoken")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return SentenceTransformer(modules=[backbone, pooling, Normalize()], device=device)
 
 
 def st_texts(texts: list[str], embedder: Embedder) -> list[str]:
-    """The peer's inputs: each text with the EOS token appended as text (its tokenizer does not append it)."""
-    eos = embedder.tokenizer.eos_token
-    return [embedder.spec.template.format(t) + eos for t in texts]
+    """The peer's inputs: each text in the prompt template (its tokenizer appends EOS)."""
+    return [embedder.spec.template.format(t) for t in texts]
 
 
 def check_same_tokens(model, embedder: Embedder, texts: list[str]) -> int:

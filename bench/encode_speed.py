@@ -1,10 +1,12 @@
 """Encoding speed: slmembed against sentence-transformers' ``encode`` over the nine STS sets' unique sentences.
 
-Same model, pooling (last token with EOS), precision (bf16) and device; each tool batches the way it does by
+Same model, pooling (last token with EOS), precision (bf16) and device; each tool's vectors are compared with
+slmembed's float32 ones (cosine) to show both compute the same thing. Each tool batches the way it does by
 default for throughput (slmembed: length-sorted batches under a token budget; the peer: its own length sorting at
 batch size 256). Both are timed after a warm-up pass, with the GPU finished. The vectors must agree (cosine).
-Then the end-to-end nine-set evaluation, timed as a user runs it: a fresh ``slmembed eval`` process, model loaded
-from the cached folder.
+With ``--compile``, slmembed again with its blocks compiled (compile.py; the warm-up pass pays the compile). Then the
+end-to-end nine-set evaluation, timed as a user runs it: a fresh ``slmembed eval`` process, model loaded from the
+cached folder.
 
     python bench/encode_speed.py --model gemma-3-270m --output results/bench/encode-gemma-3-270m.json
 """
@@ -25,6 +27,7 @@ import torch
 
 from common import StEncoder, save, st_model
 from slmembed import models
+from slmembed.compile import compile_blocks
 from slmembed.data.sts import TASKS, load_all
 from slmembed.embedder import load_embedder
 
@@ -40,12 +43,18 @@ def timed(fn, *args, **kwargs) -> tuple[np.ndarray, float]:
     return out, time.perf_counter() - t
 
 
+def _cosines(vecs: np.ndarray, reference: np.ndarray) -> dict:
+    cos = (vecs * reference).sum(1)
+    return {"min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 5)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="gemma-3-270m")
     p.add_argument("--batch-size", type=int, default=1024,
                    help="slmembed's batch cap (its token budget is 32 per text)")
     p.add_argument("--peer-batch-size", type=int, default=256)
+    p.add_argument("--compile", action="store_true", help="also time slmembed with compiled blocks")
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--data-dir")
     p.add_argument("--output", required=True)
@@ -53,19 +62,34 @@ def main() -> None:
 
     sets = load_all(args.tasks, args.data_dir)
     texts = sorted({s for sts in sets.values() for s in (*sts.sentences1, *sts.sentences2)})
+    t = time.perf_counter()
     ours = load_embedder(args.model, dtype=torch.bfloat16)
+    load_s = time.perf_counter() - t
     vecs, seconds = timed(ours.encode, texts, batch_size=args.batch_size, max_tokens=32 * args.batch_size)
     result = {"model": args.model, "sentences": len(texts), "dtype": "bfloat16",
               "slmembed": {"sentences_per_s": round(len(texts) / seconds), "seconds": round(seconds, 2),
-                           "batch_size": args.batch_size, "max_tokens": 32 * args.batch_size}}
+                           "batch_size": args.batch_size, "max_tokens": 32 * args.batch_size,
+                           "load_s_with_cuda_start": round(load_s, 2)}}
     print("slmembed", result["slmembed"])
+    reference = load_embedder(args.model, dtype=torch.float32).encode(texts, batch_size=256)  # for precision only
+    result["slmembed"]["cosine_to_float32"] = _cosines(vecs, reference)
+    if args.compile:
+        compile_blocks(ours.model)
+        t = time.perf_counter()
+        compiled, seconds_c = timed(ours.encode, texts, batch_size=args.batch_size, max_tokens=32 * args.batch_size)
+        result["slmembed_compiled"] = {"sentences_per_s": round(len(texts) / seconds_c), "seconds": round(seconds_c, 2),
+                                       "warm_up_with_compile_s": round(time.perf_counter() - t - seconds_c, 1),
+                                       "cosine_to_float32": _cosines(compiled, reference)}
+        print("slmembed compiled", result["slmembed_compiled"])
+        seconds = min(seconds, seconds_c)
 
-    peer = StEncoder(st_model(models.resolve(args.model), ours.spec.max_length), ours, args.peer_batch_size)
+    peer = StEncoder(st_model(models.resolve(args.model), ours.spec), ours, args.peer_batch_size)
     peer_vecs, peer_seconds = timed(peer.encode, texts)
+    result["sentence_transformers_cosine_to_float32"] = _cosines(peer_vecs, reference)
     cos = (vecs * peer_vecs).sum(1)
     result["sentence_transformers"] = {"sentences_per_s": round(len(texts) / peer_seconds),
                                        "seconds": round(peer_seconds, 2), "batch_size": args.peer_batch_size}
-    result["speedup"] = round(peer_seconds / seconds, 2)
+    result["speedup"] = round(peer_seconds / seconds, 2)  # slmembed's faster variant
     result["cosine_ours_vs_peer"] = {"min": round(float(cos.min()), 5), "mean": round(float(cos.mean()), 5)}
     print("peer", result["sentence_transformers"], "speedup", result["speedup"], result["cosine_ours_vs_peer"])
     del ours, peer
@@ -78,8 +102,11 @@ def main() -> None:
         subprocess.run(command, check=True, env={**os.environ, "TQDM_DISABLE": "1"}, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t
         scores = json.loads(out.read_text())
+    phases = subprocess.run([sys.executable, str(Path(__file__).with_name("eval_phases.py")), "--model", args.model]
+                            + (["--data-dir", args.data_dir] if args.data_dir else []),
+                            check=True, capture_output=True, text=True).stdout.splitlines()[-1]
     result["nine_set_eval"] = {"wall_s": round(wall, 2), "average": scores["average"],
-                               "command": " ".join(["slmembed", *command[3:]])}
+                               "command": " ".join(["slmembed", *command[3:]]), **json.loads(phases)}
     print("eval", result["nine_set_eval"])
     save(args.output, result)
 

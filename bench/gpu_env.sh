@@ -6,5 +6,5 @@ if [ -f /tmp/stage/join.sh ] && [ ! -d /tmp/site/gguf ]; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/site /tmp/wheels/*.whl /tmp/stwheels/*.whl
 fi
 export PYTHONPATH=$PWD/src:/tmp/site SLMEMBED_DATA=/tmp/data SLMEMBED_CACHE=/tmp/cache PYTHONUNBUFFERED=1
-export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export HF_HUB_OFFLINE=1
 set +e

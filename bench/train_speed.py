@@ -1,14 +1,18 @@
 """Training speed: slmembed against sentence-transformers, same GPU, model, LoRA, loss, batch and data, one process.
 
-For each batch size: slmembed's own ``train`` (eager, then torch.compile'd, then with GradCache) and the peer's
-SentenceTransformerTrainer with MultipleNegativesRankingLoss (and its cached variant, which is how a peer user
-reaches large batches). Rates are triplets/s between a step after warm-up and the last step, both timed after the
-GPU finished. Model FLOPs per step are counted from the actual token lengths (see ``model_flops``); MFU divides
-them by the measured bf16 matmul ceiling. Then a quality check: both train the same number of steps on the same
-triplets with the same schedule, and both are scored on the nine STS sets.
+For each batch size: slmembed's own ``train`` in the chosen variants (eager; ``compile``: regional torch.compile;
+``grad_cache``: cached negatives; ``compile_grad_cache``: both) and the peer's SentenceTransformerTrainer with
+MultipleNegativesRankingLoss and/or its cached variant (which is how a peer user reaches large batches). Rates are
+triplets/s between a step after warm-up and the last step, both timed after the GPU finished. Model FLOPs per step
+are counted from the actual token lengths (see ``model_flops``); MFU divides them by the measured bf16 matmul
+ceiling. Then, if asked, GradCache's peak memory against batch size, and a quality check: both tools train the same
+number of steps on the same triplets with the same schedule, and both are scored on the nine STS sets.
 
-    python bench/train_speed.py --model gemma-3-270m --batches 60 512 --quality-steps 200 \
-        --output results/bench/train-gemma-3-270m.json
+    python bench/train_speed.py --model gemma-3-270m --batches 60 --variants eager compile \
+        --quality-steps 200 --output results/bench/train-gemma-3-270m-b60.json
+    python bench/train_speed.py --model gemma-3-270m --batches 512 --variants grad_cache compile_grad_cache \
+        --peer-losses cached --peer-warmup 2 --peer-steps 4 --cache-sweep 1024 2048 4096 \
+        --output results/bench/train-gemma-3-270m-b512.json
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import BatchSampler, SequentialSampler
 from transformers import AutoConfig, TrainerCallback
 
 from common import StEncoder, check_same_tokens, matmul_ceiling_tflops, save, st_model, st_texts
@@ -73,6 +78,10 @@ def _reset() -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+VARIANTS = {"eager": [], "compile": ["train.compile=true"], "grad_cache": ["train.grad_cache=true"],
+            "compile_grad_cache": ["train.compile=true", "train.grad_cache=true"]}
+
+
 def run_ours(recipe: Recipe, warmup: int, steps: int, data_dir: str | None, run_dir: Path) -> dict:
     recipe = with_overrides(recipe, [f"train.max_steps={warmup + steps}", f"train.log_every={math.gcd(warmup, steps)}",
                                      "train.save_every=1000000"])
@@ -83,6 +92,9 @@ def run_ours(recipe: Recipe, warmup: int, steps: int, data_dir: str | None, run_
     except torch.OutOfMemoryError:
         _reset()
         return {"oom": True}
+    except Exception as exc:  # noqa: BLE001 - one failed variant is a result too; the others still run
+        _reset()
+        return {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
     log = {r["step"]: r for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())}
     a, b = log[warmup], log[warmup + steps]
     seconds = b["elapsed_s"] - a["elapsed_s"]
@@ -115,9 +127,13 @@ def run_peer(recipe: Recipe, triplets, warmup: int, steps: int, embedder: Embedd
     rows = np.concatenate([batch_indices(len(triplets), tc.batch_size, s, tc.seed) for s in range(total)])
     columns = {name: st_texts([triplets[i][c] for i in rows], embedder)
                for c, name in enumerate(("anchor", "positive", "negative"))}
-    model = st_model(models.resolve(recipe.model.name), recipe.model.max_length)
+    model = st_model(models.resolve(recipe.model.name), EmbedSpec.of(recipe.model))
+    mismatches = check_same_tokens(model, embedder, [t for trip in triplets[:300] for t in trip])
     model.add_adapter(LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                                  target_modules=recipe.lora.targets))
+    for param in model.parameters():  # PEFT's get_peft_model (and slmembed) keep adapters in float32; add_adapter
+        if param.requires_grad:  # leaves them in the backbone's bf16, where AdamW's small updates round away
+            param.data = param.data.float()
     scale = 1 / tc.temperature
     loss = (losses.CachedMultipleNegativesRankingLoss(model, scale=scale, mini_batch_size=cached) if cached
             else losses.MultipleNegativesRankingLoss(model, scale=scale))
@@ -126,9 +142,15 @@ def run_peer(recipe: Recipe, triplets, warmup: int, steps: int, embedder: Embedd
         lr_scheduler_type=tc.schedule, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay, bf16=tc.bf16,
         max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none", seed=tc.seed,
         dataloader_drop_last=True, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+    class SameBatches(SentenceTransformerTrainer):
+        """The peer's trainer fed slmembed's batches in slmembed's order (its default sampler shuffles)."""
+
+        def get_batch_sampler(self, dataset, batch_size, drop_last, *args, **kwargs):
+            return BatchSampler(SequentialSampler(range(len(dataset))), batch_size, drop_last)
+
     timer = _Timer(warmup)
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), loss=loss,
-                                         callbacks=[timer])
+    trainer = SameBatches(model=model, args=args, train_dataset=Dataset.from_dict(columns), loss=loss,
+                          callbacks=[timer])
     _reset()
     try:
         trainer.train()
@@ -141,7 +163,7 @@ def run_peer(recipe: Recipe, triplets, warmup: int, steps: int, embedder: Embedd
     result = {"triplets_per_s": round(steps * tc.batch_size / seconds, 1),
               "ms_per_step": round(1000 * seconds / steps, 1),
               "peak_gib": _peak_gib(), "final_loss": losses_logged[-1],
-              "losses": losses_logged}
+              "token_mismatches_of_900": mismatches, "losses": losses_logged}
     return result, model
 
 
@@ -151,10 +173,14 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[60, 512])
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--variants", nargs="*", default=["eager", "compile", "grad_cache"])
-    p.add_argument("--peer", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--variants", nargs="*", default=["eager", "compile"], choices=sorted(VARIANTS))
+    p.add_argument("--peer-losses", nargs="*", default=["mnrl"], choices=["mnrl", "cached"],
+                   help="the peer's MultipleNegativesRankingLoss and/or its cached variant (mini-batch 64)")
+    p.add_argument("--peer-warmup", type=int, help="the peer's warm-up steps (default: --warmup)")
+    p.add_argument("--peer-steps", type=int, help="the peer's timed steps (default: --steps)")
     p.add_argument("--cache-sweep", type=int, nargs="*", default=[], help="GradCache batch sizes for memory vs batch")
     p.add_argument("--quality-steps", type=int, default=0, help="train both this many steps at the first batch size")
+    p.add_argument("--quality-variant", default="compile", choices=sorted(VARIANTS))
     p.add_argument("--quality-lr", type=float, default=5e-4)
     p.add_argument("--quality-tasks", nargs="+", default=list(TASKS), help="STS sets of the quality check")
     p.add_argument("--profile", help="write torch.profiler tables of slmembed's first variant at the first batch here")
@@ -175,8 +201,6 @@ def main() -> None:
     print(f"bf16 matmul ceiling: {ceiling:.0f} TFLOP/s")
     scratch = Path(tempfile.mkdtemp(prefix="bench-"))
 
-    variant_sets = {"eager": [], "compile": ["train.compile=true"], "grad_cache": ["train.grad_cache=true"],
-                    "one_chunk": ["train.chunk_tokens=65536"]}
     for batch in args.batches:
         recipe = with_overrides(base, [f"train.batch_size={batch}"])
         lengths, padded = step_tokens(recipe, triplets, tokenizer_only, range(args.warmup, args.warmup + args.steps))
@@ -184,33 +208,32 @@ def main() -> None:
         row = {"tokens_per_step": int(lengths.sum()) // args.steps, "padded_tokens_per_step": padded // args.steps,
                "model_tflop_per_step": round(flops / 1e12, 3)}
         for variant in args.variants:
-            ours = run_ours(with_overrides(recipe, variant_sets[variant]), args.warmup, args.steps, args.data_dir,
+            ours = run_ours(with_overrides(recipe, VARIANTS[variant]), args.warmup, args.steps, args.data_dir,
                             scratch / f"ours-{batch}-{variant}")
-            if not ours.get("oom"):
+            if "triplets_per_s" in ours:
                 ours["mfu"] = round(flops / (ours["ms_per_step"] / 1000) / (ceiling * 1e12), 4)
             row[f"slmembed_{variant}"] = ours
             print(batch, variant, ours)
         if args.profile:  # the first variant again, under the profiler (which slows it a little)
-            run = (with_overrides(recipe, variant_sets[args.variants[0]]), args.warmup, args.steps, args.data_dir,
+            run = (with_overrides(recipe, VARIANTS[args.variants[0]]), args.warmup, args.steps, args.data_dir,
                    scratch / f"profile-{batch}")
             row["profiled"] = profiled(run, args.profile)
             args.profile = None
-        if args.peer:
-            for name, cached in (("st_mnrl", None), ("st_cached_mnrl", 64 if batch > 64 else None)):
-                if name == "st_cached_mnrl" and not cached:
-                    continue
-                peer, _ = run_peer(recipe, triplets, args.warmup, args.steps, tokenizer_only, scratch / name, cached)
-                peer.pop("losses", None)
-                row[name] = peer
-                print(batch, name, peer)
-            best_ours = max(v["triplets_per_s"] for k, v in row.items()
-                            if k.startswith("slmembed_") and "oom" not in v)
-            peers = [v["triplets_per_s"] for k, v in row.items() if k.startswith("st_") and "oom" not in v]
-            row["speedup_vs_best_peer"] = round(best_ours / max(peers), 2) if peers else None
+        for loss in args.peer_losses:
+            name, cached = ("st_cached_mnrl", 64) if loss == "cached" else ("st_mnrl", None)
+            peer, _ = run_peer(recipe, triplets, args.peer_warmup or args.warmup, args.peer_steps or args.steps,
+                               tokenizer_only, scratch / name, cached)
+            peer.pop("losses", None)
+            row[name] = peer
+            print(batch, name, peer)
+        ours_rates = [v["triplets_per_s"] for k, v in row.items() if k.startswith("slmembed_") and "triplets_per_s" in v]
+        peer_rates = [v["triplets_per_s"] for k, v in row.items() if k.startswith("st_") and "triplets_per_s" in v]
+        if ours_rates and peer_rates:
+            row["speedup_vs_best_peer"] = round(max(ours_rates) / max(peer_rates), 2)
         result["batches"][str(batch)] = row
 
     for batch in args.cache_sweep:
-        recipe = with_overrides(base, [f"train.batch_size={batch}", "train.grad_cache=true"])
+        recipe = with_overrides(base, [f"train.batch_size={batch}", *VARIANTS["compile_grad_cache"]])
         sweep = run_ours(recipe, 2, 2, args.data_dir, scratch / f"sweep-{batch}")
         result.setdefault("grad_cache_memory", {})[str(batch)] = sweep
         print("grad cache", batch, sweep)
@@ -239,9 +262,13 @@ def profiled(run: tuple, path: str) -> dict:
 
 
 def quality(base: Recipe, triplets, embedder: Embedder, args, scratch: Path) -> dict:
-    """Both tools, same triplets, steps and schedule: the nine-set averages must agree within 1 point."""
+    """Both tools, same batches, steps and schedule: the nine-set averages must agree within 1 point.
+
+    LoRA's B matrices start at zero, so the first step's loss is the base model's on the first batch: close first
+    losses (bf16 arithmetic differs) show that both tools saw the same batch.
+    """
     recipe = with_overrides(base, [f"train.batch_size={args.batches[0]}", f"train.lr={args.quality_lr}",
-                                   "train.warmup_steps=20", "train.log_every=1"])
+                                   "train.warmup_steps=20", "train.log_every=1", *VARIANTS[args.quality_variant]])
     steps = args.quality_steps
     ours = run_ours(recipe, steps // 2, steps - steps // 2, args.data_dir, scratch / "quality-ours")
     ours_losses = [json.loads(r)["loss"] for r in (scratch / "quality-ours/train_log.jsonl").read_text().splitlines()]
@@ -253,8 +280,10 @@ def quality(base: Recipe, triplets, embedder: Embedder, args, scratch: Path) -> 
     peer["nine_set"] = evaluate(encoder, sets)
     peer["tokenisation_mismatches_of_1000"] = check_same_tokens(model, embedder, [t[0] for t in triplets[:1000]])
     return {"steps": steps, "batch_size": recipe.train.batch_size, "lr": recipe.train.lr,
+            "slmembed_variant": args.quality_variant,
             "schedule": recipe.train.schedule,
             "slmembed": ours, "sentence_transformers": peer,
+            "first_step_loss": {"slmembed": ours_losses[0], "sentence_transformers": peer_losses[0]},
             "mean_loss_last_20": {"slmembed": round(float(np.mean(ours_losses[-20:])), 4),
                                   "sentence_transformers": round(float(np.mean(peer_losses[-20:])), 4)},
             "average_difference": round(ours["nine_set"]["average"] - peer["nine_set"]["average"], 2)}

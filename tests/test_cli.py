@@ -109,3 +109,14 @@ def test_skip_bad_rows_flag_skips_and_reports(tmp_path, tiny_models, capsys) -> 
     assert main([*args, "--skip-bad-rows"]) == 0
     assert json.loads((tmp_path / "run" / "data.json").read_text())["skipped_rows"] == 2
     assert "14 used of 14 from 1 sources (0 duplicates dropped, 2 bad rows skipped)" in capsys.readouterr().out
+
+
+def test_eval_compile_gives_the_same_scores(tmp_path, tiny_models, capsys) -> None:
+    """``--compile`` (compiled blocks) changes the speed of encoding, not the scores."""
+    scores = []
+    for extra in ([], ["--compile"]):
+        out = tmp_path / f"scores{len(extra)}.json"
+        assert main(["eval", "--model", str(tiny_models["gemma"]), "--tasks", "BIOSSES", "--dtype", "float32",
+                     "--output", str(out), *extra]) == 0
+        scores.append(json.loads(out.read_text())["scores"]["BIOSSES"])
+    assert scores[0] == pytest.approx(scores[1], abs=0.02)

@@ -21,27 +21,45 @@ def test_pool_picks_last_real_token_for_both_paddings() -> None:
     torch.testing.assert_close(pool(hidden, right, "mean"), torch.stack([hidden[0, :2].mean(0), hidden[1].mean(0)]))
 
 
-def _embedder(folder, side: str, **spec) -> Embedder:
+def _embedder(folder, side: str, masked: bool = False, **spec) -> Embedder:
+    """``masked`` switches the causal fast path off: padding on ``side`` and an attention mask, as for encoders."""
     emb = load_embedder(str(folder), device=torch.device("cpu"), dtype=torch.float32, **spec)
     emb.tokenizer.padding_side = side
+    emb.causal = emb.causal and not masked
     return emb
 
 
 @pytest.mark.parametrize("arch", ["gemma", "phi", "llama"])
 @pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_left_and_right_padding_agree_on_tiny_models(tiny_models, arch: str, pooling: str) -> None:
-    right = _embedder(tiny_models[arch], "right", pooling=pooling).encode(TEXTS, batch_size=3)
-    left = _embedder(tiny_models[arch], "left", pooling=pooling).encode(TEXTS, batch_size=3)
-    alone = np.stack([_embedder(tiny_models[arch], "right", pooling=pooling).encode([t])[0] for t in TEXTS])
+def test_left_right_and_unmasked_padding_agree_on_tiny_models(tiny_models, arch: str, pooling: str) -> None:
+    right = _embedder(tiny_models[arch], "right", masked=True, pooling=pooling).encode(TEXTS, batch_size=3)
+    left = _embedder(tiny_models[arch], "left", masked=True, pooling=pooling).encode(TEXTS, batch_size=3)
+    fast = _embedder(tiny_models[arch], "left", pooling=pooling)
+    assert fast.causal and fast.collate([[5], [5, 6, 7]])["input_ids"][0, 0] == 5  # right-padded, whatever the side
+    unmasked = fast.encode(TEXTS, batch_size=3)
+    alone = np.stack([_embedder(tiny_models[arch], "right", masked=True, pooling=pooling).encode([t])[0]
+                      for t in TEXTS])
     np.testing.assert_allclose(left, right, atol=1e-5)
+    np.testing.assert_allclose(unmasked, right, atol=1e-5)
     np.testing.assert_allclose(right, alone, atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(right, axis=1), 1.0, rtol=1e-5)
 
 
-def test_left_and_right_padding_agree_on_smollm2(smollm2_dir) -> None:
-    right = _embedder(smollm2_dir, "right").encode(TEXTS, batch_size=3)
-    left = _embedder(smollm2_dir, "left").encode(TEXTS, batch_size=3)
-    assert (left * right).sum(1).min() > 0.9999
+def test_encoders_keep_the_mask(tmp_path) -> None:
+    from transformers import BertConfig, BertModel
+
+    from slmembed.embedder import is_causal
+
+    bert = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32))
+    assert not is_causal(bert) and not is_causal(torch.nn.Linear(2, 2))
+
+
+def test_padding_sides_and_the_fast_path_agree_on_smollm2(smollm2_dir) -> None:
+    right = _embedder(smollm2_dir, "right", masked=True).encode(TEXTS, batch_size=3)
+    left = _embedder(smollm2_dir, "left", masked=True).encode(TEXTS, batch_size=3)
+    fast = _embedder(smollm2_dir, "left").encode(TEXTS, batch_size=3)
+    assert (left * right).sum(1).min() > 0.9999 and (fast * right).sum(1).min() > 0.9999
 
 
 def test_eos_appended_and_kept_under_truncation(tiny_models) -> None:
@@ -61,7 +79,7 @@ def test_prompt_templates(tiny_models) -> None:
 
 
 def test_encode_keeps_input_order(tiny_models) -> None:
-    emb = _embedder(tiny_models["llama"], "left")
+    emb = _embedder(tiny_models["llama"], "left", masked=True)
     texts = TEXTS * 3
     batched = emb.encode(texts, batch_size=2)
     for i, t in enumerate(texts):
@@ -69,7 +87,7 @@ def test_encode_keeps_input_order(tiny_models) -> None:
 
 
 def test_collate_pads_to_a_multiple_of_8_with_position_ids_on_the_left(tiny_models) -> None:
-    emb = _embedder(tiny_models["llama"], "left")
+    emb = _embedder(tiny_models["llama"], "left", masked=True)
     batch = emb.collate([[5, 6, 7], [5] * 10])
     assert batch["input_ids"].shape == (2, 16)
     assert batch["position_ids"][0, -3:].tolist() == [0, 1, 2] and batch["attention_mask"][0].sum() == 3

@@ -63,6 +63,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in (("pooling", args.pooling), ("prompt", args.prompt)) if v is not None}
     embedder = load_embedder(args.model, args.adapter, device=resolve_device(args.device), dtype=DTYPES[args.dtype],
                              trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, **overrides)
+    _compile(embedder, args)
     result = evaluate(embedder, sets, batch_size=args.batch_size, progress=True)
     label = args.model or str(args.adapter)
     print(table({label: result["scores"]}))
@@ -103,7 +104,15 @@ def _load_model(name: str, args: argparse.Namespace):
     kwargs = {"device": resolve_device(args.device), "dtype": DTYPES[args.dtype],
               "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
     embedder = load_embedder(None, adapter=path, **kwargs) if is_run else load_embedder(name, **kwargs)
+    _compile(embedder, args)
     return embedder, path.name if path.is_dir() else name
+
+
+def _compile(embedder, args: argparse.Namespace) -> None:
+    if args.compile:
+        from slmembed.compile import compile_blocks
+
+        compile_blocks(embedder.model)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -156,9 +165,12 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--allow-pickle", action="store_true",
                         help="allow pickle weights (pytorch_model.bin, .pt), which can run code when loaded")
 
-    def dtype(sp: argparse.ArgumentParser) -> None:
+    def encoding(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--dtype", default="auto", choices=list(DTYPES),
                         help="auto: bf16 where the device computes it natively, else fp32")
+        sp.add_argument("--compile", action="store_true",
+                        help="compile the model's blocks first: about 2x faster encoding on a GPU after a one-off "
+                             "compile (16 s for Gemma-3-270M on an H100); pays for large inputs")
 
     def common(sp: argparse.ArgumentParser, recipe: bool = False) -> None:
         if recipe:
@@ -182,7 +194,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--pooling", choices=["last", "mean", "cls"])
     e.add_argument("--prompt", help="prompt template with {} or P1/P2/P3")
     e.add_argument("--batch-size", type=int, help="sentences per batch (default: 1024 on a GPU, 64 on the CPU)")
-    dtype(e)
+    encoding(e)
     common(e)
     e.set_defaults(func=cmd_eval)
 
@@ -206,7 +218,7 @@ def parser() -> argparse.ArgumentParser:
 
     def loading(sp: argparse.ArgumentParser) -> None:
         model_safety(sp)
-        dtype(sp)
+        encoding(sp)
 
     x = sub.add_parser("export", help="a training run as a sentence-transformers (or transformers) model folder")
     x.add_argument("--adapter", required=True, help="training run folder")

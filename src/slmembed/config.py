@@ -52,7 +52,7 @@ class TrainConfig:
     bf16: bool = True
     chunk_tokens: int = 4096  # padded tokens per forward chunk; sequences are length-sorted into chunks
     grad_cache: bool = False  # cached negatives (GradCache): memory set by chunk_tokens, not batch_size
-    compile: bool = False  # torch.compile the model (pays off on GPUs for long runs)
+    compile: bool = False  # torch.compile each transformer block (compile.py): fused kernels, a one-off compile time
     seed: int = 42
     save_every: int = 200
     keep_checkpoints: int = 2

@@ -10,6 +10,11 @@ given an appended EOS token for last-token pooling. Pooling:
 
 With left padding, position ids are ``cumsum(mask) - 1`` so that every sequence starts at position 0 whatever its
 padding. ``encode`` sorts texts by length to keep padding small and returns vectors in the input order.
+
+Fast path for causal decoders: a token only attends to earlier tokens, so with padding on the right no real token
+ever sees a pad token. Their batches are therefore padded on the right and run without an attention mask: the
+hidden states of real tokens are the same as with the mask, and attention runs as one causal kernel (FlashAttention
+through SDPA) instead of a masked one, with no mask to build. The mask is still used for pooling.
 """
 
 from __future__ import annotations
@@ -75,11 +80,18 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     return hidden[rows, idx]
 
 
+def is_causal(model: torch.nn.Module) -> bool:
+    """True if the model has attention modules and every one of them is causal (decoders; not BERT-like encoders)."""
+    flags = [m.is_causal for m in model.modules() if "Attention" in type(m).__name__ and hasattr(m, "is_causal")]
+    return bool(flags) and all(flag is True for flag in flags)
+
+
 class Embedder:
     """Wraps a backbone and its tokenizer; ``forward`` keeps the graph (training), ``encode`` does not."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: EmbedSpec) -> None:
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
+        self.causal = is_causal(model)  # the fast path of the module docstring
         self.eos = tokenizer.eos_token_id if spec.append_eos else None
         if spec.append_eos and self.eos is None:
             raise ValueError("append_eos needs a tokenizer with an EOS token")
@@ -98,13 +110,13 @@ class Embedder:
         return [row + [self.eos] for row in ids]
 
     def collate(self, ids: Sequence[list[int]], multiple: int = 8) -> dict[str, torch.Tensor]:
-        """Pad token id lists on the tokenizer's padding side into model inputs.
+        """Pad token id lists into model inputs: on the right for causal models, else on the tokenizer's side.
 
         The width is rounded up to a multiple of ``multiple``: few distinct shapes let kernels be reused.
         """
         lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
         width = int(-(-lengths.max() // multiple) * multiple)
-        left = self.tokenizer.padding_side == "left"
+        left = self.tokenizer.padding_side == "left" and not self.causal
         cols = np.arange(width)
         real = cols >= (width - lengths)[:, None] if left else cols < lengths[:, None]
         input_ids = np.full((len(ids), width), self.tokenizer.pad_token_id, dtype=np.int64)
@@ -117,7 +129,8 @@ class Embedder:
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalised embeddings [B, D] for a collated batch, with gradients if enabled."""
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
-        hidden = self.model(**batch).last_hidden_state
+        inputs = {k: v for k, v in batch.items() if not (self.causal and k == "attention_mask")}
+        hidden = self.model(**inputs).last_hidden_state
         return F.normalize(pool(hidden, batch["attention_mask"], self.spec.pooling).float(), dim=-1)
 
     @staticmethod
@@ -232,7 +245,8 @@ def load_embedder(
         folder = Path(models.resolve(model))
         spec = _exported_spec(folder) or _sentence_transformers_spec(folder) or spec
     spec = dataclasses.replace(spec, **spec_overrides) if spec_overrides else spec
-    net, tokenizer = models.load(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    net, tokenizer = models.load(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+                                 device=device)
     if adapter_dir is not None:
         net = PeftModel.from_pretrained(net, str(adapter_dir)).merge_and_unload()
     return Embedder(net.to(device).eval(), tokenizer, spec)

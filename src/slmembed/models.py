@@ -164,8 +164,11 @@ def load(
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     attn_implementation: str | None = None,
+    device: torch.device | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the backbone (no LM head) and its tokenizer; set a pad token if the tokenizer has none.
+
+    With a CUDA ``device`` the weights are read straight into GPU memory (no copy through host memory).
 
     Weights come from safetensors; pickle weights (``pytorch_model.bin``) only with ``allow_pickle``, and even then
     safetensors are preferred where both exist.
@@ -180,6 +183,7 @@ def load(
         model = AutoModel.from_pretrained(
             source, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
             use_safetensors=None if allow_pickle else True,
+            device_map=str(device) if device is not None and device.type == "cuda" else None,
         )
     except OSError as exc:
         raise SlmembedError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
@@ -189,5 +193,6 @@ def load(
         raise
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    model.config.use_cache = False  # an embedding forward never generates: no key/value cache to fill
     model.eval()
     return model, tokenizer

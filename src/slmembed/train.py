@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from slmembed import models
+from slmembed.compile import compile_blocks
 from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
 from slmembed.config import Recipe
 from slmembed.data.nli import load_triplets
@@ -162,7 +163,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
 
     model.train()
     if tc.compile:
-        embedder.model = torch.compile(model)
+        compile_blocks(model)
     columns = 3 if tc.hard_negatives else 2
 
     def loss_of(emb: torch.Tensor) -> torch.Tensor:
