@@ -118,7 +118,7 @@ class _Timer(TrainerCallback):
 
 def run_peer(recipe: Recipe, triplets, warmup: int, steps: int, embedder: Embedder, out_dir: Path,
              cached: int | None = None) -> tuple[dict, object]:
-    """The peer trained on exactly the triplets slmembed's first ``warmup + steps`` steps use."""
+    """The peer trained on the batches of slmembed's first ``warmup + steps`` steps, in the same order."""
     from datasets import Dataset
     from peft import LoraConfig
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
@@ -142,6 +142,7 @@ def run_peer(recipe: Recipe, triplets, warmup: int, steps: int, embedder: Embedd
         lr_scheduler_type=tc.schedule, warmup_steps=tc.warmup_steps, weight_decay=tc.weight_decay, bf16=tc.bf16,
         max_grad_norm=0.0, logging_steps=1, save_strategy="no", report_to="none", seed=tc.seed,
         dataloader_drop_last=True, disable_tqdm=True, use_cpu=not torch.cuda.is_available())
+
     class SameBatches(SentenceTransformerTrainer):
         """The peer's trainer fed slmembed's batches in slmembed's order (its default sampler shuffles)."""
 

@@ -161,3 +161,6 @@ def test_torchrun_two_cpu_ranks_equal_one_process_at_twice_the_batch(tmp_path, t
     b = load_file(tmp_path / "two/adapter/adapter_model.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+    logged = [[json.loads(line)["loss"] for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    assert len(logged[0]) == 4 and logged[0] == pytest.approx(logged[1], rel=1e-4)  # the global batch's loss

@@ -4,9 +4,10 @@ One step: take the step's global batch of triplets (a fixed, seeded permutation 
 of the step alone), give this rank its slice, embed anchors, positives and negatives in length-sorted chunks, compute
 InfoNCE against all ranks' candidates, step AdamW and the schedule. With ``grad_cache`` the backward runs chunk by
 chunk (gradcache.py), so the batch size is bounded by time, not memory. The host reads losses only every
-``log_every`` steps, so the GPU is never left waiting for Python. Runs unchanged under ``torchrun`` (accelerate
-sets up the process group and DDP). Checkpoints (adapter, optimizer, schedule, RNG, step) are written atomically
-every ``save_every`` steps; ``resume=True`` continues from the newest one exactly where it stopped.
+``log_every`` steps, so the GPU is never left waiting for Python; a logged loss is the mean over ranks, the loss of
+the global batch. Runs unchanged under ``torchrun`` (accelerate sets up the process group and DDP). Checkpoints
+(adapter, optimizer, schedule, RNG, step) are written atomically every ``save_every`` steps; ``resume=True``
+continues from the newest one exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -198,7 +199,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         if done % tc.log_every and done % save_every and done != total:
             continue
         # Every log_every steps, before a checkpoint and at the end: read the losses, stop on the first non-finite.
-        losses = torch.stack(pending).tolist()
+        losses = acc.reduce(torch.stack(pending), reduction="mean").tolist()  # each rank's loss covers its anchors
         bad = next((i for i, v in enumerate(losses) if not np.isfinite(v)), None)
         if bad is not None:
             if bar is not None:

@@ -1,0 +1,86 @@
+"""Data-parallel scaling with cross-device negatives: one GPU at batch 2B against N GPUs at batch B each.
+
+Both runs train the same recipe for the same steps on the same triplets with the same global batch, so they compute
+the same loss over the same negatives: the N-GPU run gathers every rank's embeddings into each rank's loss
+(loss.py). Rates come from the training logs, between a step after warm-up and the last; both adapters are then
+scored on the nine STS sets. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the device docs require.
+
+    python bench/multi_gpu.py --config gemma-3-270m --per-device-batch 60 --gpus 2 --steps 300 \\
+        --output results/bench/multi-gpu-gemma-3-270m.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from common import save
+
+
+def train(command: list[str], run_dir: Path, batch: int, args: argparse.Namespace) -> dict:
+    """Run one training command; its rate (triplets/s after warm-up), peak memory and last loss from its log."""
+    sets = [f"train.batch_size={batch}", f"train.max_steps={args.steps}", f"train.log_every={args.warmup}",
+            "train.save_every=1000000000", *args.set]
+    command = [*command, "-m", "slmembed", "train", "--config", args.config, "--output", str(run_dir),
+               "--device", args.device, *(x for s in sets for x in ("--set", s))]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    subprocess.run(command, check=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0", "TQDM_DISABLE": "1"})
+    log = {r["step"]: r for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())}
+    first, last = log[args.warmup], log[args.steps]
+    global_batch = json.loads((run_dir / "summary.json").read_text())["batch_size"]
+    return {"command": " ".join("python" if c == sys.executable else c for c in command), "global_batch": global_batch,
+            "triplets_per_s": round((args.steps - args.warmup) * global_batch / (last["elapsed_s"] - first["elapsed_s"]),
+                                    1),
+            "peak_gib_rank0": last.get("peak_gib"), "final_loss": last["loss"]}
+
+
+def nine_set(run_dir: Path, args: argparse.Namespace) -> float:
+    out = run_dir / "eval.json"
+    command = [sys.executable, "-m", "slmembed", "eval", "--adapter", str(run_dir), "--output", str(out),
+               "--device", args.device, "--tasks", *args.tasks]
+    if args.data_dir:
+        command += ["--data-dir", args.data_dir]
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, env={**os.environ, "TQDM_DISABLE": "1"})
+    return json.loads(out.read_text())["average"]
+
+
+def main() -> None:
+    from slmembed.data.sts import TASKS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="gemma-3-270m", help="recipe name or YAML file")
+    p.add_argument("--per-device-batch", type=int, default=60)
+    p.add_argument("--gpus", type=int, default=2, help="processes of the data-parallel run")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=20, help="steps before the timed window (also the log interval)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more recipe overrides")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS))
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="cpu: a gloo smoke run")
+    p.add_argument("--data-dir")
+    p.add_argument("--output", required=True)
+    args = p.parse_args()
+    if args.steps % args.warmup:
+        p.error("--steps must be a multiple of --warmup (the log interval)")
+
+    scratch = Path(tempfile.mkdtemp(prefix="multi-gpu-"))
+    b = args.per_device_batch
+    one = train([sys.executable], scratch / "one", args.gpus * b, args)
+    many = train([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"],
+                 scratch / "many", b, args)
+    one["nine_set_average"], many["nine_set_average"] = nine_set(scratch / "one", args), nine_set(scratch / "many", args)
+    save(args.output, {
+        "config": args.config, "per_device_batch": b, "gpus": args.gpus, "steps": args.steps,
+        "timed_steps": args.steps - args.warmup, "one_process": one, f"{args.gpus}_processes": many,
+        "scaling": round(many["triplets_per_s"] / one["triplets_per_s"], 2),
+        "quality_difference": round(many["nine_set_average"] - one["nine_set_average"], 2),
+    })
+
+
+if __name__ == "__main__":
+    main()
