@@ -185,11 +185,13 @@ def main() -> None:
     p.add_argument("--quality-lr", type=float, default=5e-4)
     p.add_argument("--quality-tasks", nargs="+", default=list(TASKS), help="STS sets of the quality check")
     p.add_argument("--profile", help="write torch.profiler tables of slmembed's first variant at the first batch here")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override for every slmembed run, e.g. train.chunk_tokens=16384")
     p.add_argument("--data-dir")
     p.add_argument("--output", required=True)
     args = p.parse_args()
 
-    base = load_recipe(args.model)
+    base = with_overrides(load_recipe(args.model), args.set)
     triplets = load_triplets(base.data.sources, data_dir=args.data_dir).triplets
     folder = models.resolve(base.model.name)
     config = AutoConfig.from_pretrained(folder)
@@ -197,7 +199,8 @@ def main() -> None:
 
     tokenizer_only = Embedder(torch.nn.Linear(1, 1), AutoTokenizer.from_pretrained(folder), EmbedSpec.of(base.model))
     ceiling = matmul_ceiling_tflops() if torch.cuda.is_available() else float("nan")
-    result = {"model": args.model, "matmul_ceiling_tflops": round(ceiling, 1), "warmup_steps": args.warmup,
+    result = {"model": args.model, "overrides": args.set, "matmul_ceiling_tflops": round(ceiling, 1),
+              "warmup_steps": args.warmup,
               "timed_steps": args.steps, "lora": base.lora.__dict__, "batches": {}}
     print(f"bf16 matmul ceiling: {ceiling:.0f} TFLOP/s")
     scratch = Path(tempfile.mkdtemp(prefix="bench-"))
