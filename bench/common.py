@@ -9,8 +9,6 @@ ids for about a quarter of the sentences with transformers 5.17, and left paddin
 
 from __future__ import annotations
 
-import datetime
-import platform
 import sys
 import time
 from pathlib import Path
@@ -19,22 +17,21 @@ import numpy as np
 import torch
 
 from slmembed.atomic import write_json
+from slmembed.cli import provenance
 from slmembed.embedder import Embedder, EmbedSpec
 from slmembed.export import export_tokenizer
-
-
-def provenance() -> dict:
-    import transformers
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    return {"command": " ".join(["python", *sys.argv]), "device": device, "host": platform.node(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+from slmembed.report import read_log
 
 
 def save(path: str | Path, result: dict) -> None:
-    write_json(path, {**result, "run": provenance()})
+    write_json(path, {**result, "run": provenance(" ".join(["python", *sys.argv]))})
     print(f"wrote {path}")
+
+
+def log_window(run_dir: Path, first: int, last: int) -> tuple[dict, float]:
+    """A training run's log record at step ``last``, and the seconds between the records of ``first`` and ``last``."""
+    log = {r["step"]: r for r in read_log(run_dir / "train_log.jsonl")}
+    return log[last], log[last]["elapsed_s"] - log[first]["elapsed_s"]
 
 
 def matmul_ceiling_tflops(n: int = 8192, repeats: int = 50) -> float:

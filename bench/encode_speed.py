@@ -30,6 +30,7 @@ from slmembed import models
 from slmembed.compile import compile_blocks
 from slmembed.data.sts import TASKS, load_all
 from slmembed.embedder import load_embedder
+from slmembed.evaluate import batching, unique_sentences
 
 
 def timed(fn, *args, **kwargs) -> tuple[np.ndarray, float]:
@@ -61,14 +62,15 @@ def main() -> None:
     args = p.parse_args()
 
     sets = load_all(args.tasks, args.data_dir)
-    texts = sorted({s for sts in sets.values() for s in (*sts.sentences1, *sts.sentences2)})
+    texts = unique_sentences(sets)
     t = time.perf_counter()
     ours = load_embedder(args.model, dtype=torch.bfloat16)
     load_s = time.perf_counter() - t
-    vecs, seconds = timed(ours.encode, texts, batch_size=args.batch_size, max_tokens=32 * args.batch_size)
+    batch_size, max_tokens = batching(ours, args.batch_size)
+    vecs, seconds = timed(ours.encode, texts, batch_size=batch_size, max_tokens=max_tokens)
     result = {"model": args.model, "sentences": len(texts), "dtype": "bfloat16",
               "slmembed": {"sentences_per_s": round(len(texts) / seconds), "seconds": round(seconds, 2),
-                           "batch_size": args.batch_size, "max_tokens": 32 * args.batch_size,
+                           "batch_size": batch_size, "max_tokens": max_tokens,
                            "load_s_with_cuda_start": round(load_s, 2)}}
     print("slmembed", result["slmembed"])
     reference = load_embedder(args.model, dtype=torch.float32).encode(texts, batch_size=256)  # for precision only
@@ -76,7 +78,7 @@ def main() -> None:
     if args.compile:
         compile_blocks(ours.model)
         t = time.perf_counter()
-        compiled, seconds_c = timed(ours.encode, texts, batch_size=args.batch_size, max_tokens=32 * args.batch_size)
+        compiled, seconds_c = timed(ours.encode, texts, batch_size=batch_size, max_tokens=max_tokens)
         result["slmembed_compiled"] = {"sentences_per_s": round(len(texts) / seconds_c), "seconds": round(seconds_c, 2),
                                        "warm_up_with_compile_s": round(time.perf_counter() - t - seconds_c, 1),
                                        "cosine_to_float32": _cosines(compiled, reference)}

@@ -34,20 +34,20 @@ def main() -> None:
     from slmembed import cli  # noqa: F401 - what the command imports first
     from slmembed.data.sts import TASKS, load_all
     from slmembed.embedder import load_embedder
-    from slmembed.evaluate import score
+    from slmembed.evaluate import batching, score, unique_sentences
 
     mark("import slmembed, transformers")
     torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")
     mark("CUDA start")
     sets = load_all(TASKS, args.data_dir)
-    texts = sorted({s for sts in sets.values() for s in (*sts.sentences1, *sts.sentences2)})
+    texts = unique_sentences(sets)
     mark("read the nine sets")
     embedder = load_embedder(args.model)
     mark("load model")
     ids = embedder.tokenize(texts)
     mark("tokenise")
-    batch = 1024 if embedder.device.type == "cuda" else 64
-    chunks = embedder.chunks(ids, 32 * batch, batch)
+    batch, max_tokens = batching(embedder)
+    chunks = embedder.chunks(ids, max_tokens, batch)
     with torch.inference_mode():
         vecs = embedder._embed_chunks(ids, chunks).cpu().numpy()
     mark("encode, first pass")

@@ -3,9 +3,10 @@
 For every STSBenchmark test sentence: sentence-transformers' token ids for ``SentenceTransformer(EXPORT)`` equal
 slmembed's ``Embedder.tokenize`` for the run, and the cosine between the two embeddings is at least 0.999 at float32
 on both sides. At the default dtypes (bf16 on bf16-capable CPUs and GPUs) the cosines are recorded too, next to a
-control: slmembed against itself at another batch size, which shows the noise bf16 brings on its own. Then the nine-set scores of the exported folder, evaluated by slmembed, against
-the run's (``--run-scores``, an eval JSON of the run; computed when not given): every set within 0.1. Writes the
-figures with the command and date to results/export/NAME.json and exits 1 if a check fails.
+control: slmembed against itself at another batch size, which shows the noise bf16 brings on its own. Then the
+nine-set scores of the exported folder, evaluated by slmembed, against the run's (``--run-scores``, an eval JSON of
+the run; computed when not given): every set within 0.1. Writes the figures with the command and date to
+results/export/NAME.json and exits 1 if a check fails.
 
     .venv/bin/python bench/export_check.py --run runs/qs --export runs/qs-st --run-scores runs/qs/eval.json
 """

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import save
+from common import log_window, save
 
 
 def train(command: list[str], run_dir: Path, batch: int, args: argparse.Namespace) -> dict:
@@ -31,12 +31,10 @@ def train(command: list[str], run_dir: Path, batch: int, args: argparse.Namespac
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
     subprocess.run(command, check=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0", "TQDM_DISABLE": "1"})
-    log = {r["step"]: r for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())}
-    first, last = log[args.warmup], log[args.steps]
+    last, seconds = log_window(run_dir, args.warmup, args.steps)
     global_batch = json.loads((run_dir / "summary.json").read_text())["batch_size"]
     return {"command": " ".join("python" if c == sys.executable else c for c in command), "global_batch": global_batch,
-            "triplets_per_s": round((args.steps - args.warmup) * global_batch / (last["elapsed_s"] - first["elapsed_s"]),
-                                    1),
+            "triplets_per_s": round((args.steps - args.warmup) * global_batch / seconds, 1),
             "peak_gib_rank0": last.get("peak_gib"), "final_loss": last["loss"]}
 
 
@@ -73,7 +71,8 @@ def main() -> None:
     one = train([sys.executable], scratch / "one", args.gpus * b, args)
     many = train([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"],
                  scratch / "many", b, args)
-    one["nine_set_average"], many["nine_set_average"] = nine_set(scratch / "one", args), nine_set(scratch / "many", args)
+    for result, run in ((one, "one"), (many, "many")):
+        result["nine_set_average"] = nine_set(scratch / run, args)
     save(args.output, {
         "config": args.config, "per_device_batch": b, "gpus": args.gpus, "steps": args.steps,
         "timed_steps": args.steps - args.warmup, "one_process": one, f"{args.gpus}_processes": many,

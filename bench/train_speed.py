@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
 import sys
 import tempfile
@@ -31,13 +30,14 @@ import torch
 from torch.utils.data import BatchSampler, SequentialSampler
 from transformers import AutoConfig, TrainerCallback
 
-from common import StEncoder, check_same_tokens, matmul_ceiling_tflops, save, st_model, st_texts
+from common import StEncoder, check_same_tokens, log_window, matmul_ceiling_tflops, save, st_model, st_texts
 from slmembed import models
 from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.nli import load_triplets
 from slmembed.data.sts import TASKS, load_all
 from slmembed.embedder import Embedder, EmbedSpec, load_embedder
 from slmembed.evaluate import evaluate
+from slmembed.report import read_log
 from slmembed.train import batch_indices, train
 
 
@@ -95,12 +95,10 @@ def run_ours(recipe: Recipe, warmup: int, steps: int, data_dir: str | None, run_
     except Exception as exc:  # noqa: BLE001 - one failed variant is a result too; the others still run
         _reset()
         return {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
-    log = {r["step"]: r for r in map(json.loads, (run_dir / "train_log.jsonl").read_text().splitlines())}
-    a, b = log[warmup], log[warmup + steps]
-    seconds = b["elapsed_s"] - a["elapsed_s"]
+    last, seconds = log_window(run_dir, warmup, warmup + steps)
     return {"triplets_per_s": round(steps * recipe.train.batch_size / seconds, 1),
             "ms_per_step": round(1000 * seconds / steps, 1), "peak_gib": _peak_gib(),
-            "final_loss": b["loss"], "wall_s_with_load": round(time.perf_counter() - t, 1)}
+            "final_loss": last["loss"], "wall_s_with_load": round(time.perf_counter() - t, 1)}
 
 
 class _Timer(TrainerCallback):
@@ -230,8 +228,9 @@ def main() -> None:
             peer.pop("losses", None)
             row[name] = peer
             print(batch, name, peer)
-        ours_rates = [v["triplets_per_s"] for k, v in row.items() if k.startswith("slmembed_") and "triplets_per_s" in v]
-        peer_rates = [v["triplets_per_s"] for k, v in row.items() if k.startswith("st_") and "triplets_per_s" in v]
+        rates = {k: v["triplets_per_s"] for k, v in row.items() if isinstance(v, dict) and "triplets_per_s" in v}
+        ours_rates = [v for k, v in rates.items() if k.startswith("slmembed_")]
+        peer_rates = [v for k, v in rates.items() if k.startswith("st_")]
         if ours_rates and peer_rates:
             row["speedup_vs_best_peer"] = round(max(ours_rates) / max(peer_rates), 2)
         result["batches"][str(batch)] = row
@@ -275,14 +274,13 @@ def quality(base: Recipe, triplets, embedder: Embedder, args, scratch: Path) -> 
                                    "train.warmup_steps=20", "train.log_every=1", *VARIANTS[args.quality_variant]])
     steps = args.quality_steps
     ours = run_ours(recipe, steps // 2, steps - steps // 2, args.data_dir, scratch / "quality-ours")
-    ours_losses = [json.loads(r)["loss"] for r in (scratch / "quality-ours/train_log.jsonl").read_text().splitlines()]
+    ours_losses = [r["loss"] for r in read_log(scratch / "quality-ours/train_log.jsonl")]
     sets = load_all(args.quality_tasks, args.data_dir)
     ours["nine_set"] = evaluate(load_embedder(None, scratch / "quality-ours"), sets)
     peer, model = run_peer(recipe, triplets, steps // 2, steps - steps // 2, embedder, scratch / "quality-peer")
     peer_losses = peer.pop("losses")
     encoder = StEncoder(model, embedder)
     peer["nine_set"] = evaluate(encoder, sets)
-    peer["tokenisation_mismatches_of_1000"] = check_same_tokens(model, embedder, [t[0] for t in triplets[:1000]])
     return {"steps": steps, "batch_size": recipe.train.batch_size, "lr": recipe.train.lr,
             "slmembed_variant": args.quality_variant,
             "schedule": recipe.train.schedule,

@@ -1,4 +1,5 @@
-"""Shared fixtures: the packaged SmolLM2 folder, tiny random models of the paper's architectures, and unsafe\nvariants of one (pickle weights, remote code)."""
+"""Shared fixtures: the packaged SmolLM2 folder, tiny random models of the paper's architectures, and unsafe
+variants of one (pickle weights, remote code)."""
 
 from __future__ import annotations
 

@@ -10,20 +10,21 @@ from pathlib import Path
 import torch
 
 from slmembed.errors import SlmembedError
-from slmembed.models import resolve_device
+from slmembed.models import device_name, resolve_device
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype of eval, embed, serve
 
 
-def provenance() -> dict:
-    """How a result file was made: the command line, the machine and the date."""
+def provenance(command: str | None = None) -> dict:
+    """How a result file was made: the command line (default: this ``slmembed`` command), the machine, the date."""
     import datetime
     import platform
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
-    return {"command": " ".join(["slmembed", *sys.argv[1:]]), "device": device, "host": platform.node(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "torch": torch.__version__}
+    import transformers
+
+    return {"command": command or " ".join(["slmembed", *sys.argv[1:]]), "device": device_name(resolve_device()),
+            "host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _recipe(args: argparse.Namespace, name: str, model: str | None = None):

@@ -24,8 +24,8 @@ def blocks(model: torch.nn.Module) -> torch.nn.ModuleList | None:
     return max(lists, key=len, default=None)
 
 
-def compile_blocks(model: torch.nn.Module) -> int:
-    """Compile every block of ``model`` in place (the whole model if it has no repeated blocks); return how many."""
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Compile every block of ``model`` in place (the whole model if it has no repeated blocks)."""
     torch._inductor.config.fallback_random = True
     # Sizes that happen to be equal (a width of 16 and a head size of 16) must not share one symbol, or the first
     # batch whose width differs recompiles.
@@ -36,7 +36,6 @@ def compile_blocks(model: torch.nn.Module) -> int:
     repeated = blocks(model)
     if repeated is None:
         model.compile(dynamic=True)
-        return 1
+        return
     for block in repeated:
         block.compile(dynamic=True)
-    return len(repeated)

@@ -220,8 +220,9 @@ def load_embedder(
 ) -> Embedder:
     """Build an Embedder from a model name/folder and optionally a training run folder (or adapter folder).
 
-    ``model`` may be None when ``adapter`` is a run folder, which names its base model. The embedding spec comes from the run (``embed.json``), else from an exported folder's ``embed.json``, else
-    from a sentence-transformers folder's pooling config, else decoder defaults (last token + EOS); ``spec_overrides`` win over all of them.
+    ``model`` may be None when ``adapter`` is a run folder, which names its base model. The embedding spec comes from
+    the run (``embed.json``), else from an exported folder's ``embed.json``, else from a sentence-transformers
+    folder's pooling config, else decoder defaults (last token + EOS); ``spec_overrides`` win over all of them.
     """
     from peft import PeftModel
 

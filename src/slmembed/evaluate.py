@@ -22,17 +22,28 @@ def score(sets: dict[str, StsSet], vectors: dict[str, np.ndarray]) -> dict[str, 
     return out
 
 
+def unique_sentences(sets: dict[str, StsSet]) -> list[str]:
+    """Every sentence of ``sets`` once, sorted."""
+    return sorted({s for sts in sets.values() for s in (*sts.sentences1, *sts.sentences2)})
+
+
+def batching(embedder: Embedder, batch_size: int | None = None) -> tuple[int, int]:
+    """Sentences and padded tokens per batch: ``batch_size`` (default 1024 on a GPU, 64 on the CPU) and 32 tokens per
+    sentence on average, so that batches of long sentences do not blow up memory."""
+    batch_size = batch_size or (1024 if embedder.device.type == "cuda" else 64)
+    return batch_size, 32 * batch_size
+
+
 def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_size: int | None = None,
              progress: bool = False) -> dict:
     """Encode the unique sentences of ``sets`` (default: all nine from the data directory) once; score each set.
 
-    Batches hold at most ``batch_size`` sentences (default 1024 on a GPU, 64 on the CPU) and 32 padded tokens per
-    sentence on average, so long sentences do not blow up memory.
+    Batches are formed as ``batching`` says.
     """
     sets = sets if sets is not None else load_all(TASKS)
-    texts = sorted({s for sts in sets.values() for s in (*sts.sentences1, *sts.sentences2)})
-    batch_size = batch_size or (1024 if embedder.device.type == "cuda" else 64)
-    vecs = embedder.encode(texts, batch_size=batch_size, max_tokens=32 * batch_size, progress=progress)
+    texts = unique_sentences(sets)
+    batch_size, max_tokens = batching(embedder, batch_size)
+    vecs = embedder.encode(texts, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
     scores = score(sets, dict(zip(texts, vecs)))
     return {"scores": scores, "average": round(float(np.mean(list(scores.values()))), 2),
             "sentences": len(texts)}

@@ -52,11 +52,12 @@ def cached_backward(
     but the last (DDP's ``no_sync``), so gradients are all-reduced once per step.
     """
     chunks = embedder.chunks(ids, max_tokens)
+    batches = [embedder.collate([ids[i] for i in chunk]) for chunk in chunks]  # padded once, used by both passes
     states, parts = [], []
     with torch.no_grad():
-        for chunk in chunks:
+        for batch in batches:
             states.append(_RandomState(embedder.device))
-            parts.append(embedder.forward(embedder.collate([ids[i] for i in chunk])))
+            parts.append(embedder.forward(batch))
     order = torch.from_numpy(np.concatenate(chunks)).to(embedder.device, non_blocking=True)
     embeddings = parts[0].new_empty((len(ids), parts[0].shape[1]))
     embeddings[order] = torch.cat(parts)
@@ -64,7 +65,7 @@ def cached_backward(
     loss = loss_fn(embeddings)
     (grad,) = torch.autograd.grad(loss, embeddings)
     grads = grad[order].split([len(chunk) for chunk in chunks])
-    for k, (chunk, state) in enumerate(zip(chunks, states)):
+    for k, (batch, state) in enumerate(zip(batches, states)):
         with (no_sync() if k < len(chunks) - 1 else nullcontext()), state.restored():
-            embedder.forward(embedder.collate([ids[i] for i in chunk])).backward(grads[k])
+            embedder.forward(batch).backward(grads[k])
     return loss.detach()

@@ -148,6 +148,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU and its thread count: how result files name the machine part that ran them."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def best_dtype(device: torch.device) -> torch.dtype:
     """bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
     if device.type == "cuda":

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from slmembed import models
-from slmembed.compile import compile_blocks
 from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
+from slmembed.compile import compile_blocks
 from slmembed.config import Recipe
 from slmembed.data.nli import load_triplets
 from slmembed.embedder import Embedder, EmbedSpec
@@ -233,7 +233,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
 
     summary = {"steps": total, "batch_size": global_batch, "triplets": len(triplets),
                "triplets_seen": total * global_batch, "minutes": round((time.time() - t0) / 60, 3),
-               "device": _device_name(acc.device), "world_size": acc.num_processes}
+               "device": models.device_name(acc.device), "world_size": acc.num_processes}
     if acc.is_main_process:
         with atomic_dir(run_dir / "adapter") as tmp:
             acc.unwrap_model(model).save_pretrained(tmp)
@@ -253,9 +253,3 @@ def _tensorboard(folder: Path, start: int):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(str(folder), purge_step=start or None, flush_secs=10)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({torch.get_num_threads()} threads)"
