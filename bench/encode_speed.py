@@ -4,6 +4,7 @@ Same model, pooling (last token with EOS), precision (bf16) and device; each too
 slmembed's float32 ones (cosine) to show both compute the same thing. Each tool batches the way it does by
 default for throughput (slmembed: length-sorted batches under a token budget; the peer: its own length sorting at
 batch size 256). Both are timed after a warm-up pass, with the GPU finished. The vectors must agree (cosine).
+slmembed packs its batches where it can (packing.py): it is then timed padded as well, on the same batches.
 With ``--compile``, slmembed again with its blocks compiled (compile.py; the warm-up pass pays the compile). Then the
 end-to-end nine-set evaluation, timed as a user runs it: a fresh ``slmembed eval`` process, model loaded from the
 cached folder.
@@ -29,7 +30,7 @@ from common import StEncoder, save, st_model
 from slmembed import models
 from slmembed.compile import compile_blocks
 from slmembed.data.sts import TASKS, load_all
-from slmembed.embedder import load_embedder
+from slmembed.embedder import Embedder, load_embedder
 from slmembed.evaluate import batching, unique_sentences
 
 
@@ -72,7 +73,15 @@ def main() -> None:
               "slmembed": {"sentences_per_s": round(len(texts) / seconds), "seconds": round(seconds, 2),
                            "batch_size": batch_size, "max_tokens": max_tokens,
                            "load_s_with_cuda_start": round(load_s, 2)}}
+    result["slmembed"]["packed"] = ours.packed
     print("slmembed", result["slmembed"])
+    if ours.packed:  # the same model and batches, padded instead of packed
+        padded, padded_seconds = timed(Embedder(ours.model, ours.tokenizer, ours.spec, packed=False).encode, texts,
+                                       batch_size=batch_size, max_tokens=max_tokens)
+        result["slmembed_padded"] = {"sentences_per_s": round(len(texts) / padded_seconds),
+                                     "seconds": round(padded_seconds, 2), "cosine_to_packed": _cosines(padded, vecs)}
+        print("slmembed padded", result["slmembed_padded"])
+        ours = Embedder(ours.model, ours.tokenizer, ours.spec)
     reference = load_embedder(args.model, dtype=torch.float32).encode(texts, batch_size=256)  # for precision only
     result["slmembed"]["cosine_to_float32"] = _cosines(vecs, reference)
     if args.compile:

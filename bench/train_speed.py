@@ -32,6 +32,7 @@ from transformers import AutoConfig, TrainerCallback
 
 from common import StEncoder, check_same_tokens, log_window, matmul_ceiling_tflops, save, st_model, st_texts
 from slmembed import models
+from slmembed.atomic import write_json
 from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.nli import load_triplets
 from slmembed.data.sts import TASKS, load_all
@@ -56,7 +57,8 @@ def model_flops(config, lengths: np.ndarray) -> float:
 
 
 def step_tokens(recipe: Recipe, triplets, embedder: Embedder, steps: range) -> tuple[np.ndarray, int]:
-    """Real token lengths of every sequence in ``steps``, and the padded tokens the chunked forward computes."""
+    """Real token lengths of every sequence in ``steps``, and the tokens the chunked forward computes when padded
+    (packed, it computes the real ones)."""
     lengths, padded = [], 0
     for step in steps:
         rows = batch_indices(len(triplets), recipe.train.batch_size, step, recipe.train.seed)
@@ -80,10 +82,13 @@ def _reset() -> None:
 
 VARIANTS = {"eager": [], "compile": ["train.compile=true"], "grad_cache": ["train.grad_cache=true"],
             "compile_grad_cache": ["train.compile=true", "train.grad_cache=true"]}
+VARIANTS.update({f"{name}_padded": [*overrides, "train.packing=false"] for name, overrides in list(VARIANTS.items())})
 
 
-def run_ours(recipe: Recipe, warmup: int, steps: int, data_dir: str | None, run_dir: Path) -> dict:
-    recipe = with_overrides(recipe, [f"train.max_steps={warmup + steps}", f"train.log_every={math.gcd(warmup, steps)}",
+def run_ours(recipe: Recipe, warmup: int, steps: int, data_dir: str | None, run_dir: Path,
+             log_every: int | None = None) -> dict:
+    log_every = log_every or math.gcd(warmup, steps)
+    recipe = with_overrides(recipe, [f"train.max_steps={warmup + steps}", f"train.log_every={log_every}",
                                      "train.save_every=1000000"])
     _reset()
     t = time.perf_counter()
@@ -183,6 +188,8 @@ def main() -> None:
     p.add_argument("--quality-lr", type=float, default=5e-4)
     p.add_argument("--quality-tasks", nargs="+", default=list(TASKS), help="STS sets of the quality check")
     p.add_argument("--profile", help="write torch.profiler tables of slmembed's first variant at the first batch here")
+    p.add_argument("--sync-check", action="store_true",
+                   help="run the first variant at the first batch again, recording where the host waits for the GPU")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for every slmembed run, e.g. train.chunk_tokens=16384")
     p.add_argument("--data-dir")
@@ -221,6 +228,11 @@ def main() -> None:
                    scratch / f"profile-{batch}")
             row["profiled"] = profiled(run, args.profile)
             args.profile = None
+        if args.sync_check:
+            run = (with_overrides(recipe, VARIANTS[args.variants[0]]), args.warmup, args.steps, args.data_dir,
+                   scratch / f"syncs-{batch}")
+            row["host_syncs"] = host_syncs(run, args.warmup + args.steps)
+            args.sync_check = False
         for loss in args.peer_losses:
             name, cached = ("st_cached_mnrl", 64) if loss == "cached" else ("st_mnrl", None)
             peer, _ = run_peer(recipe, triplets, args.peer_warmup or args.warmup, args.peer_steps or args.steps,
@@ -264,6 +276,22 @@ def profiled(run: tuple, path: str) -> dict:
     return result
 
 
+def host_syncs(run: tuple, steps: int) -> dict:
+    """``run_ours(*run)`` under CUDA's sync debug mode: each place where the host waited for the GPU (model loading
+    and logging included), with how many times it did in the run's ``steps`` steps."""
+    import collections
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = run_ours(*run)
+    torch.cuda.set_sync_debug_mode(0)
+    places = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught
+                                 if "synchronizing" in str(w.message))
+    return {"run": result, "steps": steps, "syncs": sum(places.values()), "places": dict(places.most_common(20))}
+
+
 def quality(base: Recipe, triplets, embedder: Embedder, args, scratch: Path) -> dict:
     """Both tools, same batches, steps and schedule: the nine-set averages must agree within 1 point.
 
@@ -271,16 +299,27 @@ def quality(base: Recipe, triplets, embedder: Embedder, args, scratch: Path) -> 
     losses (bf16 arithmetic differs) show that both tools saw the same batch.
     """
     recipe = with_overrides(base, [f"train.batch_size={args.batches[0]}", f"train.lr={args.quality_lr}",
-                                   "train.warmup_steps=20", "train.log_every=1", *VARIANTS[args.quality_variant]])
+                                   "train.warmup_steps=20", *VARIANTS[args.quality_variant]])
     steps = args.quality_steps
-    ours = run_ours(recipe, steps // 2, steps - steps // 2, args.data_dir, scratch / "quality-ours")
+    ours = run_ours(recipe, steps // 2, steps - steps // 2, args.data_dir, scratch / "quality-ours", log_every=1)
     ours_losses = [r["loss"] for r in read_log(scratch / "quality-ours/train_log.jsonl")]
     sets = load_all(args.quality_tasks, args.data_dir)
     ours["nine_set"] = evaluate(load_embedder(None, scratch / "quality-ours"), sets)
     peer, model = run_peer(recipe, triplets, steps // 2, steps - steps // 2, embedder, scratch / "quality-peer")
     peer_losses = peer.pop("losses")
-    encoder = StEncoder(model, embedder)
-    peer["nine_set"] = evaluate(encoder, sets)
+    peer["nine_set"] = evaluate(StEncoder(model, embedder), sets)
+    # Each tool's trained adapter scored by the other tool's encoder too, so that training and inference differences
+    # can be told apart.
+    peer_dir = scratch / "quality-peer-adapter"
+    backbone = model[0]
+    (getattr(backbone, "auto_model", None) or backbone.model).save_pretrained(peer_dir)  # the adapter only
+    write_json(peer_dir / "embed.json", {"model": recipe.model.name, "spec": EmbedSpec.of(recipe.model).__dict__})
+    peer["nine_set_by_slmembed_encoder"] = evaluate(load_embedder(None, peer_dir), sets)
+    del model
+    _reset()
+    ours_in_peer = st_model(models.resolve(recipe.model.name), EmbedSpec.of(recipe.model))
+    ours_in_peer[0].auto_model.load_adapter(str(scratch / "quality-ours/adapter"))
+    ours["nine_set_by_peer_encoder"] = evaluate(StEncoder(ours_in_peer, embedder), sets)
     return {"steps": steps, "batch_size": recipe.train.batch_size, "lr": recipe.train.lr,
             "slmembed_variant": args.quality_variant,
             "schedule": recipe.train.schedule,
@@ -288,7 +327,11 @@ def quality(base: Recipe, triplets, embedder: Embedder, args, scratch: Path) -> 
             "first_step_loss": {"slmembed": ours_losses[0], "sentence_transformers": peer_losses[0]},
             "mean_loss_last_20": {"slmembed": round(float(np.mean(ours_losses[-20:])), 4),
                                   "sentence_transformers": round(float(np.mean(peer_losses[-20:])), 4)},
-            "average_difference": round(ours["nine_set"]["average"] - peer["nine_set"]["average"], 2)}
+            "average_difference": round(ours["nine_set"]["average"] - peer["nine_set"]["average"], 2),
+            "average_difference_by_slmembed_encoder": round(
+                ours["nine_set"]["average"] - peer["nine_set_by_slmembed_encoder"]["average"], 2),
+            "average_difference_by_peer_encoder": round(
+                ours["nine_set_by_peer_encoder"]["average"] - peer["nine_set"]["average"], 2)}
 
 
 if __name__ == "__main__":

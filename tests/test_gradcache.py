@@ -85,13 +85,14 @@ def test_training_with_grad_cache_matches_plain_training(tmp_path, tiny_models, 
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("grad_cache", [False, True])
-def test_compiled_training_matches_eager_training(tmp_path, tiny_models, data_dir, grad_cache) -> None:
+@pytest.mark.parametrize("grad_cache,packing", [(False, False), (True, False), (True, True)])
+def test_compiled_training_matches_eager_training(tmp_path, tiny_models, data_dir, grad_cache, packing) -> None:
     """Regional torch.compile (compile.py) changes how the blocks run, not what they compute: dropout included."""
     from torch._dynamo.utils import counters
 
-    eager = _tiny_recipe(tiny_models, max_steps=3, chunk_tokens=64, grad_cache=grad_cache)
-    compiled = _tiny_recipe(tiny_models, max_steps=3, chunk_tokens=64, grad_cache=grad_cache, compile=True)
+    eager = _tiny_recipe(tiny_models, max_steps=3, chunk_tokens=64, grad_cache=grad_cache, packing=packing)
+    compiled = _tiny_recipe(tiny_models, max_steps=3, chunk_tokens=64, grad_cache=grad_cache, packing=packing,
+                            compile=True)
     train_mod.train(eager, tmp_path / "eager", data_dir=data_dir, progress=False)
     counters.clear()
     train_mod.train(compiled, tmp_path / "compiled", data_dir=data_dir, progress=False)

@@ -50,7 +50,8 @@ class TrainConfig:
     hard_negatives: bool = True
     weight_decay: float = 0.0
     bf16: bool = True
-    chunk_tokens: int = 4096  # padded tokens per forward chunk; sequences are length-sorted into chunks
+    chunk_tokens: int = 4096  # tokens per forward chunk (padded ones, or real ones when packed)
+    packing: bool | None = None  # chunks as one row without padding (packing.py); None: where supported, on a GPU
     grad_cache: bool = False  # cached negatives (GradCache): memory set by chunk_tokens, not batch_size
     compile: bool = False  # torch.compile each transformer block (compile.py): fused kernels, a one-off compile time
     seed: int = 42

@@ -141,7 +141,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
     model, optimizer = acc.prepare(model, optimizer)
-    embedder = Embedder(model, tokenizer, spec)
+    embedder = Embedder(model, tokenizer, spec, packed=tc.packing)
     texts = sorted({t for trip in triplets for t in trip})
     token_ids = dict(zip(texts, embedder.tokenize(texts)))  # every unique sentence tokenised once
 

@@ -1,0 +1,176 @@
+"""Packed batches for causal decoders: a chunk's sequences end to end in one row, with no padding at all.
+
+N token-id lists of lengths L_1..L_N become ``input_ids`` [1, T] with T = sum L_i, position ids that restart at 0
+for every sequence, and cumulative lengths ``cu = [0, L_1, L_1 + L_2, ..., T]``. Every layer but attention works
+token by token, so only real tokens are computed. Attention runs per sequence, each causal and blind to its
+neighbours: variable-length FlashAttention (``torch.nn.attention.varlen``) on the GPU, an explicit block-diagonal
+causal mask elsewhere (the reference the tests compare against). Sequence i's last token is row ``cu[i+1] - 1``.
+
+transformers reaches this attention through its attention interface, under the name ``slmembed_packed``. That name
+has no mask function, so transformers builds no mask for it either: its mask builder otherwise checks the position
+ids for packing with a host read, which stalls the CPU on the GPU twice per forward.
+
+Packing is for architectures whose attention goes through that interface and whose positions come from
+``position_ids`` (``ARCHITECTURES``, each tested against the padded forward), without attention logit soft-capping,
+attention dropout or a sliding window shorter than the longest input.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import itertools
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, PreTrainedModel
+
+NAME = "slmembed_packed"
+_KERNEL = None  # the GPU kernel ``attention`` calls (see ``_varlen``), set by ``use``
+ARCHITECTURES = frozenset({"llama", "gemma", "gemma3_text", "phi", "qwen2", "mistral"})
+
+
+def _pretrained(model: torch.nn.Module) -> PreTrainedModel | None:
+    """The outermost transformers model inside ``model`` (which may be wrapped by PEFT or DDP), if any."""
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+
+
+def supported(model: torch.nn.Module, max_length: int) -> bool:
+    """Whether ``model`` can run packed batches of sequences up to ``max_length`` tokens (see the module doc)."""
+    base = _pretrained(model)
+    if base is None:
+        return False
+    config = base.config
+    window = getattr(config, "sliding_window", None)
+    return (config.model_type in ARCHITECTURES and not getattr(config, "attn_logit_softcapping", None)
+            and not getattr(config, "attention_dropout", 0.0) and (window is None or window >= max_length))
+
+
+def fast(model: torch.nn.Module) -> bool:
+    """Whether packing pays for ``model``: with variable-length FlashAttention, i.e. a bf16/fp16 model on a GPU."""
+    weight = next(model.parameters())
+    return weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and _varlen() is not None
+
+
+def use(model: torch.nn.Module, packed: bool) -> None:
+    """Route ``model``'s attention through ``attention`` (every forward must then be given a packed batch), or, if
+    it was, back to the implementation it had before."""
+    global _KERNEL
+    base = _pretrained(model)
+    if base is None:
+        return
+    if packed:
+        _KERNEL = _varlen()  # resolved here: compiled code must not trace the probe behind it
+    current = base.config._attn_implementation
+    if packed and current != NAME:
+        base._slmembed_unpacked_attention = current
+        base.config._attn_implementation = NAME
+    elif not packed and current == NAME:
+        base.config._attn_implementation = getattr(base, "_slmembed_unpacked_attention", "sdpa")
+
+
+def collate(ids: Sequence[list[int]]) -> dict:
+    """The packed inputs of token id lists: input_ids and position_ids [1, T], cu_seq_lens [N+1], max_length."""
+    lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+    ends = np.cumsum(lengths)
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(ends[-1]))
+    positions = np.arange(ends[-1]) - np.repeat(ends - lengths, lengths)
+    return {"input_ids": torch.from_numpy(flat)[None], "position_ids": torch.from_numpy(positions)[None],
+            "cu_seq_lens": torch.from_numpy(np.concatenate([[0], ends]).astype(np.int32)),
+            "max_length": int(lengths.max())}
+
+
+def hidden_states(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The last layer's hidden states [T, D] of a packed batch (already on the model's device)."""
+    cu, longest = batch["cu_seq_lens"], batch["max_length"]
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seq_lens_q=cu,
+                cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    return out.last_hidden_state[0]
+
+
+def pool(hidden: torch.Tensor, cu: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool packed hidden states [T, D] into [N, D]: each sequence's last token, first token or mean."""
+    cu = cu.long()
+    if pooling == "last":
+        return hidden[cu[1:] - 1]
+    if pooling == "cls":
+        return hidden[cu[:-1]]
+    lengths = cu.diff()
+    segment = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
+                                      output_size=hidden.shape[0])
+    sums = hidden.new_zeros((len(lengths), hidden.shape[1]), dtype=torch.float32)
+    return sums.index_add_(0, segment, hidden.float()) / lengths[:, None]
+
+
+def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+              cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
+              **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: query [1, H, T, D] and key/value [1, H_kv, T, D] -> output [1, T, H, D]."""
+    if cu_seq_lens_q is None:
+        raise RuntimeError(f"the {NAME} attention runs packed batches only (packing.collate): no cu_seq_lens_q given")
+    if dropout:
+        raise RuntimeError(f"the {NAME} attention has no attention dropout (got {dropout})")
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: each key/value head serves a group of query heads
+        group = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+    q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
+    scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+    kernel = _KERNEL if q.is_cuda else None
+    out = kernel(q, k, v, cu_seq_lens_q, max_length_q, scale) if kernel else _reference(q, k, v, cu_seq_lens_q, scale)
+    return out.unsqueeze(0), None
+
+
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float) -> torch.Tensor:
+    """Packed causal attention with an explicit [T, T] mask: a token sees the earlier tokens of its own sequence."""
+    position = torch.arange(q.shape[0], device=q.device)
+    segment = torch.searchsorted(cu[1:].long(), position, right=True)
+    allowed = (segment[:, None] == segment[None, :]) & (position[:, None] >= position[None, :])
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed,
+                                         scale=scale)
+    return out.transpose(0, 1)
+
+
+@functools.cache
+def _varlen():
+    """``f(q, k, v, cu, max_length, scale)`` over this PyTorch's ``varlen_attn`` (its arguments changed between
+    releases: ``is_causal`` became ``window_size``, ``scale`` came later), or None where it is missing or where, on
+    this GPU, its forward and backward do not match the reference on a small probe."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    takes_scale = "scale" in params
+
+    def call(q, k, v, cu, max_length, scale):
+        if takes_scale:
+            return varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scale, **causal)
+        return varlen_attn(q * (scale * q.shape[-1] ** 0.5), k, v, cu, cu, max_length, max_length, **causal)
+
+    return call if torch.cuda.is_available() and _agrees(call) else None
+
+
+def _agrees(call) -> bool:
+    """Whether ``call`` gives the reference's outputs and gradients on a three-sequence probe."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(11, 2, 64, device="cuda", generator=generator, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    cu = torch.tensor([0, 3, 4, 11], device="cuda", dtype=torch.int32)
+    try:
+        got = torch.autograd.grad(call(q, k, v, cu, 7, 0.1).float().square().sum(), (q, k, v))
+    except RuntimeError as exc:
+        warnings.warn(f"variable-length attention fails here ({exc}); batches stay padded", stacklevel=3)
+        return False
+    want = torch.autograd.grad(_reference(q, k, v, cu, 0.1).float().square().sum(), (q, k, v))
+    if all(torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05) for a, b in zip(got, want)):
+        return True
+    warnings.warn("variable-length attention disagrees with the reference here; batches stay padded", stacklevel=3)
+    return False
+
+
+AttentionInterface.register(NAME, attention)
