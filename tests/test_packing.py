@@ -124,3 +124,21 @@ def test_an_unpacked_embedder_switches_attention_back(tiny_models) -> None:
     want = packed.encode(TEXTS[:4])
     np.testing.assert_allclose(Embedder(model, tokenizer, EmbedSpec(), packed=False).encode(TEXTS[:4]), want, atol=2e-5)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_varlen_attn_of_either_release_is_called_causally_with_the_scale() -> None:
+    """torch's varlen_attn took ``is_causal`` and no ``scale`` in one release, ``window_size`` and ``scale`` later."""
+    cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    q, k, v = (torch.randn(9, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    want = packing._reference(q, k, v, cu, 0.3)
+
+    def old(query, key, value, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
+        assert is_causal and max_q == max_k == 5
+        return packing._reference(query, key, value, cu_q, query.shape[-1] ** -0.5)
+
+    def new(query, key, value, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
+        assert window_size == (-1, 0)
+        return packing._reference(query, key, value, cu_q, scale)
+
+    for release in (old, new):
+        torch.testing.assert_close(packing._adapt(release)(q, k, v, cu, 5, 0.3), want)

@@ -136,13 +136,19 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tens
 
 @functools.cache
 def _varlen():
-    """``f(q, k, v, cu, max_length, scale)`` over this PyTorch's ``varlen_attn`` (its arguments changed between
-    releases: ``is_causal`` became ``window_size``, ``scale`` came later), or None where it is missing or where, on
+    """``_adapt(varlen_attn)`` for this PyTorch, or None where ``torch.nn.attention.varlen`` is missing or where, on
     this GPU, its forward and backward do not match the reference on a small probe."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
+    call = _adapt(varlen_attn)
+    return call if torch.cuda.is_available() and _agrees(call) else None
+
+
+def _adapt(varlen_attn):
+    """``f(q, k, v, cu, max_length, scale)``: causal ``varlen_attn`` whatever its release's arguments (``is_causal``
+    became ``window_size``; without a ``scale`` argument the query is scaled instead)."""
     params = inspect.signature(varlen_attn).parameters
     causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     takes_scale = "scale" in params
@@ -152,7 +158,7 @@ def _varlen():
             return varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scale, **causal)
         return varlen_attn(q * (scale * q.shape[-1] ** 0.5), k, v, cu, cu, max_length, max_length, **causal)
 
-    return call if torch.cuda.is_available() and _agrees(call) else None
+    return call
 
 
 def _agrees(call) -> bool:
