@@ -1,12 +1,13 @@
 """Training speed: slmembed against sentence-transformers, same GPU, model, LoRA, loss, batch and data, one process.
 
 For each batch size: slmembed's own ``train`` in the chosen variants (eager; ``compile``: regional torch.compile;
-``grad_cache``: cached negatives; ``compile_grad_cache``: both) and the peer's SentenceTransformerTrainer with
-MultipleNegativesRankingLoss and/or its cached variant (which is how a peer user reaches large batches). Rates are
-triplets/s between a step after warm-up and the last step, both timed after the GPU finished. Model FLOPs per step
-are counted from the actual token lengths (see ``model_flops``); MFU divides them by the measured bf16 matmul
-ceiling. Then, if asked, GradCache's peak memory against batch size, and a quality check: both tools train the same
-number of steps on the same triplets with the same schedule, and both are scored on the nine STS sets.
+``grad_cache``: cached negatives; ``compile_grad_cache``: both; each also as ``..._padded``, with packing off) and
+the peer's SentenceTransformerTrainer with MultipleNegativesRankingLoss and/or its cached variant (which is how a
+peer user reaches large batches). Rates are triplets/s between a step after warm-up and the last step, both timed
+after the GPU finished. Model FLOPs per step are counted from the actual token lengths (see ``model_flops``); MFU
+divides them by the measured bf16 matmul ceiling. Then, if asked, GradCache's peak memory against batch size, and a
+quality check: both tools train the same number of steps on the same triplets with the same schedule, and both are
+scored on the nine STS sets.
 
     python bench/train_speed.py --model gemma-3-270m --batches 60 --variants eager compile \
         --quality-steps 200 --output results/bench/train-gemma-3-270m-b60.json
@@ -223,15 +224,15 @@ def main() -> None:
                 ours["mfu"] = round(flops / (ours["ms_per_step"] / 1000) / (ceiling * 1e12), 4)
             row[f"slmembed_{variant}"] = ours
             print(batch, variant, ours)
-        if args.profile:  # the first variant again, under the profiler (which slows it a little)
-            run = (with_overrides(recipe, VARIANTS[args.variants[0]]), args.warmup, args.steps, args.data_dir,
-                   scratch / f"profile-{batch}")
-            row["profiled"] = profiled(run, args.profile)
+        def first_variant(name: str) -> tuple:  # the first variant again, as a run_ours argument tuple
+            return (with_overrides(recipe, VARIANTS[args.variants[0]]), args.warmup, args.steps, args.data_dir,
+                    scratch / f"{name}-{batch}")
+
+        if args.profile:  # under the profiler (which slows it a little)
+            row["profiled"] = profiled(first_variant("profile"), args.profile)
             args.profile = None
         if args.sync_check:
-            run = (with_overrides(recipe, VARIANTS[args.variants[0]]), args.warmup, args.steps, args.data_dir,
-                   scratch / f"syncs-{batch}")
-            row["host_syncs"] = host_syncs(run, args.warmup + args.steps)
+            row["host_syncs"] = host_syncs(first_variant("syncs"), args.warmup + args.steps)
             args.sync_check = False
         for loss in args.peer_losses:
             name, cached = ("st_cached_mnrl", 64) if loss == "cached" else ("st_mnrl", None)

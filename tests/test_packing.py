@@ -11,9 +11,8 @@ from transformers import AutoModel, AutoTokenizer, Gemma2Config, Gemma3TextConfi
 from slmembed import packing
 from slmembed.embedder import Embedder, EmbedSpec
 from slmembed.gradcache import cached_backward
-from slmembed.loss import info_nce
+from test_gradcache import TEXTS, _loss
 
-TEXTS = [f"sentence number {i} " + "word " * (i % 7) for i in range(24)]  # 8 triplets of varied lengths
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 MORE = {  # architectures packing allows beyond conftest's tiny Gemma, Phi and Llama
     "gemma3_text": Gemma3TextConfig(**SMALL, num_key_value_heads=1, head_dim=8, sliding_window=16,
@@ -87,11 +86,6 @@ def test_packed_gradcache_gives_the_padded_loss_and_lora_gradients(arch_model) -
     for name, grad in grads_padded.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(grads_packed[name], grad, rtol=1e-4, atol=1e-5 * grad.abs().max().item(), msg=name)
-
-
-def _loss(emb: torch.Tensor) -> torch.Tensor:
-    a, p, n = emb.view(3, -1, emb.shape[-1])
-    return info_nce(a, p, n, 0.05)
 
 
 def test_packing_is_refused_where_it_would_be_wrong(tiny_models) -> None:

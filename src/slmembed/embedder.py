@@ -138,7 +138,7 @@ class Embedder:
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Normalised embeddings [B, D] for a collated batch, with gradients if enabled."""
-        batch = {k: self._to_device(v) for k, v in batch.items()}
+        batch = self.to_device(batch)
         if self.packed:
             pooled = packing.pool(packing.hidden_states(self.model, batch), batch["cu_seq_lens"], self.spec.pooling)
         else:
@@ -146,12 +146,17 @@ class Embedder:
             pooled = pool(self.model(**inputs).last_hidden_state, batch["attention_mask"], self.spec.pooling)
         return F.normalize(pooled.float(), dim=-1)
 
-    def _to_device(self, value):
-        """A host tensor on the model's device without stalling the host: pinned memory copies asynchronously."""
-        if not isinstance(value, torch.Tensor):
-            return value
+    def to_device(self, batch: dict) -> dict:
+        """A collated batch's tensors on the model's device, without stalling the host: host tensors are copied from
+        pinned memory, asynchronously; tensors already there stay as they are."""
         device = self.device
-        return value.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else value.to(device)
+
+        def move(value):
+            if not isinstance(value, torch.Tensor) or value.device == device:
+                return value
+            return value.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else value.to(device)
+
+        return {k: move(v) for k, v in batch.items()}
 
     def chunks(self, ids: Sequence[list[int]], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
         """Split positions 0..N-1 into length-sorted chunks of at most ``max_tokens`` tokens (and ``max_rows``).

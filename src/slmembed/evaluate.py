@@ -28,8 +28,8 @@ def unique_sentences(sets: dict[str, StsSet]) -> list[str]:
 
 
 def batching(embedder: Embedder, batch_size: int | None = None) -> tuple[int, int]:
-    """Sentences and padded tokens per batch: ``batch_size`` (default 1024 on a GPU, 64 on the CPU) and 32 tokens per
-    sentence on average, so that batches of long sentences do not blow up memory."""
+    """Sentences and tokens (padded, or real when packed) per batch: ``batch_size`` (default 1024 on a GPU, 64 on the
+    CPU) and 32 tokens per sentence on average, so that batches of long sentences do not blow up memory."""
     batch_size = batch_size or (1024 if embedder.device.type == "cuda" else 64)
     return batch_size, 32 * batch_size
 

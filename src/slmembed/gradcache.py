@@ -52,7 +52,8 @@ def cached_backward(
     but the last (DDP's ``no_sync``), so gradients are all-reduced once per step.
     """
     chunks = embedder.chunks(ids, max_tokens)
-    batches = [embedder.collate([ids[i] for i in chunk]) for chunk in chunks]  # padded once, used by both passes
+    # Collated and copied to the device once, used by both passes.
+    batches = [embedder.to_device(embedder.collate([ids[i] for i in chunk])) for chunk in chunks]
     states, parts = [], []
     with torch.no_grad():
         for batch in batches:
