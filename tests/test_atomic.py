@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
+from slmembed import atomic
 from slmembed.atomic import atomic_dir, atomic_path, clean_leftovers, write_text
 
 
@@ -35,3 +39,13 @@ def test_clean_leftovers_of_killed_writes(tmp_path) -> None:
     assert sorted(p.relative_to(run).as_posix() for p in run.rglob("*")) == [
         ".hidden", "adapter", "adapter/adapter_config.json", "checkpoints", "checkpoints/step-0000002", "embed"]
     assert clean_leftovers(run) == []
+
+
+def test_written_files_and_folders_get_the_umask_modes_not_private_ones(tmp_path) -> None:
+    write_text(tmp_path / "a.txt", "x")
+    with atomic_dir(tmp_path / "d") as tmp:
+        (tmp / "f").write_text("y")
+    # As open() and mkdir() would make them under the process's umask (mkstemp and mkdtemp make them 0600 and 0700).
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~atomic._UMASK
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~atomic._UMASK
+    assert os.umask(atomic._UMASK) == atomic._UMASK  # reading it left the process's umask as it was

@@ -57,10 +57,10 @@ def test_errors_are_one_line_with_exit_code_2(args, message, capsys, tmp_path, m
 
 
 @pytest.mark.parametrize("yaml_text, message", [
-    ("train:\n  lr: fast\n", "recipe.yaml.train.lr: expected float, got 'fast'"),
+    ("train:\n  lr: fast\n", "recipe.yaml: train.lr: expected float, got 'fast'"),
     ("train:\n  batch_size: 8.5\n", "train.batch_size: expected int, got 8.5"),
     ("lora:\n  targets: q_proj\n", "lora.targets: expected list[str], got 'q_proj'"),
-    ("model: [smollm2-135m]\n", "recipe.yaml.model: expected a mapping"),
+    ("model: [smollm2-135m]\n", "recipe.yaml: model: expected a mapping"),
     ("lora:\n  rank: 4\n", "unknown field(s) rank"),
     ("train: {lr: 1e-3\n", "recipe.yaml:2: not valid YAML (expected ',' or '}', but got '<stream end>')"),
     ("train:\n  max_steps: [1\n", "not valid YAML"),
@@ -82,7 +82,7 @@ def test_bad_recipe_files_are_one_line_errors(yaml_text, message, capsys, tmp_pa
 def test_unsafe_models_are_refused(fixture, extra, message, request, capsys, tmp_path) -> None:
     """Pickle weights and a model's own code are refused by eval and train unless the user allows them."""
     folder = request.getfixturevalue(fixture)
-    out = tmp_path / "out"
+    out = tmp_path / "out.json"
     commands = [["eval", "--model", str(folder), "--tasks", "STSBenchmark", "--output", str(out)],
                 ["train", "--config", "demo-smollm2", "--output", str(out), "--set", f"model.name={folder}",
                  "--set", "data.sources=[cad_snli]", *extra]]

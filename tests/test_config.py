@@ -1,16 +1,16 @@
-"""Recipes: the YAML files in configs/ load, carry the paper's hyperparameters, and bad input is named."""
+"""Recipes: the shipped YAML files load, carry the paper's hyperparameters, and bad input is named."""
 
 from __future__ import annotations
 
 import pytest
 
-from slmembed.config import CONFIG_DIR, load_recipe, with_overrides
+from slmembed.config import Recipe, load_recipe, recipe_from_dict, shipped_recipes, with_overrides
 from slmembed.errors import SlmembedError
 
 PAPER = {"minicpm-2b": "openbmb/MiniCPM-2B-dpo-bf16", "phi-2": "microsoft/phi-2", "gemma-2b": "google/gemma-2b-it"}
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("name", shipped_recipes())
 def test_every_recipe_loads_and_round_trips(name: str, tmp_path) -> None:
     recipe = load_recipe(name)
     (tmp_path / "r.yaml").write_text(recipe.to_yaml())
@@ -32,7 +32,7 @@ def test_paper_hyperparameters(name: str) -> None:
 def test_wrong_type_unknown_field_and_bad_override(tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: fast\n")
-    with pytest.raises(SlmembedError, match=r"bad.yaml.train.lr: expected float, got 'fast'"):
+    with pytest.raises(SlmembedError, match=r"bad.yaml: train.lr: expected float, got 'fast'"):
         load_recipe(bad)
     bad.write_text("train:\n  batch_size: 6.5\n")
     with pytest.raises(SlmembedError, match=r"train.batch_size: expected int"):
@@ -44,6 +44,24 @@ def test_wrong_type_unknown_field_and_bad_override(tmp_path) -> None:
         load_recipe("no-such-recipe")
     with pytest.raises(SlmembedError, match="no field"):
         with_overrides(load_recipe("gemma-2b"), ["train.nope=1"])
+    with pytest.raises(SlmembedError, match=r"override 'model.prompt=\{\} is: ': not a YAML value"):
+        with_overrides(load_recipe("gemma-2b"), ["model.prompt={} is: "])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"1: 2\n", "bad.yaml: unknown field(s) 1; expected data, lora, model, name, train"),
+    (b"name: \xff\n", "bad.yaml: cannot read it as UTF-8 text"),
+    (b"train:\n  batch_size: -8\n", "bad.yaml: train.batch_size: expected an integer >= 1, got -8"),
+])
+def test_odd_files_are_named_errors(content: bytes, message: str, tmp_path) -> None:
+    (tmp_path / "bad.yaml").write_bytes(content)
+    with pytest.raises(SlmembedError) as info:
+        load_recipe(tmp_path / "bad.yaml")
+    assert str(info.value).startswith(f"{tmp_path}/{message}"), info.value
+
+
+def test_defaults_pass_their_own_checks() -> None:
+    assert recipe_from_dict(Recipe().to_dict()) == Recipe()
 
 
 def test_overrides_and_yaml_floats_without_a_dot(tmp_path) -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from slmembed.embedder import PROMPTS, Embedder, EmbedSpec, load_embedder, pool
+from slmembed.errors import SlmembedError
 
 TEXTS = ["A man is playing a guitar.", "Hi", "The quick brown fox jumps over the lazy dog near the river bank today."]
 
@@ -74,7 +75,7 @@ def test_prompt_templates(tiny_models) -> None:
     emb = _embedder(tiny_models["llama"], "right", prompt="P1")
     expected = emb.tokenizer(PROMPTS["P1"].format("a cat"))["input_ids"] + [emb.tokenizer.eos_token_id]
     assert emb.tokenize(["a cat"])[0] == expected
-    with pytest.raises(ValueError, match="must contain"):
+    with pytest.raises(SlmembedError, match="prompt: expected P1, P2, P3 or a template with exactly one"):
         EmbedSpec(prompt="no placeholder")
 
 

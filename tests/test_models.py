@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from slmembed import models
 from slmembed.config import Recipe
@@ -17,6 +18,18 @@ def test_packaged_gguf_converts_to_safetensors_folder(smollm2_dir) -> None:
     assert (smollm2_dir / "model.safetensors").exists() and (smollm2_dir / "tokenizer.json").exists()
     assert json.loads((smollm2_dir / "config.json").read_text())["model_type"] == "llama"
     assert models.resolve("smollm2-135m") == str(smollm2_dir)  # reused, not converted again
+    # The special tokens are the GGUF file's (tokenizer.ggml.eos_token_id 2 ...), whichever transformers converted it.
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    assert (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token) == ("<|im_end|>", "<|im_start|>", "<|im_end|>")
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 2)
+
+
+def test_lora_layers_out_of_range_are_refused(tiny_models) -> None:
+    model, _ = models.load(str(tiny_models["llama"]))
+    recipe = Recipe()
+    recipe.lora.layers = [2]  # the tiny model has layers 0 and 1
+    with pytest.raises(SlmembedError, match=r"lora.layers: expected layer numbers from -2 to 1 .* got \[2\]"):
+        add_lora(model, recipe)
 
 
 def test_packaged_sentence_transformers_folder() -> None:

@@ -10,10 +10,10 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from slmembed.cli import main
-from slmembed.config import Recipe
 from slmembed.errors import DataError, SlmembedError
 from slmembed.report import report
 from slmembed.train import train
+from test_train import _tiny_recipe
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "reproduce"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -21,13 +21,8 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tiny_models, data_dir) -> Path:
-    recipe = Recipe()
-    recipe.model.name, recipe.model.max_length = str(tiny_models["llama"]), 24
-    recipe.data.sources, recipe.data.max_triplets = ["cad_snli"], 64
-    recipe.train.batch_size, recipe.train.max_steps, recipe.train.warmup_steps = 8, 6, 2
-    recipe.train.log_every, recipe.train.bf16 = 1, False
     run = tmp_path_factory.mktemp("report") / "run"
-    train(recipe, run, data_dir=str(data_dir), progress=False)
+    train(_tiny_recipe(tiny_models), run, data_dir=str(data_dir), progress=False)
     return run
 
 

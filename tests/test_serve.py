@@ -1,10 +1,12 @@
-"""`slmembed serve` as a real process on loopback, called with the official openai client and with raw HTTP:
-results match direct embeddings, bad requests get OpenAI-shaped 4xx errors, concurrent requests share batches, the API
-key guards every endpoint but /health, and SIGTERM finishes the requests in flight."""
+"""`slmembed serve` as a real process on loopback, called with the official openai client, raw HTTP and raw sockets:
+results match direct embeddings (token-id inputs those of their text), bad requests get OpenAI-shaped 4xx errors,
+concurrent requests share batches, slow clients are cut off without holding a worker, a full queue gets 429 at once and
+waits are bounded, the API key guards every path but /health, and SIGTERM finishes the requests in flight."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
+from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI, RateLimitError
 
 from slmembed.config import Recipe
 from slmembed.embedder import load_embedder
@@ -30,22 +32,41 @@ from slmembed.serve import Limits
 from slmembed.train import train
 
 TEXTS = ["A man is playing a guitar.", "Hi", "Two dogs run across a snowy field near the old barn.", "Ein Satz."]
+LONG = "The committee met on Tuesday to discuss the budget for the coming year, and after hours of debate "
+SERVER_LIMITS = Limits(max_inputs=8, max_chars=300, max_connections=32, read_timeout=1)  # the `server` fixture's
 
 
 class Server:
     def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
         self.proc, self.port, self.log = proc, port, log
 
-    def request(self, method: str, path: str, body: bytes | str | dict | None = None,
-                headers: dict | None = None) -> tuple[int, dict]:
-        """One raw HTTP request; returns the status and the JSON body."""
+    def exchange(self, method: str, path: str, body: bytes | str | dict | None = None,
+                 headers: dict | None = None) -> tuple[int, dict, dict | str | None]:
+        """One raw HTTP request; returns the status, the headers (lower-case names) and the body (JSON if it is)."""
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         payload = json.dumps(body).encode() if isinstance(body, dict) else body
         conn.request(method, path, body=payload, headers={"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
-        status, data = resp.status, json.loads(resp.read() or b"null")
+        raw, got = resp.read(), {k.lower(): v for k, v in resp.getheaders()}
         conn.close()
+        return resp.status, got, json.loads(raw or b"null") if "json" in got.get("content-type", "") else raw.decode()
+
+    def request(self, method: str, path: str, body: bytes | str | dict | None = None,
+                headers: dict | None = None) -> tuple[int, dict]:
+        """One raw HTTP request; returns the status and the JSON body."""
+        status, _, data = self.exchange(method, path, body, headers)
         return status, data
+
+    def health(self) -> dict:
+        return self.request("GET", "/health")[1]
+
+    def wait_for(self, check, what: str, seconds: float = 60) -> dict:
+        """Poll /health until ``check(health)`` holds; return that health."""
+        deadline = time.monotonic() + seconds
+        while not check(health := self.health()):
+            assert time.monotonic() < deadline, f"{what}: not within {seconds} s ({health})"
+            time.sleep(0.01)
+        return health
 
     def client(self, key: str = "unused") -> OpenAI:
         return OpenAI(api_key=key, base_url=f"http://127.0.0.1:{self.port}/v1", max_retries=0)
@@ -96,9 +117,10 @@ def run_dir(tmp_path_factory, tiny_models, data_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def server(run_dir, tmp_path_factory) -> Iterator[Server]:
-    """A server for the training run folder, with small limits to test them."""
+    """A server for the training run folder, with small limits to test them (SERVER_LIMITS)."""
     log = tmp_path_factory.mktemp("serve-log") / "server.log"
-    with serving(run_dir, "--max-inputs", "8", "--max-chars", "300", log=log) as srv:
+    with serving(run_dir, "--max-inputs", "8", "--max-chars", "300", "--max-connections", "32", "--read-timeout", "1",
+                 log=log) as srv:
         yield srv
 
 
@@ -111,9 +133,17 @@ def _cosines(a, b) -> np.ndarray:
     return (np.asarray(a) * np.asarray(b)).sum(1)
 
 
+INPUT_KINDS = "'input' must be a string, a list of strings, a list of token ids (integers) or a list of token-id lists"
+
+
 def test_openai_client_gets_the_direct_embeddings(server, direct) -> None:
     client = server.client()
     assert [m.id for m in client.models.list().data] == ["run"]
+    model = client.models.retrieve("run")
+    assert (model.id, model.object, model.owned_by) == ("run", "model", "slmembed")
+    with pytest.raises(NotFoundError, match="not served here") as missing:
+        client.models.retrieve("text-embedding-3-small")
+    assert missing.value.code == "model_not_found"
     expected = direct.encode(TEXTS)
     for fmt in ("float", "base64", None):  # unasked, the client asks for base64 and decodes it itself
         resp = client.embeddings.create(model="run", input=TEXTS, **({"encoding_format": fmt} if fmt else {}))
@@ -122,31 +152,61 @@ def test_openai_client_gets_the_direct_embeddings(server, direct) -> None:
                for d in resp.data]
         assert _cosines(got, expected).min() > 0.999
         assert resp.usage.prompt_tokens == sum(len(ids) for ids in direct.tokenize(TEXTS))
-    single = client.embeddings.create(model="run", input=TEXTS[2])
+    single = client.embeddings.create(model="run", input=TEXTS[2], user="alice")  # `user` is accepted and ignored
     assert len(single.data) == 1 and _cosines([single.data[0].embedding], expected[2:3])[0] > 0.999
     short = np.array(client.embeddings.create(model="run", input=TEXTS, dimensions=8).data[0].embedding)
     cut = expected[0, :8] / np.linalg.norm(expected[0, :8])
     assert short.shape == (8,) and np.linalg.norm(short) == pytest.approx(1, abs=1e-5) and short @ cut > 0.999
     with pytest.raises(BadRequestError, match="over the limit of 8"):
         client.embeddings.create(model="run", input=["x"] * 9)
-    with pytest.raises(NotFoundError, match="not served here"):
+    with pytest.raises(NotFoundError, match="not served here") as missing:
         client.embeddings.create(model="gpt-4", input="x")
+    assert missing.value.code == "model_not_found"
     assert "Uvicorn running on http://127.0.0.1:" in server.log.read_text()  # loopback by default
+
+
+def test_token_id_inputs_embed_as_their_text(server, direct) -> None:
+    """Token ids as the tokenizer gives them embed exactly as their text does: truncated to the model's length and
+    given EOS the same way, and counted the same in usage."""
+    client = server.client()
+    texts = [*TEXTS, " ".join(["snow"] * 60)]  # the last is over the run's 32 tokens: cut in both forms
+    ids = [direct.tokenizer(t)["input_ids"] for t in texts]
+    assert len(ids[-1]) > direct.spec.max_length
+    by_text, by_ids = (client.embeddings.create(model="run", input=x) for x in (texts, ids))
+    got = [d.embedding for d in by_ids.data]
+    assert _cosines(got, [d.embedding for d in by_text.data]).min() > 1 - 1e-5
+    assert _cosines(got, direct.encode(texts)).min() > 0.999
+    tokens = sum(len(row) for row in direct.tokenize(texts))  # EOS included, the last cut to 32
+    assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens == tokens
+    one_ids, one_text = (client.embeddings.create(model="run", input=x) for x in (ids[2], texts[2]))
+    assert len(one_ids.data) == 1  # one list of ids is one input
+    assert _cosines([one_ids.data[0].embedding], [one_text.data[0].embedding])[0] > 1 - 1e-5
+    assert one_ids.usage.prompt_tokens == len(ids[2]) + 1  # and its EOS
 
 
 @pytest.mark.parametrize("body, status, param, message", [
     (b'{"model": "run", "input": ["a"', 400, None, "not valid JSON"),
     (b"[1, 2]", 400, None, "Input should be an object"),
     ({"model": "run"}, 400, "input", "missing required field 'input'"),
-    ({"model": "run", "input": 5}, 400, "input", "a string or a list of strings"),
-    ({"model": "run", "input": [1, 2]}, 400, "input", "a string or a list of strings"),
+    ({"model": "run", "input": 5}, 400, "input", INPUT_KINDS),
+    ({"model": "run", "input": [1, "a"]}, 400, "input", INPUT_KINDS),
+    ({"model": "run", "input": [[1], 2]}, 400, "input", INPUT_KINDS),
+    ({"model": "run", "input": [True, 2]}, 400, "input", INPUT_KINDS),
+    ({"model": "run", "input": [[1.5]]}, 400, "input", INPUT_KINDS),
     ({"model": "run", "input": "a", "dimensions": "8"}, 400, "dimensions", "valid integer"),
-    ({"model": "run", "input": "a", "dimensions": 0}, 400, "dimensions", "between 1 and 32"),
+    ({"model": "run", "input": "a", "dimensions": 0}, 400, "dimensions", "between 1 and 32, got 0"),
+    ({"model": "run", "input": "a", "dimensions": 33}, 400, "dimensions", "between 1 and 32, got 33"),
     ({"model": "run", "input": "a", "encoding_format": "hex"}, 400, "encoding_format", "'float' or 'base64'"),
+    ({"model": "run", "input": "a", "user": 7}, 400, "user", "valid string"),
     ({"model": "run", "input": []}, 400, "input", "empty list"),
-    ({"model": "run", "input": ["a", ""]}, 400, "input", "input[1] is an empty string"),
-    ({"model": "run", "input": ["a"] * 9}, 400, "input", "9 texts, over the limit of 8"),
-    ({"model": "run", "input": ["a", "b" * 301]}, 400, "input", "301 characters, over the limit of 300"),
+    ({"model": "run", "input": ["a", ""]}, 400, "input", "input[1] is empty"),
+    ({"model": "run", "input": [[5], []]}, 400, "input", "input[1] is empty"),
+    ({"model": "run", "input": ["a"] * 9}, 400, "input", "9 inputs, over the limit of 8"),
+    ({"model": "run", "input": ["a", "b" * 301]}, 400, "input", "input[1] has 301 characters, over the limit of 300"),
+    ({"model": "run", "input": [1] * 301}, 400, "input", "input has 301 token ids, over the limit of 300"),
+    ({"model": "run", "input": [7, 49152]}, 400, "input",
+     "input[1] is 49152, not a token id of this model (0 to 49151)"),
+    ({"model": "run", "input": [[7], [5, -1]]}, 400, "input", "input[1][1] is -1, not a token id"),
     ({"model": "nope", "input": "a"}, 404, "model", "not served here"),
 ])
 def test_bad_requests_get_openai_shaped_errors(server, body, status, param, message) -> None:
@@ -158,17 +218,96 @@ def test_bad_requests_get_openai_shaped_errors(server, body, status, param, mess
 
 
 def test_oversized_body_unknown_path_and_wrong_method(server) -> None:
-    status, data = server.request("POST", "/v1/embeddings", b" " * (8 * 300 * 6 + 65_537))
-    assert status == 413 and "over the limit" in data["error"]["message"]
+    status, headers, data = server.exchange("POST", "/v1/embeddings", b" " * (SERVER_LIMITS.max_body + 1))
+    assert status == 413 and "over the limit" in data["error"]["message"] and headers["connection"] == "close"
     assert server.request("GET", "/v1/nothing")[1]["error"]["type"] == "not_found_error"
     status, data = server.request("DELETE", "/v1/embeddings")
     assert status == 405 and "error" in data
 
 
+def test_slow_clients_are_cut_off_and_hold_no_worker(server) -> None:
+    """With --read-timeout 1: a client that sends nothing, or its headers a byte at a time (also for its second request
+    on a kept-alive connection), is disconnected; one that stalls or dribbles its body gets 408; each about a second
+    after it connected or got its first answer, while a normal client is served meanwhile and no slow one has reached
+    the queue."""
+    head = b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n"
+    plans = {  # what a client sends at once, then one byte every 0.1 s
+        "idle": (b"", b""),
+        "slow headers": (b"", head),
+        "stalled body": (head + b'{"model": "run", "input": "', b""),
+        "slow body": (head + b'{"model": "run", "input": "', b"a" * 40),
+        "slow second request": (b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", head),
+    }
+    socks = {name: socket.create_connection(("127.0.0.1", server.port)) for name in plans}
+    start = time.monotonic()
+    replies, closed, trickled = dict.fromkeys(plans, b""), {}, dict.fromkeys(plans, 0)
+    for name, sock in socks.items():
+        sock.sendall(plans[name][0])
+        sock.setblocking(False)
+    for step in range(40):  # 4 s at most
+        for name, sock in socks.items():
+            if name in closed:
+                continue
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                data = None
+            except ConnectionResetError:
+                data = b""
+            if data == b"":
+                closed[name] = time.monotonic() - start
+            elif data:
+                replies[name] += data
+            elif trickled[name] < len(plans[name][1]):
+                with contextlib.suppress(OSError):  # closed meanwhile: the next recv says so
+                    sock.send(plans[name][1][trickled[name] : trickled[name] + 1])
+                trickled[name] += 1
+        if step == 3:  # meanwhile, another client is served, and the slow ones hold no place in the queue
+            status, data = server.request("POST", "/v1/embeddings", {"model": "run", "input": TEXTS})
+            assert status == 200 and len(data["data"]) == 4
+            assert server.health()["pending"] == server.health()["queued"] == 0
+        if len(closed) == len(plans):
+            break
+        time.sleep(0.1)
+    for sock in socks.values():
+        sock.close()
+    assert set(closed) == set(plans), f"not disconnected within 4 s: {set(plans) - set(closed)}"
+    assert all(0.9 < at < 2.5 for at in closed.values()), closed
+    assert replies["idle"] == replies["slow headers"] == b""  # the headers never came: nothing to answer
+    assert replies["slow second request"].startswith(b"HTTP/1.1 200 ")
+    assert replies["slow second request"].count(b"HTTP/1.1 ") == 1
+    for name in ("stalled body", "slow body"):
+        head, _, body = replies[name].partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408 ") and b"connection: close" in head.lower(), replies[name]
+        assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+def test_connection_limit_answers_503_until_idle_connections_are_cut(server) -> None:
+    """32 connections that send nothing fill --max-connections 32: a request gets 503 (uvicorn's); the read timeout
+    closes them a second after they opened, and requests are served again."""
+    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(SERVER_LIMITS.max_connections)]
+    start = time.monotonic()
+    try:
+        time.sleep(0.2)  # all accepted
+        assert server.exchange("GET", "/v1/models")[0] == 503
+        for _ in range(40):  # 4 s at most
+            status = server.exchange("GET", "/v1/models")[0]
+            if status != 503:
+                break
+            time.sleep(0.1)
+        assert status == 200 and 0.8 < time.monotonic() - start < 4
+        for sock in idle:
+            sock.settimeout(1)
+            assert sock.recv(1) == b""  # closed by the server
+    finally:
+        for sock in idle:
+            sock.close()
+
+
 def test_concurrent_requests_share_batches_and_keep_their_own_answers(server, direct) -> None:
     texts = [f"sentence number {i} about {'cats' if i % 2 else 'the weather'} and more" for i in range(96)]
     expected = direct.encode(texts)
-    before = server.request("GET", "/health")[1]
+    before = server.health()
     results: dict[int, list] = {}
 
     def call(k: int) -> None:
@@ -183,32 +322,83 @@ def test_concurrent_requests_share_batches_and_keep_their_own_answers(server, di
         t.join()
     for k in range(24):  # each reply is its own input's vectors, in order
         assert _cosines(results[k], expected[4 * k : 4 * k + 4]).min() > 0.999
-    after = server.request("GET", "/health")[1]
+    after = server.health()
     assert after["texts"] - before["texts"] == 96
     assert after["batches"] - before["batches"] < 24  # requests were merged into shared encode calls
 
 
-def test_api_key_guards_all_but_health(run_dir, tmp_path) -> None:
+def test_api_key_guards_every_path_but_health(run_dir, tmp_path) -> None:
+    """With $SLMEMBED_API_KEY, every path but /health (the schema, the docs pages and unknown paths too) answers 401
+    without `Bearer KEY`; with it the API and the schema work and the docs pages are off. The exported folder is
+    given a prompt, as a run trained with one has, so token-id inputs are refused there."""
     exported = tmp_path / "exported"
     export(run_dir, exported)
+    saved = json.loads((exported / "embed.json").read_text())
+    saved["spec"]["prompt"] = "query: {}"
+    (exported / "embed.json").write_text(json.dumps(saved))
+    paths = [("GET", "/v1/models", None), ("GET", "/v1/models/exported", None),
+             ("POST", "/v1/embeddings", {"model": "exported", "input": "a"}), ("GET", "/openapi.json", None),
+             ("GET", "/docs", None), ("GET", "/redoc", None), ("GET", "/v1/nothing", None)]
     with serving(exported, env={"SLMEMBED_API_KEY": "s3cret"}, log=tmp_path / "log") as srv:
         assert srv.request("GET", "/health")[0] == 200
-        for method, path, body in [("GET", "/v1/models", None), ("POST", "/v1/embeddings", {"model": "exported",
-                                                                                           "input": "a"})]:
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
-                status, data = srv.request(method, path, body, headers)
-                assert status == 401 and data["error"]["code"] == "invalid_api_key"
+        for method, path, body in paths:
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"},
+                            {"Authorization": "Basic s3cret"}):
+                status, got, data = srv.exchange(method, path, body, headers)
+                assert status == 401 and data["error"]["code"] == "invalid_api_key", (path, headers)
+                assert got["www-authenticate"] == "Bearer"
+        key = {"Authorization": "Bearer s3cret"}
+        assert [srv.exchange(*call, key)[0] for call in paths] == [200, 200, 200, 200, 404, 404, 404]
         with pytest.raises(AuthenticationError):
             srv.client("wrong").models.list()
-        resp = srv.client("s3cret").embeddings.create(model="exported", input=TEXTS)
-        expected = load_embedder(str(exported)).encode(TEXTS)
+        client = srv.client("s3cret")
+        resp = client.embeddings.create(model="exported", input=TEXTS)
+        expected = load_embedder(str(exported)).encode(TEXTS)  # with the prompt
         assert _cosines([d.embedding for d in resp.data], expected).min() > 0.999
+        with pytest.raises(BadRequestError, match="prompt template"):
+            client.embeddings.create(model="exported", input=[[1, 2]])
+
+
+@pytest.mark.slow
+def test_full_queue_gets_429_at_once_and_waits_are_bounded(tmp_path) -> None:
+    """SmolLM2 on the CPU, --max-queue 9, --request-timeout 0.5: request A (8 long texts) keeps the worker busy for
+    seconds; B (1 text) queues behind it and fills the queue; C gets 429 at once. A and B get 503 at the timeout
+    while A's texts are still being encoded; the worker then drops B's text unembedded and the queue is empty again."""
+    long_texts = [f"{i}: {LONG * 6}" for i in range(8)]
+    args = ("--device", "cpu", "--dtype", "float32", "--max-inputs", "8", "--max-queue", "9", "--request-timeout", "0.5")
+    with serving("smollm2-135m", *args, log=tmp_path / "log") as srv:
+        before = srv.health()
+        answers: dict[str, tuple[int, dict, float]] = {}
+
+        def call(name: str, inputs: list[str]) -> None:
+            sent = time.monotonic()
+            status, data = srv.request("POST", "/v1/embeddings", {"model": "smollm2-135m", "input": inputs})
+            answers[name] = status, data, time.monotonic() - sent
+
+        threads = [threading.Thread(target=call, args=args) for args in (("A", long_texts), ("B", ["Hi"]))]
+        threads[0].start()
+        srv.wait_for(lambda h: h["queued"] == 8, "A accepted")
+        threads[1].start()
+        srv.wait_for(lambda h: h["queued"] == 9, "B accepted")
+        sent = time.monotonic()
+        with pytest.raises(RateLimitError) as full:
+            srv.client().embeddings.create(model="smollm2-135m", input="Hello")
+        assert time.monotonic() - sent < 0.5 and srv.health()["queued"] == 9  # answered at once, A still encoding
+        assert (full.value.type, full.value.code) == ("server_overloaded", "queue_full")
+        assert full.value.response.headers["retry-after"] == "1"
+        for t in threads:
+            t.join()
+        assert srv.health()["queued"] == 9, "A was encoded within 0.5 s: the test needs a slower encode"
+        for name in "AB":
+            status, data, took = answers[name]
+            assert status == 503 and data["error"]["code"] == "timeout" and 0.5 <= took < 2, answers[name]
+        after = srv.wait_for(lambda h: h["queued"] == 0, "the worker finished A")
+        assert (after["texts"] - before["texts"], after["batches"] - before["batches"]) == (8, 1)  # B was dropped
 
 
 @pytest.mark.slow
 def test_sigterm_finishes_requests_in_flight(tmp_path) -> None:
-    long_text = "The committee met on Tuesday to discuss the budget for the coming year, and after hours of debate "
-    texts = [f"{i}: {long_text * 2}" for i in range(8)]
+    texts = [f"{i}: {LONG * 2}" for i in range(8)]
     with serving("smollm2-135m", log=tmp_path / "log") as srv:
         done: list[tuple[float, int, int]] = []
 
@@ -238,6 +428,12 @@ def test_sigterm_finishes_requests_in_flight(tmp_path) -> None:
     assert "Shutting down" in log and "Finished server process" in log and "Traceback" not in log
 
 
-def test_limits_must_be_positive() -> None:
+def test_limits_must_be_consistent() -> None:
     with pytest.raises(SlmembedError, match="--max-inputs must be at least 1, got 0"):
         Limits(max_inputs=0)
+    with pytest.raises(SlmembedError, match="--read-timeout must be a positive number of seconds, got 0"):
+        Limits(read_timeout=0)
+    with pytest.raises(SlmembedError, match="--request-timeout must be a positive number of seconds, got inf"):
+        Limits(request_timeout=float("inf"))
+    with pytest.raises(SlmembedError, match=r"--max-queue \(8\) must be at least --max-inputs \(9\)"):
+        Limits(max_inputs=9, max_queue=8)

@@ -69,11 +69,15 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_models, data_dir)
     assert a[next(iter(a))].abs().sum() > 0
 
 
-def test_existing_run_needs_resume(tmp_path, tiny_models, data_dir) -> None:
-    (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "x").write_text("")
+def test_existing_run_needs_resume_and_a_foreign_folder_is_refused(tmp_path, tiny_models, data_dir) -> None:
+    recipe = _tiny_recipe(tiny_models, max_steps=2)
+    train_mod.train(recipe, tmp_path / "run", data_dir=data_dir, progress=False)
     with pytest.raises(SlmembedError, match="--resume"):
-        train_mod.train(_tiny_recipe(tiny_models), tmp_path / "run", data_dir=data_dir, progress=False)
+        train_mod.train(recipe, tmp_path / "run", data_dir=data_dir, progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "x").write_text("")
+    with pytest.raises(SlmembedError, match="did not write"):
+        train_mod.train(recipe, tmp_path / "mine", data_dir=data_dir, progress=False, resume=True)
 
 
 def test_nan_loss_stops_naming_its_step_keeps_the_checkpoint_before_and_resumes(tmp_path, tiny_models, data_dir,

@@ -15,6 +15,12 @@ from pathlib import Path
 from typing import Any
 
 
+# The process's umask, read once (os.umask can only be read by setting it): mkstemp and mkdtemp create private
+# (0600, 0700) entries, which the files and folders made here get instead as open() and mkdir() would make them.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -35,6 +41,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        tmp_path.chmod(0o666 & ~_UMASK)
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     finally:
@@ -56,7 +63,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    tmp.chmod(0o755)
+    tmp.chmod(0o777 & ~_UMASK)
     try:
         yield tmp
         for f in tmp.rglob("*"):

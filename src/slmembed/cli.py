@@ -4,36 +4,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import shlex
 import sys
 from pathlib import Path
 
 import torch
 
+from slmembed import outputs
 from slmembed.errors import SlmembedError
 from slmembed.models import device_name, resolve_device
+from slmembed.paths import find_data_dir
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype of eval, embed, serve
 
 
-def provenance(command: str | None = None) -> dict:
-    """How a result file was made: the command line (default: this ``slmembed`` command), the machine, the date."""
+def provenance(command: str) -> dict:
+    """How a result file was made: the command line, the machine, the date."""
     import datetime
     import platform
 
     import transformers
 
-    return {"command": command or " ".join(["slmembed", *sys.argv[1:]]), "device": device_name(resolve_device()),
+    return {"command": command, "device": device_name(resolve_device()),
             "host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def _recipe(args: argparse.Namespace, name: str, model: str | None = None):
     """Load a recipe with --set overrides; remote code runs only if the recipe wants it and the user allows it."""
-    from slmembed.config import load_recipe, with_overrides
+    from slmembed.config import load_recipe, recipe_from_dict, with_overrides
 
     recipe = with_overrides(load_recipe(name), args.set or [])
     if model:
-        recipe.model.name = model
+        data = recipe.to_dict()
+        data["model"]["name"] = model
+        recipe = recipe_from_dict(data, "--model")
     if recipe.model.trust_remote_code and not args.trust_remote_code:
         raise SlmembedError(f"recipe {recipe.name} runs the model's own code: pass --trust-remote-code to allow it")
     recipe.model.trust_remote_code = args.trust_remote_code
@@ -49,7 +55,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from slmembed.train import train
 
     recipe = _recipe(args, args.config)
-    summary = train(recipe, args.output, data_dir=args.data_dir, resume=args.resume, device=args.device)
+    summary = train(recipe, args.output, data_dir=args.data_dir, resume=args.resume, force=args.force,
+                    device=args.device)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -60,6 +67,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate, table
 
+    if args.output:  # a JSON beside a run's own files is fine (RUN/eval.json is what export reads)
+        outputs.check_file(args.output, "eval", inputs=[args.model],
+                           around=[args.adapter, find_data_dir(args.data_dir, required=False)], force=args.force,
+                           ours=outputs.json_by("eval"), suffixes=(".json",))
     sets = load_all(args.tasks, args.data_dir)  # bad task names and data fail before the model loads
     overrides = {k: v for k, v in (("pooling", args.pooling), ("prompt", args.prompt)) if v is not None}
     embedder = load_embedder(args.model, args.adapter, device=resolve_device(args.device), dtype=DTYPES[args.dtype],
@@ -71,7 +82,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.output:
         write_json(args.output, {"model": label, "adapter": args.adapter, "spec": embedder.spec.__dict__,
                                  "dtype": str(next(embedder.model.parameters()).dtype), **result,
-                                 "run": provenance()})
+                                 "run": provenance(args.command_line)})
+        outputs.record_added(Path(args.output).parent, Path(args.output).name, "eval")
     return 0
 
 
@@ -81,7 +93,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     recipe = _recipe(args, args.recipe or args.model, args.model if args.recipe else None)
     name = Path(args.output).name
     reproduce(recipe, args.output, args.run_dir or Path("runs/reproduce") / name, data_dir=args.data_dir,
-              device=args.device, curve=args.curve, provenance=provenance())
+              device=args.device, curve=args.curve, force=args.force, provenance=provenance(args.command_line))
     print(Path(args.output, f"{name}.md").read_text())
     return 0
 
@@ -90,8 +102,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from slmembed.atomic import write_json
     from slmembed.demo import demo
 
-    result = demo(args.output, args.recipe, args.set, data_dir=args.data_dir, device=args.device)
-    write_json(Path(args.output) / "demo.json", {**result, "run": provenance()})
+    result = demo(args.output, args.recipe, args.set, data_dir=args.data_dir, device=args.device, force=args.force)
+    write_json(Path(args.output) / "demo.json", {**result, "run": provenance(args.command_line)})
+    outputs.record_added(args.output, "demo.json", "demo")
     return 0
 
 
@@ -122,17 +135,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     sets = load_all(args.tasks, args.data_dir) if args.eval else None
     meta = export(args.adapter, args.output, fmt=args.format, merge=not args.no_merge, dtype=args.dtype,
-                  scores=args.scores, evaluate_sets=sets)
+                  scores=args.scores, evaluate_sets=sets, force=args.force)
     print(json.dumps({"output": args.output, **meta}, indent=2))
     return 0
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from slmembed.embed_file import embed_file
+    from slmembed.embed_file import check_output, embed_file
 
+    check_output(args.input, args.output, model=args.model, force=args.force)
     embedder, model_id = _load_model(args.model, args)
     summary = embed_file(embedder, model_id, args.input, args.output, column=args.column,
-                         chunk_size=args.chunk_size, batch_size=args.batch_size)
+                         chunk_size=args.chunk_size, batch_size=args.batch_size, force=args.force)
     print(json.dumps(summary))
     return 0
 
@@ -142,7 +156,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from slmembed.serve import Limits, serve
 
-    limits = Limits(max_inputs=args.max_inputs, max_chars=args.max_chars, max_batch=args.max_batch)
+    limits = Limits(max_inputs=args.max_inputs, max_chars=args.max_chars, max_batch=args.max_batch,
+                    max_queue=args.max_queue, max_connections=args.max_connections, read_timeout=args.read_timeout,
+                    request_timeout=args.request_timeout)
     embedder, model_id = _load_model(args.model, args)
     serve(embedder, args.name or model_id, host=args.host, port=args.port, limits=limits,
           api_key=args.api_key or os.environ.get("SLMEMBED_API_KEY") or None)
@@ -152,13 +168,66 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from slmembed.report import report
 
-    print(report(args.folder, args.output))
+    print(report(args.folder, args.output, force=args.force))
     return 0
 
 
+def _integer(low: int, high: int | None = None):
+    """An argparse type: a whole number in [low, high]."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"from {low} to {high}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {bounds}, got {text!r}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+positive, count, port = _integer(1), _integer(0), _integer(1, 65535)
+
+
+def seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def template(text: str) -> str:
+    """An argparse type: a prompt as a recipe's model.prompt accepts it."""
+    from slmembed.config import ModelConfig, field_error
+
+    expected = field_error(ModelConfig, "prompt", text)
+    if expected:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (like every other user error) instead of the usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"slmembed: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def force(sp: argparse.ArgumentParser, what: str) -> None:
+    sp.add_argument("--force", action="store_true",
+                    help=f"replace {what} (only ever what slmembed wrote there)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="slmembed", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="slmembed", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model_safety(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -181,9 +250,10 @@ def parser() -> argparse.ArgumentParser:
         model_safety(sp)
 
     t = sub.add_parser("train", help="fine-tune a LoRA adapter with a recipe")
-    t.add_argument("--config", required=True, help="recipe YAML file or name in configs/ (e.g. gemma-2b)")
+    t.add_argument("--config", required=True, help="recipe YAML file or the name of a shipped recipe (e.g. gemma-2b)")
     t.add_argument("--output", required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
+    force(t, "an earlier run in --output")
     common(t, recipe=True)
     t.set_defaults(func=cmd_train)
 
@@ -192,19 +262,21 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", help="training run folder or PEFT adapter folder")
     e.add_argument("--tasks", nargs="+", help="default: all nine")
     e.add_argument("--output", help="write the scores to this JSON file")
+    force(e, "an earlier eval JSON at --output")
     e.add_argument("--pooling", choices=["last", "mean", "cls"])
-    e.add_argument("--prompt", help="prompt template with {} or P1/P2/P3")
-    e.add_argument("--batch-size", type=int, help="sentences per batch (default: 1024 on a GPU, 64 on the CPU)")
+    e.add_argument("--prompt", type=template, help="prompt template with {} or P1/P2/P3")
+    e.add_argument("--batch-size", type=positive, help="sentences per batch (default: 1024 on a GPU, 64 on the CPU)")
     encoding(e)
     common(e)
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("reproduce", help="the paper's experiment: nine STS sets before, train, nine sets after")
-    r.add_argument("--model", required=True, help="model; also the recipe name in configs/ unless --recipe is given")
-    r.add_argument("--recipe", help="recipe YAML or name (default: configs/MODEL.yaml)")
+    r.add_argument("--model", required=True, help="model; also the shipped recipe's name unless --recipe is given")
+    r.add_argument("--recipe", help="recipe YAML or shipped recipe name (default: the recipe named MODEL)")
     r.add_argument("--output", required=True, help="results folder results/reproduce/NAME; files are NAME.*")
     r.add_argument("--run-dir", help="training run folder (default: runs/reproduce/NAME)")
-    r.add_argument("--curve", type=int, default=0, help="also score this many evenly spaced checkpoints")
+    r.add_argument("--curve", type=count, default=0, help="also score this many evenly spaced checkpoints")
+    force(r, "earlier reproduce results in --output and an earlier run in --run-dir")
     common(r, recipe=True)
     r.set_defaults(func=cmd_reproduce)
     for sp in (t, r):
@@ -214,6 +286,7 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="fine-tune an offline model on the CPU; STSBenchmark before/after")
     d.add_argument("--recipe", default="demo-smollm2")
     d.add_argument("--output", default="runs/demo")
+    force(d, "an earlier demo run in --output")
     common(d, recipe=True)
     d.set_defaults(func=cmd_demo)
 
@@ -223,7 +296,8 @@ def parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="a training run as a sentence-transformers (or transformers) model folder")
     x.add_argument("--adapter", required=True, help="training run folder")
-    x.add_argument("--output", required=True, help="model folder to write (replaced if it exists)")
+    x.add_argument("--output", required=True, help="model folder to write")
+    force(x, "an earlier export in --output")
     x.add_argument("--format", default="st", choices=["st", "hf"], help="st: sentence-transformers; hf: transformers")
     x.add_argument("--no-merge", action="store_true", help="keep the PEFT adapter instead of merging it")
     x.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
@@ -240,32 +314,44 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--output", required=True, help="OUT.npy or OUT.parquet; chunks go to OUT.parts/ meanwhile")
     m.add_argument("--model", required=True, help="model name or folder, exported folder, or training run folder")
     m.add_argument("--column", help="CSV column or JSONL field holding the text (default: text)")
-    m.add_argument("--chunk-size", type=int, default=4096, help="texts per resumable chunk")
-    m.add_argument("--batch-size", type=int, default=64)
+    m.add_argument("--chunk-size", type=positive, default=4096, help="texts per resumable chunk")
+    m.add_argument("--batch-size", type=positive, default=64)
+    force(m, "an earlier embed output at --output")
     loading(m)
     m.set_defaults(func=cmd_embed)
 
     v = sub.add_parser("serve", help="an OpenAI-compatible embeddings API (POST /v1/embeddings)")
     v.add_argument("model", help="model name or folder, exported folder, or training run folder")
     v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=port, default=8000)
     v.add_argument("--name", help="model id in the API (default: the model name or folder name)")
     v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $SLMEMBED_API_KEY; none: open)")
-    v.add_argument("--max-inputs", type=int, default=256, help="texts per request")
-    v.add_argument("--max-chars", type=int, default=16384, help="characters per text")
-    v.add_argument("--max-batch", type=int, default=256, help="texts per encode call, merged across requests")
+    v.add_argument("--max-inputs", type=positive, default=256, help="texts per request")
+    v.add_argument("--max-chars", type=positive, default=16384, help="characters per text")
+    v.add_argument("--max-batch", type=positive, default=256, help="texts per encode call, merged across requests")
+    v.add_argument("--max-queue", type=positive, default=1024,
+                   help="inputs waiting for (or in) the encoder; a request beyond it gets 429 at once")
+    v.add_argument("--max-connections", type=positive, default=256, help="open connections; beyond it, 503")
+    v.add_argument("--read-timeout", type=seconds, default=30.0,
+                   help="seconds a client has to send a request's headers (else the connection is closed), then "
+                        "its body (else 408)")
+    v.add_argument("--request-timeout", type=seconds, default=60.0,
+                   help="seconds a request may wait for its embeddings (else 503)")
     loading(v)
     v.set_defaults(func=cmd_serve)
 
     o = sub.add_parser("report", help="markdown report with plots of a run, a reproduce result, or an ablation folder")
     o.add_argument("folder", help="training run folder, results/reproduce/NAME, or results/reproduce")
     o.add_argument("--output", help="folder for report.md and the PNGs (default: the folder itself)")
+    force(o, "an earlier report.md and its PNGs")
     o.set_defaults(func=cmd_report)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    args.command_line = shlex.join(["slmembed", *argv])  # for provenance(); also right when called in-process
     from transformers.utils import logging
 
     logging.disable_progress_bar()  # per-tensor loading bars; slmembed shows its own progress

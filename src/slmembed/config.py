@@ -1,14 +1,20 @@
-"""Recipes: dataclasses that round-trip through the YAML files in ``configs/``.
+"""Recipes: dataclasses that round-trip through the YAML files shipped in the package (``slmembed/recipes/``).
 
-A recipe has four sections, each a dataclass below. Unknown keys and wrongly typed values are rejected with a
-message naming the file and the field.
+A recipe has four sections, each a dataclass below. Every field declares its rule beside its default (``checked``),
+and a recipe is checked whole when it is built from YAML or from overrides, before any data or model is loaded: an
+unknown key, a wrongly typed value or one outside its rule is one error naming the file and the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
+import json
+import math
+import string
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,59 +23,112 @@ import yaml
 
 from slmembed.errors import SlmembedError
 
+Check = Callable[[Any], str | None]  # a field's rule: None for a good value, else what was expected
+
+
+def checked(check: Check, **kwargs: Any) -> Any:
+    """A dataclass field whose values (other than None) must pass ``check``; ``kwargs`` go to ``field``."""
+    return field(metadata={"check": check}, **kwargs)
+
+
+def rule(expected: str, ok: Callable[[Any], bool]) -> Check:
+    """The check that passes values for which ``ok`` holds."""
+    return lambda value: None if ok(value) else expected
+
+
+def at_least(low: int) -> Check:
+    return rule(f"an integer >= {low}", lambda v: v >= low)
+
+
+def one_of(*choices: str) -> Check:
+    return rule(f"one of {', '.join(choices)}", lambda v: v in choices)
+
+
+POSITIVE = rule("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+NOT_NEGATIVE = rule("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
+TEXT = rule("a non-empty string", lambda v: bool(v.strip()))
+NAMES = rule("a non-empty list of distinct, non-empty strings",
+             lambda v: 0 < len(set(v)) == len(v) and all(s.strip() for s in v))
+INDICES = rule("a non-empty list of distinct integers, or null for all", lambda v: 0 < len(set(v)) == len(v))
+SEED = rule("an integer in [0, 2**64)", lambda v: 0 <= v < 2**64)  # what torch.manual_seed and numpy accept
+# get_scheduler names that work as train.py calls them and warm up over warmup_steps; transformers' "constant" skips
+# the warm-up (constant_with_warmup with warmup_steps 0 is the same), the others need arguments train.py has no
+# field for.
+SCHEDULES = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt")
+
+
+def _pooling(value: str) -> str | None:
+    from slmembed.embedder import POOLINGS  # imported here: embedder imports this module
+
+    return one_of(*POOLINGS)(value)
+
+
+def _prompt(value: str) -> str | None:
+    """A name in embedder.PROMPTS, or a template with exactly one bare ``{}`` (other braces doubled)."""
+    from slmembed.embedder import PROMPTS  # imported here: embedder imports this module
+
+    try:
+        fields = [f[1:] for f in string.Formatter().parse(value) if f[1] is not None]
+    except ValueError:  # a single { or }
+        fields = []
+    if value in PROMPTS or fields == [("", "", None)]:
+        return None
+    return f"{', '.join(PROMPTS)} or a template with exactly one {{}} for the text (other braces doubled)"
+
 
 @dataclass
 class ModelConfig:
-    name: str = "smollm2-135m"
+    name: str = checked(TEXT, default="smollm2-135m")
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load pickle weights (pytorch_model.bin, .pt); needs --allow-pickle too
-    pooling: str = "last"
-    prompt: str | None = None
-    max_length: int = 150
+    pooling: str = checked(_pooling, default="last")
+    prompt: str | None = checked(_prompt, default=None)
+    max_length: int = checked(at_least(2), default=150)  # a token and the EOS; texts are cut to fit
     append_eos: bool = True
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: int = 32
-    dropout: float = 0.1
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    layers: list[int] | None = None  # None: every layer; else only these (negative counts from the top)
+    r: int = checked(at_least(1), default=8)
+    alpha: int = checked(at_least(1), default=32)  # the update is scaled by alpha / r
+    dropout: float = checked(rule("a number in [0, 1)", lambda v: 0 <= v < 1), default=0.1)
+    targets: list[str] = checked(NAMES, default_factory=lambda: ["q_proj", "v_proj"])
+    layers: list[int] | None = checked(INDICES, default=None)  # None: every layer; negative counts from the top
 
 
 @dataclass
 class TrainConfig:
-    lr: float = 5e-5
-    schedule: str = "cosine"  # cosine | linear | constant, each after the warm-up
-    warmup_steps: int = 100
-    batch_size: int = 60
-    epochs: int = 1
-    max_steps: int | None = None
-    temperature: float = 0.05
+    lr: float = checked(POSITIVE, default=5e-5)
+    schedule: str = checked(one_of(*SCHEDULES), default="cosine")  # each after warmup_steps of linear warm-up
+    warmup_steps: int = checked(at_least(0), default=100)
+    batch_size: int = checked(at_least(1), default=60)  # per process
+    epochs: int = checked(at_least(1), default=1)
+    max_steps: int | None = checked(at_least(1), default=None)  # None: epochs over the data
+    temperature: float = checked(POSITIVE, default=0.05)
     hard_negatives: bool = True
-    weight_decay: float = 0.0
+    weight_decay: float = checked(NOT_NEGATIVE, default=0.0)
     bf16: bool = True
-    chunk_tokens: int = 4096  # tokens per forward chunk (padded ones, or real ones when packed)
+    # Tokens per forward chunk (padded ones, or real ones when packed); a longer text gets a chunk of its own.
+    chunk_tokens: int = checked(at_least(1), default=4096)
     packing: bool | None = None  # chunks as one row without padding (packing.py); None: where supported, on a GPU
     grad_cache: bool = False  # cached negatives (GradCache): memory set by chunk_tokens, not batch_size
     compile: bool = False  # torch.compile each transformer block (compile.py): fused kernels, a one-off compile time
-    seed: int = 42
-    save_every: int = 200
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    seed: int = checked(SEED, default=42)
+    save_every: int = checked(at_least(1), default=200)
+    keep_checkpoints: int = checked(at_least(1), default=2)
+    log_every: int = checked(at_least(1), default=10)
 
 
 @dataclass
 class DataConfig:
-    sources: list[str] = field(default_factory=lambda: ["all"])
-    max_triplets: int | None = None
+    sources: list[str] = checked(NAMES, default_factory=lambda: ["all"])
+    max_triplets: int | None = checked(at_least(1), default=None)  # None: all
     skip_bad_rows: bool = False
 
 
 @dataclass
 class Recipe:
-    name: str = "custom"
+    name: str = checked(TEXT, default="custom")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -80,6 +139,35 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# Fields that change how a run goes but not what it computes, so a resumed run may change them (train.py): its
+# label, the safety flags that allow loading, where it logs and checkpoints, skip_bad_rows (a run started without it
+# had no bad rows to skip), and how each step's batch is cut and run: chunk_tokens, packing, grad_cache (speed,
+# memory) and compile (fused kernels) leave the loss and its gradient as they are; only rounding and the dropout
+# masks drawn differ.
+NOT_RESULT = frozenset({
+    "name", "model.trust_remote_code", "model.allow_pickle", "data.skip_bad_rows",
+    "train.log_every", "train.save_every", "train.keep_checkpoints",
+    "train.chunk_tokens", "train.packing", "train.grad_cache", "train.compile",
+})
+
+
+def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested recipe dict as ``section.field -> value``."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def result_changes(old: Recipe, new: Recipe) -> list[str]:
+    """``field: old -> new`` (JSON values) for each field outside NOT_RESULT in which the recipes differ."""
+    a, b = flat(old.to_dict()), flat(new.to_dict())
+    return [f"{k}: {json.dumps(a[k])} -> {json.dumps(b[k])}" for k in a if k not in NOT_RESULT and a[k] != b[k]]
 
 
 def _check(value: Any, hint: Any, where: str) -> Any:
@@ -114,41 +202,61 @@ def _check(value: Any, hint: Any, where: str) -> Any:
     raise SlmembedError(f"{where}: expected {name}, got {value!r}")
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
+def _build(cls: type, data: Any, file: str, path: str = "") -> Any:
+    """A ``cls`` from the mapping ``data``, each value type-checked and checked by its field's rule; errors name
+    ``file`` and the field's dotted ``path``."""
+    where = f"{file}: {path}" if path else file
     if not isinstance(data, dict):
         raise SlmembedError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
+    hints, fields = typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(str(key) for key in data if key not in fields)
     if unknown:
         raise SlmembedError(f"{where}: unknown field(s) {', '.join(unknown)}; expected {', '.join(sorted(fields))}")
     kwargs = {}
     for key, value in data.items():
-        hint = hints[key]
+        hint, at = hints[key], f"{path}.{key}" if path else key
         if dataclasses.is_dataclass(hint):
-            kwargs[key] = _build(hint, value, f"{where}.{key}")
-        else:
-            kwargs[key] = _check(value, hint, f"{where}.{key}")
+            kwargs[key] = _build(hint, value, file, at)
+            continue
+        kwargs[key] = value = _check(value, hint, f"{file}: {at}")
+        expected = field_error(cls, key, value)
+        if expected:
+            raise SlmembedError(f"{file}: {at}: expected {expected}, got {value!r}")
     return cls(**kwargs)
 
 
+def field_error(cls: type, name: str, value: Any) -> str | None:
+    """What the field ``name`` of the recipe section ``cls`` expects, if ``value`` (of the right type) breaks its
+    rule; None if it keeps it."""
+    check = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("check")
+    return check(value) if check and value is not None else None
+
+
 def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
+    """The recipe ``data`` describes, checked field by field; ``where`` (a file name) leads every error."""
     return _build(Recipe, data, where)
 
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+RECIPES = importlib.resources.files("slmembed") / "recipes"  # package data: the same from a wheel or a checkout
+
+
+def shipped_recipes() -> list[str]:
+    """Names of the recipes shipped with slmembed (``gemma-2b``, ``smollm2-135m``, ...)."""
+    return sorted(f.name.removesuffix(".yaml") for f in RECIPES.iterdir() if f.name.endswith(".yaml"))
 
 
 def load_recipe(path_or_name: str | Path) -> Recipe:
-    """Load a recipe from a YAML file, or by name from ``configs/`` (e.g. ``gemma-2b``)."""
+    """Load a recipe from a YAML file, or by name from the shipped recipes (e.g. ``gemma-2b``)."""
     path = Path(path_or_name)
-    if not path.exists() and (CONFIG_DIR / f"{path_or_name}.yaml").exists():
-        path = CONFIG_DIR / f"{path_or_name}.yaml"
-    if not path.exists():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []
-        raise SlmembedError(f"no recipe {str(path_or_name)!r}: give a YAML file or one of {', '.join(known)}")
+    if not path.exists() and str(path_or_name) in shipped_recipes():
+        path = RECIPES / f"{path_or_name}.yaml"
+    if not path.is_file():
+        raise SlmembedError(f"no recipe {str(path_or_name)!r}: give a YAML file or one of "
+                            f"{', '.join(shipped_recipes())}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SlmembedError(f"{path}: cannot read it as UTF-8 text ({exc})") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -167,5 +275,9 @@ def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         target = data if len(parts) == 1 else data.get(parts[0])
         if not isinstance(target, dict) or parts[-1] not in target:
             raise SlmembedError(f"override {item!r}: no field {key!r} in the recipe")
-        target[parts[-1]] = yaml.safe_load(raw)
+        try:
+            target[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise SlmembedError(f"override {item!r}: not a YAML value ({getattr(exc, 'problem', None) or exc}); "
+                                "quote text with braces or colons, e.g. model.prompt='\"{} means\"'") from exc
     return recipe_from_dict(data, where="recipe (with overrides)")

@@ -9,19 +9,21 @@ from slmembed.config import load_recipe, with_overrides
 from slmembed.data.sts import load_all
 from slmembed.embedder import EmbedSpec, load_embedder
 from slmembed.evaluate import evaluate
-from slmembed.train import train
+from slmembed.train import check_run_dir, train
 
 
 def demo(output: str | Path, recipe_name: str = "demo-smollm2", overrides: list[str] | None = None,
-         data_dir: str | None = None, device: str = "auto") -> dict:
-    """Evaluate STSBenchmark test, train the demo recipe, evaluate again; return and print the figures."""
+         data_dir: str | None = None, device: str = "auto", force: bool = False) -> dict:
+    """Evaluate STSBenchmark test, train the demo recipe into ``output`` (an earlier demo there is replaced only
+    with ``force``), evaluate again; return and print the figures."""
     t0 = time.time()
     recipe = with_overrides(load_recipe(recipe_name), overrides or [])
+    check_run_dir(recipe, output, data_dir=data_dir, resume=None, force=force)
     model, sets = recipe.model.name, load_all(["STSBenchmark"], data_dir)
     print(f"[demo] {model}: STSBenchmark test before training ...", flush=True)
     before = evaluate(load_embedder(model, **EmbedSpec.of(recipe.model).__dict__), sets)["average"]
     print(f"[demo] before: {before:.2f}", flush=True)
-    summary = train(recipe, output, data_dir=data_dir, device=device)
+    summary = train(recipe, output, data_dir=data_dir, device=device, force=force)
     after = evaluate(load_embedder(None, adapter=output), sets)["average"]
     minutes = (time.time() - t0) / 60
     print(f"[demo] STSBenchmark test Spearman x100: before {before:.2f} -> after {after:.2f} "

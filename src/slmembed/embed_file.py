@@ -20,12 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from slmembed import outputs
 from slmembed.atomic import atomic_path, write_json
 from slmembed.data.jsonl import json_lines
 from slmembed.embedder import Embedder
 from slmembed.errors import DataError, SlmembedError
 
 OUTPUTS = (".npy", ".parquet")
+METADATA_KEY = b"slmembed"  # in a Parquet output's schema: marks it as ours
 
 
 def iter_texts(path: Path, column: str | None = None) -> Iterator[str]:
@@ -79,21 +81,48 @@ def _chunks(path: Path, column: str | None, size: int) -> Iterator[list[str]]:
         yield chunk
 
 
+def _ours(path: Path) -> bool:
+    """Whether ``path`` is an earlier embed output: a 2-D float32 .npy, or a Parquet file carrying our metadata."""
+    try:
+        if path.suffix.lower() == ".npy":
+            array = np.load(path, mmap_mode="r")
+            return array.ndim == 2 and array.dtype == np.float32
+        import pyarrow.parquet as pq
+
+        return METADATA_KEY in (pq.read_schema(path).metadata or {})
+    except (OSError, ValueError, ImportError):
+        return False
+
+
+def check_output(input_path: str | Path, output: str | Path, *, model: str | None = None,
+                 force: bool = False) -> None:
+    """Check before any work that ``output`` (and its ``.parts`` sidecar) may be written (outputs.py)."""
+    output, input_path = Path(output), Path(input_path)
+    if not input_path.is_file():
+        raise SlmembedError(f"{input_path}: no such file")
+    outputs.check_file(output, "embed", inputs=[input_path, model], force=force, ours=_ours, suffixes=OUTPUTS)
+    parts = _sidecar(output)
+    if parts.exists() and not (parts / "manifest.json").is_file():
+        raise SlmembedError(f"{parts} exists and is not the chunk folder of an unfinished embed: move it away")
+
+
+def _sidecar(output: Path) -> Path:
+    return output.with_name(output.name + ".parts")
+
+
 def embed_file(embedder: Embedder, model_id: str, input_path: str | Path, output: str | Path, *,
-               column: str | None = None, chunk_size: int = 4096, batch_size: int = 64,
+               column: str | None = None, chunk_size: int = 4096, batch_size: int = 64, force: bool = False,
                progress: bool = True) -> dict:
-    """Embed ``input_path`` into ``output`` chunk by chunk (see the module docstring); return a summary."""
+    """Embed ``input_path`` into ``output`` chunk by chunk (see the module docstring); return a summary. An earlier
+    output is replaced only with ``force``."""
     from tqdm.auto import tqdm
 
     input_path, output = Path(input_path), Path(output)
-    if output.suffix.lower() not in OUTPUTS:
-        raise SlmembedError(f"{output}: the output must end in {' or '.join(OUTPUTS)}")
-    if not input_path.is_file():
-        raise SlmembedError(f"{input_path}: no such file")
+    check_output(input_path, output, force=force)
     n = sum(len(chunk) for chunk in _chunks(input_path, column, chunk_size))  # validates every row before work
     if n == 0:
         raise DataError(input_path, "no texts")
-    parts = output.with_name(output.name + ".parts")
+    parts = _sidecar(output)
     stat = input_path.stat()
     manifest = {"input": str(input_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                 "column": column, "texts": n, "chunk_size": chunk_size, "model": model_id,
@@ -141,7 +170,8 @@ def _join(names: list[Path], output: Path, n: int, dim: int, input_path: Path, c
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = pa.schema([("text", pa.string()), ("embedding", pa.list_(pa.float32(), dim))])
+        schema = pa.schema([("text", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
+                           metadata={METADATA_KEY: b"slmembed embed"})
         with pq.ParquetWriter(tmp, schema) as writer:
             for name, chunk in zip(names, _chunks(input_path, column, chunk_size)):
                 flat = pa.array(np.load(name).reshape(-1), type=pa.float32())

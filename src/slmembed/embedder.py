@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmembed import models, packing
-from slmembed.config import ModelConfig
+from slmembed.config import ModelConfig, field_error
 from slmembed.errors import SlmembedError
 
 POOLINGS = ("last", "mean", "cls")
@@ -52,10 +52,10 @@ class EmbedSpec:
     append_eos: bool = True
 
     def __post_init__(self) -> None:
-        if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
-        if self.prompt is not None and "{}" not in PROMPTS.get(self.prompt, self.prompt):
-            raise ValueError(f"prompt must contain '{{}}' for the text or be one of {sorted(PROMPTS)}: {self.prompt!r}")
+        for name in ("pooling", "prompt", "max_length"):  # the recipe's rules for these fields (config.py)
+            expected = field_error(ModelConfig, name, getattr(self, name))
+            if expected:
+                raise SlmembedError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
 
     @classmethod
     def of(cls, model: ModelConfig) -> EmbedSpec:
@@ -98,6 +98,8 @@ class Embedder:
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         self.causal = is_causal(model)  # the fast path of the module docstring
         self.eos = tokenizer.eos_token_id if spec.append_eos else None
+        # Padded positions are masked out, so any id pads; a tokenizer given directly may name no pad token.
+        self.pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
         if spec.append_eos and self.eos is None:
             raise ValueError("append_eos needs a tokenizer with an EOS token")
         can_pack = self.causal and packing.supported(model, spec.max_length)
@@ -129,7 +131,7 @@ class Embedder:
         left = self.tokenizer.padding_side == "left" and not self.causal
         cols = np.arange(width)
         real = cols >= (width - lengths)[:, None] if left else cols < lengths[:, None]
-        input_ids = np.full((len(ids), width), self.tokenizer.pad_token_id, dtype=np.int64)
+        input_ids = np.full((len(ids), width), self.pad, dtype=np.int64)
         input_ids[real] = np.fromiter((t for row in ids for t in row), dtype=np.int64, count=int(lengths.sum()))
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(real.astype(np.int64))}
         if left:

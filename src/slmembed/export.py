@@ -24,7 +24,7 @@ import yaml
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from slmembed import models
+from slmembed import models, outputs
 from slmembed.atomic import atomic_dir
 from slmembed.embedder import Embedder, EmbedSpec, load_embedder
 from slmembed.errors import SlmembedError
@@ -80,6 +80,7 @@ def export_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: EmbedSpec) -> Non
         # Flags like these make transformers rebuild the post-processor on load, dropping the appended EOS.
         for flag in ("add_bos_token", "add_eos_token"):
             tokenizer.init_kwargs.pop(flag, None)
+    models.give_pad_token(tokenizer)  # sentence-transformers pads its batches
     tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "right"
     tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = spec.max_length
 
@@ -199,15 +200,27 @@ def _write_transformers(run_dir: Path, folder: Path, base: str, spec: EmbedSpec,
     return reference
 
 
-def _write_sentence_transformers(staging: Path, folder: Path, spec: EmbedSpec, dtype: torch.dtype) -> None:
-    """Build Transformer -> Pooling -> Normalize from the transformers folder ``staging`` and save it to ``folder``."""
+def _write_sentence_transformers(staging: Path, folder: Path, spec: EmbedSpec, dtype: torch.dtype,
+                                 adapter_base: str | None) -> None:
+    """Build Transformer -> Pooling -> Normalize from the transformers folder ``staging`` and save it to ``folder``.
+
+    ``adapter_base``: ``staging`` holds a PEFT adapter (and the tokenizer) over this base model folder or hub id.
+    """
+    from peft import PeftModel
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     # Text only: with the message modality, sentence-transformers would wrap texts in the chat template.
     text_only = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
-    transformer = Transformer(str(staging), max_seq_length=spec.max_length, model_kwargs={"dtype": dtype},
-                              modality_config=text_only, module_output_name="token_embeddings")
+    transformer = Transformer(adapter_base or str(staging), max_seq_length=spec.max_length,
+                              model_kwargs={"dtype": dtype}, modality_config=text_only,
+                              module_output_name="token_embeddings")
+    if adapter_base:
+        # The adapter is attached and saved by peft itself: transformers' own adapter saving ties the two libraries'
+        # versions together (transformers 5.24 refuses to save an adapter with peft < 0.22). The module saves
+        # (Transformer.save) its model and its processor, here the export tokenizer.
+        transformer.model = PeftModel.from_pretrained(transformer.model, str(staging))
+        transformer.processor = AutoTokenizer.from_pretrained(staging)
     prefix, _ = prompt_parts(spec)
     model = SentenceTransformer(
         modules=[transformer, Pooling(transformer.get_embedding_dimension(), ST_POOLING[spec.pooling]), Normalize()],
@@ -217,8 +230,9 @@ def _write_sentence_transformers(staging: Path, folder: Path, spec: EmbedSpec, d
 
 
 def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: bool = True, dtype: str = "float32",
-           scores: str | Path | None = None, evaluate_sets: dict | None = None) -> dict:
-    """Export the training run ``run_dir`` into the folder ``output`` (replaced atomically); return its embed.json.
+           scores: str | Path | None = None, evaluate_sets: dict | None = None, force: bool = False) -> dict:
+    """Export the training run ``run_dir`` into the folder ``output``; return its embed.json. An earlier export there
+    is replaced (atomically) only with ``force``; see outputs.py for what else ``output`` may not be.
 
     Scores for the model card: ``scores`` (an eval or reproduce JSON), else ``run_dir/eval.json`` if present, else,
     with ``evaluate_sets``, the exported folder evaluated on those sets by slmembed (written to ``output/eval.json``).
@@ -232,6 +246,7 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
         raise SlmembedError(f"{run_dir}: not a training run folder (no embed.json)")
     saved = json.loads((run_dir / "embed.json").read_text())
     base, spec = saved["model"], EmbedSpec(**saved["spec"])
+    outputs.check_folder(output, "export", inputs=[run_dir, base, scores], force=force)
     if fmt == "st" and prompt_parts(spec)[1]:
         raise SlmembedError(f"prompt {spec.template!r} has text after '{{}}': sentence-transformers prompts are "
                             "prefixes only; export with --format hf (slmembed applies the whole template)")
@@ -247,7 +262,8 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
         if fmt == "st":
             with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{output.name}.stage.") as staging:
                 reference = _write_transformers(run_dir, Path(staging), base, spec, merge, out_dtype)
-                _write_sentence_transformers(Path(staging), tmp, spec, out_dtype)
+                _write_sentence_transformers(Path(staging), tmp, spec, out_dtype,
+                                             None if merge else models.resolve(base))
         else:
             reference = _write_transformers(run_dir, tmp, base, spec, merge, out_dtype)
         check_token_ids(tmp, reference)
@@ -260,4 +276,5 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
                            "source": f"slmembed eval of this folder ({len(evaluate_sets)} sets)"}
             (tmp / "eval.json").write_text(json.dumps({"model": str(output), **card_scores["after"]}, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(output.name, base, spec, fmt, merge, run_dir, card_scores))
+        outputs.mark(tmp, "export", [e.name for e in tmp.iterdir()])
     return meta

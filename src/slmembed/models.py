@@ -72,7 +72,8 @@ def _materialise(name: str, spec: Packaged) -> Path:
     if spec.kind == "folder":
         return parts[0].parent
     folder = cache_dir() / "models" / name
-    if (folder / "config.json").exists():
+    source = {"packaged": name, "files": list(spec.parts), "format": CACHE_FORMAT}
+    if (folder / "config.json").exists() and _read_json(folder / "slmembed_source.json") == source:
         return folder
     with atomic_dir(folder) as tmp:
         if spec.kind == "zip":
@@ -90,11 +91,38 @@ def _materialise(name: str, spec: Packaged) -> Path:
 
             model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16, **_dequantize())
             tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+            for role, token in _gguf_special_tokens(gguf).items():
+                setattr(tokenizer, role, token)
             gguf.unlink()
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            (tmp / "slmembed_source.json").write_text(json.dumps({"packaged": name, "files": spec.parts}))
+        (tmp / "slmembed_source.json").write_text(json.dumps(source))
     return folder
+
+
+# Bumped when the conversion changes, so folders converted before are built again. 2: special tokens from the GGUF.
+CACHE_FORMAT = 2
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _gguf_special_tokens(path: Path) -> dict[str, str]:
+    """The EOS, BOS, pad and unknown tokens as the GGUF file names them. transformers' conversion does not always
+    keep them (5.17 makes SmolLM2's EOS <|im_start|> and drops its pad token; 5.24 keeps <|im_end|>), and the EOS is
+    what every embedding is taken at, so the file decides, whichever transformers converts it."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    tokens = reader.fields["tokenizer.ggml.tokens"]
+    roles = {"eos_token": "eos_token_id", "bos_token": "bos_token_id", "pad_token": "padding_token_id",
+             "unk_token": "unknown_token_id"}
+    return {role: tokens.contents(int(reader.fields[f"tokenizer.ggml.{key}"].contents()))
+            for role, key in roles.items() if f"tokenizer.ggml.{key}" in reader.fields}
 
 
 def _dequantize() -> dict:
@@ -164,6 +192,13 @@ def best_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def give_pad_token(tokenizer) -> None:
+    """Pad with EOS where the tokenizer names no pad token (GGUF tokenizers, as some transformers releases convert
+    them, have none): padded positions are masked, so the id only has to exist."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def load(
     name_or_path: str,
     *,
@@ -198,8 +233,7 @@ def load(
         if "trust_remote_code" in str(exc):
             raise SlmembedError(f"{name_or_path} needs custom code: pass --trust-remote-code if you trust it") from exc
         raise
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    give_pad_token(tokenizer)
     model.config.use_cache = False  # an embedding forward never generates: no key/value cache to fill
     model.eval()
     return model, tokenizer

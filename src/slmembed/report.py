@@ -18,8 +18,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from slmembed import outputs
 from slmembed.atomic import write_text
-from slmembed.config import Recipe
+from slmembed.config import NOT_RESULT, Recipe, flat
 from slmembed.data.jsonl import json_lines
 from slmembed.errors import DataError, SlmembedError
 from slmembed.evaluate import table
@@ -27,9 +28,9 @@ from slmembed.plots import before_after_bars, pyplot, save
 from slmembed.reproduce import plot as plot_scores
 
 
-# Recipe fields that change speed or bookkeeping, not the trained model: left out of the ablation table.
-NOT_RESULTS = {"model.trust_remote_code", "model.allow_pickle", "train.chunk_tokens", "train.grad_cache",
-               "train.compile", "train.save_every", "train.keep_checkpoints", "train.log_every", "data.skip_bad_rows"}
+FILES = ("report.md", "train.png", "scores.png", "ablation.png", "losses.png")  # all a report may write
+SIGNATURE = "<!-- written by slmembed report -->"  # the last line of report.md: marks it (and its plots) as ours
+
 
 
 @dataclass
@@ -107,17 +108,13 @@ def plot_ablation(path: Path, runs: list[Run]) -> None:
 
 def _recipe_fields(run: Run) -> dict[str, str]:
     """A run's recipe as section.key -> JSON value; fields an older result lacks take today's defaults."""
-    fields = {}
-    for section, defaults in Recipe().to_dict().items():
-        if isinstance(defaults, dict):
-            saved = run.result.get("recipe", {}).get(section, {})
-            fields.update({f"{section}.{k}": json.dumps(saved.get(k, v)) for k, v in defaults.items()})
-    return fields
+    saved = flat(run.result.get("recipe", {}))
+    return {k: json.dumps(saved.get(k, v)) for k, v in flat(Recipe().to_dict()).items()}
 
 
 def _ablation(runs: list[Run], out: Path) -> list[str]:
     fields = [_recipe_fields(r) for r in runs]
-    diffs = [k for k in fields[0] if len({f[k] for f in fields}) > 1 and k not in NOT_RESULTS]
+    diffs = [k for k in fields[0] if len({f[k] for f in fields}) > 1 and k not in NOT_RESULT]
     head = ["run", *diffs, "steps x batch", "before", "after", "gain", "STSB dev"]
     lines = ["## Ablation", "", "| " + " | ".join(head) + " |", "|---|" + "---|" * len(diffs) + "---:|" * 5]
     for r, f in zip(runs, fields):
@@ -160,12 +157,26 @@ def _single(run: Run, out: Path) -> list[str]:
     return lines
 
 
-def report(folder: str | Path, output: str | Path | None = None) -> Path:
-    """Write ``report.md`` and its plots for ``folder`` into ``output`` (default: the folder); return its path."""
+def _ours(path: Path) -> bool:
+    """An earlier report's file: a report.md that carries SIGNATURE, or a plot beside one."""
+    report_md = path.with_name("report.md")
+    try:
+        return SIGNATURE in report_md.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def report(folder: str | Path, output: str | Path | None = None, force: bool = False) -> Path:
+    """Write ``report.md`` and its plots for ``folder`` into ``output`` (default: the folder); return its path.
+
+    Only the report's own files are written; an earlier report's are replaced only with ``force``.
+    """
     folder = Path(folder)
     out = Path(output) if output else folder
     if not folder.is_dir():
         raise SlmembedError(f"{folder}: no such folder")
+    for name in FILES:
+        outputs.check_file(out / name, "report", force=force, ours=_ours)
     run = find_run(folder)
     ablation = [r for r in (find_run(sub) for sub in sorted(folder.iterdir()) if sub.is_dir()) if r and r.result]
     ablation = ablation if len(ablation) >= 2 else []
@@ -179,5 +190,8 @@ def report(folder: str | Path, output: str | Path | None = None) -> Path:
     if ablation:
         lines += _ablation(ablation, out)
     target = out / "report.md"
-    write_text(target, "\n".join(lines).rstrip() + "\n")
+    write_text(target, "\n".join([*lines, "", SIGNATURE]).rstrip() + "\n")
+    for name in FILES:
+        if (out / name).exists():
+            outputs.record_added(out, name, "report")
     return target

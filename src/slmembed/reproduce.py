@@ -13,14 +13,16 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
+from slmembed import outputs
 from slmembed.atomic import write_json, write_text
 from slmembed.config import Recipe
 from slmembed.data.sts import TASKS, load_all, load_sts
 from slmembed.embedder import EmbedSpec, load_embedder
 from slmembed.evaluate import evaluate, table
 from slmembed.models import resolve_device
+from slmembed.paths import find_data_dir
 from slmembed.plots import before_after_bars
-from slmembed.train import checkpoints, add_lora, train
+from slmembed.train import add_lora, check_run_dir, checkpoints, train
 
 
 def _curve(recipe: Recipe, run_dir: Path, sets: dict, device: str, final: dict) -> list[dict]:
@@ -47,17 +49,24 @@ def plot(path: Path, name: str, before: dict, after: dict) -> None:
 
 
 def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_dir: str | None = None,
-              device: str = "auto", curve: int = 0, provenance: dict | None = None) -> dict:
-    """Evaluate, train, evaluate; with ``curve`` > 0, keep that many evenly spaced checkpoints and score them."""
+              device: str = "auto", curve: int = 0, force: bool = False, provenance: dict | None = None) -> dict:
+    """Evaluate, train, evaluate; with ``curve`` > 0, keep that many evenly spaced checkpoints and score them.
+
+    A run in ``run_dir`` with checkpoints is continued; ``force`` replaces an earlier finished run there and earlier
+    results in ``output``."""
     output, run_dir = Path(output), Path(run_dir)
     name = output.name
+    resume = (run_dir / "checkpoints").exists()
+    outputs.check_folder(output, "reproduce", inputs=[recipe.model.name, run_dir],
+                         around=[find_data_dir(data_dir, required=False)], force=force)
+    check_run_dir(recipe, run_dir, data_dir=data_dir, resume=resume or None, force=force)
     sets = load_all(TASKS, data_dir)
     spec = EmbedSpec.of(recipe.model).__dict__
     before = evaluate(load_embedder(recipe.model.name, device=resolve_device(device),
                                     trust_remote_code=recipe.model.trust_remote_code,
                                     allow_pickle=recipe.model.allow_pickle, **spec), sets)
     print(f"[reproduce] {name} before: {before['average']:.2f}", flush=True)
-    summary = train(recipe, run_dir, data_dir=data_dir, device=device, resume=(run_dir / "checkpoints").exists(),
+    summary = train(recipe, run_dir, data_dir=data_dir, device=device, resume=resume, force=force,
                     spaced_checkpoints=curve or None)
     tuned = load_embedder(None, adapter=run_dir, device=resolve_device(device),
                           trust_remote_code=recipe.model.trust_remote_code, allow_pickle=recipe.model.allow_pickle)
@@ -74,6 +83,7 @@ def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_d
     if provenance is not None:
         result["run"] = provenance
     output.mkdir(parents=True, exist_ok=True)
+    outputs.mark(output, "reproduce", [f"{name}.json", f"{name}.md", f"{name}.png"])
     write_json(output / f"{name}.json", result)
     write_text(output / f"{name}.md", f"# {name}\n\n" + table({"before": before["scores"], "after": after["scores"]})
                + f"\n\nTrained {summary['steps']} steps of {summary['batch_size']} triplets in "

@@ -1,12 +1,16 @@
 """An OpenAI-compatible embeddings API: FastAPI on uvicorn.
 
-``POST /v1/embeddings`` (``input`` a string or a list of strings, ``encoding_format`` float or base64, ``dimensions``
-truncates and renormalises), ``GET /v1/models``, ``GET /health``. Requests go into a queue; one worker takes all that
-is pending (up to ``max_batch`` texts) and embeds it in one ``encode`` call, so concurrent requests share a batch on
-the device. Errors have OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``. Requests are bounded
-(inputs per request, characters per input, body bytes); with an API key every endpoint but ``/health`` wants
-``Authorization: Bearer KEY``. On SIGTERM uvicorn stops accepting connections and finishes the requests in flight
-(the worker keeps running until they are answered) before it exits.
+``POST /v1/embeddings`` (``input`` a string, a list of strings, a list of token ids or a list of token-id lists;
+``encoding_format`` float or base64; ``dimensions`` truncates and renormalises), ``GET /v1/models``,
+``GET /v1/models/{id}``, ``GET /health``. Requests go into a queue; one worker takes all that is pending (up to
+``max_batch`` inputs) and embeds it in one call, so concurrent requests share a batch on the device. Errors have
+OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+
+Bounds: inputs per request, characters (or token ids) per input and body bytes (400/413); inputs queued for the worker
+(429 beyond it, at once); the time a request may wait for its embeddings (503); the time a client has to send a
+request's headers (the connection is closed) and then its body (408); open connections (503). With an API key every
+path but ``/health`` wants ``Authorization: Bearer KEY``. On SIGTERM uvicorn stops accepting connections and finishes
+the requests in flight (the worker keeps running until they are answered) before it exits.
 """
 
 from __future__ import annotations
@@ -15,114 +19,176 @@ import asyncio
 import base64
 import hmac
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from fastapi import Depends, FastAPI, Request
+import torch
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
 
 log = logging.getLogger("slmembed.serve")
 
+Input = str | list[int]  # a text, or its token ids
+
 
 @dataclass(frozen=True)
 class Limits:
-    """Request bounds; a request beyond one gets a 4xx error."""
+    """Request bounds; a request beyond one gets an error (see the module docstring)."""
 
-    max_inputs: int = 256  # texts per request
-    max_chars: int = 16_384  # characters per text (longer texts would be truncated to the model's max length)
-    max_batch: int = 256  # texts per encode call, merged across requests
+    max_inputs: int = 256  # inputs per request
+    max_chars: int = 16_384  # characters per text, or ids per token-id list (longer inputs are truncated anyway)
+    max_batch: int = 256  # inputs per encode call, merged across requests
+    max_queue: int = 1024  # inputs accepted and not yet embedded (waiting or being encoded); beyond it, 429
+    max_connections: int = 256  # open connections (uvicorn's limit_concurrency); beyond it, 503
+    read_timeout: float = 30.0  # seconds to send a request's headers (from connecting or the last response), then body
+    request_timeout: float = 60.0  # seconds a request may wait for its embeddings; then 503
 
     def __post_init__(self) -> None:
-        for name in ("max_inputs", "max_chars", "max_batch"):
+        for name in ("max_inputs", "max_chars", "max_batch", "max_queue", "max_connections"):
             if getattr(self, name) < 1:
-                raise SlmembedError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                raise SlmembedError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("read_timeout", "request_timeout"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise SlmembedError(f"{_flag(name)} must be a positive number of seconds, got {getattr(self, name)}")
+        if self.max_queue < self.max_inputs:  # a full request could never be accepted
+            raise SlmembedError(f"--max-queue ({self.max_queue}) must be at least --max-inputs ({self.max_inputs})")
 
     @property
     def max_body(self) -> int:
-        """Bytes of request body: every text at its longest, JSON-escaped (at most 6 bytes a character), plus 64 KiB."""
-        return self.max_inputs * self.max_chars * 6 + 65_536
+        """Bytes of request body: every input at its longest, at 8 bytes a unit (a JSON-escaped character takes at
+        most 6, a token id with its separator at most 8), plus 64 KiB."""
+        return self.max_inputs * self.max_chars * 8 + 65_536
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 class ApiError(Exception):
     """An error answered with OpenAI's error object."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
+                 kind: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.headers = headers
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status)
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+CLOSE = {"Connection": "close"}  # for answers given before the body was read: the rest of it is not waited for
+RETRY = {"Retry-After": "1"}
 
 
 class EmbeddingRequest(BaseModel):
-    """The body of ``POST /v1/embeddings`` (token-id inputs are not accepted)."""
+    """The body of ``POST /v1/embeddings``."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
-    input: str | list[str]
+    input: str | list[str] | list[int] | list[list[int]]
     model: str
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
-    user: str | None = None
+    user: str | None = None  # OpenAI's end-user id for abuse monitoring: accepted, ignored
+
+    @property
+    def inputs(self) -> list[Input]:
+        """The inputs as a list: a string or one list of token ids is one input."""
+        single = isinstance(self.input, str) or (bool(self.input) and isinstance(self.input[0], int))
+        return [self.input] if single else self.input  # type: ignore[list-item, return-value]
 
 
 class Batcher:
-    """One worker that merges pending requests into one ``encode`` call; ``embed`` awaits a request's share."""
+    """One worker that merges pending requests into one encode call; ``embed`` awaits a request's share."""
 
-    def __init__(self, embedder: Embedder, max_batch: int) -> None:
-        self.embedder, self.max_batch = embedder, max_batch
-        self.queue: asyncio.Queue[tuple[list[str], asyncio.Future]] = asyncio.Queue()
-        self.batches = self.texts = 0  # encode calls and texts so far, for /health
+    def __init__(self, embedder: Embedder, limits: Limits) -> None:
+        self.embedder, self.limits = embedder, limits
+        self.queue: asyncio.Queue[tuple[list[Input], asyncio.Future]] = asyncio.Queue()
+        self.batches = self.texts = 0  # encode calls and inputs embedded so far, for /health
         self.pending = 0  # requests waiting for their vectors
+        self.queued = 0  # inputs accepted and not yet embedded or dropped, at most limits.max_queue
 
-    async def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        """Unit vectors [len(texts), D] and the number of tokens they took."""
+    async def embed(self, inputs: list[Input]) -> tuple[np.ndarray, int]:
+        """Unit vectors [len(inputs), D] and the number of tokens they took; ApiError 429 if the queue is full,
+        503 if they take longer than the request timeout."""
+        if self.queued + len(inputs) > self.limits.max_queue:
+            raise ApiError(429, f"the server is overloaded ({self.queued} inputs queued, at most "
+                           f"{self.limits.max_queue}); try again later", code="queue_full", kind="server_overloaded",
+                           headers=RETRY)
         future = asyncio.get_running_loop().create_future()
+        self.queued += len(inputs)
         self.pending += 1
-        try:
-            await self.queue.put((texts, future))
-            return await future
+        self.queue.put_nowait((inputs, future))
+        try:  # on timeout the future is cancelled: the worker drops the inputs if it has not started on them
+            return await asyncio.wait_for(future, self.limits.request_timeout)
+        except TimeoutError:
+            raise ApiError(503, f"no embeddings within {self.limits.request_timeout:g} s: the server is overloaded; "
+                           "try again later", code="timeout", kind="server_error", headers=RETRY) from None
         finally:
             self.pending -= 1
 
-    def _encode(self, texts: list[str]) -> tuple[np.ndarray, list[int]]:
-        tokens = [len(ids) for ids in self.embedder.tokenize(texts)]
-        return self.embedder.encode(texts, batch_size=self.max_batch), tokens
+    def _encode(self, inputs: list[Input]) -> tuple[np.ndarray, list[int]]:
+        """Texts are tokenised as ``Embedder.encode`` does; token ids are truncated and given EOS the same way."""
+        embedder = self.embedder
+        texts = [x for x in inputs if isinstance(x, str)]
+        tokenized = iter(embedder.tokenize(texts) if texts else [])
+        eos = [] if embedder.eos is None else [embedder.eos]
+        room = embedder.spec.max_length - len(eos)
+        ids = [next(tokenized) if isinstance(x, str) else x[:room] + eos for x in inputs]
+        with torch.inference_mode():
+            vectors = embedder.forward_ids(ids, max_tokens=self.limits.max_batch * embedder.spec.max_length)
+        return vectors.cpu().numpy(), [len(row) for row in ids]
+
+    def _dropped(self, item: tuple[list[Input], asyncio.Future]) -> bool:
+        """Whether a queued request timed out; its inputs then leave the queue unembedded."""
+        if item[1].done():
+            self.queued -= len(item[0])
+        return item[1].done()
 
     async def run(self) -> None:
         carry = None  # a request that did not fit into the last batch opens the next one
         while True:
-            pending = [carry or await self.queue.get()]
-            carry, size = None, len(pending[0][0])
+            first, carry = carry or await self.queue.get(), None
+            if self._dropped(first):
+                continue
+            pending, size = [first], len(first[0])
             while not self.queue.empty():
                 item = self.queue.get_nowait()
-                if size + len(item[0]) > self.max_batch:
+                if self._dropped(item):
+                    continue
+                if size + len(item[0]) > self.limits.max_batch:
                     carry = item
                     break
                 pending.append(item)
                 size += len(item[0])
-            texts = [t for item, _ in pending for t in item]
+            inputs = [x for item, _ in pending for x in item]
             try:
-                vectors, tokens = await asyncio.to_thread(self._encode, texts)
+                vectors, tokens = await asyncio.to_thread(self._encode, inputs)
             except Exception as exc:  # a failed batch fails its requests, not the server
                 log.exception("encode failed")
                 for _, future in pending:
                     if not future.done():
                         future.set_exception(exc)
                 continue
-            self.batches, self.texts = self.batches + 1, self.texts + len(texts)
+            finally:
+                self.queued -= size
+            self.batches, self.texts = self.batches + 1, self.texts + len(inputs)
             start = 0
             for item, future in pending:
-                if not future.done():  # the client may have gone away
+                if not future.done():  # the request may have timed out
                     future.set_result((vectors[start : start + len(item)], sum(tokens[start : start + len(item)])))
                 start += len(item)
 
@@ -133,11 +199,30 @@ def _encode_vector(vector: np.ndarray, fmt: str) -> list[float] | str:
     return vector.tolist()
 
 
+class KeyGuard:
+    """ASGI middleware: 401 for every HTTP request but ``/health`` without ``Authorization: Bearer KEY``, before
+    routing, so unknown paths and the generated schema are guarded too."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.key):
+                error = ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'",
+                                 code="invalid_api_key", headers={**CLOSE, "WWW-Authenticate": "Bearer"})
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(embedder: Embedder, model_id: str, limits: Limits = Limits(), api_key: str | None = None) -> FastAPI:
     """The FastAPI app serving ``embedder`` under the name ``model_id``."""
-    batcher = Batcher(embedder, limits.max_batch)
+    batcher = Batcher(embedder, limits)
     dim = int(embedder.encode(["warm-up"]).shape[1])  # also compiles the first forward before requests arrive
-    created = int(time.time())
+    vocab = min(len(embedder.tokenizer), embedder.model.get_input_embeddings().num_embeddings)
+    model = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "slmembed"}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -145,7 +230,11 @@ def create_app(embedder: Embedder, model_id: str, limits: Limits = Limits(), api
         yield  # uvicorn runs the shutdown only after the requests in flight are answered
         worker.cancel()
 
-    app = FastAPI(title="slmembed", description=__doc__, lifespan=lifespan)
+    # With a key, the browser pages are off (they cannot send it); the schema stays, behind the key.
+    docs = {"docs_url": None, "redoc_url": None} if api_key else {}
+    app = FastAPI(title="slmembed", description=__doc__, lifespan=lifespan, **docs)
+    if api_key:
+        app.add_middleware(KeyGuard, api_key=api_key)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -161,28 +250,30 @@ def create_app(embedder: Embedder, model_id: str, limits: Limits = Limits(), api
         log.exception("request failed")
         return ApiError(500, "the server failed to embed the input", kind="server_error").response()
 
-    def authorise(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
-            raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer KEY'", code="invalid_api_key")
-
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_id, "pending": batcher.pending, "batches": batcher.batches,
-                "texts": batcher.texts}
+        return {"status": "ok", "model": model_id, "pending": batcher.pending, "queued": batcher.queued,
+                "batches": batcher.batches, "texts": batcher.texts}
 
-    @app.get("/v1/models", dependencies=[Depends(authorise)])
+    @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                            "owned_by": "slmembed"}]}
+        return {"object": "list", "data": [model]}
 
-    @app.post("/v1/embeddings", dependencies=[Depends(authorise)])
+    @app.get("/v1/models/{name:path}")  # model ids may contain '/' (hub names)
+    async def get_model(name: str) -> dict:
+        if name != model_id:
+            raise _not_served(name, model_id)
+        return model
+
+    @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict:
-        req = _parse(await _read_body(request, limits.max_body), limits, model_id, dim)
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        vectors, tokens = await batcher.embed(texts)
+        try:
+            body = await asyncio.wait_for(_read_body(request, limits.max_body), limits.read_timeout)
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {limits.read_timeout:g} s",
+                           code="request_timeout", headers=CLOSE) from None
+        req = _parse(body, limits, model_id, dim, vocab, token_ids=embedder.spec.prompt is None)
+        vectors, tokens = await batcher.embed(req.inputs)
         if req.dimensions is not None and req.dimensions < dim:
             vectors = vectors[:, : req.dimensions]
             vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
@@ -194,51 +285,106 @@ def create_app(embedder: Embedder, model_id: str, limits: Limits = Limits(), api
     return app
 
 
+def _not_served(name: str, model_id: str) -> ApiError:
+    return ApiError(404, f"model {name!r} is not served here; this server serves {model_id!r}", param="model",
+                    code="model_not_found")
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 past ``limit`` bytes (declared or streamed)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"request body is {declared} bytes, over the limit of {limit}")
+        raise ApiError(413, f"request body is {declared} bytes, over the limit of {limit}", headers=CLOSE)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"request body is over the limit of {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"request body is over the limit of {limit} bytes", headers=CLOSE)
+    except ClientDisconnect:  # nobody to answer; not a server error worth a traceback
+        raise ApiError(400, "the client closed the connection before sending the whole body") from None
     return bytes(body)
 
 
-def _parse(body: bytes, limits: Limits, model_id: str, dim: int) -> EmbeddingRequest:
-    """Validate a request body against the schema and the limits; raise ApiError (4xx) naming the field."""
+def _parse(body: bytes, limits: Limits, model_id: str, dim: int, vocab: int, token_ids: bool) -> EmbeddingRequest:
+    """Validate a request body against the schema and the limits; raise ApiError (4xx) naming the field.
+    ``token_ids``: whether token-id inputs are allowed (not for a model that wraps its inputs in a prompt)."""
     try:
         req = EmbeddingRequest.model_validate_json(body)
     except ValidationError as exc:
         err = exc.errors()[0]
         if err["type"] == "json_invalid":
             raise ApiError(400, f"the body is not valid JSON: {err['msg']}") from None
-        param = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("str", "list["))) or None
+        param = str(err["loc"][0]) if err["loc"] else None
         if err["type"] == "missing":
             raise ApiError(400, f"missing required field {param!r}", param=param) from None
         if param is None:
             raise ApiError(400, f"the body must be a JSON object: {err['msg']}") from None
-        hint = " (a string or a list of strings)" if param.startswith("input") else ""
-        raise ApiError(400, f"invalid {param!r}{hint}: {err['msg']}", param=param) from None
-    texts = [req.input] if isinstance(req.input, str) else req.input
+        if param == "input":  # the union's own errors (one per alternative) would not help
+            raise ApiError(400, "'input' must be a string, a list of strings, a list of token ids (integers) or a "
+                           "list of token-id lists", param=param) from None
+        raise ApiError(400, f"invalid {param!r}: {err['msg']}", param=param) from None
     if req.model != model_id:
-        raise ApiError(404, f"model {req.model!r} is not served here; this server serves {model_id!r}",
-                       param="model", code="model_not_found")
-    if not texts:
+        raise _not_served(req.model, model_id)
+    inputs = req.inputs
+    if not inputs:
         raise ApiError(400, "'input' is an empty list", param="input")
-    if len(texts) > limits.max_inputs:
-        raise ApiError(400, f"'input' has {len(texts)} texts, over the limit of {limits.max_inputs}", param="input")
-    for i, text in enumerate(texts):
-        if not text:
-            raise ApiError(400, f"input[{i}] is an empty string", param="input")
-        if len(text) > limits.max_chars:
-            raise ApiError(400, f"input[{i}] has {len(text)} characters, over the limit of {limits.max_chars}",
+    if len(inputs) > limits.max_inputs:
+        raise ApiError(400, f"'input' has {len(inputs)} inputs, over the limit of {limits.max_inputs}", param="input")
+    flat = isinstance(req.input, list) and isinstance(req.input[0], int)  # one list of token ids
+    for i, item in enumerate(inputs):
+        where = "input" if flat else f"input[{i}]"
+        unit = "characters" if isinstance(item, str) else "token ids"
+        if not item:
+            raise ApiError(400, f"{where} is empty", param="input")
+        if len(item) > limits.max_chars:
+            raise ApiError(400, f"{where} has {len(item)} {unit}, over the limit of {limits.max_chars}",
                            param="input")
+        if isinstance(item, list):
+            if not token_ids:
+                raise ApiError(400, "this model wraps each input in a prompt template, which token ids cannot be: "
+                               "send text", param="input")
+            if min(item) < 0 or max(item) >= vocab:
+                j = next(j for j, t in enumerate(item) if not 0 <= t < vocab)
+                raise ApiError(400, f"{where}[{j}] is {item[j]}, not a token id of this model (0 to {vocab - 1})",
+                               param="input")
     if req.dimensions is not None and not 1 <= req.dimensions <= dim:
         raise ApiError(400, f"'dimensions' must be between 1 and {dim}, got {req.dimensions}", param="dimensions")
     return req
+
+
+def _protocol(read_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol, closing a connection that has not sent a request's headers within ``read_timeout``
+    seconds of opening or of its last response. uvicorn's own keep-alive timer is reset by every byte, so without
+    this a client sending a byte now and then would hold its connection for ever. A request being answered is left
+    alone: the app bounds the time to read its body and to embed it."""
+
+    class Protocol(H11Protocol):
+        deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self.deadline is not None:
+                self.deadline.cancel()
+            self.deadline = self.loop.call_later(read_timeout, self._expire)
+
+        def _expire(self) -> None:
+            if self.cycle is None or self.cycle.response_complete:
+                self.transport.close()
+
+    return Protocol
 
 
 def serve(embedder: Embedder, model_id: str, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
@@ -247,4 +393,5 @@ def serve(embedder: Embedder, model_id: str, host: str = "127.0.0.1", port: int 
     import uvicorn
 
     app = create_app(embedder, model_id, limits, api_key)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_timeout)
+    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_timeout,
+                limit_concurrency=limits.max_connections, http=_protocol(limits.read_timeout))

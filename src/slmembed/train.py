@@ -25,15 +25,21 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from slmembed import models
+from slmembed import models, outputs
 from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
 from slmembed.compile import compile_blocks
-from slmembed.config import Recipe
+from slmembed.config import Recipe, load_recipe, recipe_from_dict, result_changes
 from slmembed.data.nli import load_triplets
 from slmembed.embedder import Embedder, EmbedSpec
 from slmembed.errors import SlmembedError
 from slmembed.gradcache import cached_backward
+from slmembed.paths import find_data_dir
 from slmembed.loss import info_nce
+
+
+# What a run folder holds (README, "Usage").
+RUN_ENTRIES = ("adapter", "checkpoints", "recipe.yaml", "embed.json", "train_log.jsonl", "data.json", "summary.json",
+               "tensorboard")
 
 
 def batch_indices(n: int, global_batch: int, step: int, seed: int) -> np.ndarray:
@@ -51,6 +57,9 @@ def _permutation(n: int, seed: int) -> np.ndarray:
 
 def add_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     cfg, n_layers = recipe.lora, model.config.num_hidden_layers
+    if cfg.layers is not None and not all(-n_layers <= i < n_layers for i in cfg.layers):
+        raise SlmembedError(f"lora.layers: expected layer numbers from {-n_layers} to {n_layers - 1} (the model has "
+                            f"{n_layers} layers), got {cfg.layers}")
     layers = sorted({i % n_layers for i in cfg.layers}) if cfg.layers is not None else None
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.targets,
                       layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
@@ -99,18 +108,42 @@ def _trim_log(path: Path, step: int) -> None:
     write_text(path, "".join(kept))
 
 
+def _check_resumable(run_dir: Path, recipe: Recipe) -> None:
+    """Refuse to resume a folder that holds no run (no recipe.yaml; a run without checkpoints restarts at step 0),
+    or with a recipe that changes the run's result (config.NOT_RESULT lists the fields that may change)."""
+    saved = run_dir / "recipe.yaml"
+    if not saved.is_file():
+        raise SlmembedError(f"cannot resume {run_dir}: it holds no run (no recipe.yaml); start one without --resume")
+    changes = result_changes(load_recipe(saved), recipe)
+    if changes:
+        raise SlmembedError(f"cannot resume {run_dir} with a recipe that changes its result: {'; '.join(changes)}; "
+                            "resume with its recipe.yaml, or start a new run in another folder")
+
+
+def check_run_dir(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, resume: bool | None = False,
+                  force: bool = False) -> bool:
+    """Check before any work that a run may be written to ``run_dir`` (outputs.py); True if it replaces or continues
+    an earlier run. ``resume=None``: the caller has no way to continue a run."""
+    return outputs.check_folder(run_dir, "train", inputs=[recipe.model.name, *recipe.data.sources],
+                                around=[find_data_dir(data_dir, required=False)], force=force, resume=resume)
+
+
 def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, resume: bool = False,
-          device: str = "auto", progress: bool = True, spaced_checkpoints: int | None = None) -> dict:
+          force: bool = False, device: str = "auto", progress: bool = True,
+          spaced_checkpoints: int | None = None) -> dict:
     """Train the recipe's LoRA adapter into ``run_dir``; return the run summary (also written as summary.json).
 
-    ``spaced_checkpoints=k`` replaces the recipe's checkpoint interval: k evenly spaced checkpoints are kept.
+    ``force`` replaces an earlier run in ``run_dir`` (once the model has loaded); ``spaced_checkpoints=k`` replaces
+    the recipe's checkpoint interval: k evenly spaced checkpoints are kept.
     """
     run_dir = Path(run_dir)
+    recipe = recipe_from_dict(recipe.to_dict())  # a recipe built in code gets the checks a loaded one had
     tc = recipe.train
+    replace = check_run_dir(recipe, run_dir, data_dir=data_dir, resume=resume, force=force) and not resume
+    if resume:
+        _check_resumable(run_dir, recipe)
     # bf16 autocast is ours (below), not accelerate's, whose process-wide state would fix one precision per process.
     acc = Accelerator(cpu=models.resolve_device(device).type == "cpu")
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise SlmembedError(f"{run_dir} already holds a run: pass --resume to continue it, or choose another --output")
     torch.manual_seed(tc.seed)
 
     # Data: triplets, a seeded subsample if asked, and every unique sentence tokenised once.
@@ -153,7 +186,11 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         start = load_checkpoint(checkpoints(run_dir)[-1], acc.unwrap_model(model), optimizer, scheduler)
         acc.print(f"resumed from step {start}")
     if acc.is_main_process:
+        if replace:
+            outputs.clear(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / outputs.MARKER).exists():
+            outputs.mark(run_dir, "train", RUN_ENTRIES)
         write_text(run_dir / "recipe.yaml", recipe.to_yaml())
         write_json(run_dir / "data.json", {"triplets": len(triplets), "counts": data.counts,
                                           "duplicates": data.duplicates, "skipped_rows": data.skipped_rows})

@@ -1,0 +1,161 @@
+"""Where commands write, checked before any work: no command deletes or overwrites what it did not write.
+
+Every command checks its outputs first (before loading data or a model), and a bad one is a one-line error:
+
+* An output may not be, contain or lie inside one of the command's inputs (a run folder, a model folder, an input
+  file), so that writing it cannot destroy them; nor be or contain a folder it only reads from (the data folder).
+* A folder output (training run, exported model, reproduce results, report folder) must be missing, empty, or an
+  earlier output of the same command. Such folders carry ``MARKER``, which names the command and the entries it
+  wrote; other commands record there the files they add (``eval.json``, ``report.md``). An earlier output is
+  replaced only when asked (``--force``), and only if everything in it was written by slmembed: a file the user put
+  there stops the command instead of being deleted.
+* A file output (an eval JSON, embeddings) replaces an existing file only when asked, and only if that file is
+  recognisably an earlier output of the same command.
+* The output's folder must be creatable and writable, so a command does not find out after minutes of work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from slmembed.atomic import write_json
+from slmembed.errors import SlmembedError
+
+MARKER = ".slmembed-output.json"
+
+
+def _marker(folder: Path) -> dict | None:
+    try:
+        data = json.loads((folder / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("command"), str) else None
+
+
+def written_by(folder: Path) -> str | None:
+    """The command whose output ``folder`` is, or None. Runs trained before markers existed count as ``train``."""
+    marker = _marker(folder)
+    if marker:
+        return marker["command"]
+    if (folder / "recipe.yaml").is_file() and (folder / "embed.json").is_file() or (folder / "checkpoints").is_dir():
+        return "train"
+    return None
+
+
+def mark(folder: str | Path, command: str, entries: Iterable[str]) -> None:
+    """Record that ``command`` wrote ``folder`` and which top-level ``entries`` it holds."""
+    write_json(Path(folder) / MARKER, {"command": command, "entries": sorted(set(entries)), "added": {}})
+
+
+def record_added(folder: str | Path, name: str, command: str) -> None:
+    """Record in ``folder``'s marker, if it has one, that ``command`` added the file ``name``."""
+    folder = Path(folder)
+    marker = _marker(folder)
+    if marker is not None:
+        marker.setdefault("added", {})[name] = command
+        write_json(folder / MARKER, marker)
+
+
+def _forms(path: Path) -> set[Path]:
+    """``path`` made absolute as written, and with its links resolved."""
+    return {Path(os.path.abspath(path)), path.resolve()}
+
+
+def _overlap(output: Path, inputs: Iterable[str | Path | None], around: Iterable[str | Path | None]) -> None:
+    """Raise if ``output`` is, contains or lies inside one of ``inputs``, or is or contains one of ``around``."""
+    for item, inside in [*((i, True) for i in inputs), *((a, False) for a in around)]:
+        if item is None or not Path(item).exists():
+            continue
+        # Each path as written and with links resolved: a link to the data must not hide it.
+        pairs = [(o, i) for o in _forms(output) for i in _forms(Path(item))]
+        how = next((h for o, i in pairs for h, hit in (("is", o == i), ("lies inside", inside and i in o.parents),
+                                                        ("contains", o in i.parents)) if hit), None)
+        if how:
+            raise SlmembedError(f"output {output} {how} the input {item}: writing it could destroy the input; "
+                                "choose another output")
+
+
+def _writable(path: Path) -> None:
+    """Raise unless ``path`` could be created: its nearest existing ancestor is a folder we may write in."""
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SlmembedError(f"cannot write {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise SlmembedError(f"cannot write {path}: no permission to write in {ancestor}")
+
+
+def check_folder(path: str | Path, command: str, *, inputs: Iterable[str | Path | None] = (),
+                 around: Iterable[str | Path | None] = (), force: bool = False, resume: bool | None = None) -> bool:
+    """Check, before any work, that ``command`` may write the folder ``path``; return True if it holds an earlier
+    output of ``command`` (to be replaced with ``force``, or continued with ``resume``; None: it cannot be)."""
+    path = Path(path)
+    _overlap(path, inputs, around)
+    if path.exists() and not path.is_dir():
+        raise SlmembedError(f"{path} is a file; the output must be a folder")
+    if not path.exists() or not any(path.iterdir()):
+        _writable(path / "x")
+        return False
+    if written_by(path) != command:
+        raise SlmembedError(f"{path} is a folder that `slmembed {command}` did not write and is not empty: "
+                            "choose a new or empty folder")
+    if resume:
+        return True
+    if not force:
+        hint = "pass --force to replace it" + (" (or --resume to continue it)" if resume is not None else "")
+        raise SlmembedError(f"{path} holds an earlier `slmembed {command}` output: {hint}, or choose another folder")
+    marker = _marker(path)
+    if marker is not None:  # runs from before markers hold only what training writes
+        known = {MARKER, *marker.get("entries", []), *marker.get("added", {})}
+        foreign = sorted(e.name for e in path.iterdir() if e.name not in known)
+        if foreign:
+            raise SlmembedError(f"{path} holds {foreign[0]!r}, which slmembed did not write: --force replaces only "
+                                "what slmembed wrote; move it away or choose another folder")
+    _writable(path / "x")
+    return True
+
+
+def clear(path: str | Path) -> None:
+    """Empty a folder that ``check_folder`` allowed to be replaced."""
+    for entry in Path(path).iterdir():
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
+def check_file(path: str | Path, command: str, *, inputs: Iterable[str | Path | None] = (),
+               around: Iterable[str | Path | None] = (), force: bool = False,
+               ours: Callable[[Path], bool] = lambda p: False, suffixes: tuple[str, ...] = ()) -> None:
+    """Check, before any work, that ``command`` may write the file ``path``: see the module docstring. ``inputs``
+    are read, ``around`` are folders read from (the output may lie inside them); ``ours`` tells whether an existing
+    file is an earlier output of ``command``."""
+    path = Path(path)
+    if path.is_dir():
+        raise SlmembedError(f"{path} is a folder; the output must be a file path")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise SlmembedError(f"{path}: the output must end in {' or '.join(suffixes)}")
+    _overlap(path, inputs, around)
+    if path.exists():
+        if not ours(path):
+            raise SlmembedError(f"{path} exists and is not an earlier `slmembed {command}` output: "
+                                "choose another path")
+        if not force:
+            raise SlmembedError(f"{path} holds an earlier `slmembed {command}` output: pass --force to replace it")
+    _writable(path)
+
+
+def json_by(command: str) -> Callable[[Path], bool]:
+    """``ours`` for JSON results: a file whose ``run.command`` is ``slmembed COMMAND ...`` (cli.provenance)."""
+
+    def ours(path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        run = data.get("run") if isinstance(data, dict) else None
+        return isinstance(run, dict) and str(run.get("command", "")).split()[:2] == ["slmembed", command]
+
+    return ours
