@@ -120,3 +120,27 @@ def test_eval_compile_gives_the_same_scores(tmp_path, tiny_models, capsys) -> No
                      "--output", str(out), *extra]) == 0
         scores.append(json.loads(out.read_text())["scores"]["BIOSSES"])
     assert scores[0] == pytest.approx(scores[1], abs=0.02)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got '0'"),
+    (["eval", "--prompt", "no placeholder"], "argument --prompt: expected P1, P2, P3 or a template"),
+    (["eval", "--prompt", "{} and {}"], "argument --prompt: expected P1, P2, P3 or a template"),
+    (["eval", "--pooling", "max"], "argument --pooling: invalid choice: 'max'"),
+    (["embed", "in.txt", "--model", "m", "--output", "o.npy", "--chunk-size", "-1"], "--chunk-size: expected a whole"),
+    (["embed", "in.txt", "--model", "m", "--output", "o.npy", "--batch-size", "x"], "--batch-size: expected a whole"),
+    (["serve", "m", "--port", "70000"], "argument --port: expected a whole number from 1 to 65535, got '70000'"),
+    (["serve", "m", "--max-queue", "0"], "argument --max-queue: expected a whole number >= 1"),
+    (["serve", "m", "--read-timeout", "0"], "argument --read-timeout: expected a number of seconds > 0, got '0'"),
+    (["serve", "m", "--request-timeout", "nan"], "argument --request-timeout: expected a number of seconds > 0"),
+    (["reproduce", "--model", "m", "--output", "o", "--curve", "-1"], "argument --curve: expected a whole number >= 0"),
+    (["train", "--config", "smollm2-135m"], "the following arguments are required: --output"),
+    (["no-such-command"], "invalid choice: 'no-such-command'"),
+])
+def test_command_line_mistakes_are_one_line_with_exit_code_2(args, message, capsys, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and err.startswith("slmembed: error:") and message in err and "\n" not in err, err
+    assert list(tmp_path.iterdir()) == []

@@ -47,8 +47,11 @@ def written_by(folder: Path) -> str | None:
 
 
 def mark(folder: str | Path, command: str, entries: Iterable[str]) -> None:
-    """Record that ``command`` wrote ``folder`` and which top-level ``entries`` it holds."""
-    write_json(Path(folder) / MARKER, {"command": command, "entries": sorted(set(entries)), "added": {}})
+    """Record that ``command`` wrote ``folder`` and which top-level ``entries`` it holds (keeping what other commands
+    recorded as added to an earlier output of the same command)."""
+    earlier = _marker(Path(folder)) or {}
+    added = earlier.get("added", {}) if earlier.get("command") == command else {}
+    write_json(Path(folder) / MARKER, {"command": command, "entries": sorted(set(entries)), "added": added})
 
 
 def record_added(folder: str | Path, name: str, command: str) -> None:

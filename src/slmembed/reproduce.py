@@ -52,11 +52,11 @@ def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_d
               device: str = "auto", curve: int = 0, force: bool = False, provenance: dict | None = None) -> dict:
     """Evaluate, train, evaluate; with ``curve`` > 0, keep that many evenly spaced checkpoints and score them.
 
-    A run in ``run_dir`` with checkpoints is continued; ``force`` replaces an earlier finished run there and earlier
+    A run in ``run_dir`` with checkpoints is continued; ``force`` replaces an earlier run there instead, and earlier
     results in ``output``."""
     output, run_dir = Path(output), Path(run_dir)
     name = output.name
-    resume = (run_dir / "checkpoints").exists()
+    resume = (run_dir / "checkpoints").exists() and not force
     outputs.check_folder(output, "reproduce", inputs=[recipe.model.name, run_dir],
                          around=[find_data_dir(data_dir, required=False)], force=force)
     check_run_dir(recipe, run_dir, data_dir=data_dir, resume=resume or None, force=force)
