@@ -2,7 +2,7 @@
 
 Both runs train the same recipe for the same steps on the same triplets with the same global batch, so they compute
 the same loss over the same negatives: the N-GPU run gathers every rank's embeddings into each rank's loss
-(loss.py). Rates come from the training logs, between a step after warm-up and the last; both adapters are then
+(losses/infonce.py). Rates come from the training logs, between a step after warm-up and the last; both adapters are then
 scored on the nine STS sets. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the device docs require.
 
     python bench/multi_gpu.py --config gemma-3-270m --per-device-batch 60 --gpus 2 --steps 300 \\

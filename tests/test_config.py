@@ -29,6 +29,15 @@ def test_paper_hyperparameters(name: str) -> None:
     assert r.model.trust_remote_code == (name == "minicpm-2b")
 
 
+def test_paper_code_recipe_differs_from_table_1_only_where_the_script_does() -> None:
+    """train.sh: 4 x 7 triplets a step, 1000 steps, weight decay 1e-4, seed 7; everything else as Table 1."""
+    table, code = load_recipe("minicpm-2b").to_dict(), load_recipe("minicpm-2b-paper-code").to_dict()
+    differ = {f"{section}.{k}": (v, code[section][k]) for section, fields in table.items() if isinstance(fields, dict)
+              for k, v in fields.items() if code[section][k] != v}
+    assert differ == {"train.batch_size": (60, 28), "train.max_steps": (None, 1000),
+                      "train.weight_decay": (0.0, 1e-4), "train.seed": (42, 7)}
+
+
 def test_wrong_type_unknown_field_and_bad_override(tmp_path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  lr: fast\n")

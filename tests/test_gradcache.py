@@ -11,7 +11,7 @@ from transformers import AutoModel, AutoTokenizer
 from slmembed import train as train_mod
 from slmembed.embedder import Embedder, EmbedSpec
 from slmembed.gradcache import cached_backward
-from slmembed.loss import info_nce
+from slmembed.losses import info_nce
 from test_train import _tiny_recipe
 
 TEXTS = [f"sentence number {i} " + "word " * (i % 7) for i in range(24)]  # 8 triplets of varied lengths

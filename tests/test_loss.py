@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from slmembed.loss import info_nce
+from slmembed.losses import LOSSES, info_nce, symmetric_info_nce
 
 
 def reference(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None, tau: float) -> float:
@@ -47,18 +47,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, a, p, n, out) -> None:
+def _rank(rank: int, world: int, port: int, name: str, a, p, n, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     rows = slice(rank * len(a) // world, (rank + 1) * len(a) // world)
     la, lp, ln = (t[rows].clone().requires_grad_(True) for t in (a, p, n))
-    loss = info_nce(la, lp, ln, temperature=0.05)
+    loss = LOSSES[name](la, lp, ln, temperature=0.05)
     loss.backward()
     out[rank] = (loss.detach(), la.grad, lp.grad, ln.grad)
     dist.destroy_process_group()
 
 
-def test_two_ranks_equal_one_process_over_the_whole_batch() -> None:
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_two_ranks_equal_one_process_over_the_whole_batch(name: str) -> None:
     """Mean of the rank losses = the global loss; each rank's gradient / world = the global gradient's slice.
 
     (DDP averages parameter gradients over ranks, which supplies that 1/world.)
@@ -66,14 +67,25 @@ def test_two_ranks_equal_one_process_over_the_whole_batch() -> None:
     g = torch.Generator().manual_seed(2)
     a, p, n = (torch.randn(8, 16, generator=g) for _ in range(3))
     full = [t.clone().requires_grad_(True) for t in (a, p, n)]
-    loss = info_nce(*full, temperature=0.05)
+    loss = LOSSES[name](*full, temperature=0.05)
     loss.backward()
 
     world = 2
     out = mp.Manager().dict()
-    mp.start_processes(_rank, args=(world, _free_port(), a, p, n, out), nprocs=world, start_method="spawn")
+    mp.start_processes(_rank, args=(world, _free_port(), name, a, p, n, out), nprocs=world, start_method="spawn")
     assert torch.stack([out[r][0] for r in range(world)]).mean().item() == pytest.approx(loss.item(), rel=1e-6)
     for r in range(world):
         rows = slice(r * 4, (r + 1) * 4)
         for k, t in enumerate(full):
             torch.testing.assert_close(out[r][k + 1] / world, t.grad[rows], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("hard", [True, False])
+def test_symmetric_info_nce_adds_the_positives_to_anchors_direction(hard: bool) -> None:
+    """Half the paper's loss plus half of each positive's InfoNCE against all anchors (no hard negatives there)."""
+    g = torch.Generator().manual_seed(3)
+    a, p, n = (torch.randn(6, 5, generator=g) * 3 for _ in range(3))
+    got = symmetric_info_nce(a, p, n if hard else None, temperature=0.05).item()
+    want = (reference(a, p, n if hard else None, 0.05) + reference(p, a, None, 0.05)) / 2
+    assert got == pytest.approx(want, rel=1e-5)
+    assert LOSSES["symmetric_infonce"] is symmetric_info_nce and LOSSES["infonce"] is info_nce

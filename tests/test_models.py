@@ -20,7 +20,8 @@ def test_packaged_gguf_converts_to_safetensors_folder(smollm2_dir) -> None:
     assert models.resolve("smollm2-135m") == str(smollm2_dir)  # reused, not converted again
     # The special tokens are the GGUF file's (tokenizer.ggml.eos_token_id 2 ...), whichever transformers converted it.
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    assert (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token) == ("<|im_end|>", "<|im_start|>", "<|im_end|>")
+    special = (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token)
+    assert special == ("<|im_end|>", "<|im_start|>", "<|im_end|>")
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 2)
 
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_train import _tiny_recipe
 
 from slmembed import outputs
 from slmembed.cli import main
 from slmembed.train import train
-from test_train import _tiny_recipe
 
 
 def _snapshot(root: Path) -> dict[str, str]:
@@ -159,6 +159,7 @@ def test_reproduce_and_demo_check_outputs_first(run, data_dir, capsys, tmp_path)
              foreign, message="did not write and is not empty")
     _refused(["reproduce", "--model", "smollm2-135m", "--data-dir", str(data_dir), "--output", str(run),
               "--run-dir", str(run)], capsys, run.parent, message="is the input")
-    _refused(["demo", "--data-dir", str(data_dir), "--output", str(run)], capsys, run, message="pass --force to replace it")
+    _refused(["demo", "--data-dir", str(data_dir), "--output", str(run)], capsys, run,
+             message="pass --force to replace it")
     _refused(["demo", "--data-dir", str(data_dir), "--output", str(foreign), "--force"], capsys, foreign,
              message="did not write")

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_train import _tiny_recipe
 
 from slmembed.cli import main
 from slmembed.errors import DataError, SlmembedError
 from slmembed.report import report
 from slmembed.train import train
-from test_train import _tiny_recipe
 
 RESULTS = Path(__file__).resolve().parents[1] / "results" / "reproduce"
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -365,7 +365,8 @@ def test_full_queue_gets_429_at_once_and_waits_are_bounded(tmp_path) -> None:
     seconds; B (1 text) queues behind it and fills the queue; C gets 429 at once. A and B get 503 at the timeout
     while A's texts are still being encoded; the worker then drops B's text unembedded and the queue is empty again."""
     long_texts = [f"{i}: {LONG * 6}" for i in range(8)]
-    args = ("--device", "cpu", "--dtype", "float32", "--max-inputs", "8", "--max-queue", "9", "--request-timeout", "0.5")
+    args = ("--device", "cpu", "--dtype", "float32", "--max-inputs", "8", "--max-queue", "9",
+            "--request-timeout", "0.5")
     with serving("smollm2-135m", *args, log=tmp_path / "log") as srv:
         before = srv.health()
         answers: dict[str, tuple[int, dict, float]] = {}

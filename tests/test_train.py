@@ -15,7 +15,7 @@ from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.nli import load_triplets
 from slmembed.embedder import load_embedder
 from slmembed.errors import SlmembedError
-from slmembed.loss import info_nce
+from slmembed.losses import LOSSES, info_nce
 
 
 def _heldout_loss(model: str | None, adapter, triplets) -> float:
@@ -168,3 +168,15 @@ def test_torchrun_two_cpu_ranks_equal_one_process_at_twice_the_batch(tmp_path, t
     logged = [[json.loads(line)["loss"] for line in (tmp_path / run / "train_log.jsonl").read_text().splitlines()]
               for run in ("one", "two")]
     assert len(logged[0]) == 4 and logged[0] == pytest.approx(logged[1], rel=1e-4)  # the global batch's loss
+
+
+def test_the_recipe_names_the_objective(tmp_path, tiny_models, data_dir) -> None:
+    """train.loss picks the objective from losses.LOSSES: the same first step logs each one's own loss."""
+    first = {}
+    for name in LOSSES:
+        recipe = _tiny_recipe(tiny_models, max_steps=1, loss=name)
+        recipe.lora.dropout = 0.0  # the same forward for both, so the losses differ by the objective alone
+        train_mod.train(recipe, tmp_path / name, data_dir=data_dir, progress=False)
+        first[name] = json.loads((tmp_path / name / "train_log.jsonl").read_text().splitlines()[0])["loss"]
+    assert first["symmetric_infonce"] != pytest.approx(first["infonce"], abs=1e-4)
+    assert load_recipe(tmp_path / "symmetric_infonce" / "recipe.yaml").train.loss == "symmetric_infonce"

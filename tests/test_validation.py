@@ -43,6 +43,7 @@ BAD: dict[str, list[str]] = {
     "train.epochs": ["0", "-1", *NOT_INT],
     "train.max_steps": ["0", "-5", "1.5", "true"],
     "train.temperature": ["-0.05", "0", ".nan", ".inf", "x", "true"],
+    "train.loss": ["mse", "InfoNCE", "''", "1", "[infonce]"],
     "train.hard_negatives": NOT_BOOL,
     "train.weight_decay": ["-0.1", ".nan", ".inf", "x", "true"],
     "train.bf16": NOT_BOOL,
@@ -108,7 +109,8 @@ GOOD = [("train.lr", "1e-3", 1e-3), ("train.lr", "5e-5", 5e-5), ("train.max_step
         ("lora.dropout", "0", 0.0), ("lora.layers", "[-1, 0]", [-1, 0]), ("lora.targets", "[q_proj]", ["q_proj"]),
         ("model.max_length", "2", 2), ("model.pooling", "mean", "mean"), ("model.prompt", "P1", "P1"),
         ("model.prompt", "'Query: {}'", "Query: {}"), ("model.prompt", "'{{x}} {} means'", "{{x}} {} means"),
-        ("data.sources", "[nli, lingnli]", ["nli", "lingnli"]), ("data.max_triplets", "1", 1)]
+        ("data.sources", "[nli, lingnli]", ["nli", "lingnli"]), ("data.max_triplets", "1", 1),
+        ("train.loss", "symmetric_infonce", "symmetric_infonce")]
 
 
 @pytest.mark.parametrize("path, value, expected", GOOD)

@@ -14,7 +14,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-
 # The process's umask, read once (os.umask can only be read by setting it): mkstemp and mkdtemp create private
 # (0600, 0700) entries, which the files and folders made here get instead as open() and mkdir() would make them.
 _UMASK = os.umask(0o022)

@@ -63,6 +63,12 @@ def _pooling(value: str) -> str | None:
     return one_of(*POOLINGS)(value)
 
 
+def _loss(value: str) -> str | None:
+    from slmembed.losses import LOSSES  # imported when checked: it brings torch
+
+    return one_of(*LOSSES)(value)
+
+
 def _prompt(value: str) -> str | None:
     """A name in embedder.PROMPTS, or a template with exactly one bare ``{}`` (other braces doubled)."""
     from slmembed.embedder import PROMPTS  # imported here: embedder imports this module
@@ -105,6 +111,7 @@ class TrainConfig:
     epochs: int = checked(at_least(1), default=1)
     max_steps: int | None = checked(at_least(1), default=None)  # None: epochs over the data
     temperature: float = checked(POSITIVE, default=0.05)
+    loss: str = checked(_loss, default="infonce")  # a name in losses.LOSSES
     hard_negatives: bool = True
     weight_decay: float = checked(NOT_NEGATIVE, default=0.0)
     bf16: bool = True

@@ -89,7 +89,8 @@ def _materialise(name: str, spec: Packaged) -> Path:
             _join(parts, gguf)
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16, **_dequantize())
+            model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16,
+                                                         **_dequantize())
             tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
             for role, token in _gguf_special_tokens(gguf).items():
                 setattr(tokenizer, role, token)

@@ -27,7 +27,6 @@ from slmembed.evaluate import table
 from slmembed.plots import before_after_bars, pyplot, save
 from slmembed.reproduce import plot as plot_scores
 
-
 FILES = ("report.md", "train.png", "scores.png", "ablation.png", "losses.png")  # all a report may write
 SIGNATURE = "<!-- written by slmembed report -->"  # the last line of report.md: marks it (and its plots) as ours
 

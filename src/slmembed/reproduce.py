@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 

@@ -33,9 +33,8 @@ from slmembed.data.nli import load_triplets
 from slmembed.embedder import Embedder, EmbedSpec
 from slmembed.errors import SlmembedError
 from slmembed.gradcache import cached_backward
+from slmembed.losses import LOSSES
 from slmembed.paths import find_data_dir
-from slmembed.loss import info_nce
-
 
 # What a run folder holds (README, "Usage").
 RUN_ENTRIES = ("adapter", "checkpoints", "recipe.yaml", "embed.json", "train_log.jsonl", "data.json", "summary.json",
@@ -204,9 +203,11 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         compile_blocks(model)
     columns = 3 if tc.hard_negatives else 2
 
+    objective = LOSSES[tc.loss]
+
     def loss_of(emb: torch.Tensor) -> torch.Tensor:
         emb = emb.view(columns, -1, emb.shape[-1])
-        return info_nce(emb[0], emb[1], emb[2] if tc.hard_negatives else None, tc.temperature)
+        return objective(emb[0], emb[1], emb[2] if tc.hard_negatives else None, tc.temperature)
 
     board = _tensorboard(run_dir / "tensorboard", start) if acc.is_main_process else None
     t0, seen_t0 = time.time(), start

@@ -1,0 +1,15 @@
+"""Training objectives, one per module, each ``f(anchors, positives, negatives | None, temperature) -> loss``,
+gathered across ranks. ``train.loss`` in a recipe names one of ``LOSSES``; a new objective is a module here and an
+entry below."""
+
+from __future__ import annotations
+
+from slmembed.losses.infonce import info_nce
+from slmembed.losses.symmetric import symmetric_info_nce
+
+LOSSES = {
+    "infonce": info_nce,  # the paper's: anchors against all positives and hard negatives
+    "symmetric_infonce": symmetric_info_nce,  # and positives against all anchors
+}
+
+__all__ = ["LOSSES", "info_nce", "symmetric_info_nce"]
