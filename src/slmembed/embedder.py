@@ -98,8 +98,7 @@ class Embedder:
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         self.causal = is_causal(model)  # the fast path of the module docstring
         self.eos = tokenizer.eos_token_id if spec.append_eos else None
-        # Padded positions are masked out, so any id pads; a tokenizer given directly may name no pad token.
-        self.pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        models.give_pad_token(tokenizer)  # a tokenizer given directly, not through models.load, may name none
         if spec.append_eos and self.eos is None:
             raise ValueError("append_eos needs a tokenizer with an EOS token")
         can_pack = self.causal and packing.supported(model, spec.max_length)
@@ -131,7 +130,7 @@ class Embedder:
         left = self.tokenizer.padding_side == "left" and not self.causal
         cols = np.arange(width)
         real = cols >= (width - lengths)[:, None] if left else cols < lengths[:, None]
-        input_ids = np.full((len(ids), width), self.pad, dtype=np.int64)
+        input_ids = np.full((len(ids), width), self.tokenizer.pad_token_id, dtype=np.int64)
         input_ids[real] = np.fromiter((t for row in ids for t in row), dtype=np.int64, count=int(lengths.sum()))
         batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(real.astype(np.int64))}
         if left:

@@ -41,7 +41,7 @@ def written_by(folder: Path) -> str | None:
     marker = _marker(folder)
     if marker:
         return marker["command"]
-    if (folder / "recipe.yaml").is_file() and (folder / "embed.json").is_file() or (folder / "checkpoints").is_dir():
+    if ((folder / "recipe.yaml").is_file() and (folder / "embed.json").is_file()) or (folder / "checkpoints").is_dir():
         return "train"
     return None
 
