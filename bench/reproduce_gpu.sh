@@ -1,19 +1,34 @@
 #!/usr/bin/env bash
 # Run `slmembed reproduce` experiments on the GPU machine (see ../shared/gpu/README.md for staging), all at once:
-# a small model leaves the H100 mostly idle, so concurrent runs finish sooner than one after another (their
+# a small model leaves an H100/H200 mostly idle, so concurrent runs finish sooner than one after another (their
 # train.minutes then count shared time). Each writes results/reproduce/NAME/; all of results/reproduce and the
-# training logs come back as $OUT/reproduce.tgz, and each run's output as $OUT/NAME.log.
+# runs' logs, summaries and dev scores come back as $OUT/reproduce.tgz, with each run's output in it as NAME.log.
 #   bash bench/reproduce_gpu.sh NAME "ARGS" [NAME "ARGS" ...]
+#   bash bench/reproduce_gpu.sh PLAN          # a file of lines "NAME GPU ARGS..." (GPU: the CUDA device index)
 # e.g. bash bench/reproduce_gpu.sh gemma-3-270m "--model gemma-3-270m --curve 5"
+# RUN_TIMEOUT (seconds, default 560) stops a run that would outlast the device call, so the others still come back.
 source bench/gpu_env.sh
+mkdir -p "$OUT/logs"
 names=()
-while [ $# -ge 2 ]; do
-  name=$1; args=$2; shift 2; names+=("$name")
-  echo "=== $name: slmembed reproduce $args --output results/reproduce/$name"
-  python3 -m slmembed reproduce $args --output "results/reproduce/$name" --device cuda >"$OUT/$name.log" 2>&1 &
-done
+start() {  # NAME GPU ARGS
+  local name=$1 gpu=$2; shift 2
+  names+=("$name")
+  echo "=== $name (GPU $gpu): slmembed reproduce $* --output results/reproduce/$name"
+  CUDA_VISIBLE_DEVICES=$gpu timeout "${RUN_TIMEOUT:-560}" python3 -m slmembed reproduce "$@" \
+    --output "results/reproduce/$name" --device cuda >"$OUT/logs/$name.log" 2>&1 &
+}
+if [ $# -eq 1 ] && [ -f "$1" ]; then
+  while read -r name gpu args; do
+    [ -z "$name" ] || [ "${name:0:1}" = "#" ] && continue
+    eval "start $name $gpu $args"
+  done <"$1"
+else
+  while [ $# -ge 2 ]; do start "$1" 0 $2; shift 2; done
+fi
 wait
 for name in "${names[@]}"; do
-  echo "=== $name"; grep -v -E "Loading weights|^\s*$|encode:|train:" "$OUT/$name.log" | tail -n 16
+  echo "=== $name"; grep -v -E "Loading weights|^\s*$|encode:|train:|LOAD REPORT|^Key|^---|UNEXPECTED|^Notes" \
+    "$OUT/logs/$name.log" | tail -n 6
 done
-tar czf "$OUT/reproduce.tgz" results/reproduce runs/reproduce/*/train_log.jsonl
+tar czf "$OUT/reproduce.tgz" -C "$OUT" logs -C "$PWD" results/reproduce \
+  $(for n in "${names[@]}"; do ls -d runs/reproduce/$n/{train_log.jsonl,summary.json,data.json,dev/scores.json} 2>/dev/null; done)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 
-from slmembed.config import Recipe, load_recipe, recipe_from_dict, shipped_recipes, with_overrides
+from slmembed.config import Recipe, load_recipe, recipe_from_dict, result_changes, shipped_recipes, with_overrides
 from slmembed.errors import SlmembedError
 
 PAPER = {"minicpm-2b": "openbmb/MiniCPM-2B-dpo-bf16", "phi-2": "microsoft/phi-2", "gemma-2b": "google/gemma-2b-it"}
@@ -36,6 +39,15 @@ def test_paper_code_recipe_differs_from_table_1_only_where_the_script_does() -> 
               for k, v in fields.items() if code[section][k] != v}
     assert differ == {"train.batch_size": (60, 28), "train.max_steps": (None, 1000),
                       "train.weight_decay": (0.0, 1e-4), "train.seed": (42, 7)}
+
+
+@pytest.mark.parametrize("name,run", [("smollm2-135m-plus", "smollm2-135m-plus-b512-bidir-pairs-all"),
+                                      ("gemma-3-270m-plus", "gemma-3-270m-plus-b512")])
+def test_best_recipes_are_the_measured_runs(name, run) -> None:
+    """The shipped -plus recipes compute what the runs behind their README scores ran (speed fields aside)."""
+    result = json.loads((Path(__file__).parents[1] / "results/reproduce" / run / f"{run}.json").read_text())
+    assert result_changes(recipe_from_dict(result["recipe"]), load_recipe(name)) == []
+    assert result["after"]["selected"]["chosen"] == "best"  # chosen on STSBenchmark dev
 
 
 def test_wrong_type_unknown_field_and_bad_override(tmp_path) -> None:

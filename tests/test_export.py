@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from peft import PeftModel
 from sentence_transformers import SentenceTransformer
-from transformers import AutoModel, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, Gemma3TextConfig
 
 from slmembed.cli import main
 from slmembed.config import Recipe
@@ -18,7 +20,7 @@ from slmembed.data.sts import load_all, load_sts
 from slmembed.embedder import load_embedder, pool
 from slmembed.errors import SlmembedError
 from slmembed.evaluate import evaluate
-from slmembed.export import export
+from slmembed.export import check_bidirectional, export
 from slmembed.train import train
 
 CPU = torch.device("cpu")
@@ -42,15 +44,21 @@ def runs(tmp_path_factory, tiny_models, data_dir) -> dict:
             tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = side
             tokenizer.save_pretrained(base)
             assert AutoTokenizer.from_pretrained(base).padding_side == side
-        recipe = Recipe()
-        recipe.model.name, recipe.model.max_length = str(base), 24
-        recipe.model.pooling, recipe.model.prompt = pooling, prompt
-        recipe.data.sources, recipe.data.max_triplets = ["cad_snli"], 64
-        recipe.train.batch_size, recipe.train.max_steps, recipe.train.warmup_steps = 8, 4, 1
-        recipe.train.lr, recipe.train.bf16 = 5e-3, False
-        train(recipe, root / name, data_dir=str(data_dir), progress=False)
-        out[name] = root / name
+        out[name] = _short_run(base, root / name, data_dir, pooling=pooling, prompt=prompt)
     return out
+
+
+def _short_run(base: Path, run: Path, data_dir, **model_fields) -> Path:
+    """Four steps of 8 triplets on ``base`` into ``run``, the recipe's model section given ``model_fields``."""
+    recipe = Recipe()
+    recipe.model.name, recipe.model.max_length = str(base), 24
+    for key, value in model_fields.items():
+        setattr(recipe.model, key, value)
+    recipe.data.sources, recipe.data.max_triplets = ["cad_snli"], 64
+    recipe.train.batch_size, recipe.train.max_steps, recipe.train.warmup_steps = 8, 4, 1
+    recipe.train.lr, recipe.train.bf16 = 5e-3, False
+    train(recipe, run, data_dir=str(data_dir), progress=False)
+    return run
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +184,114 @@ def test_cli_export(runs, tmp_path, capsys) -> None:
     assert main(["export", "--adapter", str(tmp_path), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a training run folder" in err
+
+
+# Bidirectional runs (attention.py): (architecture, padding side, pooling). Gemma-3's 16-token sliding window becomes
+# |i - j| < 9 once bidirectional, and STSB sentences are longer: the window is part of what must survive the export.
+BIDIRECTIONAL_RUNS = {"llama": ("right", "mean"), "gemma3_text": ("left", "last")}
+
+
+@pytest.fixture(scope="module")
+def bidirectional_runs(tmp_path_factory, tiny_models, data_dir) -> dict:
+    root = tmp_path_factory.mktemp("bidirectional-runs")
+    out = {}
+    for arch, (side, pooling) in BIDIRECTIONAL_RUNS.items():
+        base = root / f"base-{arch}"
+        if arch in tiny_models:
+            shutil.copytree(tiny_models[arch], base)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+            config = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=1, head_dim=8, sliding_window=16, query_pre_attn_scalar=10,
+                                      layer_types=["sliding_attention", "full_attention"], vocab_size=len(tokenizer),
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+            torch.manual_seed(0)
+            AutoModelForCausalLM.from_config(config).save_pretrained(base)
+            tokenizer.save_pretrained(base)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = side
+        tokenizer.save_pretrained(base)
+        out[arch] = _short_run(base, root / arch, data_dir, pooling=pooling, attention="bidirectional")
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", list(BIDIRECTIONAL_RUNS))
+def test_bidirectional_export_loads_bidirectional_everywhere(bidirectional_runs, stsb_texts, tmp_path, arch) -> None:
+    """sentence-transformers and plain transformers, one text alone (no padding, the mask-free kernel) or padded
+    batches, give the run's own bidirectional vectors; without remote code."""
+    run = bidirectional_runs[arch]
+    assert json.loads((run / "embed.json").read_text())["spec"]["attention"] == "bidirectional"
+    reference = _reference(run)
+    assert reference.spec.attention == "bidirectional" and not reference.causal
+    texts = stsb_texts[::25] + stsb_texts[-1:]
+    expected = reference.encode(texts)
+    causal = load_embedder(None, adapter=run, device=CPU, dtype=torch.float32, attention="causal").encode(texts)
+    assert _min_cosine(causal, expected) < 0.99  # so the comparisons below tell the two apart
+
+    out = tmp_path / "st"
+    meta = export(run, out)
+    assert meta["spec"]["attention"] == "bidirectional"
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config.get(k) for k in ("is_causal", "use_bidirectional_attention", "sliding_window")} == {
+        "llama": {"is_causal": False, "use_bidirectional_attention": None, "sliding_window": None},
+        "gemma3_text": {"is_causal": None, "use_bidirectional_attention": True, "sliding_window": 16}}[arch]
+    card = (out / "README.md").read_text()
+    assert "Attention: bidirectional" in card and "without remote code" in card
+    model = SentenceTransformer(str(out), device="cpu", local_files_only=True)
+    alone = np.concatenate([model.encode([t]) for t in texts])
+    assert _min_cosine(alone, expected) >= 0.999
+    assert _min_cosine(model.encode(texts, batch_size=64), expected) >= 0.999
+    model.tokenizer.padding_side = "left"
+    assert _min_cosine(model.encode(texts, batch_size=64), expected) >= 0.999
+    back = load_embedder(str(out), device=CPU, dtype=torch.float32)  # embed.json's spec switches it, too
+    assert back.spec.attention == "bidirectional" and not back.causal
+    assert _min_cosine(back.encode(texts), expected) >= 0.999
+
+    hf = tmp_path / "hf"
+    export(run, hf, fmt="hf")
+    tokenizer, plain = AutoTokenizer.from_pretrained(hf), AutoModel.from_pretrained(hf, dtype=torch.float32)
+    with torch.no_grad():
+        for rows in ([0], [1], [len(texts) - 1], list(range(len(texts)))):  # alone (unpadded), and a padded batch
+            batch = tokenizer([texts[i] for i in rows], padding=True, truncation=True, return_tensors="pt")
+            vecs = pool(plain(**batch).last_hidden_state, batch["attention_mask"], reference.spec.pooling)
+            assert _min_cosine(torch.nn.functional.normalize(vecs, dim=-1).numpy(), expected[rows]) >= 0.999
+
+    with pytest.raises(SlmembedError, match="cannot be exported unmerged"):
+        export(run, tmp_path / "st-adapter", merge=False)
+    kept = tmp_path / "hf-adapter"
+    export(run, kept, fmt="hf", merge=False)
+    assert _min_cosine(load_embedder(None, adapter=kept, device=CPU, dtype=torch.float32).encode(texts),
+                       expected) >= 0.999
+    flags = {"llama": {"is_causal": False},
+             "gemma3_text": {"use_bidirectional_attention": True, "sliding_window": 9}}[arch]
+    card = (kept / "README.md").read_text()
+    assert "; ".join(f"config.{k} = {v!r}" for k, v in flags.items()) in card
+    base = json.loads((run / "embed.json").read_text())["model"]
+    config = AutoConfig.from_pretrained(base)
+    for name, value in flags.items():  # as the card says
+        setattr(config, name, value)
+    direct = AutoModel.from_pretrained(kept, dtype=torch.float32)  # transformers' own adapter loading: causal
+    for adapted, bidirectional in (
+            (PeftModel.from_pretrained(AutoModel.from_pretrained(base, config=config, dtype=torch.float32), str(kept)),
+             True),
+            (PeftModel.from_pretrained(AutoModel.from_pretrained(base, dtype=torch.float32), str(kept)), False),
+            (direct, False)):
+        adapted.eval()
+        batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        with torch.no_grad():
+            vecs = pool(adapted(**batch).last_hidden_state, batch["attention_mask"], reference.spec.pooling)
+        cosine = _min_cosine(torch.nn.functional.normalize(vecs, dim=-1).numpy(), expected)
+        assert cosine >= 0.999 if bidirectional else cosine < 0.99  # the card's keywords are needed
+
+
+def test_an_export_that_reloads_causal_is_refused(bidirectional_runs, tmp_path) -> None:
+    run = bidirectional_runs["llama"]
+    out = tmp_path / "hf"
+    export(run, out, fmt="hf")
+    check_bidirectional(out, _reference(run))
+    config = json.loads((out / "config.json").read_text())
+    del config["is_causal"]  # as if the architecture ignored the flag
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SlmembedError, match="causal attention"):
+        check_bidirectional(out, _reference(run))

@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from slmembed import models
 from slmembed.config import Recipe
 from slmembed.errors import SlmembedError
-from slmembed.train import add_lora
+from slmembed.tuning import prepare
 
 
 def test_packaged_gguf_converts_to_safetensors_folder(smollm2_dir) -> None:
@@ -30,7 +30,7 @@ def test_lora_layers_out_of_range_are_refused(tiny_models) -> None:
     recipe = Recipe()
     recipe.lora.layers = [2]  # the tiny model has layers 0 and 1
     with pytest.raises(SlmembedError, match=r"lora.layers: expected layer numbers from -2 to 1 .* got \[2\]"):
-        add_lora(model, recipe)
+        prepare(model, recipe)
 
 
 def test_packaged_sentence_transformers_folder() -> None:
@@ -49,7 +49,7 @@ def test_lora_on_q_and_v_of_each_architecture(tiny_models, arch: str) -> None:
     model, _ = models.load(str(tiny_models[arch]))
     targets = [m for n, m in model.named_modules() if n.endswith(("q_proj", "v_proj"))]
     expected = sum(8 * (m.in_features + m.out_features) for m in targets)
-    lora = add_lora(model, Recipe())
+    lora = prepare(model, Recipe())
     names = [n for n, p in lora.named_parameters() if p.requires_grad]
     assert names and all("lora_" in n for n in names)
     assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names} == {"q_proj", "v_proj"}
@@ -60,7 +60,7 @@ def test_lora_on_chosen_layers_only(tiny_models) -> None:
     model, _ = models.load(str(tiny_models["llama"]))
     recipe = Recipe()
     recipe.lora.layers = [-1]
-    names = [n for n, p in add_lora(model, recipe).named_parameters() if p.requires_grad]
+    names = [n for n, p in prepare(model, recipe).named_parameters() if p.requires_grad]
     assert names and all(".layers.1." in n for n in names)
 
 

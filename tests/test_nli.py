@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,115 @@ def test_skip_bad_rows_counts(tmp_path):
         load_triplets([path])
     result = load_triplets([path], skip_bad_rows=True)
     assert result.skipped_rows == 3 and result.triplets == [("P.", "H.", "H3.")]
+
+
+# --- pairing="all", neutral_negatives, entailment_pairs ---------------------------------------------------------
+def _label_counts(files: list[Path], quoting: int) -> dict[str, Counter]:
+    """Per premise (the group key of these id-less TSVs), how many hypotheses of each label; plain csv, no grouping
+    code of slmembed (the unquoted HW2 files are PTB-tokenised: their premises are detokenised as the loader does)."""
+    groups: dict[str, Counter] = {}
+    for path in files:
+        with open(path, encoding="utf-8", newline="") as f:
+            for r in csv.DictReader(f, delimiter="\t", quoting=quoting):
+                premise = r["sentence1"].strip()
+                premise = detokenize(premise) if quoting == csv.QUOTE_NONE else premise
+                groups.setdefault(premise, Counter())[r.get("gold_label") or r["label"]] += 1
+    return groups
+
+
+@needs_data
+@pytest.mark.parametrize("source, sets", [
+    ("cad_snli", {"cad_snli": (["NLI/original/train.tsv", "NLI/revised_hypothesis/train.tsv"], csv.QUOTE_MINIMAL)}),
+    ("nyu_hw2", {"nyu_dsga1011_hw2/mnli": (["mnli_train.tsv", "mnli_val.tsv"], csv.QUOTE_NONE),
+                 "nyu_dsga1011_hw2/snli": (["snli_val.tsv"], csv.QUOTE_NONE)})])
+def test_option_counts_match_plain_python(source, sets):
+    folder = DATA / "nli_train" / ("cad_snli" if source == "cad_snli" else "nyu_dsga1011_hw2")
+    groups = {name: _label_counts([folder / f for f in files], quoting) for name, (files, quoting) in sets.items()}
+
+    def expected(per_group):
+        return {name: sum(per_group(g["entailment"], g["contradiction"], g["neutral"]) for g in gs.values())
+                for name, gs in groups.items()}
+    assert load_triplets([source]).counts == expected(lambda e, c, n: min(e, c))
+    assert load_triplets([source], pairing="all").counts == expected(lambda e, c, n: e * c)
+    assert load_triplets([source], entailment_pairs=True).counts == expected(lambda e, c, n: e)  # each E once
+    assert load_triplets([source], pairing="all", entailment_pairs=True).counts == expected(
+        lambda e, c, n: e * c if c else e)
+    assert sum(expected(lambda e, c, n: e * c).values()) > sum(expected(lambda e, c, n: min(e, c)).values())
+    result = load_triplets([source], pairing="all", neutral_negatives=True, entailment_pairs=True)
+    assert result.counts == expected(lambda e, c, n: e * c if c else e)
+    neutral = {premise: g["neutral"] > 0 for gs in groups.values() for premise, g in gs.items()}
+    assert all(len(t) == 4 and (t[3] is not None) == neutral[t[0]] for t in result.triplets)
+
+
+@needs_data
+def test_entailment_pairs_match_readme():
+    # README: about 9,100 entailment pairs without a contradiction partner, 7,591 in HW2 and 1,496 in New Protocols.
+    plain = load_triplets(["nyu_hw2", "new_protocols"])
+    extra = load_triplets(["nyu_hw2", "new_protocols"], entailment_pairs=True)
+    assert sum(extra.counts.values()) - sum(plain.counts.values()) == 7591 + 1496
+    assert extra.pairs == 7591 + 1496 and [t for t in extra.triplets if t[2] is not None] == plain.triplets
+    assert load_triplets(["nyu_hw2", "new_protocols"], pairing="all", entailment_pairs=True).pairs == 7538 + 1496
+
+
+@needs_data
+def test_all_options_on_default_sources():
+    result = load_triplets(pairing="all", neutral_negatives=True, entailment_pairs=True)
+    assert sum(result.counts.values()) == 52189 and len(result.triplets) == 51637
+    assert result.pairs == sum(t[2] is None for t in result.triplets) == 9769
+    assert sum(t[3] is not None for t in result.triplets) == 35651 and {len(t) for t in result.triplets} == {4}
+    new_protocols = {k: v for k, v in result.counts.items() if k.startswith("new_protocols/")}
+    assert new_protocols["new_protocols/data/contrast/train.tsv"] == 4241  # README: 4241 E, each in one example
+    contrast = read_triplets(DATA / "nli_train/new_protocols/data/contrast/train.tsv", neutral_negatives=True)
+    assert len(contrast) == 4090 and {t[3] for t in contrast} == {None}  # contrast has no neutral class
+
+
+GROUPS = [("P1", "E1", "entailment"), ("P1", "C1", "contradiction"), ("P1", "N1", "neutral"),
+          ("P4", "N4", "neutral"), ("P1", "E2", "entailment"), ("P2", "E4", "entailment"),
+          ("P1", "C2", "contradiction"), ("P3", "E5", "entailment"), ("P1", "E3", "entailment"),
+          ("P2", "N3", "neutral"), ("P1", "N2", "neutral"), ("P3", "C3", "contradiction"),
+          ("P4", "C4", "contradiction"), ("P1", "-1", "-")]
+ALL_P1 = [("P1", e, c) for e in ("E1", "E2", "E3") for c in ("C1", "C2")]
+
+
+@pytest.fixture
+def groups_file(tmp_path) -> Path:
+    """P1: 3 E, 2 C, 2 N; P2: E and N, no C; P3: E and C, no N; P4: N and C, no E (cad_tsv, grouped by premise)."""
+    return _write(tmp_path / "g.tsv", "sentence1\tsentence2\tgold_label\n" + "".join(f"{p}\t{h}\t{lab}\n"
+                                                                                   for p, h, lab in GROUPS))
+
+
+def test_pairing_options_by_hand(groups_file):
+    kth = [("P1", "E1", "C1"), ("P1", "E2", "C2"), ("P3", "E5", "C3")]
+    assert read_triplets(groups_file) == kth == read_triplets(groups_file, pairing="kth", neutral_negatives=False,
+                                                              entailment_pairs=False)  # defaults unchanged
+    assert read_triplets(groups_file, pairing="all") == ALL_P1 + [("P3", "E5", "C3")]  # entailment-major
+    assert read_triplets(groups_file, entailment_pairs=True) == [*kth[:2], ("P1", "E3", None), ("P2", "E4", None),
+                                                                 kth[2]]
+    assert read_triplets(groups_file, pairing="all", entailment_pairs=True) == [*ALL_P1, ("P2", "E4", None),
+                                                                                ("P3", "E5", "C3")]
+    assert read_triplets(groups_file, neutral_negatives=True) == [("P1", "E1", "C1", "N1"), ("P1", "E2", "C2", "N2"),
+                                                                  ("P3", "E5", "C3", None)]
+    assert read_triplets(groups_file, pairing="all", neutral_negatives=True, entailment_pairs=True) == [
+        *[(*t, n) for t, n in zip(ALL_P1, ["N1", "N2"] * 3)], ("P2", "E4", None, "N3"), ("P3", "E5", "C3", None)]
+    assert read_triplets(groups_file, neutral_negatives=True, entailment_pairs=True)[:3] == [
+        ("P1", "E1", "C1", "N1"), ("P1", "E2", "C2", "N2"), ("P1", "E3", None, "N1")]  # neutrals cycle over pairs too
+    with pytest.raises(SlmembedError, match="unknown pairing 'every'"):
+        read_triplets(groups_file, pairing="every")
+
+
+def test_options_in_load_triplets(groups_file, tmp_path):
+    other = _write(tmp_path / "h.tsv", "sentence1\tsentence2\tgold_label\nP3\tE5\tentailment\n"
+                                       "P3\tC3\tcontradiction\nP3\tN5\tneutral\nP2\tE4\tentailment\n")
+    ready = _write(tmp_path / "t.csv", "sent0,sent1,hard_neg\nA.,P.,N.\n")
+    plain = load_triplets([groups_file, other, ready])
+    assert plain.triplets == [("P1", "E1", "C1"), ("P1", "E2", "C2"), ("P3", "E5", "C3"), ("A.", "P.", "N.")]
+    assert plain.duplicates == 1 and plain.pairs == 0
+    result = load_triplets([groups_file, other, ready], neutral_negatives=True, entailment_pairs=True)
+    assert result.triplets == [  # dedup on the whole tuple: P3's triplet comes back with h.tsv's neutral
+        ("P1", "E1", "C1", "N1"), ("P1", "E2", "C2", "N2"), ("P1", "E3", None, "N1"), ("P2", "E4", None, "N3"),
+        ("P3", "E5", "C3", None), ("P3", "E5", "C3", "N5"), ("P2", "E4", None, None), ("A.", "P.", "N.", None)]
+    assert result.pairs == 3 and result.duplicates == 0
+    pairs_only = load_triplets([groups_file, other], entailment_pairs=True)  # h.tsv adds nothing new
+    assert pairs_only.duplicates == 2 and pairs_only.pairs == 2 and len(pairs_only.triplets) == 5
+    assert result.counts == {str(groups_file): 5, str(other): 2, str(ready): 1}
+    assert load_triplets([ready], pairing="all", entailment_pairs=True).triplets == [("A.", "P.", "N.")]

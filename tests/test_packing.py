@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModel, AutoTokenizer, Gemma2Config, Gemma3TextConfig, MistralConfig, Qwen2Config
 
@@ -120,19 +121,36 @@ def test_an_unpacked_embedder_switches_attention_back(tiny_models) -> None:
     assert model.config._attn_implementation == "sdpa"
 
 
-def test_varlen_attn_of_either_release_is_called_causally_with_the_scale() -> None:
-    """torch's varlen_attn took ``is_causal`` and no ``scale`` in one release, ``window_size`` and ``scale`` later."""
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_attends_within_each_sequence(causal: bool) -> None:
+    """The block-diagonal reference is each sequence's own attention: causal, or bidirectional (attention.py)."""
     cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
     q, k, v = (torch.randn(9, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
-    want = packing._reference(q, k, v, cu, 0.3)
+    want = torch.cat([F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=causal,
+                                                     scale=0.3).transpose(0, 1)
+                      for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+    torch.testing.assert_close(packing._reference(q, k, v, cu, 0.3, causal), want)
+    if not causal:
+        assert not torch.allclose(packing._reference(q, k, v, cu, 0.3), want)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_varlen_attn_of_either_release_is_called_with_the_mask_and_scale(causal: bool) -> None:
+    """torch's varlen_attn took ``is_causal`` and no ``scale`` in one release, ``window_size`` and ``scale`` later
+    (``(-1, 0)``: causal, ``(-1, -1)``: no window at all, i.e. bidirectional)."""
+    cu = torch.tensor([0, 3, 4, 9], dtype=torch.int32)
+    q, k, v = (torch.randn(9, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    want = packing._reference(q, k, v, cu, 0.3, causal)
 
     def old(query, key, value, cu_q, cu_k, max_q, max_k, is_causal=False, return_aux=None):
-        assert is_causal and max_q == max_k == 5
-        return packing._reference(query, key, value, cu_q, query.shape[-1] ** -0.5)
+        assert is_causal is causal and max_q == max_k == 5
+        return packing._reference(query, key, value, cu_q, query.shape[-1] ** -0.5, is_causal)
 
     def new(query, key, value, cu_q, cu_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)):
-        assert window_size == (-1, 0)
-        return packing._reference(query, key, value, cu_q, scale)
+        assert window_size == ((-1, 0) if causal else (-1, -1))
+        return packing._reference(query, key, value, cu_q, scale, window_size[1] == 0)
 
     for release in (old, new):
-        torch.testing.assert_close(packing._adapt(release)(q, k, v, cu, 5, 0.3), want)
+        torch.testing.assert_close(packing._adapt(release, causal)(q, k, v, cu, 5, 0.3), want)
+    if causal:
+        torch.testing.assert_close(packing._adapt(new)(q, k, v, cu, 5, 0.3), want)  # causal by default

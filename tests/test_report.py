@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def test_report_of_an_ablation_folder(tmp_path) -> None:
     runs = sorted(p.parent.name for p in RESULTS.glob("*/*.json") if p.stem == p.parent.name)
     assert len(runs) >= 2
     text = report(RESULTS, tmp_path).read_text()
-    table = [line for line in text.splitlines() if line.startswith("| ") and "x 60" in line]
+    table = [line for line in text.splitlines() if line.startswith("| ") and re.search(r" \d+ x \d+ \|", line)]
     assert [row.split(" | ")[0].lstrip("| ") for row in table] == runs
     assert "train.lr" in text.splitlines()[4] and "train.hard_negatives" in text  # the recipe fields that differ
     for name in ("ablation.png", "losses.png"):
@@ -71,8 +72,18 @@ def test_report_errors(tmp_path, capsys) -> None:
     with pytest.raises(SlmembedError, match="nothing to report"):
         report(tmp_path)
     (tmp_path / "train_log.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 2}\n')
-    with pytest.raises(DataError, match=r"train_log.jsonl:2: expected an object with step, loss and lr"):
+    with pytest.raises(DataError, match=r"train_log.jsonl:2: expected an object with step and loss and lr, or step "
+                                        r"and stsb_dev"):
         report(tmp_path)
+    # Records of STSBenchmark dev scores (train.dev_every), alone or with a loss, are reported beside the losses.
+    (tmp_path / "train_log.jsonl").write_text('{"step": 1, "loss": 2.0, "lr": 0.1}\n{"step": 2, "stsb_dev": 50.5}\n'
+                                              '{"step": 3, "loss": 1.0, "lr": 0.1, "stsb_dev": 61.25}\n')
+    text = report(tmp_path).read_text()
+    assert "STSBenchmark dev during training: step 2: 50.50, step 3: 61.25." in text
+    assert "2 log records to step 3; final loss 1.0000" in text
+    (tmp_path / "report.md").unlink()
+    for png in tmp_path.glob("*.png"):
+        png.unlink()
     shutil.rmtree(tmp_path)
     assert main(["report", str(tmp_path)]) == 2
     assert "no such folder" in capsys.readouterr().err

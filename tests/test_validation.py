@@ -31,6 +31,7 @@ BAD: dict[str, list[str]] = {
                      "P4", "p1", "1"],
     "model.max_length": ["0", "1", "-5", *NOT_INT],
     "model.append_eos": NOT_BOOL,
+    "model.attention": ["full", "Bidirectional", "''", "1", "true"],
     "lora.r": ["0", "-8", *NOT_INT],
     "lora.alpha": ["0", "-32", ".nan", *NOT_INT],
     "lora.dropout": ["-0.1", "1", "1.5", ".nan", ".inf", "true", "x"],
@@ -44,6 +45,7 @@ BAD: dict[str, list[str]] = {
     "train.max_steps": ["0", "-5", "1.5", "true"],
     "train.temperature": ["-0.05", "0", ".nan", ".inf", "x", "true"],
     "train.loss": ["mse", "InfoNCE", "''", "1", "[infonce]"],
+    "train.finetune": ["partial", "LoRA", "''", "1", "null"],
     "train.hard_negatives": NOT_BOOL,
     "train.weight_decay": ["-0.1", ".nan", ".inf", "x", "true"],
     "train.bf16": NOT_BOOL,
@@ -55,9 +57,15 @@ BAD: dict[str, list[str]] = {
     "train.save_every": ["0", "-1", *NOT_INT],
     "train.keep_checkpoints": ["0", *NOT_INT],
     "train.log_every": ["0", *NOT_INT],
+    "train.dev_every": ["0", "-1", "1.5", "true"],
+    "train.select": ["best", "first", "''", "1", "null"],
+    "train.average_last": ["0", "-1", *NOT_INT],
     "data.sources": ["[]", "['']", "[nli, nli]", "nli", "[1]", "null"],
     "data.max_triplets": ["0", "-1", "1.5", "true"],
     "data.skip_bad_rows": NOT_BOOL,
+    "data.pairing": ["every", "KTH", "''", "1", "null"],
+    "data.neutral_negatives": NOT_BOOL,
+    "data.entailment_pairs": NOT_BOOL,
 }
 CASES = [(path, value) for path, values in BAD.items() for value in values]
 

@@ -91,6 +91,9 @@ class ModelConfig:
     prompt: str | None = checked(_prompt, default=None)
     max_length: int = checked(at_least(2), default=150)  # a token and the EOS; texts are cut to fit
     append_eos: bool = True
+    # causal: a decoder as it was pre-trained; bidirectional: every token sees the whole text (attention.py), as in
+    # LLM2Vec and EmbeddingGemma; mean pooling then uses every token's view of the whole text.
+    attention: str = checked(one_of("causal", "bidirectional"), default="causal")
 
 
 @dataclass
@@ -112,6 +115,7 @@ class TrainConfig:
     max_steps: int | None = checked(at_least(1), default=None)  # None: epochs over the data
     temperature: float = checked(POSITIVE, default=0.05)
     loss: str = checked(_loss, default="infonce")  # a name in losses.LOSSES
+    finetune: str = checked(one_of("lora", "full"), default="lora")  # full: every weight trains, no adapter
     hard_negatives: bool = True
     weight_decay: float = checked(NOT_NEGATIVE, default=0.0)
     bf16: bool = True
@@ -124,6 +128,12 @@ class TrainConfig:
     save_every: int = checked(at_least(1), default=200)
     keep_checkpoints: int = checked(at_least(1), default=2)
     log_every: int = checked(at_least(1), default=10)
+    # Scores on STSBenchmark dev (never a test set) every dev_every steps and at the end; None: none. The run's model
+    # is then ``select``: the last weights, the best scored ones, or the best of those and the average of the last
+    # ``average_last`` scored weights (train.py, "Selection").
+    dev_every: int | None = checked(at_least(1), default=None)
+    select: str = checked(one_of("last", "best_dev"), default="last")
+    average_last: int = checked(at_least(1), default=1)
 
 
 @dataclass
@@ -131,6 +141,11 @@ class DataConfig:
     sources: list[str] = checked(NAMES, default_factory=lambda: ["all"])
     max_triplets: int | None = checked(at_least(1), default=None)  # None: all
     skip_bad_rows: bool = False
+    # How NLI groups (one premise's hypotheses) become examples (data/nli.py): kth pairs the k-th entailment with the
+    # k-th contradiction (SimCSE's file); all takes every entailment x contradiction pair of the group.
+    pairing: str = checked(one_of("kth", "all"), default="kth")
+    neutral_negatives: bool = False  # a neutral hypothesis of the group as a further negative of each example
+    entailment_pairs: bool = False  # entailments without a contradiction as (anchor, positive) pairs
 
 
 @dataclass
@@ -240,8 +255,15 @@ def field_error(cls: type, name: str, value: Any) -> str | None:
 
 
 def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
-    """The recipe ``data`` describes, checked field by field; ``where`` (a file name) leads every error."""
-    return _build(Recipe, data, where)
+    """The recipe ``data`` describes, checked field by field and for fields that only work together; ``where`` (a
+    file name) leads every error."""
+    recipe = _build(Recipe, data, where)
+    tc = recipe.train
+    for name, value, default in (("select", tc.select, "last"), ("average_last", tc.average_last, 1)):
+        if tc.dev_every is None and value != default:
+            raise SlmembedError(f"{where}: train.{name}: {value!r} needs STSBenchmark dev scores: set train.dev_every "
+                                f"(steps between scores), or leave train.{name} at {default!r}")
+    return recipe
 
 
 RECIPES = importlib.resources.files("slmembed") / "recipes"  # package data: the same from a wheel or a checkout

@@ -15,6 +15,10 @@ Fast path for causal decoders: a token only attends to earlier tokens, so with p
 ever sees a pad token. Their batches are therefore padded on the right and run without an attention mask: the
 hidden states of real tokens are the same as with the mask, and attention runs as one causal kernel (FlashAttention
 through SDPA) instead of a masked one, with no mask to build. The mask is still used for pooling.
+
+Bidirectional attention (``EmbedSpec.attention``, attention.py): every token sees the whole text, pad tokens too
+unless masked, so those batches always carry the attention mask and are padded on the tokenizer's side (left or
+right, both exact with the mask and the position ids above).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from slmembed import models, packing
+from slmembed import attention, models, packing
 from slmembed.config import ModelConfig, field_error
 from slmembed.errors import SlmembedError
 
@@ -50,9 +54,10 @@ class EmbedSpec:
     prompt: str | None = None
     max_length: int = 150
     append_eos: bool = True
+    attention: str = "causal"  # or bidirectional (attention.py); embed.json files from before it are causal
 
     def __post_init__(self) -> None:
-        for name in ("pooling", "prompt", "max_length"):  # the recipe's rules for these fields (config.py)
+        for name in ("pooling", "prompt", "max_length", "attention"):  # the recipe's rules for these fields (config.py)
             expected = field_error(ModelConfig, name, getattr(self, name))
             if expected:
                 raise SlmembedError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
@@ -60,7 +65,7 @@ class EmbedSpec:
     @classmethod
     def of(cls, model: ModelConfig) -> EmbedSpec:
         """The spec a recipe's model section asks for."""
-        return cls(model.pooling, model.prompt, model.max_length, model.append_eos)
+        return cls(model.pooling, model.prompt, model.max_length, model.append_eos, model.attention)
 
     @property
     def template(self) -> str:
@@ -81,27 +86,31 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 def is_causal(model: torch.nn.Module) -> bool:
-    """True if the model has attention modules and every one of them is causal (decoders; not BERT-like encoders)."""
-    flags = [m.is_causal for m in model.modules() if "Attention" in type(m).__name__ and hasattr(m, "is_causal")]
-    return bool(flags) and all(flag is True for flag in flags)
+    """True if the model has attention modules and every one of them is causal (decoders; not BERT-like encoders,
+    not decoders made bidirectional: attention.py)."""
+    return attention.is_causal(model)
 
 
 class Embedder:
     """Wraps a backbone and its tokenizer; ``forward`` keeps the graph (training), ``encode`` does not.
 
-    ``packed``: run batches packed (packing.py); by default where that is supported and fast (causal decoders of the
-    tested architectures in bf16 on a GPU). It switches the model's attention to packed attention, or back.
+    ``packed``: run batches packed (packing.py); by default where that is supported and fast (decoders of the tested
+    architectures in bf16 on a GPU). It switches the model's attention to packed attention, or back.
+
+    The model's self-attention is first made what ``spec.attention`` asks (``attention.use``): bidirectional, or
+    causal, which undoes an earlier switch of this model to bidirectional and otherwise leaves it as loaded.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: EmbedSpec,
                  packed: bool | None = None) -> None:
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
+        attention.use(model, spec.attention)  # before the fast path and packing, which depend on it
         self.causal = is_causal(model)  # the fast path of the module docstring
         self.eos = tokenizer.eos_token_id if spec.append_eos else None
         models.give_pad_token(tokenizer)  # a tokenizer given directly, not through models.load, may name none
         if spec.append_eos and self.eos is None:
             raise ValueError("append_eos needs a tokenizer with an EOS token")
-        can_pack = self.causal and packing.supported(model, spec.max_length)
+        can_pack = packing.supported(model, spec.max_length)
         if packed and not can_pack:
             raise ValueError(f"{type(model).__name__} cannot run packed batches (packing.py says which models can)")
         self.packed = can_pack and packing.fast(model) if packed is None else packed
@@ -249,7 +258,8 @@ def load_embedder(
 ) -> Embedder:
     """Build an Embedder from a model name/folder and optionally a training run folder (or adapter folder).
 
-    ``model`` may be None when ``adapter`` is a run folder, which names its base model. The embedding spec comes from
+    ``model`` may be None when ``adapter`` is a run folder, which names its base model; a run that trained every
+    weight (``model/`` instead of ``adapter/``) is loaded from its own folder. The embedding spec comes from
     the run (``embed.json``), else from an exported folder's ``embed.json``, else from a sentence-transformers
     folder's pooling config, else decoder defaults (last token + EOS); ``spec_overrides`` win over all of them.
     """
@@ -265,10 +275,13 @@ def load_embedder(
         if run_spec.exists():
             saved = json.loads(run_spec.read_text())
             spec, model = EmbedSpec(**saved["spec"]), model or saved["model"]
-        adapter_dir = adapter / "adapter" if (adapter / "adapter").is_dir() else adapter
-        if not (adapter_dir / "adapter_config.json").exists():
-            raise SlmembedError(f"{adapter}: no adapter_config.json (expected a training run or adapter folder)")
-        models.refuse_pickle(adapter_dir, "adapter_model.safetensors", allow_pickle)
+        if (adapter / "model" / "config.json").exists():  # a run that trained every weight (tuning.py)
+            model = str(adapter / "model")
+        else:
+            adapter_dir = adapter / "adapter" if (adapter / "adapter").is_dir() else adapter
+            if not (adapter_dir / "adapter_config.json").exists():
+                raise SlmembedError(f"{adapter}: no adapter_config.json (expected a training run or adapter folder)")
+            models.refuse_pickle(adapter_dir, "adapter_model.safetensors", allow_pickle)
     if model is None:
         raise SlmembedError("no model given: pass --model, or --adapter with a training run folder")
     if adapter is None:

@@ -9,6 +9,14 @@ The LoRA adapter is merged into the base weights (safetensors) unless ``merge=Fa
 EOS itself (its post-processor) and pads on the right, so ``SentenceTransformer(OUT).encode`` feeds the model the
 very token ids of slmembed's ``Embedder.tokenize``; the export checks this before it is renamed into place.
 ``embed.json`` tells slmembed how to load the folder back, and ``README.md`` is a model card with the STS scores.
+
+A run trained with bidirectional attention (attention.py) is saved with the config flags that make it so
+(``is_causal: false``; Gemma's ``use_bidirectional_attention: true``, for Gemma-3 alone): plain
+``AutoModel.from_pretrained`` and sentence-transformers load merged exports bidirectional, without remote code,
+unpadded inputs (one text alone) included, which the export checks before it is renamed into place. An adapter
+(``merge=False``) is loaded over the base model's own, causal config.json: sentence-transformers (and transformers'
+own adapter loading) take no config override for it, so such an export is refused in the ``st`` format, and in the
+``hf`` format the model card names the keywords the base model must be loaded with (slmembed applies them itself).
 """
 
 from __future__ import annotations
@@ -22,9 +30,9 @@ from pathlib import Path
 import torch
 import yaml
 from tokenizers import Tokenizer
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from slmembed import models, outputs
+from slmembed import attention, models, outputs
 from slmembed.atomic import atomic_dir
 from slmembed.embedder import Embedder, EmbedSpec, load_embedder
 from slmembed.errors import SlmembedError
@@ -96,6 +104,40 @@ def check_token_ids(folder: Path, reference: Embedder) -> None:
                                 "this tokenizer cannot be made to append EOS on its own")
 
 
+def check_bidirectional(folder: Path, reference: Embedder) -> None:
+    """Raise unless plain ``AutoModel.from_pretrained(folder)`` (as sentence-transformers loads it: SDPA, no remote
+    code) is bidirectional on an unpadded text: its first token must see a change of the last one."""
+    model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
+    ids = torch.tensor(reference.tokenize(PROBES[:1]))
+    changed = ids.clone()
+    changed[0, -2] = ids[0, 0] if ids[0, -2] != ids[0, 0] else ids[0, 1]  # the EOS (last) stays
+    with torch.no_grad():
+        first = [model(input_ids=x).last_hidden_state[0, 0] for x in (ids, changed)]
+    if torch.equal(*first):
+        raise SlmembedError(f"{model.config.model_type}: transformers loads this export with causal attention "
+                            "although the run trained bidirectional: its config flags do not reach the attention "
+                            "of this architecture (attention.py); use slmembed's own loading")
+
+
+def _attention_card(spec: EmbedSpec, base: str, merge: bool) -> list[str]:
+    """The model card's paragraph on bidirectional attention: where it is set, and what loads it so."""
+    if spec.attention != "bidirectional":
+        return []
+    if merge:
+        return ["", "Attention: bidirectional (every token sees the whole text), trained so from the causal base "
+                "model. config.json says so (`is_causal: false`, or Gemma's `use_bidirectional_attention: true`): "
+                "transformers >= 5.2 and sentence-transformers load it bidirectional without remote code; older "
+                "transformers releases ignore the flag and would run it causally."]
+    flags = attention.bidirectional_config(AutoConfig.from_pretrained(models.resolve(base)))
+    settings = "; ".join(f"config.{k} = {v!r}" for k, v in flags.items())
+    return ["", "Attention: bidirectional (every token sees the whole text), trained so from the causal base model. "
+            "This folder is a PEFT adapter, and the base model's own config.json is causal: load the base model with "
+            f"its config changed, `config = AutoConfig.from_pretrained(base); {settings}; "
+            "model = AutoModel.from_pretrained(base, config=config)`, then attach the adapter "
+            "(`PeftModel.from_pretrained(model, folder)`). Loading this folder directly gives a causal model with "
+            "wrong embeddings. slmembed (`load_embedder(None, adapter=folder)`) does this itself."]
+
+
 def read_scores(path: Path) -> dict:
     """STS scores from an ``eval`` JSON ({scores, average}) or a ``reproduce`` JSON ({before, after})."""
     try:
@@ -131,18 +173,21 @@ def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run
     prefix, suffix = prompt_parts(spec)
     pooling = {"last": "the last layer's hidden state at the EOS token the tokenizer appends",
                "mean": "the mean of the last layer's hidden states", "cls": "the first token's hidden state"}
-    tags = ["slmembed", "sentence-similarity", "feature-extraction", "lora"]
+    full = bool(recipe) and recipe["train"].get("finetune") == "full"
+    tags = ["slmembed", "sentence-similarity", "feature-extraction", *([] if full else ["lora"])]
     meta = {"library_name": "sentence-transformers" if fmt == "st" else "transformers",
             "pipeline_tag": "sentence-similarity", **({"base_model": hub_id} if on_hub else {}), "tags": tags}
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
              f"{about} turned into a sentence-embedding model by contrastive "
-             "fine-tuning with slmembed (LoRA, InfoNCE over in-batch and hard negatives on NLI "
-             "triplets), " + ("with the LoRA weights merged into the model." if merge else "kept as a PEFT adapter."),
+             f"fine-tuning with slmembed ({'every weight' if full else 'LoRA'}, InfoNCE over in-batch and hard "
+             "negatives on NLI triplets)" + ("." if full else ", with the LoRA weights merged into the model." if merge
+                                             else ", kept as a PEFT adapter."),
              "", f"Embedding: {pooling[spec.pooling]}, L2-normalised; inputs are truncated to {spec.max_length} "
              "tokens."]
     if prefix or suffix:
         lines.append(f"Each text is wrapped in the prompt `{spec.template}`"
                      + (" (the model's default prompt)." if fmt == "st" else "; apply it yourself."))
+    lines += _attention_card(spec, base, merge)
     lines += ["", "## Use", ""]
     if fmt == "st":
         lines += ["```python", "from sentence_transformers import SentenceTransformer", "",
@@ -156,9 +201,10 @@ def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run
                   "", f"then pool as above; or `slmembed serve {name}`."]
     if recipe:
         lora, train = recipe["lora"], recipe["train"]
+        tuned = ("every weight" if full else f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout "
+                 f"{lora['dropout']} on {', '.join(lora['targets'])}")
         lines += ["", "## Training", "",
-                  f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout {lora['dropout']} on "
-                  f"{', '.join(lora['targets'])}; lr {train['lr']} ({train['schedule']}, {train['warmup_steps']} "
+                  f"{tuned}; lr {train['lr']} ({train['schedule']}, {train['warmup_steps']} "
                   f"warm-up steps), temperature {train['temperature']}, "
                   + ("hard negatives" if train["hard_negatives"] else "in-batch negatives only")
                   + (f"; {summary['steps']} steps of {summary['batch_size']} triplets on {summary['device']} in "
@@ -246,7 +292,14 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
         raise SlmembedError(f"{run_dir}: not a training run folder (no embed.json)")
     saved = json.loads((run_dir / "embed.json").read_text())
     base, spec = saved["model"], EmbedSpec(**saved["spec"])
+    if saved.get("finetune") == "full" and not merge:
+        raise SlmembedError(f"{run_dir} trained every weight: it has no adapter to keep; export it merged (without "
+                            "--no-merge)")
     outputs.check_folder(output, "export", inputs=[run_dir, base, scores], force=force)
+    if fmt == "st" and not merge and spec.attention == "bidirectional":
+        raise SlmembedError("a bidirectional run cannot be exported unmerged for sentence-transformers: it would load "
+                            "the adapter over the base model's causal config and run causally; export it merged, or "
+                            "with --format hf --no-merge (for slmembed, and PEFT with the keywords its card names)")
     if fmt == "st" and prompt_parts(spec)[1]:
         raise SlmembedError(f"prompt {spec.template!r} has text after '{{}}': sentence-transformers prompts are "
                             "prefixes only; export with --format hf (slmembed applies the whole template)")
@@ -267,6 +320,8 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
         else:
             reference = _write_transformers(run_dir, tmp, base, spec, merge, out_dtype)
         check_token_ids(tmp, reference)
+        if merge and spec.attention == "bidirectional":
+            check_bidirectional(tmp, reference)
         del reference
         # Plain writes: the folder as a whole is fsynced and renamed into place.
         (tmp / "embed.json").write_text(json.dumps(meta, indent=2) + "\n")

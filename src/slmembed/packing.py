@@ -1,10 +1,11 @@
-"""Packed batches for causal decoders: a chunk's sequences end to end in one row, with no padding at all.
+"""Packed batches for decoders: a chunk's sequences end to end in one row, with no padding at all.
 
 N token-id lists of lengths L_1..L_N become ``input_ids`` [1, T] with T = sum L_i, position ids that restart at 0
 for every sequence, and cumulative lengths ``cu = [0, L_1, L_1 + L_2, ..., T]``. Every layer but attention works
-token by token, so only real tokens are computed. Attention runs per sequence, each causal and blind to its
-neighbours: variable-length FlashAttention (``torch.nn.attention.varlen``) on the GPU, an explicit block-diagonal
-causal mask elsewhere (the reference the tests compare against). Sequence i's last token is row ``cu[i+1] - 1``.
+token by token, so only real tokens are computed. Attention runs per sequence, blind to its neighbours, and causal
+unless the model was made bidirectional (attention.py): variable-length FlashAttention (``torch.nn.attention.varlen``)
+on the GPU, an explicit block-diagonal mask elsewhere (the reference the tests compare against), each with or without
+the causal triangle inside a block. Sequence i's last token is row ``cu[i+1] - 1``.
 
 transformers reaches this attention through its attention interface, under the name ``slmembed_packed``. That name
 has no mask function, so transformers builds no mask for it either: its mask builder otherwise checks the position
@@ -12,7 +13,8 @@ ids for packing with a host read, which stalls the CPU on the GPU twice per forw
 
 Packing is for architectures whose attention goes through that interface and whose positions come from
 ``position_ids`` (``ARCHITECTURES``, each tested against the padded forward), without attention logit soft-capping,
-attention dropout or a sliding window shorter than the longest input.
+attention dropout or a sliding window shorter than the longest input (for a bidirectional Gemma-3, the window the
+config derives for it: attention.py).
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 
+from slmembed import attention as attention_mode
+
 NAME = "slmembed_packed"
-_KERNEL = None  # the GPU kernel ``attention`` calls (see ``_varlen``), set by ``use``
+_KERNELS: dict = {}  # causal (bool) -> the GPU kernel ``attention`` calls (see ``_varlen``), set by ``use``
 ARCHITECTURES = frozenset({"llama", "gemma", "gemma3_text", "phi", "qwen2", "mistral"})
 
 
@@ -52,18 +56,19 @@ def supported(model: torch.nn.Module, max_length: int) -> bool:
 def fast(model: torch.nn.Module) -> bool:
     """Whether packing pays for ``model``: with variable-length FlashAttention, i.e. a bf16/fp16 model on a GPU."""
     weight = next(model.parameters())
-    return weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16) and _varlen() is not None
+    return (weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+            and _varlen(attention_mode.is_causal(model)) is not None)
 
 
 def use(model: torch.nn.Module, packed: bool) -> None:
     """Route ``model``'s attention through ``attention`` (every forward must then be given a packed batch), or, if
     it was, back to the implementation it had before."""
-    global _KERNEL
     base = _pretrained(model)
     if base is None:
         return
-    if packed:
-        _KERNEL = _varlen()  # resolved here: compiled code must not trace the probe behind it
+    if packed:  # resolved here, for the model's attention: compiled code must not trace the probe behind it
+        causal = attention_mode.is_causal(model)
+        _KERNELS[causal] = _varlen(causal)
     current = base.config._attn_implementation
     if packed and current != NAME:
         base._slmembed_unpacked_attention = current
@@ -108,8 +113,11 @@ def pool(hidden: torch.Tensor, cu: torch.Tensor, pooling: str) -> torch.Tensor:
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
               cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
-              **kwargs) -> tuple[torch.Tensor, None]:
-    """transformers' attention signature: query [1, H, T, D] and key/value [1, H_kv, T, D] -> output [1, T, H, D]."""
+              is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' attention signature: query [1, H, T, D] and key/value [1, H_kv, T, D] -> output [1, T, H, D].
+
+    Causal as transformers' own kernels decide it: the ``is_causal`` keyword (the config's, attention.py) if given,
+    else the module's flag."""
     if cu_seq_lens_q is None:
         raise RuntimeError(f"the {NAME} attention runs packed batches only (packing.collate): no cu_seq_lens_q given")
     if dropout:
@@ -119,50 +127,62 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    kernel = _KERNEL if q.is_cuda else None
-    out = kernel(q, k, v, cu_seq_lens_q, max_length_q, scale) if kernel else _reference(q, k, v, cu_seq_lens_q, scale)
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    kernel = _KERNELS.get(causal) if q.is_cuda else None
+    if kernel:
+        out = kernel(q, k, v, cu_seq_lens_q, max_length_q, scale)
+    else:
+        out = _reference(q, k, v, cu_seq_lens_q, scale, causal)
     return out.unsqueeze(0), None
 
 
-def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float) -> torch.Tensor:
-    """Packed causal attention with an explicit [T, T] mask: a token sees the earlier tokens of its own sequence."""
+def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float,
+               causal: bool = True) -> torch.Tensor:
+    """Packed attention with an explicit [T, T] mask: a token sees the tokens of its own sequence, the earlier ones
+    only if ``causal``."""
     position = torch.arange(q.shape[0], device=q.device)
     segment = torch.searchsorted(cu[1:].long(), position, right=True)
-    allowed = (segment[:, None] == segment[None, :]) & (position[:, None] >= position[None, :])
+    allowed = segment[:, None] == segment[None, :]
+    if causal:
+        allowed &= position[:, None] >= position[None, :]
     out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed,
                                          scale=scale)
     return out.transpose(0, 1)
 
 
 @functools.cache
-def _varlen():
-    """``_adapt(varlen_attn)`` for this PyTorch, or None where ``torch.nn.attention.varlen`` is missing or where, on
-    this GPU, its forward and backward do not match the reference on a small probe."""
+def _varlen(causal: bool = True):
+    """``_adapt(varlen_attn, causal)`` for this PyTorch, or None where ``torch.nn.attention.varlen`` is missing or
+    where, on this GPU, its forward and backward do not match the reference on a small probe."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
-    call = _adapt(varlen_attn)
-    return call if torch.cuda.is_available() and _agrees(call) else None
+    call = _adapt(varlen_attn, causal)
+    return call if torch.cuda.is_available() and _agrees(call, causal) else None
 
 
-def _adapt(varlen_attn):
-    """``f(q, k, v, cu, max_length, scale)``: causal ``varlen_attn`` whatever its release's arguments (``is_causal``
-    became ``window_size``; without a ``scale`` argument the query is scaled instead)."""
+def _adapt(varlen_attn, causal: bool = True):
+    """``f(q, k, v, cu, max_length, scale)``: ``varlen_attn``, causal or not, whatever its release's arguments
+    (``is_causal`` became ``window_size``, -1 meaning unbounded; without a ``scale`` argument the query is scaled
+    instead)."""
     params = inspect.signature(varlen_attn).parameters
-    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if "is_causal" in params:
+        mask = {"is_causal": causal}
+    else:
+        mask = {"window_size": (-1, 0) if causal else (-1, -1)}
     takes_scale = "scale" in params
 
     def call(q, k, v, cu, max_length, scale):
         if takes_scale:
-            return varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scale, **causal)
-        return varlen_attn(q * (scale * q.shape[-1] ** 0.5), k, v, cu, cu, max_length, max_length, **causal)
+            return varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scale, **mask)
+        return varlen_attn(q * (scale * q.shape[-1] ** 0.5), k, v, cu, cu, max_length, max_length, **mask)
 
     return call
 
 
-def _agrees(call) -> bool:
-    """Whether ``call`` gives the reference's outputs and gradients on a three-sequence probe."""
+def _agrees(call, causal: bool = True) -> bool:
+    """Whether ``call`` gives the reference's (causal or not) outputs and gradients on a three-sequence probe."""
     generator = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(11, 2, 64, device="cuda", generator=generator, dtype=torch.bfloat16).requires_grad_()
                for _ in range(3))
@@ -172,7 +192,7 @@ def _agrees(call) -> bool:
     except RuntimeError as exc:
         warnings.warn(f"variable-length attention fails here ({exc}); batches stay padded", stacklevel=3)
         return False
-    want = torch.autograd.grad(_reference(q, k, v, cu, 0.1).float().square().sum(), (q, k, v))
+    want = torch.autograd.grad(_reference(q, k, v, cu, 0.1, causal).float().square().sum(), (q, k, v))
     if all(torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05) for a, b in zip(got, want)):
         return True
     warnings.warn("variable-length attention disagrees with the reference here; batches stay padded", stacklevel=3)

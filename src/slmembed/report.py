@@ -2,7 +2,8 @@
 
 What a folder holds decides what the report shows:
 
-* ``train_log.jsonl``: training loss and learning rate against step (``train.png``).
+* ``train_log.jsonl``: training loss and learning rate against step (``train.png``), and the STSBenchmark dev
+  scores logged on the way, if any.
 * a reproduce JSON (``NAME.json`` with ``before`` and ``after``): the nine-set scores before and after as grouped
   bars (``scores.png``) and a table; or an ``eval.json``: the scores as a table.
 * subfolders with reproduce JSONs (e.g. ``results/reproduce``): the ablation table (one row per run: recipe
@@ -15,7 +16,7 @@ Everything is written to ``report.md`` and the PNGs beside it (the folder itself
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from slmembed import outputs
@@ -40,21 +41,26 @@ class Run:
     log: list[dict] | None
     result: dict | None  # reproduce JSON
     scores: dict | None  # eval JSON
+    dev: list[dict] = field(default_factory=list)  # train_log records with an STSBenchmark dev score
 
 
 def read_log(path: Path) -> list[dict]:
-    """The records of a train_log.jsonl; a line that is not a record with step, loss and lr is a DataError."""
+    """The records of a train_log.jsonl: each has a step and the loss and lr, or an STSBenchmark dev score
+    (``stsb_dev``, train.dev_every), or both; any other line is a DataError."""
     records = []
     for line_no, record in json_lines(path, path.read_text().splitlines()):
-        if not isinstance(record, dict) or not {"step", "loss", "lr"} <= record.keys():
-            raise DataError(path, "expected an object with step, loss and lr", line_no)
+        if not isinstance(record, dict) or "step" not in record or not (
+                {"loss", "lr"} <= record.keys() or "stsb_dev" in record):
+            raise DataError(path, "expected an object with step and loss and lr, or step and stsb_dev", line_no)
         records.append(record)
     return records
 
 
 def find_run(folder: Path) -> Run | None:
     """The run in ``folder``, or None if it holds neither a training log nor scores."""
-    log = read_log(folder / "train_log.jsonl") if (folder / "train_log.jsonl").exists() else None
+    records = read_log(folder / "train_log.jsonl") if (folder / "train_log.jsonl").exists() else None
+    log = [r for r in records if "loss" in r] if records is not None else None
+    dev = [r for r in records if "stsb_dev" in r] if records is not None else []
     result = scores = None
     for path in sorted(folder.glob("*.json")):
         data = json.loads(path.read_text())
@@ -64,7 +70,7 @@ def find_run(folder: Path) -> Run | None:
             scores = data
     if log is None and result is None and scores is None:
         return None
-    return Run(folder.name, log, result, scores)
+    return Run(folder.name, log, result, scores, dev)
 
 
 def plot_training(path: Path, name: str, log: list[dict]) -> None:
@@ -153,6 +159,9 @@ def _single(run: Run, out: Path) -> list[str]:
                   f"{last['loss']:.4f}" + (f", {last['triplets_per_s']:.1f} triplets/s." if "triplets_per_s" in last
                                            else "."), "", "![training](train.png)", ""]
         plot_training(out / "train.png", run.name, run.log)
+    if run.dev:
+        lines += ["STSBenchmark dev during training: " + ", ".join(
+            f"step {r['step']}: {r['stsb_dev']:.2f}" for r in run.dev) + ".", ""]
     return lines
 
 

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
-from slmembed import outputs
+from slmembed import outputs, tuning
 from slmembed.atomic import write_json, write_text
 from slmembed.config import Recipe
 from slmembed.data.sts import TASKS, load_all, load_sts
@@ -21,21 +20,33 @@ from slmembed.evaluate import evaluate, table
 from slmembed.models import resolve_device
 from slmembed.paths import find_data_dir
 from slmembed.plots import before_after_bars
-from slmembed.train import add_lora, check_run_dir, checkpoints, train
+from slmembed.selection import FOLDER
+from slmembed.train import check_run_dir, checkpoints, train, weights_file
+
+
+def _state_scorer(recipe: Recipe, sets: dict, device: str):
+    """``score(file)``: the nine-set result of the base model with a saved trained state (a checkpoint's or a dev
+    snapshot's weights, tuning.py) put in."""
+    embedder = load_embedder(recipe.model.name, device=resolve_device(device),
+                             trust_remote_code=recipe.model.trust_remote_code, allow_pickle=recipe.model.allow_pickle,
+                             **EmbedSpec.of(recipe.model).__dict__)
+    embedder.model = tuning.prepare(embedder.model, recipe).eval()
+
+    def score(file: Path) -> dict:
+        tuning.load_state(embedder.model, load_file(file), recipe)
+        return evaluate(embedder, sets)
+
+    return score
 
 
 def _curve(recipe: Recipe, run_dir: Path, sets: dict, device: str, final: dict) -> list[dict]:
     """Nine-set average of every kept checkpoint, plus the final adapter."""
-    embedder = load_embedder(recipe.model.name, device=resolve_device(device),
-                             trust_remote_code=recipe.model.trust_remote_code, allow_pickle=recipe.model.allow_pickle,
-                             **EmbedSpec.of(recipe.model).__dict__)
-    embedder.model = add_lora(embedder.model, recipe).eval()
+    score = _state_scorer(recipe, sets, device)
     points = []
     for ckpt in checkpoints(run_dir):
-        set_peft_model_state_dict(embedder.model, load_file(ckpt / "adapter.safetensors"))
         step = int(ckpt.name.split("-")[1])
         points.append({"step": step, "triplets_seen": step * final["batch_size"],
-                       "average": evaluate(embedder, sets)["average"]})
+                       "average": score(ckpt / weights_file(recipe))["average"]})
     points.append({"step": final["steps"], "triplets_seen": final["triplets_seen"], "average": None})
     return points
 
@@ -72,6 +83,11 @@ def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_d
     after = evaluate(tuned, sets)
     # STSBenchmark dev, the only score meant for choosing between recipes (the nine test sets are not).
     after["stsb_dev"] = evaluate(tuned, {"dev": load_sts("STSBenchmark", data_dir, split="dev")})["average"]
+    if "dev" in summary:  # the scores behind the run's selection (selection.py), also STSBenchmark dev only
+        after["selected"] = {k: v for k, v in summary["dev"].items() if k != "scores"}
+        if summary["dev"]["chosen"] != "last":  # reported beside the choice, never used for it
+            last = run_dir / FOLDER / f"step-{summary['steps']:07d}.safetensors"
+            after["last_weights"] = _state_scorer(recipe, sets, device)(last)
     print(f"[reproduce] {name} after: {after['average']:.2f}", flush=True)
     result = {"model": recipe.model.name, "recipe": recipe.to_dict(), "before": before, "after": after,
               "train": summary}

@@ -1,13 +1,22 @@
-"""Contrastive LoRA fine-tuning, top to bottom.
+"""Contrastive fine-tuning, top to bottom, in named phases.
 
-One step: take the step's global batch of triplets (a fixed, seeded permutation per epoch, so the order is a function
-of the step alone), give this rank its slice, embed anchors, positives and negatives in length-sorted chunks, compute
-InfoNCE against all ranks' candidates, step AdamW and the schedule. With ``grad_cache`` the backward runs chunk by
-chunk (gradcache.py), so the batch size is bounded by time, not memory. The host reads losses only every
-``log_every`` steps, so the GPU is never left waiting for Python; a logged loss is the mean over ranks, the loss of
-the global batch. Runs unchanged under ``torchrun`` (accelerate sets up the process group and DDP). Checkpoints
-(adapter, optimizer, schedule, RNG, step) are written atomically every ``save_every`` steps; ``resume=True``
-continues from the newest one exactly where it stopped.
+* **checks**: the recipe and the run folder, before any work;
+* **data** (``_examples``): NLI examples (anchor, positive, hard negative, optional neutral) from data/nli.py, every
+  unique sentence tokenised once;
+* **model** (``_setup_model``): the backbone made trainable as ``train.finetune`` says (tuning.py: LoRA adapters or
+  every weight), AdamW and the schedule, the Embedder that runs it (pooling, prompt, attention: embedder.py);
+* **run folder**: continue from the newest checkpoint (``resume=True``: exactly where it stopped), or start it;
+* **loop**: the step's global batch (a fixed, seeded permutation per epoch, so the order is a function of the step
+  alone), this rank's slice, embeddings in length-sorted chunks (``grad_cache``: backward chunk by chunk,
+  gradcache.py, so the batch is bounded by time, not memory), the loss (``batch_loss``: ``train.loss`` names the
+  objective in losses/), AdamW. The host reads losses every ``log_every`` steps only, so the GPU never waits for
+  Python; a logged loss is the mean over ranks. Checkpoints (weights, optimizer, schedule, RNG, step) are written
+  atomically every ``save_every`` steps, STSBenchmark dev scores every ``dev_every`` (selection.py);
+* **selection and saving**: the weights the run keeps (the last, the best on dev, or an average) into ``adapter/``
+  or ``model/``.
+
+A new objective is a module in losses/; a new pooling or attention is the Embedder's; both reach the loop through
+the recipe. Runs unchanged under ``torchrun`` (accelerate sets up the process group and DDP).
 """
 
 from __future__ import annotations
@@ -16,29 +25,31 @@ import functools
 import json
 import shutil
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from accelerate import Accelerator
-from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from slmembed import models, outputs
+from slmembed import models, outputs, tuning
 from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
 from slmembed.compile import compile_blocks
 from slmembed.config import Recipe, load_recipe, recipe_from_dict, result_changes
-from slmembed.data.nli import load_triplets
+from slmembed.data.nli import Example, load_triplets
 from slmembed.embedder import Embedder, EmbedSpec
 from slmembed.errors import SlmembedError
 from slmembed.gradcache import cached_backward
 from slmembed.losses import LOSSES
 from slmembed.paths import find_data_dir
+from slmembed.selection import DevSelection
 
 # What a run folder holds (README, "Usage").
-RUN_ENTRIES = ("adapter", "checkpoints", "recipe.yaml", "embed.json", "train_log.jsonl", "data.json", "summary.json",
-               "tensorboard")
+RUN_ENTRIES = ("adapter", "model", "checkpoints", "dev", "recipe.yaml", "embed.json", "train_log.jsonl", "data.json",
+               "summary.json", "tensorboard")
 
 
 def batch_indices(n: int, global_batch: int, step: int, seed: int) -> np.ndarray:
@@ -54,24 +65,18 @@ def _permutation(n: int, seed: int) -> np.ndarray:
     return order
 
 
-def add_lora(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
-    cfg, n_layers = recipe.lora, model.config.num_hidden_layers
-    if cfg.layers is not None and not all(-n_layers <= i < n_layers for i in cfg.layers):
-        raise SlmembedError(f"lora.layers: expected layer numbers from {-n_layers} to {n_layers - 1} (the model has "
-                            f"{n_layers} layers), got {cfg.layers}")
-    layers = sorted({i % n_layers for i in cfg.layers}) if cfg.layers is not None else None
-    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.targets,
-                      layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
-    return get_peft_model(model, lora)
-
-
 def checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step-*"))
 
 
-def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, keep: int) -> None:
+def weights_file(recipe: Recipe) -> str:
+    """A checkpoint's file of trained weights: ``adapter.safetensors`` or ``model.safetensors``."""
+    return f"{tuning.final_folder(recipe)}.safetensors"
+
+
+def save_checkpoint(run_dir: Path, model, recipe: Recipe, optimizer, scheduler, step: int, keep: int) -> None:
     with atomic_dir(run_dir / "checkpoints" / f"step-{step:07d}") as tmp:
-        save_file(get_peft_model_state_dict(model), tmp / "adapter.safetensors")
+        save_file(tuning.state(model, recipe), tmp / weights_file(recipe))
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
@@ -82,8 +87,8 @@ def save_checkpoint(run_dir: Path, model, optimizer, scheduler, step: int, keep:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, scheduler) -> int:
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
+def load_checkpoint(ckpt: Path, model, recipe: Recipe, optimizer, scheduler) -> int:
+    tuning.load_state(model, load_file(ckpt / weights_file(recipe)), recipe)
     optim = torch.load(ckpt / "optim.pt", weights_only=True)
     optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
@@ -127,14 +132,81 @@ def check_run_dir(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None =
                                 around=[find_data_dir(data_dir, required=False)], force=force, resume=resume)
 
 
+def _examples(recipe: Recipe, data_dir: str | None, acc: Accelerator) -> tuple[list[Example], dict]:
+    """Phase "data": the recipe's examples (a seeded subsample if asked) and what data.json records of them."""
+    dc, seed = recipe.data, recipe.train.seed
+    data = load_triplets(dc.sources, data_dir=data_dir, skip_bad_rows=dc.skip_bad_rows, pairing=dc.pairing,
+                         neutral_negatives=dc.neutral_negatives, entailment_pairs=dc.entailment_pairs)
+    examples = data.triplets
+    if dc.max_triplets is not None and dc.max_triplets < len(examples):
+        keep = np.random.default_rng(seed).permutation(len(examples))[: dc.max_triplets]
+        examples = [examples[i] for i in sorted(keep)]
+    acc.print(f"triplets: {len(examples)} used of {len(data.triplets)} from {len(data.counts)} sources "
+              f"({data.duplicates} duplicates dropped, {data.skipped_rows} bad rows skipped); per source in data.json")
+    return examples, {"triplets": len(examples), "counts": data.counts, "duplicates": data.duplicates,
+                      "skipped_rows": data.skipped_rows, "pairs": sum(e[2] is None for e in examples)}
+
+
+def columns(recipe: Recipe) -> list[int]:
+    """The example columns a step embeds: anchor, positive, then the negatives the recipe uses (hard negative,
+    neutral)."""
+    return [0, 1] + [2] * recipe.train.hard_negatives + [3] * recipe.data.neutral_negatives
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """One step's sequences: anchors, positives, then each negative column's present texts (``ids``), and where the
+    negatives sit among the ``rows * columns`` slots (``present``, column-major; None when there are none)."""
+
+    ids: list[list[int]]
+    rows: int
+    present: torch.Tensor | None
+
+    @classmethod
+    def of(cls, examples: list[Example], rows: np.ndarray, cols: list[int],
+           token_ids: dict[str, list[int]]) -> StepBatch:
+        texts = [[examples[i][c] for i in rows] for c in cols]
+        negatives = [t for col in texts[2:] for t in col]
+        present = torch.tensor([t is not None for t in negatives], dtype=torch.bool) if negatives else None
+        ids = [token_ids[t] for col in texts[:2] for t in col] + [token_ids[t] for t in negatives if t is not None]
+        return cls(ids, len(rows), present)
+
+
+def batch_loss(objective: Callable, batch: StepBatch, emb: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Phase "loss": the objective of a step's embeddings [N, D] (in the order of ``batch.ids``). Missing negatives
+    (entailment-only pairs, groups without a neutral) are masked out of the candidates."""
+    b = batch.rows
+    anchors, positives, negatives, mask = emb[:b], emb[b : 2 * b], None, None
+    if batch.present is not None:
+        present = batch.present.to(emb.device, non_blocking=True)
+        negatives = emb.new_zeros((len(present), emb.shape[1])).index_put((present,), emb[2 * b :])
+        mask = None if bool(batch.present.all()) else present
+    return objective(anchors, positives, negatives, temperature, negative_mask=mask)
+
+
+def _setup_model(recipe: Recipe, acc: Accelerator):
+    """Phase "model": the backbone (bf16 under LoRA, fp32 for full fine-tuning), made trainable as the recipe says,
+    its optimizer and schedule, and the embedder that runs it."""
+    tc = recipe.train
+    attn = None if acc.device.type == "cuda" else "eager"  # SDPA where supported; eager trains faster on the CPU
+    base, tokenizer = models.load(recipe.model.name, dtype=tuning.weights_dtype(recipe),
+                                  trust_remote_code=recipe.model.trust_remote_code,
+                                  allow_pickle=recipe.model.allow_pickle, attn_implementation=attn)
+    model = tuning.prepare(base, recipe)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    return model, tokenizer, optimizer
+
+
 def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, resume: bool = False,
           force: bool = False, device: str = "auto", progress: bool = True,
           spaced_checkpoints: int | None = None) -> dict:
-    """Train the recipe's LoRA adapter into ``run_dir``; return the run summary (also written as summary.json).
+    """Train the recipe's model into ``run_dir``; return the run summary (also written as summary.json).
 
     ``force`` replaces an earlier run in ``run_dir`` (once the model has loaded); ``spaced_checkpoints=k`` replaces
     the recipe's checkpoint interval: k evenly spaced checkpoints are kept.
     """
+    # Phase "checks": everything that can be wrong with the request fails here, before any data or model loads.
     run_dir = Path(run_dir)
     recipe = recipe_from_dict(recipe.to_dict())  # a recipe built in code gets the checks a loaded one had
     tc = recipe.train
@@ -145,44 +217,30 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     acc = Accelerator(cpu=models.resolve_device(device).type == "cpu")
     torch.manual_seed(tc.seed)
 
-    # Data: triplets, a seeded subsample if asked, and every unique sentence tokenised once.
-    data = load_triplets(recipe.data.sources, data_dir=data_dir, skip_bad_rows=recipe.data.skip_bad_rows)
-    triplets = data.triplets
-    if recipe.data.max_triplets is not None and recipe.data.max_triplets < len(triplets):
-        keep = np.random.default_rng(tc.seed).permutation(len(triplets))[: recipe.data.max_triplets]
-        triplets = [triplets[i] for i in sorted(keep)]
-    acc.print(f"triplets: {len(triplets)} used of {len(data.triplets)} from {len(data.counts)} sources "
-              f"({data.duplicates} duplicates dropped, {data.skipped_rows} bad rows skipped); per source in data.json")
+    examples, data_record = _examples(recipe, data_dir, acc)
     global_batch = tc.batch_size * acc.num_processes
-    if len(triplets) < global_batch:
-        raise SlmembedError(f"{len(triplets)} triplets are fewer than one global batch of {global_batch}")
-    total = tc.max_steps or tc.epochs * (len(triplets) // global_batch)
+    if len(examples) < global_batch:
+        raise SlmembedError(f"{len(examples)} triplets are fewer than one global batch of {global_batch}")
+    total = tc.max_steps or tc.epochs * (len(examples) // global_batch)
     save_every, keep = tc.save_every, tc.keep_checkpoints
     if spaced_checkpoints:
         save_every, keep = max(1, -(-total // (spaced_checkpoints + 1))), spaced_checkpoints + 1
 
-    # Model: backbone in bf16 (if asked), fp32 LoRA adapters on top.
-    dtype = torch.bfloat16 if tc.bf16 else torch.float32
-    attn = None if acc.device.type == "cuda" else "eager"  # SDPA where supported; eager trains faster on the CPU
-    base, tokenizer = models.load(recipe.model.name, dtype=dtype, trust_remote_code=recipe.model.trust_remote_code,
-                                  allow_pickle=recipe.model.allow_pickle, attn_implementation=attn)
-    model = add_lora(base, recipe)
-    spec = EmbedSpec.of(recipe.model)
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    model, tokenizer, optimizer = _setup_model(recipe, acc)
     scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
     model, optimizer = acc.prepare(model, optimizer)
+    spec = EmbedSpec.of(recipe.model)
     embedder = Embedder(model, tokenizer, spec, packed=tc.packing)
-    texts = sorted({t for trip in triplets for t in trip})
+    texts = sorted({t for example in examples for t in example if t is not None})
     token_ids = dict(zip(texts, embedder.tokenize(texts)))  # every unique sentence tokenised once
 
+    # Phase "run folder": continue from the newest checkpoint, or start the folder.
     if resume and acc.is_main_process:
         clean_leftovers(run_dir)  # half-written files of a run killed while saving
     acc.wait_for_everyone()
     start = 0
     if resume and checkpoints(run_dir):
-        start = load_checkpoint(checkpoints(run_dir)[-1], acc.unwrap_model(model), optimizer, scheduler)
+        start = load_checkpoint(checkpoints(run_dir)[-1], acc.unwrap_model(model), recipe, optimizer, scheduler)
         acc.print(f"resumed from step {start}")
     if acc.is_main_process:
         if replace:
@@ -191,24 +249,20 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         if not (run_dir / outputs.MARKER).exists():
             outputs.mark(run_dir, "train", RUN_ENTRIES)
         write_text(run_dir / "recipe.yaml", recipe.to_yaml())
-        write_json(run_dir / "data.json", {"triplets": len(triplets), "counts": data.counts,
-                                          "duplicates": data.duplicates, "skipped_rows": data.skipped_rows})
+        write_json(run_dir / "data.json", data_record)
     log_path = run_dir / "train_log.jsonl"
     if acc.is_main_process:
         _trim_log(log_path, start)
     acc.wait_for_everyone()
+    dev = DevSelection.open(run_dir, recipe, data_dir, start) if tc.dev_every else None
+    # Scored by the main process alone, on the model without DDP's wrapper (whose forward would wait for the others).
+    dev_embedder = Embedder(acc.unwrap_model(model), tokenizer, spec, packed=embedder.packed) if dev else None
 
+    # Phase "loop": batch, embeddings, loss, update; then logging, checkpoints and dev scores when due.
     model.train()
     if tc.compile:
         compile_blocks(model)
-    columns = 3 if tc.hard_negatives else 2
-
-    objective = LOSSES[tc.loss]
-
-    def loss_of(emb: torch.Tensor) -> torch.Tensor:
-        emb = emb.view(columns, -1, emb.shape[-1])
-        return objective(emb[0], emb[1], emb[2] if tc.hard_negatives else None, tc.temperature)
-
+    cols, objective = columns(recipe), LOSSES[tc.loss]
     board = _tensorboard(run_dir / "tensorboard", start) if acc.is_main_process else None
     t0, seen_t0 = time.time(), start
     pending: list[torch.Tensor] = []  # losses not yet read on the host: reading one waits for the GPU
@@ -218,14 +272,15 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
 
         bar = tqdm(total=total, initial=start, desc="train", unit="step")
     for step in range(start, total):
-        rows = batch_indices(len(triplets), global_batch, step, tc.seed)
+        rows = batch_indices(len(examples), global_batch, step, tc.seed)
         rows = rows[acc.process_index * tc.batch_size : (acc.process_index + 1) * tc.batch_size]
-        ids = [token_ids[triplets[i][c]] for c in range(columns) for i in rows]
+        batch = StepBatch.of(examples, rows, cols, token_ids)
+        loss_of = functools.partial(batch_loss, objective, batch, temperature=tc.temperature)
         with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
             if tc.grad_cache:
-                loss = cached_backward(embedder, ids, tc.chunk_tokens, loss_of, lambda: acc.no_sync(model))
+                loss = cached_backward(embedder, batch.ids, tc.chunk_tokens, loss_of, lambda: acc.no_sync(model))
             else:
-                loss = loss_of(embedder.forward_ids(ids, tc.chunk_tokens))
+                loss = loss_of(embedder.forward_ids(batch.ids, tc.chunk_tokens))
                 acc.backward(loss)
         optimizer.step()
         scheduler.step()
@@ -234,9 +289,11 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         done = step + 1
         if bar is not None:
             bar.update(1)
-        if done % tc.log_every and done % save_every and done != total:
+        scored = dev is not None and dev.due(done, total)
+        if done % tc.log_every and done % save_every and done != total and not scored:
             continue
-        # Every log_every steps, before a checkpoint and at the end: read the losses, stop on the first non-finite.
+        # Every log_every steps, before a checkpoint or dev score and at the end: read the losses, stop on the
+        # first non-finite one.
         losses = acc.reduce(torch.stack(pending), reduction="mean").tolist()  # each rank's loss covers its anchors
         bad = next((i for i, v in enumerate(losses) if not np.isfinite(v)), None)
         if bad is not None:
@@ -245,6 +302,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
             raise SlmembedError(f"loss is {losses[bad]} at step {done - len(losses) + bad + 1}; the last good "
                                 "checkpoint is kept, fix the cause and continue with --resume")
         pending.clear()
+        record = None
         if done % tc.log_every == 0 or done == total:
             elapsed = time.time() - t0
             rate = (done - seen_t0) * global_batch / max(elapsed, 1e-9)
@@ -252,33 +310,46 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
                       "triplets_per_s": round(rate, 2), "elapsed_s": round(elapsed, 2)}
             if acc.device.type == "cuda":
                 record["peak_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 3)
-            if acc.is_main_process:
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                if board is not None:
-                    for key in ("loss", "lr", "triplets_per_s"):
-                        board.add_scalar(f"train/{key}", record[key], done)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if scored and acc.is_main_process:
+            record = (record or {"step": done}) | {"stsb_dev": dev.record(done, dev_embedder, acc.unwrap_model(model))}
+        if record is not None and acc.is_main_process:
+            _log(record, log_path, board, bar)
         if done % save_every == 0 and done < total:
             if acc.is_main_process:
-                save_checkpoint(run_dir, acc.unwrap_model(model), optimizer, scheduler, done, keep)
+                save_checkpoint(run_dir, acc.unwrap_model(model), recipe, optimizer, scheduler, done, keep)
             acc.wait_for_everyone()
     if bar is not None:
         bar.close()
     if board is not None:
         board.close()
 
-    summary = {"steps": total, "batch_size": global_batch, "triplets": len(triplets),
+    # Phase "selection and saving": the weights the run keeps (selection.py), written atomically.
+    summary = {"steps": total, "batch_size": global_batch, "triplets": len(examples),
                "triplets_seen": total * global_batch, "minutes": round((time.time() - t0) / 60, 3),
-               "device": models.device_name(acc.device), "world_size": acc.num_processes}
+               "device": models.device_name(acc.device), "world_size": acc.num_processes, "finetune": tc.finetune}
     if acc.is_main_process:
-        with atomic_dir(run_dir / "adapter") as tmp:
-            acc.unwrap_model(model).save_pretrained(tmp)
-        write_json(run_dir / "embed.json", {"model": recipe.model.name, "spec": spec.__dict__})
+        final = acc.unwrap_model(model)
+        if dev is not None:
+            summary["dev"] = dev.choose(dev_embedder, final)
+        with atomic_dir(run_dir / tuning.final_folder(recipe)) as tmp:
+            tuning.save_final(final, tokenizer, tmp, recipe)
+        write_json(run_dir / "embed.json", {"model": recipe.model.name, "spec": spec.__dict__,
+                                           "finetune": tc.finetune})
         write_json(run_dir / "summary.json", summary)
     acc.wait_for_everyone()
     return summary
+
+
+def _log(record: dict, path: Path, board, bar) -> None:
+    """One train_log.jsonl line, its scalars in TensorBoard, the loss on the progress bar."""
+    with open(path, "a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    if board is not None:
+        for key in ("loss", "lr", "triplets_per_s", "stsb_dev"):
+            if key in record:
+                board.add_scalar(f"train/{key}" if key != "stsb_dev" else "dev/stsb", record[key], record["step"])
+    if bar is not None and "loss" in record:
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
 
 
 def _tensorboard(folder: Path, start: int):

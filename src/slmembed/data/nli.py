@@ -5,6 +5,14 @@ A triplet is (premise, entailment hypothesis, contradiction hypothesis). NLI row
 and the k-th entailment of a group is paired with its k-th contradiction (``min(#E, #C)`` per group).
 Neutral and ``-`` (no consensus) rows are dropped; ready-made triplet files are read as they are.
 
+Three options get more signal from the same rows (``load_triplets``/``read_triplets`` keywords, ``DataConfig``):
+``pairing="all"`` takes every (entailment, contradiction) pair of a group instead (entailment-major, first-seen
+order); ``neutral_negatives=True`` adds a neutral hypothesis of the group as a 4th item, a further negative (the
+group's neutrals cycled over its examples; None where it has none, as in ready-made triplets); and
+``entailment_pairs=True`` adds the entailments left without a contradiction partner (with ``kth`` those beyond
+``min(#E, #C)``, with ``all`` those of groups without any contradiction) as (premise, entailment, None) pairs that
+only have in-batch negatives; ``TripletSet.pairs`` counts them.
+
 Formats are detected from the header or the first JSON line (see ``FORMATS``); prefix a path with
 ``FORMAT:`` to override, and use ``hub:simcse`` to download SimCSE's ``nli_for_simcse.csv``.
 """
@@ -23,6 +31,8 @@ from slmembed.errors import DataError, SlmembedError
 from slmembed.paths import find_data_dir
 
 Triplet = tuple[str, str, str]  # (anchor, positive, negative)
+Example = tuple[str | None, ...]  # a Triplet, (anchor, positive, None), each optionally + (neutral or None,)
+PAIRINGS = ("kth", "all")
 Row = tuple[str, str, str, str]  # (group id, premise, hypothesis, label)
 
 LABELS = ("entailment", "neutral", "contradiction")
@@ -74,12 +84,13 @@ _EXPECTED = "expected one of: " + "; ".join(f.description for f in FORMATS.value
 
 @dataclass
 class TripletSet:
-    """Deduplicated triplets plus bookkeeping."""
+    """Deduplicated triplets (examples, with the options of the module docstring) plus bookkeeping."""
 
-    triplets: list[Triplet]
-    counts: dict[str, int] = field(default_factory=dict)  # per source set: triplets before dedup
+    triplets: list[Example]
+    counts: dict[str, int] = field(default_factory=dict)  # per source set: examples before dedup
     duplicates: int = 0  # dropped as exact duplicates across all sources
     skipped_rows: int = 0  # bad rows skipped (only when skip_bad_rows=True)
+    pairs: int = 0  # examples in triplets whose negative is None (only when entailment_pairs=True)
 
 
 @dataclass(frozen=True)
@@ -255,29 +266,48 @@ def _read_items(path: Path, fmt_name: str | None, skip: bool, skipped: list[int]
     return fmt, items
 
 
-def _group(rows: Iterable[Row]) -> list[Triplet]:
-    """Pair the k-th entailment with the k-th contradiction of each (group id, premise), in first-seen order."""
-    groups: dict[tuple[str, str], tuple[list[str], list[str]]] = {}
+def _group(rows: Iterable[Row], pairing: str = "kth", neutral_negatives: bool = False,
+           entailment_pairs: bool = False) -> list[Example]:
+    """Examples of each (group id, premise), in first-seen order (options: see the module docstring)."""
+    if pairing not in PAIRINGS:
+        raise SlmembedError(f"unknown pairing {pairing!r}; expected one of {', '.join(PAIRINGS)}")
+    groups: dict[tuple[str, str], dict[str, list[str]]] = {}
     for gid, premise, hypothesis, label in rows:
-        ents, cons = groups.setdefault((gid, premise), ([], []))
-        if label != "neutral":
-            (ents if label == "entailment" else cons).append(hypothesis)
-    return [(premise, e, c) for (_, premise), (ents, cons) in groups.items() for e, c in zip(ents, cons)]
+        groups.setdefault((gid, premise), {name: [] for name in LABELS})[label].append(hypothesis)
+    examples: list[Example] = []
+    for (_, premise), hyps in groups.items():
+        ents, cons, neutrals = hyps["entailment"], hyps["contradiction"], hyps["neutral"]
+        if pairing == "all":
+            pairs: list[tuple[str, str | None]] = [(e, c) for e in ents for c in cons]
+            unpaired = [] if cons else ents
+        else:
+            pairs, unpaired = list(zip(ents, cons)), ents[len(cons):]
+        if entailment_pairs:
+            pairs += [(e, None) for e in unpaired]
+        for k, (e, c) in enumerate(pairs):
+            extra = (neutrals[k % len(neutrals)] if neutrals else None,) if neutral_negatives else ()
+            examples.append((premise, e, c, *extra))
+    return examples
 
 
-def _read_set(source: _SourceSet, skip: bool, skipped: list[int]) -> list[Triplet]:
-    """Triplets of one source set: ready triplets as read, NLI rows grouped across all of its files."""
-    ready: list[Triplet] = []
+def _read_set(source: _SourceSet, skip: bool, skipped: list[int], pairing: str = "kth",
+              neutral_negatives: bool = False, entailment_pairs: bool = False) -> list[Example]:
+    """Examples of one source set: ready triplets as read, NLI rows grouped across all of its files."""
+    ready: list[Example] = []
     rows: list[Row] = []
     for path in source.files:
         fmt, items = _read_items(path, source.fmt, skip, skipped)
         (ready if fmt.triplets else rows).extend(items)
-    return ready + _group(rows)
+    if neutral_negatives:
+        ready = [(*t, None) for t in ready]
+    return ready + _group(rows, pairing, neutral_negatives, entailment_pairs)
 
 
-def read_triplets(path: str | Path, skip_bad_rows: bool = False, fmt: str | None = None) -> list[Triplet]:
-    """Triplets from one file of any supported format (``fmt`` overrides detection); not deduplicated."""
-    return _read_set(_SourceSet(str(path), (Path(path),), fmt), skip_bad_rows, [0])
+def read_triplets(path: str | Path, skip_bad_rows: bool = False, fmt: str | None = None, *, pairing: str = "kth",
+                  neutral_negatives: bool = False, entailment_pairs: bool = False) -> list[Example]:
+    """Examples from one file of any supported format (``fmt`` overrides detection); not deduplicated."""
+    return _read_set(_SourceSet(str(path), (Path(path),), fmt), skip_bad_rows, [0], pairing, neutral_negatives,
+                     entailment_pairs)
 
 
 def _known_sets(folder: Path) -> list[_SourceSet]:
@@ -358,14 +388,16 @@ def _expand(source: str | Path, data_dir: str | Path | None) -> list[_SourceSet]
 
 
 def load_triplets(sources: Sequence[str | Path] | None = None, data_dir: str | Path | None = None,
-                  skip_bad_rows: bool = False) -> TripletSet:
-    """Load, group and deduplicate (first seen kept) triplets from ``sources``, by default ``DEFAULT_SOURCES``."""
+                  skip_bad_rows: bool = False, *, pairing: str = "kth", neutral_negatives: bool = False,
+                  entailment_pairs: bool = False) -> TripletSet:
+    """Load, group and deduplicate (first seen kept, on the whole tuple) examples from ``sources``, by default
+    ``DEFAULT_SOURCES``; the keyword options are those of the module docstring."""
     if isinstance(sources, (str, Path)):
         sources = [sources]
     sets = [s for source in (DEFAULT_SOURCES if sources is None else sources) for s in _expand(source, data_dir)]
     result, seen, skipped = TripletSet([]), set(), [0]
     for source_set in sets:
-        triplets = _read_set(source_set, skip_bad_rows, skipped)
+        triplets = _read_set(source_set, skip_bad_rows, skipped, pairing, neutral_negatives, entailment_pairs)
         result.counts[source_set.name] = result.counts.get(source_set.name, 0) + len(triplets)
         for triplet in triplets:
             if triplet in seen:
@@ -374,4 +406,5 @@ def load_triplets(sources: Sequence[str | Path] | None = None, data_dir: str | P
                 seen.add(triplet)
                 result.triplets.append(triplet)
     result.skipped_rows = skipped[0]
+    result.pairs = sum(t[2] is None for t in result.triplets)
     return result

@@ -1,6 +1,6 @@
-"""Training objectives, one per module, each ``f(anchors, positives, negatives | None, temperature) -> loss``,
-gathered across ranks. ``train.loss`` in a recipe names one of ``LOSSES``; a new objective is a module here and an
-entry below."""
+"""Training objectives, one per module, each
+``f(anchors, positives, negatives | None, temperature, negative_mask=None) -> loss``, gathered across ranks.
+``train.loss`` in a recipe names one of ``LOSSES``; a new objective is a module here and an entry below."""
 
 from __future__ import annotations
 

@@ -10,6 +10,9 @@ with W ranks; just ``[p; n]`` in one process). With cosine similarity ``s(x, y) 
 and the function returns the mean over the local anchors. The gather keeps gradients: its backward sums the
 gradients of all ranks' losses, so under DDP (which averages parameter gradients over ranks) the update equals
 the gradient of the mean loss over the whole global batch.
+
+``negative_mask`` [B] (bool) marks which rows of ``n`` are real: the others (an entailment-only pair has no hard
+negative) are left out of every anchor's candidates.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def info_nce(
     positives: torch.Tensor,
     negatives: torch.Tensor | None = None,
     temperature: float = 0.05,
+    negative_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean InfoNCE loss of the local anchors against all ranks' positives and hard negatives (see module doc)."""
     a = F.normalize(anchors.float(), dim=-1)
@@ -56,4 +60,9 @@ def info_nce(
     candidates = p if negatives is None else torch.cat([p, gather(F.normalize(negatives.float(), dim=-1))])
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
-    return F.cross_entropy(a @ candidates.T / temperature, labels)
+    logits = a @ candidates.T / temperature
+    if negative_mask is not None:
+        real = torch.cat([torch.ones(p.shape[0], dtype=torch.bool, device=a.device),
+                          gather(negative_mask.to(device=a.device, dtype=torch.uint8)).bool()])
+        logits = logits.masked_fill(~real, float("-inf"))
+    return F.cross_entropy(logits, labels)

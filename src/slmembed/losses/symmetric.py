@@ -23,6 +23,8 @@ def symmetric_info_nce(
     positives: torch.Tensor,
     negatives: torch.Tensor | None = None,
     temperature: float = 0.05,
+    negative_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean symmetric InfoNCE of the local pairs (see the module docstring)."""
-    return (info_nce(anchors, positives, negatives, temperature) + info_nce(positives, anchors, None, temperature)) / 2
+    """Mean symmetric InfoNCE of the local pairs (see the module docstring); ``negative_mask`` as in info_nce."""
+    forward = info_nce(anchors, positives, negatives, temperature, negative_mask)
+    return (forward + info_nce(positives, anchors, None, temperature)) / 2

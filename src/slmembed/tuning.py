@@ -1,0 +1,107 @@
+"""What training updates: LoRA adapters on a frozen backbone (``train.finetune: lora``, the paper's) or every weight
+(``full``). The one home of that difference: preparing the model, the trainable state that checkpoints and dev
+snapshots hold, averaging states, and the weights a run folder keeps (``adapter/`` or ``model/``).
+
+Averaging LoRA states is done on the products, not the factors: the mean of ``k`` updates ``s B_i A_i`` is itself a
+LoRA update of rank ``k r``, ``s' B' A'`` with ``A' = [A_1; ...; A_k]``, ``B' = [B_1, ..., B_k] / k`` and the same
+scale ``s' = alpha' / r' = alpha / r``. Averaging ``A`` and ``B`` separately would not give the mean of the updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import save_file
+
+from slmembed.config import Recipe
+from slmembed.errors import SlmembedError
+
+AVERAGE = "average"  # the name of the adapter that holds an averaged LoRA state
+
+
+def weights_dtype(recipe: Recipe) -> torch.dtype:
+    """The backbone's stored dtype: bf16 under LoRA (the frozen weights only compute), fp32 for full fine-tuning
+    (the optimizer updates them; bf16 compute comes from autocast)."""
+    return torch.bfloat16 if recipe.train.bf16 and recipe.train.finetune == "lora" else torch.float32
+
+
+def lora_config(recipe: Recipe, n_layers: int) -> LoraConfig:
+    """peft's LoraConfig for the recipe's ``lora`` section, checked against the model's ``n_layers``."""
+    cfg = recipe.lora
+    if cfg.layers is not None and not all(-n_layers <= i < n_layers for i in cfg.layers):
+        raise SlmembedError(f"lora.layers: expected layer numbers from {-n_layers} to {n_layers - 1} (the model has "
+                            f"{n_layers} layers), got {cfg.layers}")
+    layers = sorted({i % n_layers for i in cfg.layers}) if cfg.layers is not None else None
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.targets,
+                      layers_to_transform=layers, layers_pattern="layers" if layers is not None else None)
+
+
+def prepare(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
+    """The model to train: wrapped with LoRA adapters, or with every weight trainable."""
+    if recipe.train.finetune == "full":
+        return model.requires_grad_(True)
+    return get_peft_model(model, lora_config(recipe, model.config.num_hidden_layers))
+
+
+def state(model: torch.nn.Module, recipe: Recipe) -> dict[str, torch.Tensor]:
+    """What training changed: the adapter's tensors, or every weight (copied to the host)."""
+    tensors = get_peft_model_state_dict(model) if recipe.train.finetune == "lora" else model.state_dict()
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+
+def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], recipe: Recipe) -> None:
+    """Put a ``state`` back into the model it came from."""
+    if recipe.train.finetune == "lora":
+        set_peft_model_state_dict(model, tensors)
+    else:
+        model.load_state_dict(tensors)
+
+
+def average(model: torch.nn.Module, states: list[dict[str, torch.Tensor]], recipe: Recipe) -> None:
+    """Make ``model`` compute with the mean of ``states``: loaded into its weights (full fine-tuning), or as the
+    active adapter ``AVERAGE`` of rank ``k r`` (LoRA; see the module docstring). ``use_trained`` switches back."""
+    k = len(states)
+    if recipe.train.finetune == "full":
+        model.load_state_dict({name: sum(s[name].float() for s in states).div(k).to(states[0][name].dtype)
+                               for name in states[0]})
+        return
+    merged = {}
+    for name in states[0]:
+        parts = [s[name] for s in states]
+        merged[name] = (torch.cat(parts, 0) if ".lora_A." in name else torch.cat(parts, 1) / k if ".lora_B." in name
+                        else sum(p.float() for p in parts).div(k).to(parts[0].dtype))
+    base = model.peft_config["default"]
+    if AVERAGE in model.peft_config:
+        model.delete_adapter(AVERAGE)
+    model.add_adapter(AVERAGE, dataclasses.replace(base, r=base.r * k, lora_alpha=base.lora_alpha * k,
+                                                   lora_dropout=0.0))
+    set_peft_model_state_dict(model, merged, adapter_name=AVERAGE)
+    model.set_adapter(AVERAGE)
+
+
+def use_trained(model: torch.nn.Module, recipe: Recipe) -> None:
+    """Undo ``average`` for LoRA runs: the trained adapter is active again (full runs reload their own state)."""
+    if recipe.train.finetune == "lora" and AVERAGE in model.peft_config:
+        model.set_adapter("default")
+
+
+def save_final(model: torch.nn.Module, tokenizer, folder: Path, recipe: Recipe) -> None:
+    """Write the run's weights into ``folder``: the active adapter as a PEFT adapter folder, or the whole model (and
+    its tokenizer) as a transformers folder."""
+    if recipe.train.finetune == "full":
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+        return
+    name = model.active_adapter
+    config = dataclasses.replace(model.peft_config[name], inference_mode=True)
+    config.save_pretrained(str(folder))
+    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()},
+              folder / "adapter_model.safetensors", metadata={"format": "pt"})
+
+
+def final_folder(recipe: Recipe) -> str:
+    """The run folder's entry that holds the trained weights."""
+    return "model" if recipe.train.finetune == "full" else "adapter"
