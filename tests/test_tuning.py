@@ -164,3 +164,14 @@ def test_batch_loss_leaves_out_missing_negatives(width) -> None:
     got = train_mod.batch_loss(LOSSES["infonce"], batch, emb, 0.05)
     assert got.item() == pytest.approx(_reference_loss(rows(0), rows(1), negatives, 0.05), rel=1e-6)
     assert len(batch.ids) == 8 + sum(n is not None for n in negatives)
+
+
+def test_batch_loss_with_every_negative_is_the_paper_loss() -> None:
+    """All hard negatives present: no slots, no mask, and exactly info_nce(anchors, positives, negatives)."""
+    examples = [(f"a{i}", f"p{i}", f"n{i}") for i in range(5)]
+    token_ids = {t: [k] for k, t in enumerate(t for e in examples for t in e)}
+    batch = train_mod.StepBatch.of(examples, np.arange(5), [0, 1, 2], token_ids)
+    assert batch.slots is None and batch.present is None and batch.negatives == 5
+    emb = torch.randn(15, 8, generator=torch.Generator().manual_seed(2))
+    want = LOSSES["infonce"](emb[:5], emb[5:10], emb[10:], 0.05)
+    assert train_mod.batch_loss(LOSSES["infonce"], batch, emb, 0.05).item() == pytest.approx(want.item(), rel=1e-6)

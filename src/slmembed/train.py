@@ -155,32 +155,40 @@ def columns(recipe: Recipe) -> list[int]:
 
 @dataclass(frozen=True)
 class StepBatch:
-    """One step's sequences: anchors, positives, then each negative column's present texts (``ids``), and where the
-    negatives sit among the ``rows * columns`` slots (``present``, column-major; None when there are none)."""
+    """One step's sequences: anchors, positives, then each negative column's present texts (``ids``). Where some
+    negatives are missing, ``slots`` holds the places of the present ones among the ``rows x negative columns``
+    (column-major) and ``present`` marks them; both are None when every negative is there (or there are none)."""
 
     ids: list[list[int]]
     rows: int
-    present: torch.Tensor | None
+    negatives: int  # rows x negative columns
+    slots: torch.Tensor | None = None
+    present: torch.Tensor | None = None
 
     @classmethod
     def of(cls, examples: list[Example], rows: np.ndarray, cols: list[int],
            token_ids: dict[str, list[int]]) -> StepBatch:
         texts = [[examples[i][c] for i in rows] for c in cols]
         negatives = [t for col in texts[2:] for t in col]
-        present = torch.tensor([t is not None for t in negatives], dtype=torch.bool) if negatives else None
         ids = [token_ids[t] for col in texts[:2] for t in col] + [token_ids[t] for t in negatives if t is not None]
-        return cls(ids, len(rows), present)
+        present = torch.tensor([t is not None for t in negatives], dtype=torch.bool)
+        if bool(present.all()):
+            return cls(ids, len(rows), len(negatives))
+        return cls(ids, len(rows), len(negatives), present.nonzero().squeeze(1), present)
 
 
 def batch_loss(objective: Callable, batch: StepBatch, emb: torch.Tensor, temperature: float) -> torch.Tensor:
     """Phase "loss": the objective of a step's embeddings [N, D] (in the order of ``batch.ids``). Missing negatives
-    (entailment-only pairs, groups without a neutral) are masked out of the candidates."""
+    (entailment-only pairs, groups without a neutral) are masked out of the candidates. The places are computed on
+    the host (``StepBatch.of``): a boolean index on the GPU would make the host wait for it."""
     b = batch.rows
     anchors, positives, negatives, mask = emb[:b], emb[b : 2 * b], None, None
-    if batch.present is not None:
-        present = batch.present.to(emb.device, non_blocking=True)
-        negatives = emb.new_zeros((len(present), emb.shape[1])).index_put((present,), emb[2 * b :])
-        mask = None if bool(batch.present.all()) else present
+    if batch.negatives and batch.slots is None:
+        negatives = emb[2 * b :]
+    elif batch.negatives:
+        slots = batch.slots.to(emb.device, non_blocking=True)
+        negatives = emb.new_zeros((batch.negatives, emb.shape[1])).index_put((slots,), emb[2 * b :])
+        mask = batch.present.to(emb.device, non_blocking=True)
     return objective(anchors, positives, negatives, temperature, negative_mask=mask)
 
 
