@@ -7,6 +7,9 @@
 #   bash bench/reproduce_gpu.sh PLAN          # a file of lines "NAME GPU ARGS..." (GPU: the CUDA device index)
 # e.g. bash bench/reproduce_gpu.sh gemma-3-270m "--model gemma-3-270m --curve 5"
 # RUN_TIMEOUT (seconds, default 560) stops a run that would outlast the device call, so the others still come back.
+# How many at once (H200, 2026-11-30, 3 epochs at batch 512 with GradCache and compile): seven SmolLM2-135M runs on
+# one GPU ran at about 195 triplets/s each (1,360 together) and none finished within a call; two a GPU finished in
+# 4 minutes (SmolLM2-135M) and 6-7 minutes (Gemma-3-270M).
 source bench/gpu_env.sh
 mkdir -p "$OUT/logs"
 names=()
