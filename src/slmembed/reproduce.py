@@ -20,7 +20,7 @@ from slmembed.evaluate import evaluate, table
 from slmembed.models import resolve_device
 from slmembed.paths import find_data_dir
 from slmembed.plots import before_after_bars
-from slmembed.selection import FOLDER
+from slmembed.selection import snapshot
 from slmembed.train import check_run_dir, checkpoints, train, weights_file
 
 
@@ -86,8 +86,7 @@ def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_d
     if "dev" in summary:  # the scores behind the run's selection (selection.py), also STSBenchmark dev only
         after["selected"] = {k: v for k, v in summary["dev"].items() if k != "scores"}
         if summary["dev"]["chosen"] != "last":  # reported beside the choice, never used for it
-            last = run_dir / FOLDER / f"step-{summary['steps']:07d}.safetensors"
-            after["last_weights"] = _state_scorer(recipe, sets, device)(last)
+            after["last_weights"] = _state_scorer(recipe, sets, device)(snapshot(run_dir, summary["steps"]))
     print(f"[reproduce] {name} after: {after['average']:.2f}", flush=True)
     result = {"model": recipe.model.name, "recipe": recipe.to_dict(), "before": before, "after": after,
               "train": summary}

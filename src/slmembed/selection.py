@@ -29,6 +29,11 @@ from slmembed.evaluate import evaluate
 FOLDER = "dev"
 
 
+def snapshot(run_dir: Path, step: int) -> Path:
+    """Where a run keeps the weights it scored at ``step``."""
+    return run_dir / FOLDER / f"step-{step:07d}.safetensors"
+
+
 @dataclass
 class DevSelection:
     """Scores and snapshots of one run (see the module docstring)."""
@@ -63,7 +68,6 @@ class DevSelection:
         """Score the model at ``step`` and keep its weights as a snapshot; return the score."""
         value = self.score(embedder)
         self.scores.append({"step": step, "stsb_dev": value})
-        self.folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(self._snapshot(step)) as tmp:
             save_file(tuning.state(model, self.recipe), tmp)
         write_json(self.folder / "scores.json", self.scores)
@@ -95,4 +99,4 @@ class DevSelection:
                 "average": candidates.get("average")}
 
     def _snapshot(self, step: int) -> Path:
-        return self.folder / f"step-{step:07d}.safetensors"
+        return snapshot(self.folder.parent, step)

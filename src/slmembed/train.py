@@ -194,7 +194,7 @@ def batch_loss(objective: Callable, batch: StepBatch, emb: torch.Tensor, tempera
 
 def _setup_model(recipe: Recipe, acc: Accelerator):
     """Phase "model": the backbone (bf16 under LoRA, fp32 for full fine-tuning), made trainable as the recipe says,
-    its optimizer and schedule, and the embedder that runs it."""
+    its tokenizer, and AdamW over the trainable weights."""
     tc = recipe.train
     attn = None if acc.device.type == "cuda" else "eager"  # SDPA where supported; eager trains faster on the CPU
     base, tokenizer = models.load(recipe.model.name, dtype=tuning.weights_dtype(recipe),
