@@ -10,6 +10,11 @@
 # How many at once (H200, 2026-11-30, 3 epochs at batch 512 with GradCache and compile): seven SmolLM2-135M runs on
 # one GPU ran at about 195 triplets/s each (1,360 together) and none finished within a call; two a GPU finished in
 # 4 minutes (SmolLM2-135M) and 6-7 minutes (Gemma-3-270M).
+# Runs that outlast one device call: start this script detached in one call, e.g.
+#   mkdir -p /tmp/repo /tmp/rq && cp -r src bench results pyproject.toml /tmp/repo && cd /tmp/repo &&
+#   (OUT=/tmp/rq RUN_TIMEOUT=1200 setsid nohup bash bench/reproduce_gpu.sh PLAN >/tmp/rq/main.log 2>&1 &)
+# then wait for /tmp/rq/reproduce.tgz in the next call (before the machine's 30 s idle release) and copy it to $OUT.
+# Four runs a GPU that way (three SmolLM2-135M and one Gemma-3-270M) took 11 minutes (quality-3.txt).
 source bench/gpu_env.sh
 mkdir -p "$OUT/logs"
 names=()
