@@ -123,3 +123,52 @@ def test_cli_embed(tiny_models, expected, tmp_path, capsys) -> None:
     np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
     assert main([*args[:4], "--output", str(tmp_path / "v.csv"), *args[6:]]) == 2
     assert "must end in .npy or .parquet" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("precision", ["int8", "uint8", "binary", "ubinary"])
+def test_compact_vectors_are_sentence_transformers_own(embedder, expected, tmp_path, precision) -> None:
+    """int8/uint8 take their ranges from the input itself, or from --calibration (an earlier float32 .npy, or
+    texts); binary packs 8 dimensions a byte; Parquet keeps the integer type."""
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    src = tmp_path / "in.txt"
+    _write(src, "txt")
+    out = ef.embed_file(embedder, "tiny", src, tmp_path / "v.npy", chunk_size=4, progress=False, precision=precision)
+    np.testing.assert_array_equal(np.load(tmp_path / "v.npy"), quantize_embeddings(expected, precision))
+    assert out["precision"] == precision and out["width"] == (32 if "int8" in precision else 4)
+    table = pq.read_table(ef.embed_file(embedder, "tiny", src, tmp_path / "v.parquet", chunk_size=4, progress=False,
+                                        precision=precision)["output"])
+    np.testing.assert_array_equal(np.stack(table.column("embedding").to_numpy(zero_copy_only=False)),
+                                  quantize_embeddings(expected, precision))
+    if "int8" in precision:
+        calibration = expected[:5] * 2
+        ef.embed_file(embedder, "tiny", src, tmp_path / "c.npy", progress=False, precision=precision,
+                      calibration=calibration, force=True)
+        np.testing.assert_array_equal(np.load(tmp_path / "c.npy"),
+                                      quantize_embeddings(expected, precision, calibration_embeddings=calibration))
+
+
+def test_cli_calibration(tiny_models, embedder, tmp_path, capsys) -> None:
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    src, floats = tmp_path / "in.txt", tmp_path / "corpus.npy"
+    _write(src, "txt")
+    model = ["--model", str(tiny_models["llama"]), "--dtype", "float32"]
+    assert main(["embed", str(src), "--output", str(floats), *model]) == 0
+    queries = tmp_path / "q.txt"
+    queries.write_text("a cat\nthe town\n")
+    assert main(["embed", str(queries), "--output", str(tmp_path / "q.npy"), "--precision", "int8",
+                 "--calibration", str(floats), *model]) == 0  # queries in the corpus's buckets
+    reference = quantize_embeddings(embedder.encode(["a cat", "the town"]), "int8",
+                                    calibration_embeddings=np.load(floats))
+    np.testing.assert_array_equal(np.load(tmp_path / "q.npy"), reference)
+    capsys.readouterr()
+    for extra, message in ((["--precision", "binary", "--calibration", str(floats)], "use it with one of them"),
+                           (["--precision", "int8", "--calibration", str(tmp_path / "none.npy")], "no such file")):
+        assert main(["embed", str(queries), "--output", str(tmp_path / "x.npy"), *extra, *model]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    one = tmp_path / "one.txt"
+    one.write_text("alone\n")
+    assert main(["embed", str(one), "--output", str(tmp_path / "o.npy"), "--precision", "uint8", *model]) == 2
+    assert "one text cannot set the ranges" in capsys.readouterr().err

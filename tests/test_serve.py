@@ -438,3 +438,37 @@ def test_limits_must_be_consistent() -> None:
         Limits(request_timeout=float("inf"))
     with pytest.raises(SlmembedError, match=r"--max-queue \(8\) must be at least --max-inputs \(9\)"):
         Limits(max_inputs=9, max_queue=8)
+
+
+def test_compact_vectors_match_direct_embeddings_quantized(server, run_dir, direct, tmp_path) -> None:
+    """`precision` int8/uint8 (ranges from the server's --calibration embeddings, cut like the vectors when
+    `dimensions` is asked) and binary/ubinary are sentence-transformers' vectors of the direct embeddings; without
+    calibration int8 gets 400 and binary still works."""
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    calibration = direct.encode([f"calibration text {i} about {w}" for i, w in enumerate(["cats", "rain"] * 20)])
+    np.save(tmp_path / "calibration.npy", calibration)
+    expected = direct.encode(TEXTS)
+    status, body = server.request("POST", "/v1/embeddings", {"model": "run", "input": TEXTS, "precision": "int8"})
+    assert status == 400 and "start it with --calibration" in body["error"]["message"]
+    status, body = server.request("POST", "/v1/embeddings", {"model": "run", "input": TEXTS, "precision": "ubinary"})
+    got = np.array([d["embedding"] for d in body["data"]], dtype=np.uint8)
+    assert status == 200 and (np.unpackbits(got, axis=1) == np.unpackbits(quantize_embeddings(expected, "ubinary"),
+                                                                          axis=1)).mean() > 0.98
+    with serving(run_dir, "--calibration", str(tmp_path / "calibration.npy"), log=tmp_path / "log") as calibrated:
+        for precision, dims in (("int8", None), ("uint8", None), ("int8", 8)):
+            cut, cal = expected, calibration
+            if dims:
+                cut, cal = (x[:, :dims] / np.linalg.norm(x[:, :dims], axis=1, keepdims=True)
+                            for x in (expected, calibration))
+            reference = quantize_embeddings(cut, precision, calibration_embeddings=cal).astype(np.int16)
+            request = {"model": "run", "input": TEXTS, "precision": precision, **({"dimensions": dims} if dims else {})}
+            status, body = calibrated.request("POST", "/v1/embeddings", request)
+            got = np.array([d["embedding"] for d in body["data"]], dtype=np.int16)
+            assert status == 200 and got.shape == reference.shape
+            assert np.abs(got - reference).max() <= 1 and (got == reference).mean() > 0.9  # buckets, float noise
+            status, body = calibrated.request("POST", "/v1/embeddings", {**request, "encoding_format": "base64"})
+            raw = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), precision) for d in body["data"]])
+            np.testing.assert_array_equal(raw.astype(np.int16), got)
+        status, body = calibrated.request("POST", "/v1/embeddings", {"model": "run", "input": "x", "precision": "int4"})
+        assert status == 400 and body["error"]["param"] == "precision"

@@ -15,6 +15,7 @@ from slmembed import outputs
 from slmembed.errors import SlmembedError
 from slmembed.models import device_name, resolve_device
 from slmembed.paths import find_data_dir
+from slmembed.quantize import PRECISIONS
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype of eval, embed, serve
 
@@ -62,26 +63,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from slmembed import quantize
     from slmembed.atomic import write_json
-    from slmembed.data.sts import load_all
+    from slmembed.data.sts import load_all, load_sts
     from slmembed.embedder import load_embedder
-    from slmembed.evaluate import evaluate, table
+    from slmembed.evaluate import evaluate, table, unique_sentences
 
     if args.output:  # a JSON beside a run's own files is fine (RUN/eval.json is what export reads)
         outputs.check_file(args.output, "eval", inputs=[args.model],
                            around=[args.adapter, find_data_dir(args.data_dir, required=False)], force=args.force,
                            ours=outputs.json_by("eval"), suffixes=(".json",))
     sets = load_all(args.tasks, args.data_dir)  # bad task names and data fail before the model loads
+    precisions = tuple(dict.fromkeys(args.precision or ()))
+    calibration, calibrated = None, {}
+    if any(p in quantize.CALIBRATED for p in precisions):  # int8/uint8 ranges from STSBenchmark dev, never a test set
+        dev = load_sts("STSBenchmark", args.data_dir, split="dev")
+        calibration = unique_sentences({"dev": dev})
+        calibrated = {"calibration": f"STSBenchmark dev ({len(calibration)} sentences)"}
     overrides = {k: v for k, v in (("pooling", args.pooling), ("prompt", args.prompt)) if v is not None}
     embedder = load_embedder(args.model, args.adapter, device=resolve_device(args.device), dtype=DTYPES[args.dtype],
                              trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, **overrides)
     _compile(embedder, args)
-    result = evaluate(embedder, sets, batch_size=args.batch_size, progress=True)
+    result = evaluate(embedder, sets, batch_size=args.batch_size, progress=True, precisions=precisions,
+                      calibration=calibration)
     label = args.model or str(args.adapter)
-    print(table({label: result["scores"]}))
+    compact = {f"{p}": r["scores"] for p, r in result.get("precisions", {}).items()}
+    print(table({label: result["scores"], **compact}))
     if args.output:
         write_json(args.output, {"model": label, "adapter": args.adapter, "spec": embedder.spec.__dict__,
-                                 "dtype": str(next(embedder.model.parameters()).dtype), **result,
+                                 "dtype": str(next(embedder.model.parameters()).dtype), **result, **calibrated,
                                  "run": provenance(args.command_line)})
         outputs.record_added(Path(args.output).parent, Path(args.output).name, "eval")
     return 0
@@ -140,13 +150,26 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_calibration(args: argparse.Namespace, precisions: tuple[str, ...]) -> None:
+    """Before the model loads: --calibration names a file and is asked for by int8 or uint8."""
+    if args.calibration is None:
+        return
+    if not Path(args.calibration).is_file():
+        raise SlmembedError(f"--calibration {args.calibration}: no such file")
+    if not any(p in ("int8", "uint8") for p in precisions):
+        raise SlmembedError("--calibration sets the ranges of int8 and uint8 vectors: use it with one of them")
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
-    from slmembed.embed_file import check_output, embed_file
+    from slmembed.embed_file import check_output, embed_file, load_calibration
 
     check_output(args.input, args.output, model=args.model, force=args.force)
+    _check_calibration(args, (args.precision,))
     embedder, model_id = _load_model(args.model, args)
+    calibration = load_calibration(args.calibration, embedder, args.batch_size) if args.calibration else None
     summary = embed_file(embedder, model_id, args.input, args.output, column=args.column,
-                         chunk_size=args.chunk_size, batch_size=args.batch_size, force=args.force)
+                         chunk_size=args.chunk_size, batch_size=args.batch_size, force=args.force,
+                         precision=args.precision, calibration=calibration)
     print(json.dumps(summary))
     return 0
 
@@ -159,9 +182,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_inputs=args.max_inputs, max_chars=args.max_chars, max_batch=args.max_batch,
                     max_queue=args.max_queue, max_connections=args.max_connections, read_timeout=args.read_timeout,
                     request_timeout=args.request_timeout)
+    _check_calibration(args, ("int8",))
     embedder, model_id = _load_model(args.model, args)
+    calibration = None
+    if args.calibration:
+        from slmembed.embed_file import load_calibration
+
+        calibration = load_calibration(args.calibration, embedder)
     serve(embedder, args.name or model_id, host=args.host, port=args.port, limits=limits,
-          api_key=args.api_key or os.environ.get("SLMEMBED_API_KEY") or None)
+          api_key=args.api_key or os.environ.get("SLMEMBED_API_KEY") or None, calibration=calibration)
     return 0
 
 
@@ -266,6 +295,9 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--pooling", choices=["last", "mean", "cls"])
     e.add_argument("--prompt", type=template, help="prompt template with {} or P1/P2/P3")
     e.add_argument("--batch-size", type=positive, help="sentences per batch (default: 1024 on a GPU, 64 on the CPU)")
+    e.add_argument("--precision", nargs="+", choices=PRECISIONS, metavar="P",
+                   help="also score compact vectors at these precisions (int8, uint8, binary, ubinary): cosine for "
+                        "int8/uint8 (ranges from STSBenchmark dev), Hamming for binary/ubinary")
     encoding(e)
     common(e)
     e.set_defaults(func=cmd_eval)
@@ -316,6 +348,11 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--column", help="CSV column or JSONL field holding the text (default: text)")
     m.add_argument("--chunk-size", type=positive, default=4096, help="texts per resumable chunk")
     m.add_argument("--batch-size", type=positive, default=64)
+    m.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="compact vectors (sentence-transformers' quantize_embeddings): int8/uint8 [N, D], "
+                        "binary/ubinary packed bits [N, D/8]")
+    m.add_argument("--calibration", help="int8/uint8 ranges from these embeddings: an earlier float32 .npy output, "
+                                         "or a text/CSV/JSONL file of texts (default: the input's own)")
     force(m, "an earlier embed output at --output")
     loading(m)
     m.set_defaults(func=cmd_embed)
@@ -335,6 +372,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--read-timeout", type=seconds, default=30.0,
                    help="seconds a client has to send a request's headers (else the connection is closed), then "
                         "its body (else 408)")
+    v.add_argument("--calibration", help="a float32 .npy of embeddings or a file of texts: the ranges for requests "
+                                         "with precision int8/uint8 (without it, those get 400)")
     v.add_argument("--request-timeout", type=seconds, default=60.0,
                    help="seconds a request may wait for its embeddings (else 503)")
     loading(v)

@@ -7,6 +7,11 @@ written atomically into the sidecar folder ``OUT.parts/`` and skipped when the c
 interrupted run continues where it stopped. At the end the chunks are joined into OUT (atomically) and the sidecar
 is removed. The sidecar records the input (path, size, modification time), the model and the chunking, and a rerun
 with other ones is refused rather than mixed in.
+
+``precision`` int8, uint8, binary or ubinary writes compact vectors instead (quantize.py: int8 [N, D], binary
+packed [N, D/8]); int8 and uint8 take their ranges from calibration embeddings (``load_calibration``: a text file
+embedded, or the float32 ``.npy`` of an earlier embed, so that queries and a corpus share their buckets), else from
+the input's own embeddings. The chunks stay float32, so a resumed run may change only the precision.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slmembed import outputs
+from slmembed import outputs, quantize
 from slmembed.atomic import atomic_path, write_json
 from slmembed.data.jsonl import json_lines
 from slmembed.embedder import Embedder
@@ -86,7 +91,7 @@ def _ours(path: Path) -> bool:
     try:
         if path.suffix.lower() == ".npy":
             array = np.load(path, mmap_mode="r")
-            return array.ndim == 2 and array.dtype == np.float32
+            return array.ndim == 2 and array.dtype in (np.float32, np.int8, np.uint8)
         import pyarrow.parquet as pq
 
         return METADATA_KEY in (pq.read_schema(path).metadata or {})
@@ -110,9 +115,27 @@ def _sidecar(output: Path) -> Path:
     return output.with_name(output.name + ".parts")
 
 
+def load_calibration(path: str | Path, embedder: Embedder, batch_size: int = 64) -> np.ndarray:
+    """Calibration embeddings [N, D]: a 2-D float ``.npy`` (an earlier float32 embed output) as it is, or the
+    embeddings of a text, CSV or JSONL file's texts (as ``iter_texts`` reads them)."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        try:
+            vectors = np.load(path)
+        except (OSError, ValueError) as exc:
+            raise DataError(path, f"not a .npy array ({exc})") from None
+        if vectors.ndim != 2 or vectors.dtype.kind != "f" or len(vectors) < 2:
+            raise DataError(path, f"expected float embeddings [N >= 2, D], got {vectors.dtype} {vectors.shape}")
+        return vectors.astype(np.float32)
+    texts = list(iter_texts(path))
+    if len(texts) < 2:
+        raise DataError(path, "calibration needs at least two texts")
+    return embedder.encode(texts, batch_size=batch_size)
+
+
 def embed_file(embedder: Embedder, model_id: str, input_path: str | Path, output: str | Path, *,
                column: str | None = None, chunk_size: int = 4096, batch_size: int = 64, force: bool = False,
-               progress: bool = True) -> dict:
+               progress: bool = True, precision: str = "float32", calibration: np.ndarray | None = None) -> dict:
     """Embed ``input_path`` into ``output`` chunk by chunk (see the module docstring); return a summary. An earlier
     output is replaced only with ``force``."""
     from tqdm.auto import tqdm
@@ -122,6 +145,8 @@ def embed_file(embedder: Embedder, model_id: str, input_path: str | Path, output
     n = sum(len(chunk) for chunk in _chunks(input_path, column, chunk_size))  # validates every row before work
     if n == 0:
         raise DataError(input_path, "no texts")
+    if precision in quantize.CALIBRATED and calibration is None and n < 2:
+        raise DataError(input_path, f"{precision} needs calibration: one text cannot set the ranges")
     parts = _sidecar(output)
     stat = input_path.stat()
     manifest = {"input": str(input_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
@@ -147,33 +172,51 @@ def embed_file(embedder: Embedder, model_id: str, input_path: str | Path, output
         bar.update(len(chunk))
     bar.close()
     dim = int(np.load(names[0], mmap_mode="r").shape[1])
-    _join(names, output, n, dim, input_path, column, chunk_size)
+    bounds = None
+    if precision in quantize.CALIBRATED:
+        if calibration is not None and calibration.shape[1] != dim:
+            raise SlmembedError(f"the calibration embeddings have {calibration.shape[1]} dimensions, the model {dim}")
+        bounds = quantize.ranges(calibration if calibration is not None else _extremes(names))
+    width = _join(names, output, n, input_path, column, chunk_size, precision, bounds)
     shutil.rmtree(parts)
-    return {"input": str(input_path), "output": str(output), "texts": n, "dim": dim, "chunks": len(names),
-            "chunks_reused": reused}
+    return {"input": str(input_path), "output": str(output), "texts": n, "dim": dim, "precision": precision,
+            "width": width, "chunks": len(names), "chunks_reused": reused}
 
 
-def _join(names: list[Path], output: Path, n: int, dim: int, input_path: Path, column: str | None,
-          chunk_size: int) -> None:
-    """Concatenate the chunk files into ``output`` (written atomically), one chunk in memory at a time."""
+def _extremes(names: list[Path]) -> np.ndarray:
+    """Each chunk's per-dimension minimum and maximum (one chunk in memory at a time), stacked: their
+    ``quantize.ranges`` are the whole input's."""
+    def ends(block: np.ndarray) -> np.ndarray:
+        return np.vstack((block.min(axis=0), block.max(axis=0)))
+
+    return np.vstack([ends(np.load(name)) for name in names])
+
+
+def _join(names: list[Path], output: Path, n: int, input_path: Path, column: str | None, chunk_size: int,
+          precision: str, bounds: np.ndarray | None) -> int:
+    """Concatenate the chunk files, at ``precision``, into ``output`` (written atomically), one chunk in memory at a
+    time; return the vectors' width."""
+    blocks = (quantize.quantize(np.load(name), precision, bounds) for name in names)
+    first = next(blocks)
+    dim = first.shape[1]
     with atomic_path(output) as tmp:
         if output.suffix.lower() == ".npy":
-            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, dim))
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(n, dim))
             start = 0
-            for name in names:
-                block = np.load(name)
+            for block in itertools.chain([first], blocks):
                 out[start : start + len(block)] = block
                 start += len(block)
             out.flush()
             del out
-            return
+            return dim
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = pa.schema([("text", pa.string()), ("embedding", pa.list_(pa.float32(), dim))],
+        kind = pa.from_numpy_dtype(first.dtype)
+        schema = pa.schema([("text", pa.string()), ("embedding", pa.list_(kind, dim))],
                            metadata={METADATA_KEY: b"slmembed embed"})
         with pq.ParquetWriter(tmp, schema) as writer:
-            for name, chunk in zip(names, _chunks(input_path, column, chunk_size)):
-                flat = pa.array(np.load(name).reshape(-1), type=pa.float32())
+            for block, chunk in zip(itertools.chain([first], blocks), _chunks(input_path, column, chunk_size)):
+                flat = pa.array(block.reshape(-1), type=kind)
                 writer.write_table(pa.table({"text": chunk, "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)},
                                             schema=schema))

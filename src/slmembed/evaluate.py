@@ -1,6 +1,7 @@
 """MTEB-style STS evaluation: Spearman correlation (x100) between cosine similarity and the gold scores.
 
-Every unique sentence across the chosen tasks is encoded exactly once per run.
+Every unique sentence across the chosen tasks is encoded exactly once per run. Compact vectors (quantize.py) are
+scored from the same encoding: each precision's vectors, compared as a vector store would compare them.
 """
 
 from __future__ import annotations
@@ -8,18 +9,25 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import spearmanr
 
+from slmembed import quantize
 from slmembed.data.sts import TASKS, StsSet, load_all
 from slmembed.embedder import Embedder
 
 
-def score(sets: dict[str, StsSet], vectors: dict[str, np.ndarray]) -> dict[str, float]:
-    """Spearman x100 of cosine(sentence1, sentence2) against gold, per set; ``vectors`` maps text -> unit vector."""
+def score(sets: dict[str, StsSet], vectors: dict[str, np.ndarray], precision: str = "float32") -> dict[str, float]:
+    """Spearman x100 of the pairs' similarity against gold, per set; ``vectors`` maps text -> its vector at
+    ``precision`` (float32: a unit vector, compared by cosine; others: quantize.pair_similarity)."""
     out = {}
     for name, sts in sets.items():
         a = np.stack([vectors[s] for s in sts.sentences1])
         b = np.stack([vectors[s] for s in sts.sentences2])
-        out[name] = round(float(spearmanr((a * b).sum(1), sts.scores).statistic) * 100, 2)
+        similarity = (a * b).sum(1) if precision == "float32" else quantize.pair_similarity(a, b, precision)
+        out[name] = round(float(spearmanr(similarity, sts.scores).statistic) * 100, 2)
     return out
+
+
+def _average(scores: dict[str, float]) -> float:
+    return round(float(np.mean(list(scores.values()))), 2)
 
 
 def unique_sentences(sets: dict[str, StsSet]) -> list[str]:
@@ -35,18 +43,33 @@ def batching(embedder: Embedder, batch_size: int | None = None) -> tuple[int, in
 
 
 def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_size: int | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, precisions: tuple[str, ...] = (), calibration: list[str] | None = None) -> dict:
     """Encode the unique sentences of ``sets`` (default: all nine from the data directory) once; score each set.
 
-    Batches are formed as ``batching`` says.
+    Batches are formed as ``batching`` says. Each of ``precisions`` other than float32 is scored too, under
+    ``"precisions"``, with its drop from float32; int8 and uint8 take their ranges from the embeddings of the
+    ``calibration`` texts (required for them: never the sets' own sentences).
     """
     sets = sets if sets is not None else load_all(TASKS)
     texts = unique_sentences(sets)
     batch_size, max_tokens = batching(embedder, batch_size)
     vecs = embedder.encode(texts, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
     scores = score(sets, dict(zip(texts, vecs)))
-    return {"scores": scores, "average": round(float(np.mean(list(scores.values()))), 2),
-            "sentences": len(texts)}
+    result = {"scores": scores, "average": _average(scores), "sentences": len(texts)}
+    compact = [p for p in precisions if p != "float32"]
+    if not compact:
+        return result
+    bounds = None
+    if any(p in quantize.CALIBRATED for p in compact):
+        if not calibration:
+            raise ValueError("int8 and uint8 need calibration texts")
+        bounds = quantize.ranges(embedder.encode(calibration, batch_size=batch_size, max_tokens=max_tokens))
+    result["precisions"] = {}
+    for precision in compact:
+        p_scores = score(sets, dict(zip(texts, quantize.quantize(vecs, precision, bounds))), precision)
+        result["precisions"][precision] = {"scores": p_scores, "average": _average(p_scores),
+                                           "drop": round(result["average"] - _average(p_scores), 2)}
+    return result
 
 
 def table(rows: dict[str, dict[str, float]], reference: dict[str, float] | None = None) -> str:

@@ -1,7 +1,10 @@
 """An OpenAI-compatible embeddings API: FastAPI on uvicorn.
 
 ``POST /v1/embeddings`` (``input`` a string, a list of strings, a list of token ids or a list of token-id lists;
-``encoding_format`` float or base64; ``dimensions`` truncates and renormalises), ``GET /v1/models``,
+``encoding_format`` float or base64; ``dimensions`` truncates and renormalises; ``precision``, an extension:
+float32, int8, uint8, binary or ubinary compact vectors as quantize.py defines them, as integer lists or, in base64,
+their raw bytes; int8 and uint8 use the ranges of the server's calibration embeddings, cut to ``dimensions`` and
+renormalised like the vectors), ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``GET /health``. Requests go into a queue; one worker takes all that is pending (up to
 ``max_batch`` inputs) and embeds it in one call, so concurrent requests share a batch on the device. Errors have
 OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
@@ -35,6 +38,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from slmembed import quantize
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
 
@@ -102,6 +106,7 @@ class EmbeddingRequest(BaseModel):
     model: str
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = None
+    precision: Literal["float32", "int8", "uint8", "binary", "ubinary"] = "float32"  # slmembed's extension
     user: str | None = None  # OpenAI's end-user id for abuse monitoring: accepted, ignored
 
     @property
@@ -193,10 +198,17 @@ class Batcher:
                 start += len(item)
 
 
-def _encode_vector(vector: np.ndarray, fmt: str) -> list[float] | str:
-    if fmt == "base64":  # OpenAI's: the little-endian float32 bytes, base64-encoded
-        return base64.b64encode(vector.astype("<f4").tobytes()).decode("ascii")
+def _encode_vector(vector: np.ndarray, fmt: str) -> list[float] | list[int] | str:
+    if fmt == "base64":  # OpenAI's: the little-endian float32 bytes (or the int8/uint8 bytes), base64-encoded
+        raw = vector.astype("<f4") if vector.dtype == np.float32 else vector
+        return base64.b64encode(raw.tobytes()).decode("ascii")
     return vector.tolist()
+
+
+def _cut(vectors: np.ndarray, dims: int) -> np.ndarray:
+    """The first ``dims`` dimensions, renormalised."""
+    vectors = vectors[:, :dims]
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
 
 
 class KeyGuard:
@@ -217,10 +229,15 @@ class KeyGuard:
         await self.app(scope, receive, send)
 
 
-def create_app(embedder: Embedder, model_id: str, limits: Limits = Limits(), api_key: str | None = None) -> FastAPI:
-    """The FastAPI app serving ``embedder`` under the name ``model_id``."""
+def create_app(embedder: Embedder, model_id: str, limits: Limits = Limits(), api_key: str | None = None,
+               calibration: np.ndarray | None = None) -> FastAPI:
+    """The FastAPI app serving ``embedder`` under the name ``model_id``; ``calibration`` (embeddings [N, D]) gives
+    int8 and uint8 requests their ranges."""
     batcher = Batcher(embedder, limits)
+    bounds: dict[int, np.ndarray] = {}  # ranges by requested dimensions, computed once each
     dim = int(embedder.encode(["warm-up"]).shape[1])  # also compiles the first forward before requests arrive
+    if calibration is not None and calibration.shape[1] != dim:
+        raise SlmembedError(f"the calibration embeddings have {calibration.shape[1]} dimensions, the model {dim}")
     vocab = min(len(embedder.tokenizer), embedder.model.get_input_embeddings().num_embeddings)
     model = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "slmembed"}
 
@@ -273,10 +290,17 @@ def create_app(embedder: Embedder, model_id: str, limits: Limits = Limits(), api
             raise ApiError(408, f"the request body did not arrive within {limits.read_timeout:g} s",
                            code="request_timeout", headers=CLOSE) from None
         req = _parse(body, limits, model_id, dim, vocab, token_ids=embedder.spec.prompt is None)
+        if req.precision in quantize.CALIBRATED and calibration is None:
+            raise ApiError(400, f"precision {req.precision!r} needs calibration ranges, and this server has none: "
+                           "start it with --calibration", param="precision")
         vectors, tokens = await batcher.embed(req.inputs)
-        if req.dimensions is not None and req.dimensions < dim:
-            vectors = vectors[:, : req.dimensions]
-            vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
+        dims = req.dimensions or dim
+        if dims < dim:
+            vectors = _cut(vectors, dims)
+        if req.precision in quantize.CALIBRATED and dims not in bounds:
+            bounds[dims] = quantize.ranges(_cut(calibration, dims))
+        if req.precision != "float32":  # off the event loop: the first call imports sentence-transformers
+            vectors = await asyncio.to_thread(quantize.quantize, vectors, req.precision, bounds.get(dims))
         data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, req.encoding_format)}
                 for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": model_id,
@@ -388,10 +412,10 @@ def _protocol(read_timeout: float) -> type[H11Protocol]:
 
 
 def serve(embedder: Embedder, model_id: str, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
-          api_key: str | None = None, graceful_timeout: float = 30.0) -> None:
+          api_key: str | None = None, graceful_timeout: float = 30.0, calibration: np.ndarray | None = None) -> None:
     """Serve until SIGINT/SIGTERM; requests in flight are finished first (for up to ``graceful_timeout`` seconds)."""
     import uvicorn
 
-    app = create_app(embedder, model_id, limits, api_key)
+    app = create_app(embedder, model_id, limits, api_key, calibration)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_timeout,
                 limit_concurrency=limits.max_connections, http=_protocol(limits.read_timeout))
