@@ -53,6 +53,7 @@ BAD: dict[str, list[str]] = {
     "train.packing": ["auto", "1"],
     "train.grad_cache": NOT_BOOL,
     "train.compile": NOT_BOOL,
+    "train.sharding": ["ddp", "FSDP", "''", "1", "null"],
     "train.seed": ["-1", str(2**64), *NOT_INT],
     "train.save_every": ["0", "-1", *NOT_INT],
     "train.keep_checkpoints": ["0", *NOT_INT],

@@ -124,6 +124,9 @@ class TrainConfig:
     packing: bool | None = None  # chunks as one row without padding (packing.py); None: where supported, on a GPU
     grad_cache: bool = False  # cached negatives (GradCache): memory set by chunk_tokens, not batch_size
     compile: bool = False  # torch.compile each transformer block (compile.py): fused kernels, a one-off compile time
+    # fsdp: weights, gradients and optimizer state split across the processes (sharding.py), for a backbone that does
+    # not fit one device; none: each process holds the whole model (DDP).
+    sharding: str = checked(one_of("none", "fsdp"), default="none")
     seed: int = checked(SEED, default=42)
     save_every: int = checked(at_least(1), default=200)
     keep_checkpoints: int = checked(at_least(1), default=2)
@@ -263,6 +266,9 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
         if tc.dev_every is None and value != default:
             raise SlmembedError(f"{where}: train.{name}: {value!r} needs STSBenchmark dev scores: set train.dev_every "
                                 f"(steps between scores), or leave train.{name} at {default!r}")
+    if tc.sharding == "fsdp" and tc.average_last != 1:
+        raise SlmembedError(f"{where}: train.average_last: {tc.average_last} cannot be combined with train.sharding: "
+                            "fsdp (the averaged adapter is not sharded); leave it at 1")
     return recipe
 
 

@@ -64,12 +64,16 @@ class DevSelection:
         finally:
             embedder.model.train(training)
 
-    def record(self, step: int, embedder: Embedder, model: torch.nn.Module) -> float:
-        """Score the model at ``step`` and keep its weights as a snapshot; return the score."""
+    def record(self, step: int, embedder: Embedder, model: torch.nn.Module, write: bool = True) -> float:
+        """Score the model at ``step`` and keep its weights as a snapshot; return the score. A sharded model is
+        scored and gathered by every process, and only the one with ``write`` writes."""
         value = self.score(embedder)
         self.scores.append({"step": step, "stsb_dev": value})
+        weights = tuning.state(model, self.recipe)
+        if not write:
+            return value
         with atomic_path(self._snapshot(step)) as tmp:
-            save_file(tuning.state(model, self.recipe), tmp)
+            save_file(weights, tmp)
         write_json(self.folder / "scores.json", self.scores)
         keep = {self._snapshot(s["step"]) for s in [self.best(), *self.scores[-self.recipe.train.average_last:]]}
         for old in self.folder.glob("step-*.safetensors"):

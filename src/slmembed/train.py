@@ -35,7 +35,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from slmembed import models, outputs, tuning
+from slmembed import models, outputs, sharding, tuning
 from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
 from slmembed.compile import compile_blocks
 from slmembed.config import Recipe, load_recipe, recipe_from_dict, result_changes
@@ -74,10 +74,17 @@ def weights_file(recipe: Recipe) -> str:
     return f"{tuning.final_folder(recipe)}.safetensors"
 
 
-def save_checkpoint(run_dir: Path, model, recipe: Recipe, optimizer, scheduler, step: int, keep: int) -> None:
+def save_checkpoint(run_dir: Path, model, recipe: Recipe, optimizer, scheduler, step: int, keep: int,
+                    write: bool = True) -> None:
+    """Write the step's checkpoint. A sharded model's state is gathered first, so every process calls this and only
+    the one with ``write`` writes."""
+    weights = tuning.state(model, recipe)
+    optim = sharding.gather_optimizer(model, optimizer) if sharding.is_sharded(model) else optimizer.state_dict()
+    if not write:
+        return
     with atomic_dir(run_dir / "checkpoints" / f"step-{step:07d}") as tmp:
-        save_file(tuning.state(model, recipe), tmp / weights_file(recipe))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+        save_file(weights, tmp / weights_file(recipe))
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -90,7 +97,10 @@ def save_checkpoint(run_dir: Path, model, recipe: Recipe, optimizer, scheduler, 
 def load_checkpoint(ckpt: Path, model, recipe: Recipe, optimizer, scheduler) -> int:
     tuning.load_state(model, load_file(ckpt / weights_file(recipe)), recipe)
     optim = torch.load(ckpt / "optim.pt", weights_only=True)
-    optimizer.load_state_dict(optim["optimizer"])
+    if sharding.is_sharded(model):
+        sharding.scatter_optimizer(model, optimizer, optim["optimizer"])
+    else:
+        optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
     rng = torch.load(ckpt / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
@@ -201,6 +211,8 @@ def _setup_model(recipe: Recipe, acc: Accelerator):
                                   trust_remote_code=recipe.model.trust_remote_code,
                                   allow_pickle=recipe.model.allow_pickle, attn_implementation=attn)
     model = tuning.prepare(base, recipe)
+    if tc.sharding == "fsdp":  # before the optimizer, which must see the sharded parameters
+        model = sharding.shard(model)  # moves each block to the device as it shards it
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     return model, tokenizer, optimizer
@@ -223,6 +235,10 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         _check_resumable(run_dir, recipe)
     # bf16 autocast is ours (below), not accelerate's, whose process-wide state would fix one precision per process.
     acc = Accelerator(cpu=models.resolve_device(device).type == "cpu")
+    sharded = tc.sharding == "fsdp"
+    if sharded and acc.num_processes == 1:
+        raise SlmembedError("train.sharding: fsdp splits the model across processes: start several with torchrun "
+                            "(e.g. torchrun --nproc_per_node=2 -m slmembed train ...), or set train.sharding=none")
     torch.manual_seed(tc.seed)
 
     examples, data_record = _examples(recipe, data_dir, acc)
@@ -236,7 +252,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
 
     model, tokenizer, optimizer = _setup_model(recipe, acc)
     scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
-    model, optimizer = acc.prepare(model, optimizer)
+    if not sharded:  # DDP through accelerate; a sharded model is already distributed (sharding.py)
+        model, optimizer = acc.prepare(model, optimizer)
     spec = EmbedSpec.of(recipe.model)
     embedder = Embedder(model, tokenizer, spec, packed=tc.packing)
     texts = sorted({t for example in examples for t in example if t is not None})
@@ -263,7 +280,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         _trim_log(log_path, start)
     acc.wait_for_everyone()
     dev = DevSelection.open(run_dir, recipe, data_dir, start) if tc.dev_every else None
-    # Scored by the main process alone, on the model without DDP's wrapper (whose forward would wait for the others).
+    # Scored by the main process alone, on the model without DDP's wrapper (whose forward would wait for the others);
+    # by every process when sharded, as each forward gathers the shards.
     dev_embedder = Embedder(acc.unwrap_model(model), tokenizer, spec, packed=embedder.packed) if dev else None
 
     # Phase "loop": batch, embeddings, loss, update; then logging, checkpoints and dev scores when due.
@@ -271,6 +289,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     if tc.compile:
         compile_blocks(model)
     cols, objective = columns(recipe), LOSSES[tc.loss]
+    no_sync = functools.partial(sharding.no_sync if sharded else acc.no_sync, model)
     board = _tensorboard(run_dir / "tensorboard", start) if acc.is_main_process else None
     t0, seen_t0 = time.time(), start
     pending: list[torch.Tensor] = []  # losses not yet read on the host: reading one waits for the GPU
@@ -286,7 +305,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         loss_of = functools.partial(batch_loss, objective, batch, temperature=tc.temperature)
         with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
             if tc.grad_cache:
-                loss = cached_backward(embedder, batch.ids, tc.chunk_tokens, loss_of, lambda: acc.no_sync(model))
+                loss = cached_backward(embedder, batch.ids, tc.chunk_tokens, loss_of, no_sync)
             else:
                 loss = loss_of(embedder.forward_ids(batch.ids, tc.chunk_tokens))
                 acc.backward(loss)
@@ -318,13 +337,15 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
                       "triplets_per_s": round(rate, 2), "elapsed_s": round(elapsed, 2)}
             if acc.device.type == "cuda":
                 record["peak_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 3)
-        if scored and acc.is_main_process:
-            record = (record or {"step": done}) | {"stsb_dev": dev.record(done, dev_embedder, acc.unwrap_model(model))}
+        if scored and (acc.is_main_process or sharded):
+            value = dev.record(done, dev_embedder, acc.unwrap_model(model), write=acc.is_main_process)
+            record = (record or {"step": done}) | {"stsb_dev": value}
         if record is not None and acc.is_main_process:
             _log(record, log_path, board, bar)
         if done % save_every == 0 and done < total:
-            if acc.is_main_process:
-                save_checkpoint(run_dir, acc.unwrap_model(model), recipe, optimizer, scheduler, done, keep)
+            if acc.is_main_process or sharded:
+                save_checkpoint(run_dir, acc.unwrap_model(model), recipe, optimizer, scheduler, done, keep,
+                                write=acc.is_main_process)
             acc.wait_for_everyone()
     if bar is not None:
         bar.close()
@@ -335,12 +356,15 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     summary = {"steps": total, "batch_size": global_batch, "triplets": len(examples),
                "triplets_seen": total * global_batch, "minutes": round((time.time() - t0) / 60, 3),
                "device": models.device_name(acc.device), "world_size": acc.num_processes, "finetune": tc.finetune}
+    final = acc.unwrap_model(model)
+    if dev is not None and (acc.is_main_process or sharded):
+        if sharded:
+            acc.wait_for_everyone()  # the main process's last snapshot is written before the others read it
+        summary["dev"] = dev.choose(dev_embedder, final)
+    gathered = tuning.state(final, recipe) if sharded else None  # every process takes part in the gather
     if acc.is_main_process:
-        final = acc.unwrap_model(model)
-        if dev is not None:
-            summary["dev"] = dev.choose(dev_embedder, final)
         with atomic_dir(run_dir / tuning.final_folder(recipe)) as tmp:
-            tuning.save_final(final, tokenizer, tmp, recipe)
+            tuning.save_final(final, tokenizer, tmp, recipe, gathered)
         write_json(run_dir / "embed.json", {"model": recipe.model.name, "spec": spec.__dict__,
                                            "finetune": tc.finetune})
         write_json(run_dir / "summary.json", summary)

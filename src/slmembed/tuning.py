@@ -16,6 +16,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
+from slmembed import sharding
 from slmembed.config import Recipe
 from slmembed.errors import SlmembedError
 
@@ -47,14 +48,20 @@ def prepare(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
 
 
 def state(model: torch.nn.Module, recipe: Recipe) -> dict[str, torch.Tensor]:
-    """What training changed: the adapter's tensors, or every weight (copied to the host)."""
-    tensors = get_peft_model_state_dict(model) if recipe.train.finetune == "lora" else model.state_dict()
+    """What training changed: the adapter's tensors, or every weight (copied to the host). A sharded model's are
+    gathered whole: every process must call it then."""
+    lora = recipe.train.finetune == "lora"
+    if sharding.is_sharded(model):
+        return sharding.gather_state(model, lora)
+    tensors = get_peft_model_state_dict(model) if lora else model.state_dict()
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
 
 def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], recipe: Recipe) -> None:
-    """Put a ``state`` back into the model it came from."""
-    if recipe.train.finetune == "lora":
+    """Put a ``state`` back into the model it came from (into every process's shards, for a sharded model)."""
+    if sharding.is_sharded(model):
+        sharding.scatter_state(model, tensors, recipe.train.finetune == "lora")
+    elif recipe.train.finetune == "lora":
         set_peft_model_state_dict(model, tensors)
     else:
         model.load_state_dict(tensors)
@@ -88,18 +95,20 @@ def use_trained(model: torch.nn.Module, recipe: Recipe) -> None:
         model.set_adapter("default")
 
 
-def save_final(model: torch.nn.Module, tokenizer, folder: Path, recipe: Recipe) -> None:
+def save_final(model: torch.nn.Module, tokenizer, folder: Path, recipe: Recipe,
+               tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Write the run's weights into ``folder``: the active adapter as a PEFT adapter folder, or the whole model (and
-    its tokenizer) as a transformers folder."""
+    its tokenizer) as a transformers folder. A sharded model's weights come gathered, as ``tensors`` (``state``)."""
     if recipe.train.finetune == "full":
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, safe_serialization=True, state_dict=tensors)
         tokenizer.save_pretrained(folder)
         return
     name = model.active_adapter
     config = dataclasses.replace(model.peft_config[name], inference_mode=True)
     config.save_pretrained(str(folder))
-    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=name).items()},
-              folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    tensors = tensors if tensors is not None else get_peft_model_state_dict(model, adapter_name=name)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "adapter_model.safetensors",
+              metadata={"format": "pt"})
 
 
 def final_folder(recipe: Recipe) -> str:
