@@ -7,7 +7,13 @@ embeddings of its own inputs (cosine > 0.999, same count and order): a lost, reo
 mismatch. Writes request and text throughput, p50/p90/p99 latency and the status counts, with the command, machine and
 date, to results/bench/load_test.json (or --output). Exits 1 on any 5xx, transport error or mismatch.
 
+With several training runs as --model, the server holds their LoRA adapters over one base model (at most
+--max-adapters at once) and each request names a random one of them; its reply is checked against that run's own
+embeddings (its merged model, embedded directly; --min-cosine, as unmerged and merged LoRA differ in bf16).
+
     .venv/bin/python bench/load_test.py --clients 64 --seconds 60
+    .venv/bin/python bench/load_test.py --model runs/a runs/b --max-adapters 1 --min-cosine 0.995 \
+        --clients 16 --seconds 60 --output results/bench/load_test-adapters.json
 """
 
 from __future__ import annotations
@@ -46,9 +52,9 @@ def _call(conn: http.client.HTTPConnection, body: dict) -> tuple[int, dict]:
     return resp.status, json.loads(resp.read())
 
 
-def _start_server(model: str, port: int, log: Path) -> subprocess.Popen:
+def _start_server(models: list[str], port: int, log: Path, extra: list[str]) -> subprocess.Popen:
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "slmembed", "serve", model, "--port", str(port)],
+        proc = subprocess.Popen([sys.executable, "-m", "slmembed", "serve", *models, "--port", str(port), *extra],
                                 stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -67,7 +73,9 @@ def _start_server(model: str, port: int, log: Path) -> subprocess.Popen:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="all-minilm-l6-v2")
+    ap.add_argument("--model", nargs="+", default=["all-minilm-l6-v2"], help="a model, or several training runs")
+    ap.add_argument("--max-adapters", type=int, help="with several runs: adapters the server holds at once")
+    ap.add_argument("--min-cosine", type=float, default=0.999, help="a reply's least cosine to its direct embedding")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=60)
     ap.add_argument("--pool", type=int, default=512, help="distinct sentences the requests draw from")
@@ -82,10 +90,13 @@ def main() -> int:
 
     sts = load_sts("STSBenchmark")
     pool = sorted(set(sts.sentences1) | set(sts.sentences2))[: args.pool]
-    expected = load_embedder(args.model).encode(pool)  # the server's defaults: device and dtype "auto"
+    runs = [Path(m) for m in args.model if Path(m).is_dir() and (Path(m) / "embed.json").exists()]
+    names = [Path(m).name if Path(m).is_dir() else m for m in args.model]
+    expected = {name: (load_embedder(None, adapter=m) if Path(m) in runs else load_embedder(m)).encode(pool)
+                for name, m in zip(names, args.model)}  # the server's defaults: device and dtype "auto"
     port, log = _free_port(), Path(tempfile.gettempdir()) / "slmembed-load-test-server.log"
-    server = _start_server(args.model, port, log)
-    model_id = args.model
+    extra = ["--max-adapters", str(args.max_adapters)] if args.max_adapters else []
+    server = _start_server(args.model, port, log, extra)
 
     latencies: list[float] = []
     statuses: Counter = Counter()
@@ -99,9 +110,10 @@ def main() -> int:
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
         while time.monotonic() < stop_at:
             picks = rng.sample(range(len(pool)), rng.randint(1, 4))
+            name = rng.choice(names)
             t0 = time.perf_counter()
             try:
-                status, data = _call(conn, {"model": model_id, "input": [pool[i] for i in picks]})
+                status, data = _call(conn, {"model": name, "input": [pool[i] for i in picks]})
             except (OSError, http.client.HTTPException, json.JSONDecodeError):
                 with lock:
                     problems["transport"] += 1
@@ -112,7 +124,7 @@ def main() -> int:
             ok = status == 200 and [d["index"] for d in data["data"]] == list(range(len(picks)))
             if ok:
                 got = np.array([d["embedding"] for d in data["data"]], dtype=np.float32)
-                ok = bool(((got * expected[picks]).sum(1) > 0.999).all())
+                ok = bool(((got * expected[name][picks]).sum(1) > args.min_cosine).all())
             with lock:
                 statuses[status] += 1
                 latencies.append(elapsed)
@@ -138,7 +150,8 @@ def main() -> int:
     errors_5xx = sum(n for s, n in statuses.items() if s >= 500)
     result = {
         "command": " ".join(["python", "bench/load_test.py", *sys.argv[1:]]),
-        "model": args.model, "clients": args.clients, "seconds": args.seconds, "wall_s": round(wall, 2),
+        "model": args.model[0] if len(args.model) == 1 else args.model, "max_adapters": args.max_adapters,
+        "min_cosine": args.min_cosine, "clients": args.clients, "seconds": args.seconds, "wall_s": round(wall, 2),
         "requests": int(sum(statuses.values())), "texts": texts_done[0],
         "requests_per_s": round(sum(statuses.values()) / wall, 1), "texts_per_s": round(texts_done[0] / wall, 1),
         "latency_ms": {q: round(float(np.percentile(lat_ms, p)), 1) for q, p in
@@ -146,6 +159,7 @@ def main() -> int:
         "status": {str(s): n for s, n in sorted(statuses.items())}, "errors_5xx": errors_5xx,
         "mismatches": problems["mismatch"], "transport_errors": problems["transport"],
         "server_batches": health["batches"], "texts_per_batch": round(health["texts"] / max(health["batches"], 1), 1),
+        **{k: health[k] for k in ("adapter_loads", "adapter_unloads") if k in health},
         "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "note": "server and clients share the machine"},

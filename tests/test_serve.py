@@ -79,11 +79,13 @@ def _free_port() -> int:
 
 
 @contextmanager
-def serving(model: str | Path, *args: str, env: dict | None = None, log: Path) -> Iterator[Server]:
-    """Start `slmembed serve` and wait until /health answers; stop it (SIGTERM) afterwards."""
+def serving(model: str | Path | list[Path], *args: str, env: dict | None = None, log: Path) -> Iterator[Server]:
+    """Start `slmembed serve` (of one model, or a list of runs) and wait until /health answers; stop it (SIGTERM)
+    afterwards."""
     port = _free_port()
+    served = [str(m) for m in model] if isinstance(model, list) else [str(model)]
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "slmembed", "serve", str(model), "--port", str(port), *args],
+        proc = subprocess.Popen([sys.executable, "-m", "slmembed", "serve", *served, "--port", str(port), *args],
                                 stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     server = Server(proc, port, log)
     try:
@@ -103,16 +105,21 @@ def serving(model: str | Path, *args: str, env: dict | None = None, log: Path) -
             proc.wait(timeout=60)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_models, data_dir) -> Path:
+def _train_tiny(tiny_models, data_dir, run: Path, lr: float = 5e-3, **model) -> Path:
     """A short real training run of the tiny Llama."""
     recipe = Recipe()
     recipe.model.name, recipe.model.max_length = str(tiny_models["llama"]), 32
+    for key, value in model.items():
+        setattr(recipe.model, key, value)
     recipe.data.sources, recipe.data.max_triplets = ["cad_snli"], 64
-    recipe.train.batch_size, recipe.train.max_steps, recipe.train.lr, recipe.train.bf16 = 8, 4, 5e-3, False
-    run = tmp_path_factory.mktemp("serve") / "run"
+    recipe.train.batch_size, recipe.train.max_steps, recipe.train.lr, recipe.train.bf16 = 8, 4, lr, False
     train(recipe, run, data_dir=str(data_dir), progress=False)
     return run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_models, data_dir) -> Path:
+    return _train_tiny(tiny_models, data_dir, tmp_path_factory.mktemp("serve") / "run")
 
 
 @pytest.fixture(scope="module")
@@ -472,3 +479,56 @@ def test_compact_vectors_match_direct_embeddings_quantized(server, run_dir, dire
             np.testing.assert_array_equal(raw.astype(np.int16), got)
         status, body = calibrated.request("POST", "/v1/embeddings", {"model": "run", "input": "x", "precision": "int4"})
         assert status == 400 and body["error"]["param"] == "precision"
+
+
+def test_many_adapters_over_one_base_answer_each_under_mixed_load(run_dir, tiny_models, data_dir, tmp_path) -> None:
+    """Three runs' adapters served together, at most two held (least recently used unloaded): concurrent requests
+    for all three, in a mixed order, each get their own adapter's embeddings (the run's merged model, embedded
+    directly), batched per adapter; /models lists them and /health shows the unloads."""
+    runs = [run_dir, _train_tiny(tiny_models, data_dir, tmp_path / "hot", lr=5e-2),
+            _train_tiny(tiny_models, data_dir, tmp_path / "mean", lr=2e-2, pooling="mean")]
+    names = [r.name for r in runs]
+    direct = {r.name: load_embedder(None, adapter=r).encode(TEXTS) for r in runs}
+    assert min(_cosines(direct["run"], direct["hot"]).min(), _cosines(direct["run"], direct["mean"]).min()) < 0.99
+    with serving(runs, "--max-adapters", "2", log=tmp_path / "log") as srv:
+        client = srv.client()
+        assert [m.id for m in client.models.list().data] == names
+        jobs = [(names[(i * 7) % 3], TEXTS[i % 4 :] or TEXTS) for i in range(36)]
+        results: list = [None] * len(jobs)
+
+        def ask(i: int) -> None:
+            name, texts = jobs[i]
+            results[i] = client.embeddings.create(model=name, input=texts, encoding_format="float")
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for (name, texts), resp in zip(jobs, results):
+            assert resp.model == name
+            got = [d.embedding for d in resp.data]
+            own = _cosines(got, direct[name][TEXTS.index(texts[0]) :])
+            assert own.min() > 0.995  # unmerged LoRA against the merged one
+            for other in names:
+                if other != name:
+                    assert (own > _cosines(got, direct[other][TEXTS.index(texts[0]) :])).all()
+        health = srv.health()
+        assert health["models"] == names and len(health["adapters_loaded"]) <= 2
+        assert health["adapter_unloads"] >= 1  # three adapters through two places
+        assert health["adapter_loads"] == health["adapter_unloads"] + len(health["adapters_loaded"])
+        assert health["batches"] < len(jobs)  # requests for the same adapter shared batches
+        status, body = srv.request("POST", "/v1/embeddings", {"model": "run2", "input": "x"})
+        assert status == 404 and "this server serves 'run', 'hot', 'mean'" in body["error"]["message"]
+
+
+def test_several_models_refuse_one_model_options(run_dir, tmp_path, capsys) -> None:
+    from slmembed.cli import main
+
+    for extra, message in ((["--name", "x"], "--name applies to a server of one model"),
+                           (["--compile"], "--compile applies to a server of one model")):
+        assert main(["serve", str(run_dir), str(run_dir), *extra]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+    assert main(["serve", str(run_dir), str(run_dir)]) == 2
+    assert "share a folder name" in capsys.readouterr().err

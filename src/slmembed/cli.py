@@ -174,6 +174,27 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _served(args: argparse.Namespace):
+    """One model (a name or folder) under its name or --name, or several training runs' adapters over their shared
+    base model, each under its folder's name (adapters.py)."""
+    from slmembed.adapters import AdapterPool, Single
+
+    if len(args.model) == 1:
+        embedder, model_id = _load_model(args.model[0], args)
+        return Single(embedder, args.name or model_id)
+    names = [Path(m).name for m in args.model]
+    for option, value in (("--name", args.name), ("--compile", args.compile), ("--calibration", args.calibration)):
+        if value:
+            raise SlmembedError(f"{option} applies to a server of one model; several are served under their folders' "
+                                "names")
+    if len(set(names)) < len(names):
+        raise SlmembedError(f"two runs share a folder name ({', '.join(names)}): each adapter is served under its "
+                            "folder's name")
+    return AdapterPool(dict(zip(names, map(Path, args.model))), max_loaded=args.max_adapters,
+                       device=resolve_device(args.device), dtype=DTYPES[args.dtype],
+                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -183,13 +204,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     max_queue=args.max_queue, max_connections=args.max_connections, read_timeout=args.read_timeout,
                     request_timeout=args.request_timeout)
     _check_calibration(args, ("int8",))
-    embedder, model_id = _load_model(args.model, args)
+    served = _served(args)
     calibration = None
     if args.calibration:
         from slmembed.embed_file import load_calibration
 
-        calibration = load_calibration(args.calibration, embedder)
-    serve(embedder, args.name or model_id, host=args.host, port=args.port, limits=limits,
+        calibration = load_calibration(args.calibration, served.embedder(served.names[0]))
+    serve(served, host=args.host, port=args.port, limits=limits,
           api_key=args.api_key or os.environ.get("SLMEMBED_API_KEY") or None, calibration=calibration)
     return 0
 
@@ -358,10 +379,14 @@ def parser() -> argparse.ArgumentParser:
     m.set_defaults(func=cmd_embed)
 
     v = sub.add_parser("serve", help="an OpenAI-compatible embeddings API (POST /v1/embeddings)")
-    v.add_argument("model", help="model name or folder, exported folder, or training run folder")
+    v.add_argument("model", nargs="+",
+                   help="model name or folder, exported folder, or training run folder; or several LoRA training "
+                        "runs over one base model, each served under its folder's name without merging")
     v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     v.add_argument("--port", type=port, default=8000)
     v.add_argument("--name", help="model id in the API (default: the model name or folder name)")
+    v.add_argument("--max-adapters", type=positive,
+                   help="with several runs: adapters held at once; the least recently used is unloaded (default: all)")
     v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $SLMEMBED_API_KEY; none: open)")
     v.add_argument("--max-inputs", type=positive, default=256, help="texts per request")
     v.add_argument("--max-chars", type=positive, default=16384, help="characters per text")

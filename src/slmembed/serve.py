@@ -4,9 +4,10 @@
 ``encoding_format`` float or base64; ``dimensions`` truncates and renormalises; ``precision``, an extension:
 float32, int8, uint8, binary or ubinary compact vectors as quantize.py defines them, as integer lists or, in base64,
 their raw bytes; int8 and uint8 use the ranges of the server's calibration embeddings, cut to ``dimensions`` and
-renormalised like the vectors), ``GET /v1/models``,
-``GET /v1/models/{id}``, ``GET /health``. Requests go into a queue; one worker takes all that is pending (up to
-``max_batch`` inputs) and embeds it in one call, so concurrent requests share a batch on the device. Errors have
+renormalised like the vectors), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``. One model, or several
+LoRA adapters over one base model (adapters.py), each under its own name. Requests go into a queue; one worker takes
+all that is pending for one model (up to ``max_batch`` inputs) and embeds it in one call, so concurrent requests
+share a batch on the device. Errors have
 OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
 
 Bounds: inputs per request, characters (or token ids) per input and body bytes (400/413); inputs queued for the worker
@@ -39,12 +40,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from slmembed import quantize
-from slmembed.embedder import Embedder
+from slmembed.adapters import AdapterPool, Single
 from slmembed.errors import SlmembedError
 
 log = logging.getLogger("slmembed.serve")
 
 Input = str | list[int]  # a text, or its token ids
+Served = Single | AdapterPool  # what a server serves (adapters.py)
 
 
 @dataclass(frozen=True)
@@ -117,18 +119,19 @@ class EmbeddingRequest(BaseModel):
 
 
 class Batcher:
-    """One worker that merges pending requests into one encode call; ``embed`` awaits a request's share."""
+    """One worker that merges pending requests for the same model into one encode call (the oldest request's model
+    goes first); ``embed`` awaits a request's share."""
 
-    def __init__(self, embedder: Embedder, limits: Limits) -> None:
-        self.embedder, self.limits = embedder, limits
-        self.queue: asyncio.Queue[tuple[list[Input], asyncio.Future]] = asyncio.Queue()
+    def __init__(self, served: Served, limits: Limits) -> None:
+        self.served, self.limits = served, limits
+        self.queue: asyncio.Queue[tuple[str, list[Input], asyncio.Future]] = asyncio.Queue()
         self.batches = self.texts = 0  # encode calls and inputs embedded so far, for /health
         self.pending = 0  # requests waiting for their vectors
         self.queued = 0  # inputs accepted and not yet embedded or dropped, at most limits.max_queue
 
-    async def embed(self, inputs: list[Input]) -> tuple[np.ndarray, int]:
-        """Unit vectors [len(inputs), D] and the number of tokens they took; ApiError 429 if the queue is full,
-        503 if they take longer than the request timeout."""
+    async def embed(self, name: str, inputs: list[Input]) -> tuple[np.ndarray, int]:
+        """Unit vectors [len(inputs), D] from model ``name`` and the number of tokens they took; ApiError 429 if the
+        queue is full, 503 if they take longer than the request timeout."""
         if self.queued + len(inputs) > self.limits.max_queue:
             raise ApiError(429, f"the server is overloaded ({self.queued} inputs queued, at most "
                            f"{self.limits.max_queue}); try again later", code="queue_full", kind="server_overloaded",
@@ -136,7 +139,7 @@ class Batcher:
         future = asyncio.get_running_loop().create_future()
         self.queued += len(inputs)
         self.pending += 1
-        self.queue.put_nowait((inputs, future))
+        self.queue.put_nowait((name, inputs, future))
         try:  # on timeout the future is cancelled: the worker drops the inputs if it has not started on them
             return await asyncio.wait_for(future, self.limits.request_timeout)
         except TimeoutError:
@@ -145,9 +148,9 @@ class Batcher:
         finally:
             self.pending -= 1
 
-    def _encode(self, inputs: list[Input]) -> tuple[np.ndarray, list[int]]:
+    def _encode(self, name: str, inputs: list[Input]) -> tuple[np.ndarray, list[int]]:
         """Texts are tokenised as ``Embedder.encode`` does; token ids are truncated and given EOS the same way."""
-        embedder = self.embedder
+        embedder = self.served.embedder(name)
         texts = [x for x in inputs if isinstance(x, str)]
         tokenized = iter(embedder.tokenize(texts) if texts else [])
         eos = [] if embedder.eos is None else [embedder.eos]
@@ -157,34 +160,37 @@ class Batcher:
             vectors = embedder.forward_ids(ids, max_tokens=self.limits.max_batch * embedder.spec.max_length)
         return vectors.cpu().numpy(), [len(row) for row in ids]
 
-    def _dropped(self, item: tuple[list[Input], asyncio.Future]) -> bool:
+    def _dropped(self, item: tuple[str, list[Input], asyncio.Future]) -> bool:
         """Whether a queued request timed out; its inputs then leave the queue unembedded."""
-        if item[1].done():
-            self.queued -= len(item[0])
-        return item[1].done()
+        if item[2].done():
+            self.queued -= len(item[1])
+        return item[2].done()
 
     async def run(self) -> None:
-        carry = None  # a request that did not fit into the last batch opens the next one
+        backlog: list[tuple[str, list[Input], asyncio.Future]] = []  # taken from the queue, oldest first
         while True:
-            first, carry = carry or await self.queue.get(), None
-            if self._dropped(first):
-                continue
-            pending, size = [first], len(first[0])
+            if not backlog:
+                backlog.append(await self.queue.get())
             while not self.queue.empty():
-                item = self.queue.get_nowait()
-                if self._dropped(item):
-                    continue
-                if size + len(item[0]) > self.limits.max_batch:
-                    carry = item
-                    break
-                pending.append(item)
-                size += len(item[0])
-            inputs = [x for item, _ in pending for x in item]
+                backlog.append(self.queue.get_nowait())
+            backlog = [item for item in backlog if not self._dropped(item)]
+            if not backlog:
+                continue
+            # The oldest request's model, with its later requests while they fit; the others wait in order.
+            name, pending, rest, size = backlog[0][0], [], [], 0
+            for item in backlog:
+                if item[0] == name and (not pending or size + len(item[1]) <= self.limits.max_batch):
+                    pending.append(item)
+                    size += len(item[1])
+                else:
+                    rest.append(item)
+            backlog = rest
+            inputs = [x for _, item, _ in pending for x in item]
             try:
-                vectors, tokens = await asyncio.to_thread(self._encode, inputs)
+                vectors, tokens = await asyncio.to_thread(self._encode, name, inputs)
             except Exception as exc:  # a failed batch fails its requests, not the server
                 log.exception("encode failed")
-                for _, future in pending:
+                for _, _, future in pending:
                     if not future.done():
                         future.set_exception(exc)
                 continue
@@ -192,7 +198,7 @@ class Batcher:
                 self.queued -= size
             self.batches, self.texts = self.batches + 1, self.texts + len(inputs)
             start = 0
-            for item, future in pending:
+            for _, item, future in pending:
                 if not future.done():  # the request may have timed out
                     future.set_result((vectors[start : start + len(item)], sum(tokens[start : start + len(item)])))
                 start += len(item)
@@ -229,17 +235,21 @@ class KeyGuard:
         await self.app(scope, receive, send)
 
 
-def create_app(embedder: Embedder, model_id: str, limits: Limits = Limits(), api_key: str | None = None,
+def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = None,
                calibration: np.ndarray | None = None) -> FastAPI:
-    """The FastAPI app serving ``embedder`` under the name ``model_id``; ``calibration`` (embeddings [N, D]) gives
-    int8 and uint8 requests their ranges."""
-    batcher = Batcher(embedder, limits)
+    """The FastAPI app serving ``served``'s models (adapters.py: one model, or adapters over one base) under their
+    names; ``calibration`` (embeddings [N, D], one model only) gives int8 and uint8 requests their ranges."""
+    batcher = Batcher(served, limits)
     bounds: dict[int, np.ndarray] = {}  # ranges by requested dimensions, computed once each
+    embedder = served.embedder(served.names[0])
     dim = int(embedder.encode(["warm-up"]).shape[1])  # also compiles the first forward before requests arrive
-    if calibration is not None and calibration.shape[1] != dim:
-        raise SlmembedError(f"the calibration embeddings have {calibration.shape[1]} dimensions, the model {dim}")
+    if calibration is not None and (calibration.shape[1] != dim or len(served.names) > 1):
+        raise SlmembedError(f"the calibration embeddings have {calibration.shape[1]} dimensions, the model {dim}"
+                            if len(served.names) == 1 else "--calibration applies to a server of one model")
     vocab = min(len(embedder.tokenizer), embedder.model.get_input_embeddings().num_embeddings)
-    model = {"id": model_id, "object": "model", "created": int(time.time()), "owned_by": "slmembed"}
+    created = int(time.time())
+    cards = {name: {"id": name, "object": "model", "created": created, "owned_by": "slmembed"}
+             for name in served.names}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -269,18 +279,18 @@ def create_app(embedder: Embedder, model_id: str, limits: Limits = Limits(), api
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "model": model_id, "pending": batcher.pending, "queued": batcher.queued,
-                "batches": batcher.batches, "texts": batcher.texts}
+        return {"status": "ok", "model": served.names[0], "models": served.names, "pending": batcher.pending,
+                "queued": batcher.queued, "batches": batcher.batches, "texts": batcher.texts, **served.stats()}
 
     @app.get("/v1/models")
     async def list_models() -> dict:
-        return {"object": "list", "data": [model]}
+        return {"object": "list", "data": list(cards.values())}
 
     @app.get("/v1/models/{name:path}")  # model ids may contain '/' (hub names)
     async def get_model(name: str) -> dict:
-        if name != model_id:
-            raise _not_served(name, model_id)
-        return model
+        if name not in cards:
+            raise _not_served(name, served.names)
+        return cards[name]
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict:
@@ -289,11 +299,11 @@ def create_app(embedder: Embedder, model_id: str, limits: Limits = Limits(), api
         except TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {limits.read_timeout:g} s",
                            code="request_timeout", headers=CLOSE) from None
-        req = _parse(body, limits, model_id, dim, vocab, token_ids=embedder.spec.prompt is None)
+        req = _parse(body, limits, served, dim, vocab)
         if req.precision in quantize.CALIBRATED and calibration is None:
             raise ApiError(400, f"precision {req.precision!r} needs calibration ranges, and this server has none: "
                            "start it with --calibration", param="precision")
-        vectors, tokens = await batcher.embed(req.inputs)
+        vectors, tokens = await batcher.embed(req.model, req.inputs)
         dims = req.dimensions or dim
         if dims < dim:
             vectors = _cut(vectors, dims)
@@ -303,14 +313,15 @@ def create_app(embedder: Embedder, model_id: str, limits: Limits = Limits(), api
             vectors = await asyncio.to_thread(quantize.quantize, vectors, req.precision, bounds.get(dims))
         data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, req.encoding_format)}
                 for i, v in enumerate(vectors)]
-        return {"object": "list", "data": data, "model": model_id,
+        return {"object": "list", "data": data, "model": req.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     return app
 
 
-def _not_served(name: str, model_id: str) -> ApiError:
-    return ApiError(404, f"model {name!r} is not served here; this server serves {model_id!r}", param="model",
+def _not_served(name: str, names: list[str]) -> ApiError:
+    served = ", ".join(repr(n) for n in names)
+    return ApiError(404, f"model {name!r} is not served here; this server serves {served}", param="model",
                     code="model_not_found")
 
 
@@ -330,9 +341,9 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-def _parse(body: bytes, limits: Limits, model_id: str, dim: int, vocab: int, token_ids: bool) -> EmbeddingRequest:
-    """Validate a request body against the schema and the limits; raise ApiError (4xx) naming the field.
-    ``token_ids``: whether token-id inputs are allowed (not for a model that wraps its inputs in a prompt)."""
+def _parse(body: bytes, limits: Limits, served: Served, dim: int, vocab: int) -> EmbeddingRequest:
+    """Validate a request body against the schema and the limits; raise ApiError (4xx) naming the field. Token-id
+    inputs are refused for a model that wraps its inputs in a prompt."""
     try:
         req = EmbeddingRequest.model_validate_json(body)
     except ValidationError as exc:
@@ -348,8 +359,9 @@ def _parse(body: bytes, limits: Limits, model_id: str, dim: int, vocab: int, tok
             raise ApiError(400, "'input' must be a string, a list of strings, a list of token ids (integers) or a "
                            "list of token-id lists", param=param) from None
         raise ApiError(400, f"invalid {param!r}: {err['msg']}", param=param) from None
-    if req.model != model_id:
-        raise _not_served(req.model, model_id)
+    if req.model not in served.names:
+        raise _not_served(req.model, served.names)
+    token_ids = served.spec(req.model).prompt is None
     inputs = req.inputs
     if not inputs:
         raise ApiError(400, "'input' is an empty list", param="input")
@@ -411,11 +423,11 @@ def _protocol(read_timeout: float) -> type[H11Protocol]:
     return Protocol
 
 
-def serve(embedder: Embedder, model_id: str, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
+def serve(served: Served, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
           api_key: str | None = None, graceful_timeout: float = 30.0, calibration: np.ndarray | None = None) -> None:
     """Serve until SIGINT/SIGTERM; requests in flight are finished first (for up to ``graceful_timeout`` seconds)."""
     import uvicorn
 
-    app = create_app(embedder, model_id, limits, api_key, calibration)
+    app = create_app(served, limits, api_key, calibration)
     uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_timeout,
                 limit_concurrency=limits.max_connections, http=_protocol(limits.read_timeout))
