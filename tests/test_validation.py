@@ -54,6 +54,8 @@ BAD: dict[str, list[str]] = {
     "train.grad_cache": NOT_BOOL,
     "train.compile": NOT_BOOL,
     "train.sharding": ["ddp", "FSDP", "''", "1", "null"],
+    "train.matryoshka_dims": ["[]", "[0]", "[8, 8]", "8", "[1.5]", "[true]"],
+    "train.matryoshka_weights": ["[]", "[0]", "[-1]", "[.nan]", "1", "[x]"],
     "train.seed": ["-1", str(2**64), *NOT_INT],
     "train.save_every": ["0", "-1", *NOT_INT],
     "train.keep_checkpoints": ["0", *NOT_INT],

@@ -84,11 +84,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     embedder = load_embedder(args.model, args.adapter, device=resolve_device(args.device), dtype=DTYPES[args.dtype],
                              trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, **overrides)
     _compile(embedder, args)
+    if args.dims and max(args.dims) > (size := embedder.encode(["size"]).shape[1]):  # before the long encode
+        raise SlmembedError(f"--dims {max(args.dims)} is above the model's embedding size {size}")
     result = evaluate(embedder, sets, batch_size=args.batch_size, progress=True, precisions=precisions,
-                      calibration=calibration)
+                      calibration=calibration, dims=tuple(args.dims or ()))
     label = args.model or str(args.adapter)
     compact = {f"{p}": r["scores"] for p, r in result.get("precisions", {}).items()}
-    print(table({label: result["scores"], **compact}))
+    prefixes = {f"dim {d}": r["scores"] for d, r in result.get("dims", {}).items()}
+    print(table({label: result["scores"], **compact, **prefixes}))
     if args.output:
         write_json(args.output, {"model": label, "adapter": args.adapter, "spec": embedder.spec.__dict__,
                                  "dtype": str(next(embedder.model.parameters()).dtype), **result, **calibrated,
@@ -319,6 +322,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--precision", nargs="+", choices=PRECISIONS, metavar="P",
                    help="also score compact vectors at these precisions (int8, uint8, binary, ubinary): cosine for "
                         "int8/uint8 (ranges from STSBenchmark dev), Hamming for binary/ubinary")
+    e.add_argument("--dims", nargs="+", type=positive, metavar="D",
+                   help="also score the first D coordinates of each embedding, renormalised (Matryoshka sizes)")
     encoding(e)
     common(e)
     e.set_defaults(func=cmd_eval)

@@ -49,6 +49,10 @@ NOT_NEGATIVE = rule("a finite number >= 0", lambda v: math.isfinite(v) and v >= 
 TEXT = rule("a non-empty string", lambda v: bool(v.strip()))
 NAMES = rule("a non-empty list of distinct, non-empty strings",
              lambda v: 0 < len(set(v)) == len(v) and all(s.strip() for s in v))
+DIMS = rule("a non-empty list of distinct integers >= 1, or null",
+            lambda v: 0 < len(set(v)) == len(v) and all(d >= 1 for d in v))
+WEIGHTS = rule("a non-empty list of finite numbers > 0, or null",
+               lambda v: len(v) > 0 and all(math.isfinite(w) and w > 0 for w in v))
 INDICES = rule("a non-empty list of distinct integers, or null for all", lambda v: 0 < len(set(v)) == len(v))
 SEED = rule("an integer in [0, 2**64)", lambda v: 0 <= v < 2**64)  # what torch.manual_seed and numpy accept
 # get_scheduler names that work as train.py calls them and warm up over warmup_steps; transformers' "constant" skips
@@ -115,6 +119,10 @@ class TrainConfig:
     max_steps: int | None = checked(at_least(1), default=None)  # None: epochs over the data
     temperature: float = checked(POSITIVE, default=0.05)
     loss: str = checked(_loss, default="infonce")  # a name in losses.LOSSES
+    # Matryoshka (losses/matryoshka.py): the loss also at these embedding prefix sizes (each below the model's size),
+    # weighted by matryoshka_weights (default 1 each), so that a cut vector keeps its quality. None: full size only.
+    matryoshka_dims: list[int] | None = checked(DIMS, default=None)
+    matryoshka_weights: list[float] | None = checked(WEIGHTS, default=None)
     finetune: str = checked(one_of("lora", "full"), default="lora")  # full: every weight trains, no adapter
     hard_negatives: bool = True
     weight_decay: float = checked(NOT_NEGATIVE, default=0.0)
@@ -266,6 +274,9 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
         if tc.dev_every is None and value != default:
             raise SlmembedError(f"{where}: train.{name}: {value!r} needs STSBenchmark dev scores: set train.dev_every "
                                 f"(steps between scores), or leave train.{name} at {default!r}")
+    if tc.matryoshka_weights is not None and len(tc.matryoshka_weights) != len(tc.matryoshka_dims or []):
+        raise SlmembedError(f"{where}: train.matryoshka_weights: expected one weight for each of train.matryoshka_dims "
+                            f"({tc.matryoshka_dims}), got {tc.matryoshka_weights}")
     if tc.sharding == "fsdp" and tc.average_last != 1:
         raise SlmembedError(f"{where}: train.average_last: {tc.average_last} cannot be combined with train.sharding: "
                             "fsdp (the averaged adapter is not sharded); leave it at 1")

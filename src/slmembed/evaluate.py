@@ -43,12 +43,15 @@ def batching(embedder: Embedder, batch_size: int | None = None) -> tuple[int, in
 
 
 def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_size: int | None = None,
-             progress: bool = False, precisions: tuple[str, ...] = (), calibration: list[str] | None = None) -> dict:
+             progress: bool = False, precisions: tuple[str, ...] = (), calibration: list[str] | None = None,
+             dims: tuple[int, ...] = ()) -> dict:
     """Encode the unique sentences of ``sets`` (default: all nine from the data directory) once; score each set.
 
     Batches are formed as ``batching`` says. Each of ``precisions`` other than float32 is scored too, under
     ``"precisions"``, with its drop from float32; int8 and uint8 take their ranges from the embeddings of the
-    ``calibration`` texts (required for them: never the sets' own sentences).
+    ``calibration`` texts (required for them: never the sets' own sentences). Each prefix size in ``dims`` is
+    scored too, under ``"dims"`` (the first d coordinates, renormalised; the full size included), as a Matryoshka
+    model would be used.
     """
     sets = sets if sets is not None else load_all(TASKS)
     texts = unique_sentences(sets)
@@ -56,6 +59,15 @@ def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_si
     vecs = embedder.encode(texts, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
     scores = score(sets, dict(zip(texts, vecs)))
     result = {"scores": scores, "average": _average(scores), "sentences": len(texts)}
+    if dims:
+        size = vecs.shape[1]
+        if max(dims) > size:
+            raise ValueError(f"--dims {max(dims)} is above the model's embedding size {size}")
+        result["dims"] = {}
+        for d in sorted({*dims, size}):
+            cut = vecs[:, :d] / np.linalg.norm(vecs[:, :d], axis=1, keepdims=True).clip(min=1e-12)
+            d_scores = score(sets, dict(zip(texts, cut)))
+            result["dims"][str(d)] = {"scores": d_scores, "average": _average(d_scores)}
     compact = [p for p in precisions if p != "float32"]
     if not compact:
         return result

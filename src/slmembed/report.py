@@ -9,6 +9,8 @@ What a folder holds decides what the report shows:
 * subfolders with reproduce JSONs (e.g. ``results/reproduce``): the ablation table (one row per run: recipe
   differences, average before and after, STSBenchmark dev), per-task scores, the averages as bars
   (``ablation.png``) and the runs' loss curves together (``losses.png``).
+* an ``eval.json`` with prefix sizes (``slmembed eval --dims``), in the folder or its subfolders: the nine-set
+  average against embedding size, one line per run (``dims.png``), e.g. a Matryoshka run against a plain one.
 
 Everything is written to ``report.md`` and the PNGs beside it (the folder itself unless another output is given).
 """
@@ -28,7 +30,7 @@ from slmembed.evaluate import table
 from slmembed.plots import before_after_bars, pyplot, save
 from slmembed.reproduce import plot as plot_scores
 
-FILES = ("report.md", "train.png", "scores.png", "ablation.png", "losses.png")  # all a report may write
+FILES = ("report.md", "train.png", "scores.png", "ablation.png", "losses.png", "dims.png")  # all a report may write
 SIGNATURE = "<!-- written by slmembed report -->"  # the last line of report.md: marks it (and its plots) as ours
 
 
@@ -111,6 +113,32 @@ def plot_ablation(path: Path, runs: list[Run]) -> None:
                       title="ablation: STS average before and after fine-tuning")
 
 
+def plot_dims(path: Path, runs: list[Run]) -> None:
+    """Nine-set average against the embedding's prefix size, one line per run."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        sizes = sorted(r.scores["dims"], key=int)
+        ax.plot([int(d) for d in sizes], [r.scores["dims"][d]["average"] for d in sizes], marker="o", label=r.name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("embedding dimensions (first d, renormalised)")
+    ax.set_ylabel("STS average (Spearman x100)")
+    ax.set_title("score against embedding size")
+    ax.legend()
+    save(fig, path)
+
+
+def _dims(runs: list[Run], out: Path) -> list[str]:
+    sizes = sorted({d for r in runs for d in r.scores["dims"]}, key=int)
+    lines = ["## Score against embedding size", "", "| run | " + " | ".join(sizes) + " |",
+             "|---|" + "---:|" * len(sizes)]
+    for r in runs:
+        cells = [f"{r.scores['dims'][d]['average']:.2f}" if d in r.scores["dims"] else "-" for d in sizes]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    plot_dims(out / "dims.png", runs)
+    return [*lines, "", "![dims](dims.png)", ""]
+
+
 def _recipe_fields(run: Run) -> dict[str, str]:
     """A run's recipe as section.key -> JSON value; fields an older result lacks take today's defaults."""
     saved = flat(run.result.get("recipe", {}))
@@ -188,15 +216,19 @@ def report(folder: str | Path, output: str | Path | None = None, force: bool = F
     run = find_run(folder)
     ablation = [r for r in (find_run(sub) for sub in sorted(folder.iterdir()) if sub.is_dir()) if r and r.result]
     ablation = ablation if len(ablation) >= 2 else []
-    if run is None and not ablation:
-        raise SlmembedError(f"nothing to report in {folder}: expected train_log.jsonl, a reproduce or eval JSON, or "
-                            "two or more subfolders holding reproduce JSONs")
+    sized = [r for r in [run, *(find_run(sub) for sub in sorted(folder.iterdir()) if sub.is_dir())]
+             if r and r.scores and "dims" in r.scores]
+    if run is None and not ablation and not sized:
+        raise SlmembedError(f"nothing to report in {folder}: expected train_log.jsonl, a reproduce or eval JSON, "
+                            "two or more subfolders holding reproduce JSONs, or subfolders with eval.json by --dims")
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Report: {folder.name}", ""]
     if run:
         lines += _single(run, out)
     if ablation:
         lines += _ablation(ablation, out)
+    if sized:
+        lines += _dims(sized, out)
     target = out / "report.md"
     write_text(target, "\n".join([*lines, "", SIGNATURE]).rstrip() + "\n")
     for name in FILES:

@@ -43,7 +43,7 @@ from slmembed.data.nli import Example, load_triplets
 from slmembed.embedder import Embedder, EmbedSpec
 from slmembed.errors import SlmembedError
 from slmembed.gradcache import cached_backward
-from slmembed.losses import LOSSES
+from slmembed.losses import LOSSES, matryoshka
 from slmembed.paths import find_data_dir
 from slmembed.selection import DevSelection
 
@@ -251,6 +251,10 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         save_every, keep = max(1, -(-total // (spaced_checkpoints + 1))), spaced_checkpoints + 1
 
     model, tokenizer, optimizer = _setup_model(recipe, acc)
+    size = acc.unwrap_model(model).config.hidden_size
+    if tc.matryoshka_dims and max(tc.matryoshka_dims) >= size:
+        raise SlmembedError(f"train.matryoshka_dims: {max(tc.matryoshka_dims)} is not below the model's embedding "
+                            f"size {size}; list the smaller prefix sizes (the full size is always trained)")
     scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
     if not sharded:  # DDP through accelerate; a sharded model is already distributed (sharding.py)
         model, optimizer = acc.prepare(model, optimizer)
@@ -289,6 +293,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     if tc.compile:
         compile_blocks(model)
     cols, objective = columns(recipe), LOSSES[tc.loss]
+    if tc.matryoshka_dims:
+        objective = matryoshka(objective, tc.matryoshka_dims, tc.matryoshka_weights)
     no_sync = functools.partial(sharding.no_sync if sharded else acc.no_sync, model)
     board = _tensorboard(run_dir / "tensorboard", start) if acc.is_main_process else None
     t0, seen_t0 = time.time(), start
