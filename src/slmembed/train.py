@@ -251,8 +251,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         save_every, keep = max(1, -(-total // (spaced_checkpoints + 1))), spaced_checkpoints + 1
 
     model, tokenizer, optimizer = _setup_model(recipe, acc)
-    size = acc.unwrap_model(model).config.hidden_size
-    if tc.matryoshka_dims and max(tc.matryoshka_dims) >= size:
+    size = getattr(acc.unwrap_model(model).config, "hidden_size", None)
+    if tc.matryoshka_dims and size is not None and max(tc.matryoshka_dims) >= size:
         raise SlmembedError(f"train.matryoshka_dims: {max(tc.matryoshka_dims)} is not below the model's embedding "
                             f"size {size}; list the smaller prefix sizes (the full size is always trained)")
     scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
