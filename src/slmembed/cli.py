@@ -15,7 +15,7 @@ from slmembed import outputs
 from slmembed.errors import SlmembedError
 from slmembed.models import device_name, resolve_device
 from slmembed.paths import find_data_dir
-from slmembed.quantize import PRECISIONS
+from slmembed.quantize import CALIBRATED, PRECISIONS
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype of eval, embed, serve
 
@@ -63,7 +63,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from slmembed import quantize
     from slmembed.atomic import write_json
     from slmembed.data.sts import load_all, load_sts
     from slmembed.embedder import load_embedder
@@ -76,7 +75,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     sets = load_all(args.tasks, args.data_dir)  # bad task names and data fail before the model loads
     precisions = tuple(dict.fromkeys(args.precision or ()))
     calibration, calibrated = None, {}
-    if any(p in quantize.CALIBRATED for p in precisions):  # int8/uint8 ranges from STSBenchmark dev, never a test set
+    if any(p in CALIBRATED for p in precisions):  # int8/uint8 ranges from STSBenchmark dev, never a test set
         dev = load_sts("STSBenchmark", args.data_dir, split="dev")
         calibration = unique_sentences({"dev": dev})
         calibrated = {"calibration": f"STSBenchmark dev ({len(calibration)} sentences)"}
@@ -153,13 +152,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_calibration(args: argparse.Namespace, precisions: tuple[str, ...]) -> None:
-    """Before the model loads: --calibration names a file and is asked for by int8 or uint8."""
+def _check_calibration(args: argparse.Namespace, precision: str | None = None) -> None:
+    """Before the model loads: --calibration names a file, and is asked for by an int8 or uint8 ``precision``
+    (None: chosen per request, as in serve)."""
     if args.calibration is None:
         return
     if not Path(args.calibration).is_file():
         raise SlmembedError(f"--calibration {args.calibration}: no such file")
-    if not any(p in ("int8", "uint8") for p in precisions):
+    if precision is not None and precision not in CALIBRATED:
         raise SlmembedError("--calibration sets the ranges of int8 and uint8 vectors: use it with one of them")
 
 
@@ -167,7 +167,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from slmembed.embed_file import check_output, embed_file, load_calibration
 
     check_output(args.input, args.output, model=args.model, force=args.force)
-    _check_calibration(args, (args.precision,))
+    _check_calibration(args, args.precision)
     embedder, model_id = _load_model(args.model, args)
     calibration = load_calibration(args.calibration, embedder, args.batch_size) if args.calibration else None
     summary = embed_file(embedder, model_id, args.input, args.output, column=args.column,
@@ -206,7 +206,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_inputs=args.max_inputs, max_chars=args.max_chars, max_batch=args.max_batch,
                     max_queue=args.max_queue, max_connections=args.max_connections, read_timeout=args.read_timeout,
                     request_timeout=args.request_timeout)
-    _check_calibration(args, ("int8",))
+    _check_calibration(args)
     served = _served(args)
     calibration = None
     if args.calibration:

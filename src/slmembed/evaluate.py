@@ -65,8 +65,7 @@ def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_si
             raise ValueError(f"--dims {max(dims)} is above the model's embedding size {size}")
         result["dims"] = {}
         for d in sorted({*dims, size}):
-            cut = vecs[:, :d] / np.linalg.norm(vecs[:, :d], axis=1, keepdims=True).clip(min=1e-12)
-            d_scores = score(sets, dict(zip(texts, cut)))
+            d_scores = score(sets, dict(zip(texts, quantize.prefix(vecs, d))))
             result["dims"][str(d)] = {"scores": d_scores, "average": _average(d_scores)}
     compact = [p for p in precisions if p != "float32"]
     if not compact:

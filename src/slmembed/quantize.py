@@ -1,4 +1,5 @@
-"""Compact vectors: int8, uint8, binary and ubinary embeddings, and how each is compared.
+"""Compact vectors: shorter ones (a prefix, renormalised: what a Matryoshka model is cut to) and int8, uint8, binary
+and ubinary embeddings, and how each is compared.
 
 The vectors are sentence-transformers' ``quantize_embeddings`` (its definitions, computed by it):
 
@@ -18,6 +19,12 @@ import numpy as np
 
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 CALIBRATED = ("int8", "uint8")  # the precisions that need ranges
+
+
+def prefix(vectors: np.ndarray, dims: int) -> np.ndarray:
+    """The first ``dims`` coordinates of each vector [N, D], renormalised to unit length."""
+    vectors = vectors[:, :dims]
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
 
 
 def ranges(calibration: np.ndarray) -> np.ndarray:

@@ -214,10 +214,10 @@ def report(folder: str | Path, output: str | Path | None = None, force: bool = F
     for name in FILES:
         outputs.check_file(out / name, "report", force=force, ours=_ours)
     run = find_run(folder)
-    ablation = [r for r in (find_run(sub) for sub in sorted(folder.iterdir()) if sub.is_dir()) if r and r.result]
+    subruns = [r for r in (find_run(sub) for sub in sorted(folder.iterdir()) if sub.is_dir()) if r]
+    ablation = [r for r in subruns if r.result]
     ablation = ablation if len(ablation) >= 2 else []
-    sized = [r for r in [run, *(find_run(sub) for sub in sorted(folder.iterdir()) if sub.is_dir())]
-             if r and r.scores and "dims" in r.scores]
+    sized = [r for r in [run, *subruns] if r and r.scores and "dims" in r.scores]
     if run is None and not ablation and not sized:
         raise SlmembedError(f"nothing to report in {folder}: expected train_log.jsonl, a reproduce or eval JSON, "
                             "two or more subfolders holding reproduce JSONs, or subfolders with eval.json by --dims")

@@ -211,12 +211,6 @@ def _encode_vector(vector: np.ndarray, fmt: str) -> list[float] | list[int] | st
     return vector.tolist()
 
 
-def _cut(vectors: np.ndarray, dims: int) -> np.ndarray:
-    """The first ``dims`` dimensions, renormalised."""
-    vectors = vectors[:, :dims]
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(min=1e-12)
-
-
 class KeyGuard:
     """ASGI middleware: 401 for every HTTP request but ``/health`` without ``Authorization: Bearer KEY``, before
     routing, so unknown paths and the generated schema are guarded too."""
@@ -306,9 +300,9 @@ def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = 
         vectors, tokens = await batcher.embed(req.model, req.inputs)
         dims = req.dimensions or dim
         if dims < dim:
-            vectors = _cut(vectors, dims)
+            vectors = quantize.prefix(vectors, dims)
         if req.precision in quantize.CALIBRATED and dims not in bounds:
-            bounds[dims] = quantize.ranges(_cut(calibration, dims))
+            bounds[dims] = quantize.ranges(quantize.prefix(calibration, dims))
         if req.precision != "float32":  # off the event loop: the first call imports sentence-transformers
             vectors = await asyncio.to_thread(quantize.quantize, vectors, req.precision, bounds.get(dims))
         data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, req.encoding_format)}
