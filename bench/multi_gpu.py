@@ -4,6 +4,8 @@ Both runs train the same recipe for the same steps on the same triplets with the
 the same loss over the same negatives: the N-GPU run gathers every rank's embeddings into each rank's loss
 (losses/infonce.py). Rates come from the training logs, between a step after warm-up and the last; both adapters are then
 scored on the nine STS sets. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the device docs require.
+``--profile FIRST:COUNT`` also profiles both runs (``slmembed train --profile``, profiling.py): each process's
+step times (wall, host busy, GPU busy, NCCL) go into the JSON and its operator tables beside it.
 
     python bench/multi_gpu.py --config gemma-3-270m --per-device-batch 60 --gpus 2 --steps 300 \\
         --output results/bench/multi-gpu-gemma-3-270m.json
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,12 +33,21 @@ def train(command: list[str], run_dir: Path, batch: int, args: argparse.Namespac
                "--device", args.device, *(x for s in sets for x in ("--set", s))]
     if args.data_dir:
         command += ["--data-dir", args.data_dir]
+    if args.profile:
+        command += ["--profile", args.profile]
     subprocess.run(command, check=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0", "TQDM_DISABLE": "1"})
     last, seconds = log_window(run_dir, args.warmup, args.steps)
     global_batch = json.loads((run_dir / "summary.json").read_text())["batch_size"]
-    return {"command": " ".join("python" if c == sys.executable else c for c in command), "global_batch": global_batch,
-            "triplets_per_s": round((args.steps - args.warmup) * global_batch / seconds, 1),
-            "peak_gib_rank0": last.get("peak_gib"), "final_loss": last["loss"]}
+    result = {"command": " ".join("python" if c == sys.executable else c for c in command),
+              "global_batch": global_batch,
+              "triplets_per_s": round((args.steps - args.warmup) * global_batch / seconds, 1),
+              "peak_gib_rank0": last.get("peak_gib"), "final_loss": last["loss"]}
+    if args.profile:
+        stem = Path(args.output).with_suffix("")
+        result["profile"] = [json.loads(f.read_text()) for f in sorted((run_dir / "profile").glob("rank*.json"))]
+        for table in sorted((run_dir / "profile").glob("rank*.txt")):
+            shutil.copyfile(table, f"{stem}-profile-{run_dir.name}-{table.name}")
+    return result
 
 
 def nine_set(run_dir: Path, args: argparse.Namespace) -> float:
@@ -61,6 +73,7 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="cpu: a gloo smoke run")
     p.add_argument("--data-dir")
+    p.add_argument("--profile", metavar="FIRST:COUNT", help="profile both runs' steps FIRST+1..FIRST+COUNT")
     p.add_argument("--output", required=True)
     args = p.parse_args()
     if args.steps % args.warmup:

@@ -47,37 +47,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, name: str, a, p, n, out) -> None:
+def _rank(rank: int, world: int, port: int, backend: str, name: str, inputs, mask, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    rows = slice(rank * len(a) // world, (rank + 1) * len(a) // world)
-    la, lp, ln = (t[rows].clone().requires_grad_(True) for t in (a, p, n))
-    loss = LOSSES[name](la, lp, ln, temperature=0.05)
+    device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
+    rows = slice(rank * len(inputs[0]) // world, (rank + 1) * len(inputs[0]) // world)
+    local = [t[rows].to(device).requires_grad_(True) for t in inputs]
+    loss = LOSSES[name](*local, *[None] * (3 - len(local)), temperature=0.05,
+                        negative_mask=None if mask is None else mask[rows].to(device))
     loss.backward()
-    out[rank] = (loss.detach(), la.grad, lp.grad, ln.grad)
+    out[rank] = [loss.detach().cpu()] + [t.grad.cpu() for t in local]
     dist.destroy_process_group()
 
 
+BACKENDS = ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
+    torch.cuda.device_count() < 2, reason="NCCL needs two GPUs (the gloo case runs everywhere)"))]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("negatives", ["hard", "none", "masked"])
 @pytest.mark.parametrize("name", list(LOSSES))
-def test_two_ranks_equal_one_process_over_the_whole_batch(name: str) -> None:
+def test_two_ranks_equal_one_process_over_the_whole_batch(name: str, negatives: str, backend: str) -> None:
     """Mean of the rank losses = the global loss; each rank's gradient / world = the global gradient's slice.
 
-    (DDP averages parameter gradients over ranks, which supplies that 1/world.)
+    (DDP averages parameter gradients over ranks, which supplies that 1/world.) With hard negatives, without, and
+    with some of them missing (masked out); over gloo on the CPU, and over NCCL between two GPUs where there are.
     """
     g = torch.Generator().manual_seed(2)
-    a, p, n = (torch.randn(8, 16, generator=g) for _ in range(3))
-    full = [t.clone().requires_grad_(True) for t in (a, p, n)]
-    loss = LOSSES[name](*full, temperature=0.05)
+    inputs = [torch.randn(8, 16, generator=g) for _ in range(2 if negatives == "none" else 3)]
+    mask = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool) if negatives == "masked" else None
+    full = [t.clone().requires_grad_(True) for t in inputs]
+    loss = LOSSES[name](*full, *[None] * (3 - len(full)), temperature=0.05, negative_mask=mask)
     loss.backward()
 
     world = 2
     out = mp.Manager().dict()
-    mp.start_processes(_rank, args=(world, _free_port(), name, a, p, n, out), nprocs=world, start_method="spawn")
-    assert torch.stack([out[r][0] for r in range(world)]).mean().item() == pytest.approx(loss.item(), rel=1e-6)
+    mp.start_processes(_rank, args=(world, _free_port(), backend, name, inputs, mask, out), nprocs=world,
+                       start_method="spawn")
+    assert torch.stack([out[r][0] for r in range(world)]).mean().item() == pytest.approx(loss.item(), rel=1e-5)
     for r in range(world):
         rows = slice(r * 4, (r + 1) * 4)
         for k, t in enumerate(full):
-            torch.testing.assert_close(out[r][k + 1] / world, t.grad[rows], rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(out[r][k + 1] / world, t.grad[rows], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("hard", [True, False])

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from slmembed import profiling
 from slmembed import train as train_mod
 from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.nli import load_triplets
@@ -135,6 +137,34 @@ def test_batches_are_a_function_of_the_step() -> None:
     assert all((a == b).all() for a, b in zip(first, [train_mod.batch_indices(50, 8, s, seed=1) for s in range(12)]))
     epoch0 = sorted(int(i) for b in first[:6] for i in b)
     assert len(set(epoch0)) == 48  # one epoch: 6 disjoint batches of 8, remainder dropped
+
+
+@pytest.mark.parametrize("world,per_rank", [(2, 60), (2, 7), (3, 5), (4, 512)])
+def test_ranks_get_equal_rows_and_nearly_equal_tokens(world: int, per_rank: int) -> None:
+    """rank_rows splits a global batch into equal, disjoint shares whose token counts differ by at most the largest
+    row's."""
+    rng = np.random.default_rng(world)
+    cost = rng.integers(10, 150, size=5000)
+    rows = rng.permutation(5000)[: world * per_rank]
+    shares = [train_mod.rank_rows(rows, cost, r, world) for r in range(world)]
+    assert all(len(x) == per_rank for x in shares)
+    assert sorted(np.concatenate(shares).tolist()) == sorted(rows.tolist())
+    tokens = [int(cost[x].sum()) for x in shares]
+    assert max(tokens) - min(tokens) <= cost[rows].max()
+    assert (train_mod.rank_rows(rows, cost, 0, 1) == rows).all()
+
+
+def test_profile_writes_each_steps_time_per_process(tmp_path, tiny_models, data_dir) -> None:
+    """--profile FIRST:COUNT: the run folder's profile/ holds the window's per-step times and the operator tables."""
+    recipe = _tiny_recipe(tiny_models, max_steps=5, save_every=100)
+    train_mod.train(recipe, tmp_path / "run", data_dir=data_dir, progress=False, profile=(2, 2))
+    summary = json.loads((tmp_path / "run/profile/rank0.json").read_text())
+    assert summary["steps"] == "3..4" and summary["rank"] == 0
+    assert 0 < summary["host_busy_ms_per_step"] and 0 < summary["wall_ms_per_step"] < 60_000
+    assert summary["gpu_busy_ms_per_step"] == 0 and summary["kernels_per_step"] == 0  # on the CPU
+    assert "aten::mm" in (tmp_path / "run/profile/rank0.txt").read_text()
+    with pytest.raises(SlmembedError, match="--profile: expected FIRST:COUNT"):
+        profiling.window("20")
 
 
 def test_torchrun_two_cpu_ranks_equal_one_process_at_twice_the_batch(tmp_path, tiny_models, data_dir) -> None:

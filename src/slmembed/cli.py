@@ -56,8 +56,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from slmembed.train import train
 
     recipe = _recipe(args, args.config)
+    from slmembed.profiling import window
+
+    profile = window(args.profile) if args.profile else None
     summary = train(recipe, args.output, data_dir=args.data_dir, resume=args.resume, force=args.force,
-                    device=args.device)
+                    device=args.device, profile=profile)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -306,6 +309,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="recipe YAML file or the name of a shipped recipe (e.g. gemma-2b)")
     t.add_argument("--output", required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
+    t.add_argument("--profile", nargs="?", const="20:10", metavar="FIRST:COUNT",
+                   help="profile steps FIRST+1..FIRST+COUNT (default 20:10) into the run folder's profile/")
     force(t, "an earlier run in --output")
     common(t, recipe=True)
     t.set_defaults(func=cmd_train)

@@ -2,8 +2,8 @@
 
 Inputs: anchors ``a`` [B, D], positives ``p`` [B, D] and optional hard negatives ``n`` [B, D] from this rank.
 Candidates ``c`` are the positives of every rank followed by the negatives of every rank (``[W*B + W*B, D]``
-with W ranks; just ``[p; n]`` in one process). With cosine similarity ``s(x, y) = x.y / (|x||y|)`` and temperature
-``tau``, the loss for local anchor ``i`` on rank ``r`` is
+with W ranks; just ``[p; n]`` in one process), gathered in one collective. With cosine similarity
+``s(x, y) = x.y / (|x||y|)`` and temperature ``tau``, the loss for local anchor ``i`` on rank ``r`` is
 
     l_i = -log( exp(s(a_i, c_{rB+i}) / tau) / sum_j exp(s(a_i, c_j) / tau) )
 
@@ -23,28 +23,35 @@ import torch.nn.functional as F
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward returns this rank's slice of the all-reduced (summed) gradient."""
+    """all_gather along dim 0 of several tensors at once (one collective: at small batches each collective's fixed
+    cost, not its bytes, is what a step pays); the backward reduce-scatters the gradients, so each rank gets its own
+    rows of the gradient summed over ranks, again in one collective."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rows = x.shape[0]
-        return torch.cat(parts)
+    def forward(ctx, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        world, local = dist.get_world_size(), torch.cat(xs).contiguous()
+        out = local.new_empty((world * local.shape[0], *local.shape[1:]))
+        dist.all_gather_into_tensor(out, local)
+        ctx.rows = [x.shape[0] for x in xs]
+        per_rank = out.view(world, *local.shape).split(ctx.rows, dim=1)
+        return tuple(part.reshape(world * rows, *local.shape[1:]) for part, rows in zip(per_rank, ctx.rows))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        start = dist.get_rank() * ctx.rows
-        return grad[start : start + ctx.rows]
+    def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        world, tail = dist.get_world_size(), grads[0].shape[1:]  # unused outputs' gradients come as zeros
+        parts = [g.reshape(world, rows, *tail) for g, rows in zip(grads, ctx.rows)]
+        full = torch.cat(parts, dim=1).reshape(world * sum(ctx.rows), *tail).contiguous()
+        local = full.new_empty((sum(ctx.rows), *tail))
+        dist.reduce_scatter_tensor(local, full)
+        return local.split(ctx.rows)
 
 
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all ranks (differentiably); identity outside torch.distributed."""
+def gather(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Each of ``xs`` (same trailing shape, dtype and device) concatenated over all ranks along dim 0, rank by rank,
+    differentiably and in one collective; the tensors themselves outside torch.distributed."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return _GatherWithGrad.apply(x)
-    return x
+        return _GatherWithGrad.apply(*xs)
+    return xs
 
 
 def info_nce(
@@ -56,13 +63,14 @@ def info_nce(
 ) -> torch.Tensor:
     """Mean InfoNCE loss of the local anchors against all ranks' positives and hard negatives (see module doc)."""
     a = F.normalize(anchors.float(), dim=-1)
-    p = gather(F.normalize(positives.float(), dim=-1))
-    candidates = p if negatives is None else torch.cat([p, gather(F.normalize(negatives.float(), dim=-1))])
+    local = [F.normalize(x.float(), dim=-1) for x in (positives, negatives) if x is not None]
+    gathered = gather(*local)
+    candidates = torch.cat(gathered)  # all ranks' positives, then all ranks' negatives
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
     logits = a @ candidates.T / temperature
     if negative_mask is not None:
-        real = torch.cat([torch.ones(p.shape[0], dtype=torch.bool, device=a.device),
-                          gather(negative_mask.to(device=a.device, dtype=torch.uint8)).bool()])
+        (mask,) = gather(negative_mask.to(device=a.device, dtype=torch.uint8))
+        real = torch.cat([torch.ones(gathered[0].shape[0], dtype=torch.bool, device=a.device), mask.bool()])
         logits = logits.masked_fill(~real, float("-inf"))
     return F.cross_entropy(logits, labels)
