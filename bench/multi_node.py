@@ -55,12 +55,14 @@ def train_command(args: argparse.Namespace, run_dir: Path, launcher: list[str], 
     return command + (["--resume"] if resume else [])
 
 
-def env_for(args: argparse.Namespace, launcher: int) -> dict[str, str]:
-    """One thread a process (as torchrun sets for several local processes), and each launcher's own GPUs."""
+def env_for(args: argparse.Namespace, launcher: int | None) -> dict[str, str]:
+    """One thread a process (as torchrun sets for several local processes), and the launcher's own GPUs: launcher
+    k of the two-node run gets its N, the single launcher (``None``) all 2N."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "NCCL_NVLS_ENABLE": "0"}
     if args.device != "cpu":
         n = args.procs_per_launcher
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(launcher * n + i) for i in range(n))
+        gpus = range(2 * n) if launcher is None else range(launcher * n, (launcher + 1) * n)
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
     return env
 
 
@@ -135,7 +137,7 @@ def main() -> None:
     command = train_command(args, scratch / "single", ["--standalone", f"--nproc_per_node={n}"])
     t = time.time()
     with open(scratch / "single.log", "w") as log:
-        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env_for(args, 0),
+        if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env_for(args, None),
                           timeout=args.timeout).returncode:
             raise SystemExit(f"the single-launcher run failed: {scratch / 'single.log'}")
     single = {"command": " ".join(command), "seconds": round(time.time() - t, 1)}
