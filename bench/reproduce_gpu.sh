@@ -14,6 +14,9 @@
 #   mkdir -p /tmp/repo /tmp/rq && cp -r src bench results pyproject.toml /tmp/repo && cd /tmp/repo &&
 #   (OUT=/tmp/rq RUN_TIMEOUT=1200 setsid nohup bash bench/reproduce_gpu.sh PLAN >/tmp/rq/main.log 2>&1 &)
 # then wait for /tmp/rq/reproduce.tgz in the next call (before the machine's 30 s idle release) and copy it to $OUT.
+# The release counts from the end of a call: have every call's command ready beforehand (a script in the checkout),
+# since composing a long one between calls took longer than 30 s twice on 2026-11-30 and lost the staged machine;
+# and carry one path per staging call (the data and a stage folder together exceed the 64 MiB a call carries).
 # Four runs a GPU that way (three SmolLM2-135M and one Gemma-3-270M) took 11 minutes (quality-3.txt).
 source bench/gpu_env.sh
 mkdir -p "$OUT/logs"

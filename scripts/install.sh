@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create ./.venv and install slmembed with the offline models, at the exact versions locked in requirements/.
 #   bash scripts/install.sh        # train, eval, demo, reproduce, report          (requirements/base.txt)
-#   bash scripts/install.sh all    # + export, serve, embed to Parquet, TensorBoard (requirements/all.txt)
+#   bash scripts/install.sh all    # + export (ONNX too), serve, embed to Parquet, TensorBoard (requirements/all.txt)
 #   bash scripts/install.sh test   # + pytest, hypothesis, the openai client        (requirements/test.txt)
 # Every file is checked against the sha256 in the lock (pip --require-hashes). torch is the CPU build, 2.13.0: an
 # unpinned torch would pull a multi-GB CUDA build. scripts/lock.sh refreshes the locks.

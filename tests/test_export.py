@@ -295,3 +295,89 @@ def test_an_export_that_reloads_causal_is_refused(bidirectional_runs, tmp_path) 
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(SlmembedError, match="causal attention"):
         check_bidirectional(out, _reference(run))
+
+
+GATE_SETS = ["STSBenchmark", "SICK-R"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["right-last-prompt", "left-mean"])
+def test_onnx_export_scores_like_pytorch_and_loads_back(runs, stsb_texts, data_dir, tmp_path, name) -> None:
+    """--format onnx: one graph (backbone, pooling, normalisation) that onnxruntime runs to the run's own vectors;
+    the export's check scores both on the STS sets and writes the drop into eval.json and the card."""
+    from slmembed.onnx_model import OnnxEmbedder
+
+    out = tmp_path / "onnx"
+    meta = export(runs[name], out, fmt="onnx", evaluate_sets=load_all(GATE_SETS, str(data_dir)))
+    assert meta["format"] == "onnx" and meta["quantize"] is None
+    assert (out / "model.onnx").exists() and not (out / "model.safetensors").exists()
+    gate = json.loads((out / "eval.json").read_text())["onnx_check"]
+    assert list(gate["onnx"]["scores"]) == GATE_SETS and abs(gate["drop"]) <= 0.02
+    assert gate["onnx"]["sentences_per_s"] > 0 and gate["pytorch"]["sentences_per_s"] > 0
+    card = (out / "README.md").read_text()
+    assert f"Drop: {gate['drop']:.2f} points, within" in card and "onnxruntime.InferenceSession" in card
+
+    texts = stsb_texts[::10] + stsb_texts[-1:]
+    reference = _reference(runs[name])
+    back = load_embedder(str(out))
+    assert isinstance(back, OnnxEmbedder) and back.tokenize(texts) == reference.tokenize(texts)
+    expected = reference.encode(texts)
+    assert _min_cosine(back.encode(texts, batch_size=16), expected) >= 0.9999  # batches of any size and width
+    assert _min_cosine(back.encode(texts[:1]), expected[:1]) >= 0.9999
+
+
+@pytest.mark.slow
+def test_onnx_export_of_a_bidirectional_gemma3_run(bidirectional_runs, stsb_texts, data_dir, tmp_path) -> None:
+    """The graph keeps the run's bidirectional attention and Gemma-3's (widened) sliding window."""
+    run = bidirectional_runs["gemma3_text"]
+    export(run, tmp_path / "onnx", fmt="onnx", evaluate_sets=load_all(GATE_SETS[:1], str(data_dir)))
+    texts = stsb_texts[::25] + stsb_texts[-1:]
+    assert _min_cosine(load_embedder(str(tmp_path / "onnx")).encode(texts), _reference(run).encode(texts)) >= 0.9999
+
+
+@pytest.fixture(scope="module")
+def outlier_run(tmp_path_factory, tiny_models, data_dir) -> Path:
+    """A short run on the tiny Llama rewritten to compute the same function with one input of every product that reads
+    the hidden state scaled down 1000x and its weights scaled up 1000x. float32 does not notice; int8 weights, one
+    scale per output channel, round every other weight of the attention's and the MLP's inputs to zero."""
+    root = tmp_path_factory.mktemp("outlier")
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for norm, readers in ((layer.input_layernorm, (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                           layer.self_attn.v_proj)),
+                                  (layer.post_attention_layernorm, (layer.mlp.gate_proj, layer.mlp.up_proj))):
+                norm.weight[0] /= 1000
+                for module in readers:
+                    module.weight[:, 0] *= 1000
+    model.save_pretrained(root / "base")
+    AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(root / "base")
+    return _short_run(root / "base", root / "run", data_dir)
+
+
+def test_onnx_gate_refuses_a_drop_above_the_margin(outlier_run, data_dir, tmp_path, capsys) -> None:
+    """int8 costs this model about 2.5 points: a margin of 0.5 refuses the export (one line, exit 2, nothing
+    written); --accept-drop writes it and says so on the card."""
+    out = tmp_path / "int8"
+    args = ["export", "--adapter", str(outlier_run), "--output", str(out), "--format", "onnx", "--quantize", "int8",
+            "--max-drop", "0.5", "--tasks", *GATE_SETS, "--data-dir", str(data_dir)]
+    assert main(args) == 2
+    err = capsys.readouterr().err  # the check's progress bars, then one line
+    assert "above --max-drop 0.5; nothing was written" in err.strip().splitlines()[-1] and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    assert main([*args, "--accept-drop"]) == 0
+    gate = json.loads((out / "eval.json").read_text())["onnx_check"]
+    assert gate["quantize"] == "int8" and gate["drop"] > 0.5
+    assert "**above** (exported with --accept-drop)" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--quantize", "int8"], "are for --format onnx"),
+    (["--format", "onnx", "--no-merge"], "drop --no-merge"),
+    (["--format", "onnx", "--dtype", "bfloat16"], "drop --no-merge and --dtype"),
+    (["--format", "onnx", "--max-drop", "-1"], "--max-drop: expected points >= 0"),
+])
+def test_bad_onnx_requests_are_refused_before_any_work(runs, tmp_path, capsys, extra, message) -> None:
+    assert main(["export", "--adapter", str(runs["left-last"]), "--output", str(tmp_path / "o"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and not (tmp_path / "o").exists()

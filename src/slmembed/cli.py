@@ -148,9 +148,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from slmembed.data.sts import load_all
     from slmembed.export import export
 
-    sets = load_all(args.tasks, args.data_dir) if args.eval else None
+    sets = load_all(args.tasks, args.data_dir) if args.eval or args.format == "onnx" else None
     meta = export(args.adapter, args.output, fmt=args.format, merge=not args.no_merge, dtype=args.dtype,
-                  scores=args.scores, evaluate_sets=sets, force=args.force)
+                  scores=args.scores, evaluate_sets=sets, force=args.force, quantize=args.quantize,
+                  max_drop=args.max_drop, accept_drop=args.accept_drop)
     print(json.dumps({"output": args.output, **meta}, indent=2))
     return 0
 
@@ -361,14 +362,20 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--adapter", required=True, help="training run folder")
     x.add_argument("--output", required=True, help="model folder to write")
     force(x, "an earlier export in --output")
-    x.add_argument("--format", default="st", choices=["st", "hf"], help="st: sentence-transformers; hf: transformers")
+    x.add_argument("--format", default="st", choices=["st", "hf", "onnx"],
+                   help="st: sentence-transformers; hf: transformers; onnx: one graph for onnxruntime, scored "
+                        "against the PyTorch model before it is written")
+    x.add_argument("--quantize", choices=["int8"], help="onnx: int8 weights (onnxruntime's dynamic quantisation)")
+    x.add_argument("--max-drop", type=float, metavar="POINTS",
+                   help="onnx: largest drop of the STS average allowed (default 0.2; 1.0 with --quantize int8)")
+    x.add_argument("--accept-drop", action="store_true", help="onnx: write the export even if it drops more")
     x.add_argument("--no-merge", action="store_true", help="keep the PEFT adapter instead of merging it")
     x.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (default float32: the merge stays exact and sentence-transformers matches "
                         "slmembed to cosine 0.9998; auto: as the base model stores them, often half the size)")
     x.add_argument("--scores", help="eval or reproduce JSON for the model card (default: RUN/eval.json if present)")
     x.add_argument("--eval", action="store_true", help="score the exported folder for the model card")
-    x.add_argument("--tasks", nargs="+", help="with --eval; default: all nine")
+    x.add_argument("--tasks", nargs="+", help="with --eval and for the onnx check; default: all nine")
     x.add_argument("--data-dir", help="data folder (default: $SLMEMBED_DATA, then ../shared/data)")
     x.set_defaults(func=cmd_export)
 

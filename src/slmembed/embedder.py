@@ -288,6 +288,11 @@ def load_embedder(
         folder = Path(models.resolve(model))
         spec = _exported_spec(folder) or _sentence_transformers_spec(folder) or spec
     spec = dataclasses.replace(spec, **spec_overrides) if spec_overrides else spec
+    if adapter is None and (Path(models.resolve(model)) / "model.onnx").exists():  # an ONNX export (onnx_model.py)
+        from slmembed.onnx_model import OnnxEmbedder, require
+
+        require()
+        return OnnxEmbedder(models.resolve(model), spec)
     net, tokenizer = models.load(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                  device=device)
     if adapter_dir is not None:

@@ -3,6 +3,11 @@
 * ``st``: Transformer -> Pooling (last token, mean or CLS, as trained) -> Normalize, written by sentence-transformers
   itself, with the run's prompt (the text before ``{}``) as the model's default prompt.
 * ``hf``: a transformers folder (``AutoModel.from_pretrained(OUT)``).
+* ``onnx``: ``model.onnx`` (onnx_model.py: backbone, pooling and normalisation in one graph, optionally int8) with
+  the export tokenizer. A quality gate: the export scores the STS sets with onnxruntime and with the PyTorch model it
+  came from, on the same CPU, and refuses to finish (nothing is written) when the average drops by more than
+  ``max_drop`` (default 0.2 points for float32, 1.0 for int8) unless ``accept_drop``; the scores, the drop and both
+  encoding speeds go into ``eval.json`` and the model card.
 
 The LoRA adapter is merged into the base weights (safetensors) unless ``merge=False``, which keeps the PEFT adapter
 (its ``base_model_name_or_path`` points at the base model's local folder or hub id). The exported tokenizer appends
@@ -25,6 +30,7 @@ import dataclasses
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -37,7 +43,8 @@ from slmembed.atomic import atomic_dir
 from slmembed.embedder import Embedder, EmbedSpec, load_embedder
 from slmembed.errors import SlmembedError
 
-FORMATS = ("st", "hf")
+FORMATS = ("st", "hf", "onnx")
+MAX_DROP = {None: 0.2, "int8": 1.0}  # the ONNX gate's default margin (nine-set average points) per quantisation
 ST_POOLING = {"last": "lasttoken", "mean": "mean", "cls": "cls"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Texts whose token ids the export compares with the Embedder's: short, punctuated, and one past max_length.
@@ -162,8 +169,23 @@ def _table(scores: dict) -> str:
     return "\n".join(lines)
 
 
+def _gate_card(gate: dict) -> str:
+    """The ONNX export's check, for its model card."""
+    rows = [f"| {task} | {gate['pytorch']['scores'][task]:.2f} | {gate['onnx']['scores'][task]:.2f} |"
+            for task in gate["onnx"]["scores"]]
+    verdict = ("within" if gate["drop"] <= gate["max_drop"] else "**above** (exported with --accept-drop)")
+    return "\n".join([
+        f"Spearman x100 of cosine similarity, MTEB conventions, scored by the export itself on the same CPU: the "
+        f"PyTorch model it came from and this ONNX graph{' (int8)' if gate['quantize'] else ''} run by onnxruntime.",
+        "", "| task | PyTorch | ONNX |", "|---|---:|---:|", *rows,
+        f"| **average** | **{gate['pytorch']['average']:.2f}** | **{gate['onnx']['average']:.2f}** |", "",
+        f"Drop: {gate['drop']:.2f} points, {verdict} the export's margin of {gate['max_drop']}. Encoding the "
+        f"{gate['sentences']} sentences: {gate['pytorch']['sentences_per_s']:.1f} sentences/s with PyTorch, "
+        f"{gate['onnx']['sentences_per_s']:.1f} with onnxruntime ({gate['threads']} CPU threads)."])
+
+
 def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run_dir: Path,
-               scores: dict | None) -> str:
+               scores: dict | None, gate: dict | None = None) -> str:
     """README.md for the exported folder: what it is, how to load it, how it was trained, and its STS scores."""
     hub_id = models.PACKAGED[base].hub_id if base in models.PACKAGED else base
     on_hub = hub_id.count("/") == 1 and not Path(hub_id).exists()
@@ -175,7 +197,8 @@ def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run
                "mean": "the mean of the last layer's hidden states", "cls": "the first token's hidden state"}
     full = bool(recipe) and recipe["train"].get("finetune") == "full"
     tags = ["slmembed", "sentence-similarity", "feature-extraction", *([] if full else ["lora"])]
-    meta = {"library_name": "sentence-transformers" if fmt == "st" else "transformers",
+    library = {"st": "sentence-transformers", "hf": "transformers", "onnx": "onnx"}[fmt]
+    meta = {"library_name": library,
             "pipeline_tag": "sentence-similarity", **({"base_model": hub_id} if on_hub else {}), "tags": tags}
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "", f"# {name}", "",
              f"{about} turned into a sentence-embedding model by contrastive "
@@ -194,6 +217,15 @@ def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run
                   f'model = SentenceTransformer("{name}")',
                   'vectors = model.encode(["A man is playing a guitar.", "Someone plays an instrument."])',
                   "print(model.similarity(vectors[:1], vectors[1:]))", "```"]
+    elif fmt == "onnx":
+        lines += ["```python", "import onnxruntime", "from transformers import AutoTokenizer", "",
+                  f'tokenizer = AutoTokenizer.from_pretrained("{name}")  # appends EOS, pads on the right',
+                  f'session = onnxruntime.InferenceSession("{name}/model.onnx")',
+                  'batch = tokenizer(["A man is playing a guitar."], padding=True, truncation=True, '
+                  'return_tensors="np")',
+                  'vectors = session.run(None, {"input_ids": batch["input_ids"], '
+                  '"attention_mask": batch["attention_mask"]})[0]  # L2-normalised', "```",
+                  "", f"or `slmembed eval --model {name}` (also `embed`, `serve`)."]
     else:
         lines += ["```python", "from transformers import AutoModel, AutoTokenizer", "",
                   f'tokenizer = AutoTokenizer.from_pretrained("{name}")  # appends EOS, pads on the right',
@@ -210,7 +242,9 @@ def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run
                   + (f"; {summary['steps']} steps of {summary['batch_size']} triplets on {summary['device']} in "
                      f"{summary['minutes']:.1f} min." if summary else ".")]
     lines += ["", "## STS scores", ""]
-    if scores:
+    if gate:
+        lines += [_gate_card(gate)]
+    elif scores:
         lines += ["Spearman x100 of cosine similarity, MTEB conventions (slmembed's evaluator).", "",
                   _table(scores), "", f"Source: `{scores['source']}`."]
     else:
@@ -275,19 +309,73 @@ def _write_sentence_transformers(staging: Path, folder: Path, spec: EmbedSpec, d
     model.save(str(folder), create_model_card=False)
 
 
+def _onnx_gate(reference: Embedder, exported: Embedder, sets: dict, quantize: str | None, max_drop: float) -> dict:
+    """Score ``sets`` with the PyTorch ``reference`` and the ONNX ``exported`` model, timing each encoding."""
+    from slmembed.evaluate import evaluate
+
+    gate = {"quantize": quantize, "max_drop": max_drop, "threads": torch.get_num_threads()}
+    for name, embedder in (("pytorch", reference), ("onnx", exported)):
+        start = time.perf_counter()
+        result = evaluate(embedder, sets, progress=True)
+        gate[name] = {"scores": result["scores"], "average": result["average"],
+                      "sentences_per_s": round(result["sentences"] / (time.perf_counter() - start), 1)}
+        gate["sentences"] = result["sentences"]
+    gate["drop"] = round(gate["pytorch"]["average"] - gate["onnx"]["average"], 2)
+    return gate
+
+
+def _write_onnx(run_dir: Path, folder: Path, base: str, spec: EmbedSpec, quantize: str | None) -> Embedder:
+    """The run's model as ``folder/model.onnx`` (int8 if asked) with its config and export tokenizer; returns the
+    run's Embedder (float32, CPU), the gate's reference."""
+    from slmembed import onnx_model
+
+    reference = load_embedder(None, adapter=run_dir, device=torch.device("cpu"), dtype=torch.float32)
+    reference.model.config.save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(base))
+    export_tokenizer(tokenizer, spec)
+    tokenizer.save_pretrained(folder)
+    if quantize:
+        with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.stage.") as staging:
+            onnx_model.export_graph(reference, Path(staging) / onnx_model.FILE)
+            onnx_model.quantize_int8(Path(staging) / onnx_model.FILE, folder / onnx_model.FILE,
+                                     getattr(reference.model.config, "intermediate_size", None))
+    else:
+        onnx_model.export_graph(reference, folder / onnx_model.FILE)
+    return reference
+
+
 def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: bool = True, dtype: str = "float32",
-           scores: str | Path | None = None, evaluate_sets: dict | None = None, force: bool = False) -> dict:
+           scores: str | Path | None = None, evaluate_sets: dict | None = None, force: bool = False,
+           quantize: str | None = None, max_drop: float | None = None, accept_drop: bool = False) -> dict:
     """Export the training run ``run_dir`` into the folder ``output``; return its embed.json. An earlier export there
     is replaced (atomically) only with ``force``; see outputs.py for what else ``output`` may not be.
 
     Scores for the model card: ``scores`` (an eval or reproduce JSON), else ``run_dir/eval.json`` if present, else,
     with ``evaluate_sets``, the exported folder evaluated on those sets by slmembed (written to ``output/eval.json``).
+    ``onnx``: ``evaluate_sets`` are the quality gate's sets (required); ``quantize="int8"``, ``max_drop`` and
+    ``accept_drop`` as the module docstring says.
     """
     from slmembed.evaluate import evaluate
 
     run_dir, output = Path(run_dir), Path(output)
     if fmt not in FORMATS:
         raise SlmembedError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if fmt != "onnx" and (quantize or max_drop is not None or accept_drop):
+        raise SlmembedError("--quantize, --max-drop and --accept-drop are for --format onnx")
+    if fmt == "onnx":
+        from slmembed.onnx_model import require
+
+        require()
+        if not merge or dtype != "float32":
+            raise SlmembedError("--format onnx exports the merged model in float32 (--quantize int8 makes it "
+                                "smaller): drop --no-merge and --dtype")
+        if quantize not in MAX_DROP:
+            raise SlmembedError(f"--quantize: expected int8, got {quantize!r}")
+        if not evaluate_sets:
+            raise SlmembedError("--format onnx scores the exported model before it finishes: give it STS sets")
+        if max_drop is not None and max_drop < 0:
+            raise SlmembedError(f"--max-drop: expected points >= 0, got {max_drop}")
+        max_drop = MAX_DROP[quantize] if max_drop is None else max_drop
     if not (run_dir / "embed.json").exists():
         raise SlmembedError(f"{run_dir}: not a training run folder (no embed.json)")
     saved = json.loads((run_dir / "embed.json").read_text())
@@ -310,26 +398,42 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
     # How slmembed loads the result: merged folders tokenise with their own (EOS-appending) tokenizer.
     out_spec = dataclasses.replace(spec, append_eos=False) if merge else spec
     meta = {"model": base, "spec": out_spec.__dict__, "merged": merge, "format": fmt, "source_run": str(run_dir),
-            "dtype": str(out_dtype).removeprefix("torch.")}
+            "dtype": str(out_dtype).removeprefix("torch."), **({"quantize": quantize} if fmt == "onnx" else {})}
+    gate = None
     with atomic_dir(output) as tmp:
-        if fmt == "st":
+        if fmt == "onnx":
+            from slmembed.onnx_model import OnnxEmbedder
+
+            reference = _write_onnx(run_dir, tmp, base, spec, quantize)
+            check_token_ids(tmp, reference)
+            gate = _onnx_gate(reference, OnnxEmbedder(tmp, out_spec), evaluate_sets, quantize, max_drop)
+            if gate["drop"] > max_drop and not accept_drop:
+                raise SlmembedError(
+                    f"the ONNX model scores {gate['onnx']['average']:.2f} on {len(evaluate_sets)} STS sets against "
+                    f"{gate['pytorch']['average']:.2f} for the PyTorch model: a drop of {gate['drop']:.2f}, above "
+                    f"--max-drop {max_drop}; nothing was written (--accept-drop exports it anyway)")
+            card_scores = {"after": gate["onnx"], "source": "the export's own check"}
+            (tmp / "eval.json").write_text(json.dumps({"model": str(output), **gate["onnx"], "onnx_check": gate},
+                                                      indent=2) + "\n")
+        elif fmt == "st":
             with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{output.name}.stage.") as staging:
                 reference = _write_transformers(run_dir, Path(staging), base, spec, merge, out_dtype)
                 _write_sentence_transformers(Path(staging), tmp, spec, out_dtype,
                                              None if merge else models.resolve(base))
         else:
             reference = _write_transformers(run_dir, tmp, base, spec, merge, out_dtype)
-        check_token_ids(tmp, reference)
-        if merge and spec.attention == "bidirectional":
+        if fmt != "onnx":
+            check_token_ids(tmp, reference)
+        if merge and spec.attention == "bidirectional" and fmt != "onnx":
             check_bidirectional(tmp, reference)
         del reference
         # Plain writes: the folder as a whole is fsynced and renamed into place.
         (tmp / "embed.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if card_scores is None and evaluate_sets:
+        if card_scores is None and evaluate_sets and fmt != "onnx":
             exported = load_embedder(None, adapter=tmp) if not merge else load_embedder(str(tmp))
             card_scores = {"after": evaluate(exported, evaluate_sets, progress=True),
                            "source": f"slmembed eval of this folder ({len(evaluate_sets)} sets)"}
             (tmp / "eval.json").write_text(json.dumps({"model": str(output), **card_scores["after"]}, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(output.name, base, spec, fmt, merge, run_dir, card_scores))
+        (tmp / "README.md").write_text(model_card(output.name, base, spec, fmt, merge, run_dir, card_scores, gate))
         outputs.mark(tmp, "export", [e.name for e in tmp.iterdir()])
     return meta
