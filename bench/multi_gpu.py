@@ -2,8 +2,8 @@
 
 Both runs train the same recipe for the same steps on the same triplets with the same global batch, so they compute
 the same loss over the same negatives: the N-GPU run gathers every rank's embeddings into each rank's loss
-(losses/infonce.py). Rates come from the training logs, between a step after warm-up and the last; both adapters are then
-scored on the nine STS sets. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the device docs require.
+(losses/infonce.py). Rates come from the training logs, between a step after warm-up and the last; both adapters are
+then scored on the nine STS sets. NCCL's NVLink multicast stays off (NCCL_NVLS_ENABLE=0), as the device docs require.
 ``--profile FIRST:COUNT`` also profiles both runs (``slmembed train --profile``, profiling.py): each process's
 step times (wall, host busy, GPU busy, NCCL) go into the JSON and its operator tables beside it.
 
@@ -60,24 +60,35 @@ def nine_set(run_dir: Path, args: argparse.Namespace) -> float:
     return json.loads(out.read_text())["average"]
 
 
-def main() -> None:
+def arguments(doc: str, steps: int, warmup: int) -> argparse.ArgumentParser:
+    """The options of a run pair (this script's and bench/sharded.py's)."""
     from slmembed.data.sts import TASKS
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="gemma-3-270m", help="recipe name or YAML file")
     p.add_argument("--per-device-batch", type=int, default=60)
     p.add_argument("--gpus", type=int, default=2, help="processes of the data-parallel run")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--warmup", type=int, default=20, help="steps before the timed window (also the log interval)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--warmup", type=int, default=warmup, help="steps before the timed window (also the log interval)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more recipe overrides")
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="cpu: a gloo smoke run")
     p.add_argument("--data-dir")
-    p.add_argument("--profile", metavar="FIRST:COUNT", help="profile both runs' steps FIRST+1..FIRST+COUNT")
     p.add_argument("--output", required=True)
+    return p
+
+
+def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
     args = p.parse_args()
     if args.steps % args.warmup:
         p.error("--steps must be a multiple of --warmup (the log interval)")
+    return args
+
+
+def main() -> None:
+    p = arguments(__doc__, steps=300, warmup=20)
+    p.add_argument("--profile", metavar="FIRST:COUNT", help="profile both runs' steps FIRST+1..FIRST+COUNT")
+    args = parse(p)
 
     scratch = Path(tempfile.mkdtemp(prefix="multi-gpu-"))
     b = args.per_device_batch

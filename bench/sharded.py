@@ -10,35 +10,19 @@ GPU memory of rank 0, and both adapters' nine-set averages (bench/multi_gpu.py's
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import tempfile
 from pathlib import Path
 
 from common import save
-from multi_gpu import nine_set, train
+from multi_gpu import arguments, nine_set, parse, train
 
 from slmembed.report import read_log
 
 
 def main() -> None:
-    from slmembed.data.sts import TASKS
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="gemma-3-270m", help="recipe name or YAML file")
-    p.add_argument("--per-device-batch", type=int, default=60)
-    p.add_argument("--gpus", type=int, default=2, help="processes of both runs")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--warmup", type=int, default=10, help="steps before the timed window (also the log interval)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more recipe overrides")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS))
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="cpu: a gloo smoke run")
-    p.add_argument("--data-dir")
-    p.add_argument("--output", required=True)
-    args = p.parse_args()
-    if args.steps % args.warmup:
-        p.error("--steps must be a multiple of --warmup (the log interval)")
+    args = parse(arguments(__doc__, steps=100, warmup=10))
     args.profile = None
 
     scratch = Path(tempfile.mkdtemp(prefix="sharded-"))

@@ -1,4 +1,7 @@
-"""Command line: one function per command; user errors become one line on stderr and exit code 2."""
+"""Command line: one function per command; user errors become one line on stderr and exit code 2.
+
+Each command imports what it uses when it runs (torch and transformers take seconds to import), so ``--help`` and
+the checks that come before any work answer at once."""
 
 from __future__ import annotations
 
@@ -9,15 +12,21 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
 from slmembed import outputs
 from slmembed.errors import SlmembedError
-from slmembed.models import device_name, resolve_device
 from slmembed.paths import find_data_dir
 from slmembed.quantize import CALIBRATED, PRECISIONS
 
-DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype of eval, embed, serve
+DTYPES = ("auto", "float32", "bfloat16")  # --dtype of eval, embed, serve
+
+
+def _loading(args: argparse.Namespace) -> dict:
+    """The device and dtype that --device and --dtype ask for (auto: None, the device's best)."""
+    import torch
+
+    from slmembed.models import resolve_device
+
+    return {"device": resolve_device(args.device), "dtype": None if args.dtype == "auto" else getattr(torch, args.dtype)}
 
 
 def provenance(command: str) -> dict:
@@ -25,7 +34,10 @@ def provenance(command: str) -> dict:
     import datetime
     import platform
 
+    import torch
     import transformers
+
+    from slmembed.models import device_name, resolve_device
 
     return {"command": command, "device": device_name(resolve_device()),
             "host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -48,6 +60,8 @@ def _recipe(args: argparse.Namespace, name: str, model: str | None = None):
         raise SlmembedError(f"recipe {recipe.name} loads pickle weights, which can run code: pass --allow-pickle")
     recipe.model.allow_pickle = args.allow_pickle
     recipe.data.skip_bad_rows = recipe.data.skip_bad_rows or args.skip_bad_rows
+    from slmembed.models import resolve_device
+
     resolve_device(args.device)
     return recipe
 
@@ -83,8 +97,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         calibration = unique_sentences({"dev": dev})
         calibrated = {"calibration": f"STSBenchmark dev ({len(calibration)} sentences)"}
     overrides = {k: v for k, v in (("pooling", args.pooling), ("prompt", args.prompt)) if v is not None}
-    embedder = load_embedder(args.model, args.adapter, device=resolve_device(args.device), dtype=DTYPES[args.dtype],
-                             trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, **overrides)
+    embedder = load_embedder(args.model, args.adapter, **_loading(args), trust_remote_code=args.trust_remote_code,
+                             allow_pickle=args.allow_pickle, **overrides)
     _compile(embedder, args)
     if args.dims and max(args.dims) > (size := embedder.encode(["size"]).shape[1]):  # before the long encode
         raise SlmembedError(f"--dims {max(args.dims)} is above the model's embedding size {size}")
@@ -130,8 +144,7 @@ def _load_model(name: str, args: argparse.Namespace):
 
     path = Path(name)
     is_run = path.is_dir() and ((path / "adapter").is_dir() or (path / "adapter_config.json").exists())
-    kwargs = {"device": resolve_device(args.device), "dtype": DTYPES[args.dtype],
-              "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
+    kwargs = {**_loading(args), "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
     embedder = load_embedder(None, adapter=path, **kwargs) if is_run else load_embedder(name, **kwargs)
     _compile(embedder, args)
     return embedder, path.name if path.is_dir() else name
@@ -197,8 +210,7 @@ def _served(args: argparse.Namespace):
     if len(set(names)) < len(names):
         raise SlmembedError(f"two runs share a folder name ({', '.join(names)}): each adapter is served under its "
                             "folder's name")
-    return AdapterPool(dict(zip(names, map(Path, args.model))), max_loaded=args.max_adapters,
-                       device=resolve_device(args.device), dtype=DTYPES[args.dtype],
+    return AdapterPool(dict(zip(names, map(Path, args.model))), max_loaded=args.max_adapters, **_loading(args),
                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
 
 
@@ -293,7 +305,7 @@ def parser() -> argparse.ArgumentParser:
                         help="allow pickle weights (pytorch_model.bin, .pt), which can run code when loaded")
 
     def encoding(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--dtype", default="auto", choices=list(DTYPES),
+        sp.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="auto: bf16 where the device computes it natively, else fp32")
         sp.add_argument("--compile", action="store_true",
                         help="compile the model's blocks first: about 2x faster encoding on a GPU after a one-off "
