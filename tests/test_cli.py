@@ -136,6 +136,7 @@ def test_eval_compile_gives_the_same_scores(tmp_path, tiny_models, capsys) -> No
     (["reproduce", "--model", "m", "--output", "o", "--curve", "-1"], "argument --curve: expected a whole number >= 0"),
     (["train", "--config", "smollm2-135m"], "the following arguments are required: --output"),
     (["no-such-command"], "invalid choice: 'no-such-command'"),
+    (["train", "--config", "demo-smollm2", "--output", "x", "--profile", "20"], "expected FIRST:COUNT"),
 ])
 def test_command_line_mistakes_are_one_line_with_exit_code_2(args, message, capsys, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -26,7 +27,8 @@ def _loading(args: argparse.Namespace) -> dict:
 
     from slmembed.models import resolve_device
 
-    return {"device": resolve_device(args.device), "dtype": None if args.dtype == "auto" else getattr(torch, args.dtype)}
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    return {"device": resolve_device(args.device), "dtype": dtype}
 
 
 def provenance(command: str) -> dict:
@@ -67,14 +69,11 @@ def _recipe(args: argparse.Namespace, name: str, model: str | None = None):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    recipe = _recipe(args, args.config)  # a bad recipe fails before torch is imported
     from slmembed.train import train
 
-    recipe = _recipe(args, args.config)
-    from slmembed.profiling import window
-
-    profile = window(args.profile) if args.profile else None
     summary = train(recipe, args.output, data_dir=args.data_dir, resume=args.resume, force=args.force,
-                    device=args.device, profile=profile)
+                    device=args.device, profile=args.profile)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -82,14 +81,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from slmembed.atomic import write_json
     from slmembed.data.sts import load_all, load_sts
-    from slmembed.embedder import load_embedder
-    from slmembed.evaluate import evaluate, table, unique_sentences
 
     if args.output:  # a JSON beside a run's own files is fine (RUN/eval.json is what export reads)
         outputs.check_file(args.output, "eval", inputs=[args.model],
                            around=[args.adapter, find_data_dir(args.data_dir, required=False)], force=args.force,
                            ours=outputs.json_by("eval"), suffixes=(".json",))
     sets = load_all(args.tasks, args.data_dir)  # bad task names and data fail before the model loads
+    from slmembed.embedder import load_embedder  # torch and transformers: after the checks
+    from slmembed.evaluate import evaluate, table, unique_sentences
     precisions = tuple(dict.fromkeys(args.precision or ()))
     calibration, calibrated = None, {}
     if any(p in CALIBRATED for p in precisions):  # int8/uint8 ranges from STSBenchmark dev, never a test set
@@ -272,6 +271,14 @@ def seconds(text: str) -> float:
     return value
 
 
+def steps_window(text: str) -> tuple[int, int]:
+    """An argparse type: ``FIRST:COUNT`` (steps done before a window, steps in it)."""
+    first, _, count = text.partition(":")
+    if not (first.isdigit() and count.isdigit() and int(count) >= 1):
+        raise argparse.ArgumentTypeError(f"expected FIRST:COUNT with FIRST >= 0 and COUNT >= 1, got {text!r}")
+    return int(first), int(count)
+
+
 def template(text: str) -> str:
     """An argparse type: a prompt as a recipe's model.prompt accepts it."""
     from slmembed.config import ModelConfig, field_error
@@ -322,7 +329,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", required=True, help="recipe YAML file or the name of a shipped recipe (e.g. gemma-2b)")
     t.add_argument("--output", required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
-    t.add_argument("--profile", nargs="?", const="20:10", metavar="FIRST:COUNT",
+    t.add_argument("--profile", nargs="?", const=(20, 10), type=steps_window, metavar="FIRST:COUNT",
                    help="profile steps FIRST+1..FIRST+COUNT (default 20:10) into the run folder's profile/")
     force(t, "an earlier run in --output")
     common(t, recipe=True)
@@ -445,9 +452,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
     args.command_line = shlex.join(["slmembed", *argv])  # for provenance(); also right when called in-process
-    from transformers.utils import logging
+    # No per-tensor loading bars (slmembed shows its own progress): transformers reads this when it is imported, so
+    # commands that fail their checks never import it; a caller that imported it already is told directly.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging
 
-    logging.disable_progress_bar()  # per-tensor loading bars; slmembed shows its own progress
+        logging.disable_progress_bar()
     try:
         return args.func(args)
     except SlmembedError as exc:

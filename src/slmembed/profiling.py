@@ -19,20 +19,8 @@ import torch
 from torch.autograd import DeviceType
 
 from slmembed.atomic import write_json, write_text
-from slmembed.errors import SlmembedError
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-
-
-def window(text: str) -> tuple[int, int]:
-    """``FIRST:COUNT`` (steps done before the window, steps in it) from the command line."""
-    try:
-        first, count = (int(x) for x in text.split(":"))
-    except ValueError:
-        first = count = -1
-    if first < 0 or count < 1:
-        raise SlmembedError(f"--profile: expected FIRST:COUNT with FIRST >= 0 and COUNT >= 1, got {text!r}")
-    return first, count
 
 
 class StepProfiler:
