@@ -324,6 +324,24 @@ def test_onnx_export_scores_like_pytorch_and_loads_back(runs, stsb_texts, data_d
     expected = reference.encode(texts)
     assert _min_cosine(back.encode(texts, batch_size=16), expected) >= 0.9999  # batches of any size and width
     assert _min_cosine(back.encode(texts[:1]), expected[:1]) >= 0.9999
+    assert back.weights == "onnx float32" and back.vocab_size == reference.vocab_size
+
+    from fastapi.testclient import TestClient
+
+    from slmembed.adapters import Single
+    from slmembed.serve import create_app
+
+    with TestClient(create_app(Single(back, "onnx"))) as client:  # serve runs the folder too
+        reply = client.post("/v1/embeddings", json={"model": "onnx", "input": texts[:3]})
+    assert reply.status_code == 200, reply.text
+    served = np.array([row["embedding"] for row in reply.json()["data"]], dtype=np.float32)
+    assert _min_cosine(served, expected[:3]) >= 0.9999
+    eval_json = tmp_path / "eval-onnx.json"
+    assert main(["eval", "--model", str(out), "--tasks", "STSBenchmark", "--output", str(eval_json),
+                 "--data-dir", str(data_dir)]) == 0
+    assert json.loads(eval_json.read_text())["dtype"] == "onnx float32"
+    assert main(["eval", "--model", str(out), "--tasks", "STSBenchmark", "--compile", "--data-dir",
+                 str(data_dir)]) == 2
 
 
 @pytest.mark.slow

@@ -109,7 +109,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(table({label: result["scores"], **compact, **prefixes}))
     if args.output:
         write_json(args.output, {"model": label, "adapter": args.adapter, "spec": embedder.spec.__dict__,
-                                 "dtype": str(next(embedder.model.parameters()).dtype), **result, **calibrated,
+                                 "dtype": embedder.weights, **result, **calibrated,
                                  "run": provenance(args.command_line)})
         outputs.record_added(Path(args.output).parent, Path(args.output).name, "eval")
     return 0
@@ -152,6 +152,9 @@ def _load_model(name: str, args: argparse.Namespace):
 def _compile(embedder, args: argparse.Namespace) -> None:
     if args.compile:
         from slmembed.compile import compile_blocks
+
+        if embedder.model is None:
+            raise SlmembedError("--compile compiles a PyTorch model; an ONNX export runs in onnxruntime as it is")
 
         compile_blocks(embedder.model)
 

@@ -120,6 +120,16 @@ class Embedder:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def weights(self) -> str:
+        """What the model computes with, as result files record it (e.g. ``torch.bfloat16``)."""
+        return str(next(self.model.parameters()).dtype)
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids the model accepts: below its tokenizer's size and its embedding table's."""
+        return min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
+
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per text: prompt applied, truncated so that the appended EOS still fits in ``max_length``."""
         room = self.spec.max_length - (self.eos is not None)

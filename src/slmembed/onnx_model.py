@@ -15,6 +15,7 @@ serve use it like any other model.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -97,10 +98,21 @@ class OnnxEmbedder(Embedder):
         self.tokenizer.padding_side = "right"  # the graph's positions start at 0: no left padding
         self.eos = self.tokenizer.eos_token_id if spec.append_eos else None
         self.causal, self.packed = False, False  # collate keeps the mask, which the graph always takes
+        saved = json.loads((folder / "embed.json").read_text()) if (folder / "embed.json").exists() else {}
+        self._weights = f"onnx {saved.get('quantize') or 'float32'}"
+        self._vocab = min(len(self.tokenizer), json.loads((folder / "config.json").read_text())["vocab_size"])
 
     @property
     def device(self) -> torch.device:
         return torch.device("cpu")
+
+    @property
+    def weights(self) -> str:
+        return self._weights
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         feed = {name: np.ascontiguousarray(batch[name].numpy()) for name in INPUTS}

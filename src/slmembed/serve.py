@@ -240,7 +240,7 @@ def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = 
     if calibration is not None and (calibration.shape[1] != dim or len(served.names) > 1):
         raise SlmembedError(f"the calibration embeddings have {calibration.shape[1]} dimensions, the model {dim}"
                             if len(served.names) == 1 else "--calibration applies to a server of one model")
-    vocab = min(len(embedder.tokenizer), embedder.model.get_input_embeddings().num_embeddings)
+    vocab = embedder.vocab_size
     created = int(time.time())
     cards = {name: {"id": name, "object": "model", "created": created, "owned_by": "slmembed"}
              for name in served.names}
