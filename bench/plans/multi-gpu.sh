@@ -1,21 +1,22 @@
 #!/usr/bin/env bash
-# Issue 15's runs on the two-GPU machine (nvidia-h200-x2), staged as in bench/reproduce_gpu.sh's header, in two
-# phases started detached from a copy of the checkout (a phase outlasts one device call):
-#   speed:  one at a time, the GPUs to themselves: bench/multi_gpu.py for SmolLM2-135M and Gemma-3-270M at 60 and
-#           512 triplets per device with train.compile on (packing is on by default on a GPU; neither recipe needs
-#           GradCache at these sizes on an H200), the 60-per-device runs profiled; then bench/sharded.py (Gemma-3-270M,
-#           FSDP against DDP, both uncompiled).
-#   checks: at once: the NCCL case of tests/test_loss.py, the paper recipe (SmolLM2-135M, one epoch) on one GPU at
-#           batch 60 against two at 30 each, and bench/multi_node.py on the GPUs; with MATRYOSHKA=1 also issue 16's
-#           Matryoshka run of smollm2-135m-plus and its plain twin (slmembed reproduce, then eval --dims).
-# Each phase writes results/bench/*.json (and profile tables) and its logs, packed as $RESULTS/PHASE.tgz.
+# Issues 15 and 16's runs on the two-GPU machine (nvidia-h200-x2), staged as in bench/reproduce_gpu.sh's header, started
+# detached from a copy of the checkout (the plan outlasts one device call). Each argument is one item, run in order:
+#   quality      at once: issue 16's Matryoshka run of smollm2-135m-plus (train.matryoshka_dims=[64,128,256]) on GPU 1
+#                and its plain twin on GPU 0 (slmembed reproduce, then eval --dims 64 128 256), and bench/multi_node.py
+#                on both GPUs (two launchers of one GPU each against one launcher, and a launcher killed);
+#   nccl         the NCCL case of tests/test_loss.py;
+#   MODEL-bB     bench/multi_gpu.py for MODEL (smollm2-135m, gemma-3-270m) at B triplets per device, train.compile on
+#                (packing is on by default on a GPU; neither recipe needs GradCache at these sizes on an H200), profiled;
+#   paper        the paper recipe (SmolLM2-135M, one epoch) on one GPU at batch 60 against two at 30 each;
+#   sharded      bench/sharded.py: Gemma-3-270M, FSDP against DDP, both uncompiled.
+# Speed items run one at a time with the GPUs to themselves. After each item, results/bench, results/matryoshka and
+# the logs are packed into $RESULTS/latest.tgz (atomically), so a plan cut short still returns what it finished.
 #   mkdir -p /tmp/repo && cp -r src bench results pyproject.toml tests /tmp/repo && cd /tmp/repo &&
-#   (RESULTS=/tmp/mg setsid nohup bash bench/plans/multi-gpu.sh speed >/tmp/mg-speed.log 2>&1 &)
+#   (RESULTS=/tmp/mg setsid nohup bash bench/plans/multi-gpu.sh quality smollm2-135m-b512 >/tmp/mg-plan.log 2>&1 &)
 set -u
-phase=$1
 source bench/gpu_env.sh
 RESULTS=${RESULTS:-/tmp/mg}
-mkdir -p "$RESULTS/logs" results/bench
+mkdir -p "$RESULTS/logs" results/bench results/matryoshka
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 fast="--set train.compile=true"
 step() {  # NAME SECONDS COMMAND...: run one, its output in logs/NAME.log
@@ -24,34 +25,41 @@ step() {  # NAME SECONDS COMMAND...: run one, its output in logs/NAME.log
   timeout "$limit" "$@" >"$RESULTS/logs/$name.log" 2>&1
   echo "=== $(date +%T) $name exit $?"
 }
-if [ "$phase" = speed ]; then
-  for model in smollm2-135m gemma-3-270m; do
-    step "$model-b60" 420 python3 bench/multi_gpu.py --config "$model" --per-device-batch 60 --steps 200 \
-      --warmup 20 --profile 10:10 $fast --output "results/bench/multi-gpu-$model-b60.json"
-  done
-  for model in smollm2-135m gemma-3-270m; do
-    step "$model-b512" 420 python3 bench/multi_gpu.py --config "$model" --per-device-batch 512 --steps 60 \
-      --warmup 20 --profile 10:10 $fast --output "results/bench/multi-gpu-$model-b512.json"
-  done
-  step sharded 420 python3 bench/sharded.py --config gemma-3-270m --per-device-batch 60 --steps 100 --warmup 10 \
-    --output results/bench/sharded-gemma-3-270m.json
-else
-  CUDA_VISIBLE_DEVICES=0,1 step nccl 300 python3 -m pytest -q -p no:cacheprovider tests/test_loss.py -k nccl &
-  step paper 900 python3 bench/multi_gpu.py --config smollm2-135m --per-device-batch 30 --gpus 2 --steps 670 \
-    --warmup 10 $fast --output results/bench/multi-gpu-smollm2-135m-paper-b60.json &
-  step multi-node 900 python3 bench/multi_node.py --config smollm2-135m --device cuda --per-process-batch 30 \
-    --steps 40 --save-every 20 --output results/bench/multi-node-cuda.json &
-  if [ "${MATRYOSHKA:-0}" = 1 ]; then
-    for name in plain matryoshka; do
-      sets=""; [ $name = matryoshka ] && sets="--set train.matryoshka_dims=[64,128,256]"
-      ( CUDA_VISIBLE_DEVICES=1 step "mrl-$name" 900 python3 -m slmembed reproduce --model smollm2-135m \
-          --recipe smollm2-135m-plus $sets \
-          --set train.compile=true --device cuda --output "results/matryoshka/gpu-$name" &&
-        step "mrl-$name-dims" 300 python3 -m slmembed eval --adapter "runs/reproduce/gpu-$name" --dims 64 128 256 \
-          --device cuda --output "results/matryoshka/gpu-$name-dims.json" ) &
-    done
-  fi
-  wait
-fi
-tar czf "$RESULTS/$phase.tgz" -C "$RESULTS" logs -C "$PWD" results/bench $(ls -d results/matryoshka 2>/dev/null)
-echo "=== $(date +%T) done: $RESULTS/$phase.tgz"
+matryoshka() {  # NAME GPU [--set ...]: train the best SmolLM2 recipe, then score its prefixes
+  local name=$1 gpu=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$gpu step "mrl-$name" 900 python3 -m slmembed reproduce --model smollm2-135m \
+    --recipe smollm2-135m-plus "$@" $fast --device cuda --output "results/matryoshka/gpu-$name" &&
+  CUDA_VISIBLE_DEVICES=$gpu step "mrl-$name-dims" 300 python3 -m slmembed eval --adapter "runs/reproduce/gpu-$name" \
+    --dims 64 128 256 --device cuda --output "results/matryoshka/gpu-$name-dims.json"
+}
+pack() {
+  tar czf "$RESULTS/packing.tgz" -C "$RESULTS" logs -C "$PWD" results/bench results/matryoshka &&
+    mv "$RESULTS/packing.tgz" "$RESULTS/latest.tgz"
+}
+for item in "$@"; do
+  case $item in
+    quality)
+      matryoshka plain 0 &
+      matryoshka matryoshka 1 --set "train.matryoshka_dims=[64,128,256]" &
+      step multi-node 900 python3 bench/multi_node.py --config smollm2-135m --device cuda --per-process-batch 30 \
+        --steps 40 --save-every 20 --output results/bench/multi-node-cuda.json &
+      wait;;
+    nccl)
+      CUDA_VISIBLE_DEVICES=0,1 step nccl 300 python3 -m pytest -q -p no:cacheprovider tests/test_loss.py -k nccl;;
+    *-b*)
+      model=${item%-b*} batch=${item##*-b} steps=200
+      [ "$batch" -ge 512 ] && steps=60
+      step "$item" 480 python3 bench/multi_gpu.py --config "$model" --per-device-batch "$batch" --steps $steps \
+        --warmup 20 --profile 10:10 $fast --output "results/bench/multi-gpu-$item.json";;
+    paper)
+      step paper 900 python3 bench/multi_gpu.py --config smollm2-135m --per-device-batch 30 --gpus 2 --steps 670 \
+        --warmup 10 $fast --output results/bench/multi-gpu-smollm2-135m-paper-b60.json;;
+    sharded)
+      step sharded 480 python3 bench/sharded.py --config gemma-3-270m --per-device-batch 60 --steps 100 --warmup 10 \
+        --output results/bench/sharded-gemma-3-270m.json;;
+    *) echo "unknown item $item"; exit 2;;
+  esac
+  pack
+done
+touch "$RESULTS/done"
+echo "=== $(date +%T) done: $RESULTS/latest.tgz"
