@@ -14,9 +14,14 @@
 #   mkdir -p /tmp/repo && cp -r src bench results pyproject.toml tests /tmp/repo && cd /tmp/repo &&
 #   (RESULTS=/tmp/mg setsid nohup bash bench/plans/multi-gpu.sh quality smollm2-135m-b512 >/tmp/mg-plan.log 2>&1 &)
 set -u
+for item in "$@"; do  # every item checked before any run starts
+  [[ $item =~ ^(quality|nccl|paper|sharded|(smollm2-135m|gemma-3-270m)-b[0-9]+)$ ]] ||
+    { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, nccl, paper, sharded or MODEL-bB)"; exit 2; }
+done
 source bench/gpu_env.sh
 RESULTS=${RESULTS:-/tmp/mg}
 mkdir -p "$RESULTS/logs" results/bench results/matryoshka
+rm -f "$RESULTS/done"  # a finished earlier plan's mark, which a waiting call would take for this one's
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 fast="--set train.compile=true"
 step() {  # NAME SECONDS COMMAND...: run one, its output in logs/NAME.log
@@ -57,7 +62,6 @@ for item in "$@"; do
     sharded)
       step sharded 480 python3 bench/sharded.py --config gemma-3-270m --per-device-batch 60 --steps 100 --warmup 10 \
         --output results/bench/sharded-gemma-3-270m.json;;
-    *) echo "unknown item $item"; exit 2;;
   esac
   pack
 done
