@@ -8,15 +8,20 @@
 #   MODEL-bB     bench/multi_gpu.py for MODEL (smollm2-135m, gemma-3-270m) at B triplets per device, train.compile on
 #                (packing is on by default on a GPU; neither recipe needs GradCache at these sizes on an H200), profiled;
 #   paper        the paper recipe (SmolLM2-135M, one epoch) on one GPU at batch 60 against two at 30 each;
-#   sharded      bench/sharded.py: Gemma-3-270M, FSDP against DDP, both uncompiled.
+#   sharded      bench/sharded.py: Gemma-3-270M, FSDP against DDP, both uncompiled;
+#   encode-MODEL bench/encode_speed.py --compile for MODEL (issue 17: encoding against the peer, and the nine-set
+#                eval end to end in a fresh process).
+# On a one-GPU machine (nvidia-h200), quality runs the Matryoshka pair together on GPU 0 and skips multi-node (one
+# launcher per GPU needs two); the MODEL-bB, paper, sharded and nccl items need two GPUs.
 # Speed items run one at a time with the GPUs to themselves. After each item, results/bench, results/matryoshka and
 # the logs are packed into $RESULTS/latest.tgz (atomically), so a plan cut short still returns what it finished.
 #   mkdir -p /tmp/repo && cp -r src bench results pyproject.toml tests /tmp/repo && cd /tmp/repo &&
 #   (RESULTS=/tmp/mg setsid nohup bash bench/plans/multi-gpu.sh quality smollm2-135m-b512 >/tmp/mg-plan.log 2>&1 &)
 set -u
 for item in "$@"; do  # every item checked before any run starts
-  [[ $item =~ ^(quality|nccl|paper|sharded|(smollm2-135m|gemma-3-270m)-b[0-9]+)$ ]] ||
-    { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, nccl, paper, sharded or MODEL-bB)"; exit 2; }
+  [[ $item =~ ^(quality|nccl|paper|sharded|(smollm2-135m|gemma-3-270m)-b[0-9]+|encode-(smollm2-135m|gemma-3-270m))$ ]] ||
+    { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, nccl, paper, sharded, MODEL-bB or" \
+        "encode-MODEL)"; exit 2; }
 done
 source bench/gpu_env.sh
 RESULTS=${RESULTS:-/tmp/mg}
@@ -24,6 +29,7 @@ mkdir -p "$RESULTS/logs" results/bench results/matryoshka
 rm -f "$RESULTS/done"  # a finished earlier plan's mark, which a waiting call would take for this one's
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 fast="--set train.compile=true"
+gpus=$(nvidia-smi -L | wc -l)
 step() {  # NAME SECONDS COMMAND...: run one, its output in logs/NAME.log
   local name=$1 limit=$2; shift 2
   echo "=== $(date +%T) $name: $*"
@@ -45,12 +51,16 @@ for item in "$@"; do
   case $item in
     quality)
       matryoshka plain 0 &
-      matryoshka matryoshka 1 --set "train.matryoshka_dims=[64,128,256]" &
-      step multi-node 900 python3 bench/multi_node.py --config smollm2-135m --device cuda --per-process-batch 30 \
+      matryoshka matryoshka $((gpus > 1)) --set "train.matryoshka_dims=[64,128,256]" &
+      [ "$gpus" -gt 1 ] || echo "=== multi-node skipped: one GPU ($gpus found), a launcher per GPU needs two"
+      [ "$gpus" -gt 1 ] && step multi-node 900 python3 bench/multi_node.py --config smollm2-135m --device cuda --per-process-batch 30 \
         --steps 40 --save-every 20 --output results/bench/multi-node-cuda.json &
       wait;;
     nccl)
       CUDA_VISIBLE_DEVICES=0,1 step nccl 300 python3 -m pytest -q -p no:cacheprovider tests/test_loss.py -k nccl;;
+    encode-*)
+      step "$item" 480 python3 bench/encode_speed.py --model "${item#encode-}" --compile \
+        --output "results/bench/$item-h200.json";;
     *-b*)
       model=${item%-b*} batch=${item##*-b} steps=200
       [ "$batch" -ge 512 ] && steps=60

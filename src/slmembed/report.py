@@ -163,7 +163,7 @@ def _ablation(runs: list[Run], out: Path) -> list[str]:
     if logged:
         plot_losses(out / "losses.png", logged)
         lines += ["", "![losses](losses.png)"]
-    return lines
+    return [*lines, ""]
 
 
 def _single(run: Run, out: Path) -> list[str]:
