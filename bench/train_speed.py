@@ -82,7 +82,10 @@ def _reset() -> None:
 
 
 VARIANTS = {"eager": [], "compile": ["train.compile=true"], "grad_cache": ["train.grad_cache=true"],
-            "compile_grad_cache": ["train.compile=true", "train.grad_cache=true"]}
+            "compile_grad_cache": ["train.compile=true", "train.grad_cache=true"],
+            # liger-kernel's fused norms, MLP and rotary (kernels.py); it patches the architecture for the rest of
+            # the process, so list these after the others (compile_liger is refused: kernels.check)
+            "liger": ["train.kernels=liger"], "compile_liger": ["train.compile=true", "train.kernels=liger"]}
 VARIANTS.update({f"{name}_padded": [*overrides, "train.packing=false"] for name, overrides in list(VARIANTS.items())})
 
 

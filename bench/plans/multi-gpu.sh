@@ -10,7 +10,10 @@
 #   paper        the paper recipe (SmolLM2-135M, one epoch) on one GPU at batch 60 against two at 30 each;
 #   sharded      bench/sharded.py: Gemma-3-270M, FSDP against DDP, both uncompiled;
 #   encode-MODEL bench/encode_speed.py --compile for MODEL (issue 17: encoding against the peer, and the nine-set
-#                eval end to end in a fresh process).
+#                eval end to end in a fresh process);
+#   kernels      issue 17: tests/test_kernels.py on the GPU (liger-kernel's fused kernels against transformers'
+#                modules), then bench/train_speed.py at 512 for both models: compiled, eager and eager with liger
+#                (needs liger-kernel's wheel among the staged ones).
 # On a one-GPU machine (nvidia-h200), quality runs the Matryoshka pair together on GPU 0 and skips multi-node (one
 # launcher per GPU needs two); the MODEL-bB, paper, sharded and nccl items need two GPUs.
 # Speed items run one at a time with the GPUs to themselves. After each item, results/bench, results/matryoshka and
@@ -19,9 +22,9 @@
 #   (RESULTS=/tmp/mg setsid nohup bash bench/plans/multi-gpu.sh quality smollm2-135m-b512 >/tmp/mg-plan.log 2>&1 &)
 set -u
 for item in "$@"; do  # every item checked before any run starts
-  [[ $item =~ ^(quality|nccl|paper|sharded|(smollm2-135m|gemma-3-270m)-b[0-9]+|encode-(smollm2-135m|gemma-3-270m))$ ]] ||
-    { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, nccl, paper, sharded, MODEL-bB or" \
-        "encode-MODEL)"; exit 2; }
+  [[ $item =~ ^(quality|nccl|paper|sharded|kernels|(smollm2-135m|gemma-3-270m)-b[0-9]+|encode-(smollm2-135m|gemma-3-270m))$ ]] ||
+    { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, nccl, paper, sharded, kernels," \
+        "MODEL-bB or encode-MODEL)"; exit 2; }
 done
 source bench/gpu_env.sh
 RESULTS=${RESULTS:-/tmp/mg}
@@ -58,6 +61,13 @@ for item in "$@"; do
       wait;;
     nccl)
       CUDA_VISIBLE_DEVICES=0,1 step nccl 300 python3 -m pytest -q -p no:cacheprovider tests/test_loss.py -k nccl;;
+    kernels)
+      step kernels-test 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py
+      step liger-gemma-3-270m 480 python3 bench/train_speed.py --model gemma-3-270m --batches 512 --warmup 6 \
+        --steps 12 --variants compile eager liger --peer-losses \
+        --output results/bench/train-gemma-3-270m-b512-liger.json
+      step liger-smollm2-135m 480 python3 bench/train_speed.py --model smollm2-135m --batches 512 --warmup 6 \
+        --steps 12 --variants compile eager liger --peer-losses --output results/bench/train-smollm2-135m-b512-liger.json;;
     encode-*)
       step "$item" 480 python3 bench/encode_speed.py --model "${item#encode-}" --compile \
         --output "results/bench/$item-h200.json";;

@@ -132,6 +132,8 @@ class TrainConfig:
     packing: bool | None = None  # chunks as one row without padding (packing.py); None: where supported, on a GPU
     grad_cache: bool = False  # cached negatives (GradCache): memory set by chunk_tokens, not batch_size
     compile: bool = False  # torch.compile each transformer block (compile.py): fused kernels, a one-off compile time
+    # liger: liger-kernel's fused RMSNorm, gated MLP and rotary embeddings on a GPU (kernels.py); none: transformers'
+    kernels: str = checked(one_of("none", "liger"), default="none")
     # fsdp: weights, gradients and optimizer state split across the processes (sharding.py), for a backbone that does
     # not fit one device; none: each process holds the whole model (DDP).
     sharding: str = checked(one_of("none", "fsdp"), default="none")
@@ -177,12 +179,12 @@ class Recipe:
 # Fields that change how a run goes but not what it computes, so a resumed run may change them (train.py): its
 # label, the safety flags that allow loading, where it logs and checkpoints, skip_bad_rows (a run started without it
 # had no bad rows to skip), and how each step's batch is cut and run: chunk_tokens, packing, grad_cache (speed,
-# memory) and compile (fused kernels) leave the loss and its gradient as they are; only rounding and the dropout
-# masks drawn differ.
+# memory), compile and kernels (fused kernels) leave the loss and its gradient as they are; only rounding and the
+# dropout masks drawn differ.
 NOT_RESULT = frozenset({
     "name", "model.trust_remote_code", "model.allow_pickle", "data.skip_bad_rows",
     "train.log_every", "train.save_every", "train.keep_checkpoints",
-    "train.chunk_tokens", "train.packing", "train.grad_cache", "train.compile",
+    "train.chunk_tokens", "train.packing", "train.grad_cache", "train.compile", "train.kernels",
 })
 
 

@@ -35,7 +35,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from slmembed import models, outputs, profiling, sharding, tuning
+from slmembed import kernels, models, outputs, profiling, sharding, tuning
 from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
 from slmembed.compile import compile_blocks
 from slmembed.config import Recipe, load_recipe, recipe_from_dict, result_changes
@@ -222,6 +222,7 @@ def _setup_model(recipe: Recipe, acc: Accelerator):
     base, tokenizer = models.load(recipe.model.name, dtype=tuning.weights_dtype(recipe),
                                   trust_remote_code=recipe.model.trust_remote_code,
                                   allow_pickle=recipe.model.allow_pickle, attn_implementation=attn)
+    kernels.apply(base, tc.kernels)  # before LoRA wraps the modules liger swaps
     model = tuning.prepare(base, recipe)
     if tc.sharding == "fsdp":  # before the optimizer, which must see the sharded parameters
         model = sharding.shard(model)  # moves each block to the device as it shards it
@@ -253,6 +254,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     # for nothing) and with gradients that are views of its all-reduce buckets (no copy in and out).
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
     acc = Accelerator(cpu=models.resolve_device(device).type == "cpu", kwargs_handlers=[ddp])
+    kernels.check(tc.kernels, tc.compile, acc.device)
     sharded = tc.sharding == "fsdp"
     if sharded and acc.num_processes == 1:
         raise SlmembedError("train.sharding: fsdp splits the model across processes: start several with torchrun "
