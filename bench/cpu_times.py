@@ -1,6 +1,6 @@
 """Wall times of the CPU paths a user meets first: the demo and the test suite, each in a fresh process.
 
-    python bench/cpu_times.py --output results/bench/cpu.json        # about 10 minutes on 2 cores
+    python bench/cpu_times.py --output results/bench/cpu.json        # 10 to 25 minutes on 2 cores
 """
 
 from __future__ import annotations
@@ -24,20 +24,39 @@ def timed(command: list[str]) -> float:
     return round(time.perf_counter() - t, 1)
 
 
+def machine_speed() -> dict:
+    """How fast this machine is right now: a float32 matmul (torch's threads) and a pure-Python loop. Lent 2-core
+    machines differ by 2x from day to day, so times measured on different days are compared through these."""
+    import torch
+
+    a = torch.randn(2048, 2048)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(10):
+        a @ a
+    gflops = 10 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+    t = time.perf_counter()
+    sum(range(10**7))
+    return {"matmul_fp32_gflop_s": round(gflops, 1), "python_loop_1e7_s": round(time.perf_counter() - t, 3),
+            "torch_threads": torch.get_num_threads()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", required=True)
     args = p.parse_args()
+    speed_before = machine_speed()
     with tempfile.TemporaryDirectory() as tmp:
         demo = [sys.executable, "-m", "slmembed", "demo", "--output", str(Path(tmp) / "demo")]
         demo_s = timed(demo)
         demo_result = json.loads((Path(tmp) / "demo" / "demo.json").read_text())
-    tests = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    tests = [sys.executable, "-m", "pytest", "-q", "-n", "auto", "-p", "no:cacheprovider"]  # as the README runs it
     tests_s = timed(tests)
     save(args.output, {
         "demo": {"wall_s": demo_s, "command": "slmembed demo",
                  "stsb_before": demo_result["before"], "stsb_after": demo_result["after"]},
-        "test_suite": {"wall_s": tests_s, "command": "python -m pytest -q"},
+        "test_suite": {"wall_s": tests_s, "command": "python -m pytest -q -n auto"},
+        "machine_speed": {"before": speed_before, "after": machine_speed()},
     })
 
 

@@ -50,7 +50,7 @@ done
 if [ "$check" = 1 ]; then
     rm -rf .lock-check && mkdir .lock-check && cp -r "$new" .lock-check/requirements
     SLMEMBED_VENV=.lock-check/venv SLMEMBED_LOCKS=.lock-check/requirements bash scripts/install.sh test
-    .lock-check/venv/bin/python -m pytest -q -p no:cacheprovider
+    .lock-check/venv/bin/python -m pytest -q -n auto -p no:cacheprovider
     rm -rf .lock-check
 fi
 mkdir -p requirements

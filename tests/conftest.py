@@ -4,6 +4,7 @@ variants of one (pickle weights, remote code)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,6 +25,16 @@ TINY = {
     "llama": LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2),
 }
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (the README's ``-n auto``), each test process takes its share of the cores, not all of them:
+    torch's threads here, OMP_NUM_THREADS for the processes tests start."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,6 +27,39 @@ def test_packaged_gguf_converts_to_safetensors_folder(smollm2_dir) -> None:
     special = (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token)
     assert special == ("<|im_end|>", "<|im_start|>", "<|im_end|>")
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 2)
+
+
+def test_concurrent_resolves_build_a_packaged_model_once(tmp_path, tiny_models, monkeypatch) -> None:
+    """Several resolvers of one packaged model on a fresh cache (torchrun's ranks, test workers): one builds the
+    folder, the others wait for it and reuse it."""
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in tiny_models["llama"].iterdir():
+            zf.write(f, f"tiny/{f.name}")
+    data = archive.read_bytes()
+    (tmp_path / "m.zip.001").write_bytes(data[:len(data) // 2])
+    (tmp_path / "m.zip.002").write_bytes(data[len(data) // 2:])
+    monkeypatch.setitem(models.PACKAGED, "tiny-zip",
+                        models.Packaged(("none",), ("m.zip.001", "m.zip.002"), "zip", "org/tiny"))
+    monkeypatch.setattr(models, "_find_part", lambda dists, name: tmp_path / name)
+    monkeypatch.setenv("SLMEMBED_CACHE", str(tmp_path / "cache"))
+    joined, join = [], models._join
+
+    def slow_join(parts: list[Path], target: Path) -> None:  # a build long enough for the others to arrive
+        joined.append(target)
+        time.sleep(0.5)
+        join(parts, target)
+
+    monkeypatch.setattr(models, "_join", slow_join)
+    folders: list[str] = []
+    threads = [threading.Thread(target=lambda: folders.append(models.resolve("tiny-zip"))) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(joined) == 1 and len(folders) == 3 and len(set(folders)) == 1
+    assert folders[0] == str(tmp_path / "cache" / "models" / "tiny-zip")
+    assert json.loads((Path(folders[0]) / "config.json").read_text())["model_type"] == "llama"
 
 
 def test_lora_layers_out_of_range_are_refused(tiny_models) -> None:

