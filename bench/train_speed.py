@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -85,19 +87,22 @@ VARIANTS = {"eager": [], "compile": ["train.compile=true"], "grad_cache": ["trai
             "compile_grad_cache": ["train.compile=true", "train.grad_cache=true"],
             # liger-kernel's fused norms, MLP and rotary (kernels.py); it patches the architecture for the rest of
             # the process, so list these after the others (compile_liger is refused: kernels.check)
-            "liger": ["train.kernels=liger"], "compile_liger": ["train.compile=true", "train.kernels=liger"]}
-VARIANTS.update({f"{name}_padded": [*overrides, "train.packing=false"] for name, overrides in list(VARIANTS.items())})
+            "liger": ["train.kernels=liger"], "compile_liger": ["train.compile=true", "train.kernels=liger"],
+            # each step's forward and backward replayed as a CUDA graph (cuda_graphs.py; packed only)
+            "graphs": ["train.cuda_graphs=true"], "compile_graphs": ["train.compile=true", "train.cuda_graphs=true"]}
+VARIANTS.update({f"{name}_padded": [*overrides, "train.packing=false"] for name, overrides in list(VARIANTS.items())
+                 if "graphs" not in name})
 
 
 def run_ours(recipe: Recipe, warmup: int, steps: int, data_dir: str | None, run_dir: Path,
-             log_every: int | None = None) -> dict:
+             log_every: int | None = None, profile: tuple[int, int] | None = None) -> dict:
     log_every = log_every or math.gcd(warmup, steps)
     recipe = with_overrides(recipe, [f"train.max_steps={warmup + steps}", f"train.log_every={log_every}",
                                      "train.save_every=1000000"])
     _reset()
     t = time.perf_counter()
     try:
-        train(recipe, run_dir, data_dir=data_dir, progress=False)
+        train(recipe, run_dir, data_dir=data_dir, progress=False, profile=profile)
     except torch.OutOfMemoryError:
         _reset()
         return {"oom": True}
@@ -191,7 +196,9 @@ def main() -> None:
     p.add_argument("--quality-variant", default="compile", choices=sorted(VARIANTS))
     p.add_argument("--quality-lr", type=float, default=5e-4)
     p.add_argument("--quality-tasks", nargs="+", default=list(TASKS), help="STS sets of the quality check")
-    p.add_argument("--profile", help="write torch.profiler tables of slmembed's first variant at the first batch here")
+    p.add_argument("--profile", help="write torch.profiler tables of slmembed's first variant at the first batch "
+                   "here; with --profile-variants, of each of those, '{variant}' in the path naming it")
+    p.add_argument("--profile-variants", nargs="*", choices=sorted(VARIANTS), help="the variants to profile")
     p.add_argument("--sync-check", action="store_true",
                    help="run the first variant at the first batch again, recording where the host waits for the GPU")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -231,7 +238,13 @@ def main() -> None:
             return (with_overrides(recipe, VARIANTS[args.variants[0]]), args.warmup, args.steps, args.data_dir,
                     scratch / f"{name}-{batch}")
 
-        if args.profile:  # under the profiler (which slows it a little)
+        if args.profile and args.profile_variants:  # steps warmup+1..warmup+10 under slmembed's step profiler
+            row["profiled"] = {variant: step_profiled(with_overrides(recipe, VARIANTS[variant]), args,
+                                                      scratch / f"profile-{batch}-{variant}",
+                                                      args.profile.format(variant=variant))
+                               for variant in args.profile_variants}
+            args.profile = None
+        elif args.profile:
             row["profiled"] = profiled(first_variant("profile"), args.profile)
             args.profile = None
         if args.sync_check:
@@ -260,6 +273,19 @@ def main() -> None:
     if args.quality_steps:
         result["quality"] = quality(base, triplets, tokenizer_only, args, scratch)
     save(args.output, result)
+
+
+def step_profiled(recipe: Recipe, args, run_dir: Path, path: str) -> dict:
+    """``run_ours`` with ten steps after the warm-up under slmembed's step profiler (profiling.py): its per-step
+    summary (wall, host busy, GPU busy, kernels) in the result, its operator tables copied to ``path``."""
+    result = run_ours(recipe, args.warmup, args.steps, args.data_dir, run_dir, profile=(args.warmup, 10))
+    summary = run_dir / "profile" / "rank0.json"
+    if summary.exists():
+        result["profile"] = json.loads(summary.read_text())
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(run_dir / "profile" / "rank0.txt", path)
+        result["profile_tables"] = path
+    return result
 
 
 def profiled(run: tuple, path: str) -> dict:

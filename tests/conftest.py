@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GemmaConfig, Llama
 
 from slmembed import models
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The data directory as slmembed finds it (SLMEMBED_DATA, as on the GPU machine; else ../shared/data).
+DATA = Path(os.environ.get("SLMEMBED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
 
 # Tiny random stand-ins for the paper's models: Gemma-2B (gemma), Phi-2 (phi) and MiniCPM-2B, whose remote code is a
 # Llama-style decoder with q_proj/v_proj (llama).

@@ -109,3 +109,26 @@ def test_pickle_adapters_are_refused_unless_allowed(tmp_path, tiny_models) -> No
     tuned = load_embedder(base, tmp_path, device=torch.device("cpu"), dtype=torch.float32, allow_pickle=True)
     plain = load_embedder(base, device=torch.device("cpu"), dtype=torch.float32)
     assert not np.allclose(tuned.encode(TEXTS), plain.encode(TEXTS), atol=1e-4)  # the adapter was applied
+
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "all-minilm-l6-v2"])
+@pytest.mark.parametrize("room", [6, 512])
+def test_backend_tokenizing_equals_the_tokenizer_call(model, room, data_dir) -> None:
+    """The Rust backend's batch call (the fast path of ``Embedder.tokenize``) gives the tokenizer's own ids: special
+    tokens written in the text, truncation, empty and non-ASCII texts, a decoder's and an encoder's tokenizer; and
+    the tokenizer's own call still pads and returns tensors after it."""
+    from transformers import AutoTokenizer
+
+    from slmembed import models
+    from slmembed.data.sts import load_all
+    from slmembed.embedder import _fast_tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve(model))
+    sts = load_all(["STSBenchmark"], data_dir=data_dir)["STSBenchmark"]
+    texts = [*TEXTS, "", "  spaced  out  ", "naïve café – 東京 🚀", f"a {tokenizer.eos_token or '[SEP]'} inside",
+             "[CLS] <|im_start|> <s> tokens", "word " * 600, *sts.sentences1[:200]]
+    want = tokenizer(texts, truncation=True, max_length=room, add_special_tokens=True)["input_ids"]
+    assert _fast_tokenize(tokenizer, texts, room) == want
+    assert max(map(len, want)) == room  # truncation took effect
+    batch = tokenizer(TEXTS, padding=True, return_tensors="pt")  # the backend's settings do not leak into calls
+    assert batch["input_ids"].shape[0] == 3 and len(set(map(len, tokenizer(TEXTS)["input_ids"]))) == 3

@@ -27,6 +27,22 @@ def test_packaged_gguf_converts_to_safetensors_folder(smollm2_dir) -> None:
     special = (tokenizer.eos_token, tokenizer.bos_token, tokenizer.pad_token)
     assert special == ("<|im_end|>", "<|im_start|>", "<|im_end|>")
     assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (2, 2)
+    # ... and so does its add-BOS flag (false for SmolLM2; Gemma's says true, which transformers 5.18-5.23 dropped)
+    assert tokenizer("Hi there")["input_ids"] == tokenizer("Hi there", add_special_tokens=False)["input_ids"]
+
+
+def test_a_tokenizer_converted_into_characters_is_refused(smollm2_dir) -> None:
+    """transformers 5.17 converts Gemma's GGUF tokenizer into a scoreless Unigram model that splits text into
+    characters; such a conversion is refused before it is cached, a real one passes."""
+    models._check_subwords(AutoTokenizer.from_pretrained(smollm2_dir))  # 10 tokens for the probe's 9 words
+
+    class Characters:
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [ord(c) for c in text]}
+
+    with pytest.raises(SlmembedError, match=r"converts this model's GGUF tokenizer wrongly \(44 tokens for the 9 "
+                                            r"words .*pip install 'transformers>=5.18'"):
+        models._check_subwords(Characters())
 
 
 def test_concurrent_resolves_build_a_packaged_model_once(tmp_path, tiny_models, monkeypatch) -> None:

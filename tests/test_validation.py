@@ -53,6 +53,7 @@ BAD: dict[str, list[str]] = {
     "train.packing": ["auto", "1"],
     "train.grad_cache": NOT_BOOL,
     "train.compile": NOT_BOOL,
+    "train.cuda_graphs": NOT_BOOL,
     "train.kernels": ["liger-kernel", "Liger", "''", "1", "null"],
     "train.sharding": ["ddp", "FSDP", "''", "1", "null"],
     "train.matryoshka_dims": ["[]", "[0]", "[8, 8]", "8", "[1.5]", "[true]"],

@@ -13,7 +13,9 @@
 #                eval end to end in a fresh process);
 #   kernels      issue 17: tests/test_kernels.py on the GPU (liger-kernel's fused kernels against transformers'
 #                modules), then bench/train_speed.py at 512 for both models: compiled, eager and eager with liger
-#                (needs liger-kernel's wheel among the staged ones).
+#                (needs liger-kernel's wheel among the staged ones);
+#   graphs       issue 17: tests/test_cuda_graphs.py on the GPU, then bench/train_speed.py at 60 for both models:
+#                compiled with CUDA graphs against compiled packed and padded and the peer, the first two profiled.
 # On a one-GPU machine (nvidia-h200), quality runs the Matryoshka pair together on GPU 0 and skips multi-node (one
 # launcher per GPU needs two); the MODEL-bB, paper, sharded and nccl items need two GPUs.
 # Speed items run one at a time with the GPUs to themselves. After each item, results/bench, results/matryoshka and
@@ -22,8 +24,8 @@
 #   (RESULTS=/tmp/mg setsid nohup bash bench/plans/multi-gpu.sh quality smollm2-135m-b512 >/tmp/mg-plan.log 2>&1 &)
 set -u
 for item in "$@"; do  # every item checked before any run starts
-  [[ $item =~ ^(quality|nccl|paper|sharded|kernels|(smollm2-135m|gemma-3-270m)-b[0-9]+|encode-(smollm2-135m|gemma-3-270m))$ ]] ||
-    { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, nccl, paper, sharded, kernels," \
+  [[ $item =~ ^(quality|nccl|paper|sharded|kernels|graphs|(smollm2-135m|gemma-3-270m)-b[0-9]+|encode-(smollm2-135m|gemma-3-270m))$ ]] ||
+    { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, nccl, paper, sharded, kernels, graphs," \
         "MODEL-bB or encode-MODEL)"; exit 2; }
 done
 source bench/gpu_env.sh
@@ -71,6 +73,13 @@ for item in "$@"; do
         --output results/bench/train-gemma-3-270m-b512-liger.json
       step liger-smollm2-135m 480 python3 bench/train_speed.py --model smollm2-135m --batches 512 --warmup 6 \
         --steps 12 --variants compile eager liger --peer-losses --output results/bench/train-smollm2-135m-b512-liger.json;;
+    graphs)
+      step graphs-test 420 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py
+      for model in gemma-3-270m smollm2-135m; do
+        step "graphs-$model" 600 python3 bench/train_speed.py --model $model --batches 60 --warmup 20 --steps 60 \
+          --variants compile_graphs compile compile_padded --profile-variants compile_graphs compile \
+          --profile "results/bench/profile-$model-b60-{variant}.txt" --output "results/bench/train-$model-b60-graphs.json"
+      done;;
     encode-*)
       step "$item" 480 python3 bench/encode_speed.py --model "${item#encode-}" --compile \
         --output "results/bench/$item-h200.json";;

@@ -132,6 +132,9 @@ class TrainConfig:
     packing: bool | None = None  # chunks as one row without padding (packing.py); None: where supported, on a GPU
     grad_cache: bool = False  # cached negatives (GradCache): memory set by chunk_tokens, not batch_size
     compile: bool = False  # torch.compile each transformer block (compile.py): fused kernels, a one-off compile time
+    # Each step's forward and backward replayed as a CUDA graph (cuda_graphs.py): for small batches, whose steps the
+    # host's kernel launches otherwise pace; one GPU, packed steps of at most chunk_tokens tokens, no GradCache.
+    cuda_graphs: bool = False
     # liger: liger-kernel's fused RMSNorm, gated MLP and rotary embeddings on a GPU (kernels.py); none: transformers'
     kernels: str = checked(one_of("none", "liger"), default="none")
     # fsdp: weights, gradients and optimizer state split across the processes (sharding.py), for a backbone that does

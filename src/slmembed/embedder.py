@@ -134,7 +134,9 @@ class Embedder:
         """Token ids per text: prompt applied, truncated so that the appended EOS still fits in ``max_length``."""
         room = self.spec.max_length - (self.eos is not None)
         texts = [self.spec.template.format(t) for t in texts] if self.spec.prompt else list(texts)
-        ids = self.tokenizer(texts, truncation=True, max_length=room, add_special_tokens=True)["input_ids"]
+        ids = _fast_tokenize(self.tokenizer, texts, room)
+        if ids is None:
+            ids = self.tokenizer(texts, truncation=True, max_length=room, add_special_tokens=True)["input_ids"]
         if self.eos is None:
             return ids
         return [row + [self.eos] for row in ids]
@@ -231,6 +233,25 @@ class Embedder:
         return out[inverse.to(out.device, non_blocking=True)]
 
 
+def _fast_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], room: int) -> list[list[int]] | None:
+    """``tokenizer(texts, truncation=True, max_length=room)["input_ids"]`` straight from a fast tokenizer's Rust
+    backend, set up as that call sets it up (truncation, no padding, special tokens kept whole), or None for a
+    tokenizer without one. Why: the call then turns each text's encoding into Python dicts one by one, which is two
+    thirds of its time (1.08 s of the nine STS sets' 27,675 sentences against 0.39 s for the backend, 2 cores)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    setup = getattr(tokenizer, "set_truncation_and_padding", None)
+    if backend is None or setup is None or not texts:
+        return None
+    from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
+
+    setup(padding_strategy=PaddingStrategy.DO_NOT_PAD, truncation_strategy=TruncationStrategy.LONGEST_FIRST,
+          max_length=room, stride=0, pad_to_multiple_of=None, padding_side=None)
+    split = bool(getattr(tokenizer, "split_special_tokens", False))
+    if backend.encode_special_tokens != split:
+        backend.encode_special_tokens = split
+    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=True)]
+
+
 def _sentence_transformers_spec(folder: Path) -> EmbedSpec | None:
     """The pooling and max length of a sentence-transformers folder (modules.json), if it is one."""
     modules = folder / "modules.json"
@@ -273,8 +294,6 @@ def load_embedder(
     the run (``embed.json``), else from an exported folder's ``embed.json``, else from a sentence-transformers
     folder's pooling config, else decoder defaults (last token + EOS); ``spec_overrides`` win over all of them.
     """
-    from peft import PeftModel
-
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or models.best_dtype(device)
     spec = EmbedSpec()
@@ -306,5 +325,7 @@ def load_embedder(
     net, tokenizer = models.load(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                  device=device)
     if adapter_dir is not None:
+        from peft import PeftModel  # here: a plain model's evaluation does not pay peft's import
+
         net = PeftModel.from_pretrained(net, str(adapter_dir)).merge_and_unload()
     return Embedder(net.to(device).eval(), tokenizer, spec)

@@ -106,17 +106,21 @@ def _build(spec: Packaged, parts: list[Path], tmp: Path) -> None:
     _join(parts, gguf)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16, **_dequantize())
     tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
-    for role, token in _gguf_special_tokens(gguf).items():
-        setattr(tokenizer, role, token)
+    for setting, value in _gguf_tokenizer_settings(gguf).items():
+        setattr(tokenizer, setting, value)
+    _check_subwords(tokenizer)  # before the weights' slower conversion
+    model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.bfloat16, **_dequantize())
     gguf.unlink()
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
 
 
-# Bumped when the conversion changes, so folders converted before are built again. 2: special tokens from the GGUF.
-CACHE_FORMAT = 2
+# Bumped when the conversion changes, so folders converted before are built again. 2: special tokens from the GGUF;
+# 3: its add-BOS/EOS flags too, and the subword check (folders converted by transformers 5.17 split Gemma into
+# characters).
+CACHE_FORMAT = 3
+PROBE = "The quick brown fox jumps over the lazy dog."
 
 
 def _read_json(path: Path) -> object:
@@ -126,18 +130,37 @@ def _read_json(path: Path) -> object:
         return None
 
 
-def _gguf_special_tokens(path: Path) -> dict[str, str]:
-    """The EOS, BOS, pad and unknown tokens as the GGUF file names them. transformers' conversion does not always
-    keep them (5.17 makes SmolLM2's EOS <|im_start|> and drops its pad token; 5.24 keeps <|im_end|>), and the EOS is
-    what every embedding is taken at, so the file decides, whichever transformers converts it."""
+def _gguf_tokenizer_settings(path: Path) -> dict[str, str | bool]:
+    """The EOS, BOS, pad and unknown tokens as the GGUF file names them, and whether it adds BOS and EOS.
+    transformers' conversion does not always keep them (5.17 makes SmolLM2's EOS <|im_start|> and drops its pad
+    token, 5.24 keeps <|im_end|>; 5.18 to 5.23 drop Gemma's BOS, 5.24 adds it), and the EOS is what every embedding is
+    taken at, so the file decides, whichever transformers converts it."""
     from gguf import GGUFReader
 
     reader = GGUFReader(path)
     tokens = reader.fields["tokenizer.ggml.tokens"]
     roles = {"eos_token": "eos_token_id", "bos_token": "bos_token_id", "pad_token": "padding_token_id",
              "unk_token": "unknown_token_id"}
-    return {role: tokens.contents(int(reader.fields[f"tokenizer.ggml.{key}"].contents()))
-            for role, key in roles.items() if f"tokenizer.ggml.{key}" in reader.fields}
+    settings: dict[str, str | bool] = {
+        role: tokens.contents(int(reader.fields[f"tokenizer.ggml.{key}"].contents()))
+        for role, key in roles.items() if f"tokenizer.ggml.{key}" in reader.fields}
+    for flag in ("add_bos_token", "add_eos_token"):
+        if f"tokenizer.ggml.{flag}" in reader.fields:
+            settings[flag] = bool(reader.fields[f"tokenizer.ggml.{flag}"].contents())
+    return settings
+
+
+def _check_subwords(tokenizer: PreTrainedTokenizerBase) -> None:
+    """Refuse a converted tokenizer that splits English into (nearly) single characters, as transformers 5.17 does
+    with Gemma's GGUF tokenizer (a Unigram model without scores instead of BPE; fixed in 5.18, transformers#41494):
+    a model trained and scored with it would see four times the tokens, each a letter."""
+    import transformers
+
+    words, tokens = len(PROBE.split()), len(tokenizer(PROBE, add_special_tokens=False)["input_ids"])
+    if tokens > 1.5 * words:
+        raise SlmembedError(f"transformers {transformers.__version__} converts this model's GGUF tokenizer wrongly "
+                            f"({tokens} tokens for the {words} words of {PROBE!r}): upgrade it, e.g. "
+                            ".venv/bin/pip install 'transformers>=5.18'")
 
 
 def _dequantize() -> dict:

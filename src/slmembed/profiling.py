@@ -61,8 +61,8 @@ class StepProfiler:
             "wall_ms_per_step": round(wall * 1000 / self.count, 2),
             "host_busy_ms_per_step": per_step(sum(e.self_cpu_time_total for e in events
                                                   if e.device_type == DeviceType.CPU)),
-            "gpu_busy_ms_per_step": per_step(_union(kernels)),
-            "nccl_ms_per_step": per_step(_union([k for k in kernels if "nccl" in k.name.lower()])),
+            "gpu_busy_ms_per_step": per_step(busy_union(kernels)),
+            "nccl_ms_per_step": per_step(busy_union([k for k in kernels if "nccl" in k.name.lower()])),
             "kernels_per_step": round(len(kernels) / self.count, 1),
             "host_syncs": sum(e.name in SYNCS for e in events),
         }
@@ -74,7 +74,7 @@ class StepProfiler:
         write_text(self.folder / f"rank{self.rank}.txt", f"{summary}\n\n" + "\n\n".join(tables))
 
 
-def _union(events: list) -> float:
+def busy_union(events: list) -> float:
     """Microseconds covered by the events' intervals (overlaps, as on several streams, counted once)."""
     total, end = 0.0, float("-inf")
     for start, stop in sorted((e.time_range.start, e.time_range.end) for e in events):

@@ -8,8 +8,9 @@
 * **run folder**: continue from the newest checkpoint (``resume=True``: exactly where it stopped), or start it;
 * **loop**: the step's global batch (a fixed, seeded permutation per epoch, so the order is a function of the step
   alone), this rank's slice, embeddings in length-sorted chunks (``grad_cache``: backward chunk by chunk,
-  gradcache.py, so the batch is bounded by time, not memory), the loss (``batch_loss``: ``train.loss`` names the
-  objective in losses/), AdamW. The host reads losses every ``log_every`` steps only, so the GPU never waits for
+  gradcache.py, so the batch is bounded by time, not memory; ``cuda_graphs``: the step's forward and backward
+  replayed as a CUDA graph, cuda_graphs.py), the loss (``batch_loss``: ``train.loss`` names the objective in
+  losses/), AdamW. The host reads losses every ``log_every`` steps only, so the GPU never waits for
   Python; a logged loss is the mean over ranks. Checkpoints (weights, optimizer, schedule, RNG, step) are written
   atomically every ``save_every`` steps, STSBenchmark dev scores every ``dev_every`` (selection.py);
 * **selection and saving**: the weights the run keeps (the last, the best on dev, or an average) into ``adapter/``
@@ -35,7 +36,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from slmembed import kernels, models, outputs, profiling, sharding, tuning
+from slmembed import cuda_graphs, kernels, models, outputs, profiling, sharding, tuning
 from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
 from slmembed.compile import compile_blocks
 from slmembed.config import Recipe, load_recipe, recipe_from_dict, result_changes
@@ -233,6 +234,18 @@ def _setup_model(recipe: Recipe, acc: Accelerator):
     return model, tokenizer, optimizer
 
 
+def _accelerator(cpu: bool, ddp: DistributedDataParallelKwargs) -> Accelerator:
+    """accelerate's Accelerator, on the CPU if ``cpu``. Its state is process-wide: in one process (no torchrun) that
+    trained on the CPU before, a later Accelerator would stay there, so the state is reset for the device asked."""
+    acc = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+    if (acc.device.type == "cpu") != cpu and acc.num_processes == 1:
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
+        acc = Accelerator(cpu=cpu, kwargs_handlers=[ddp])
+    return acc
+
+
 def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, resume: bool = False,
           force: bool = False, device: str = "auto", progress: bool = True,
           spaced_checkpoints: int | None = None, profile: tuple[int, int] | None = None) -> dict:
@@ -253,8 +266,10 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     # DDP without the per-forward broadcast of buffers (the rotary tables, equal everywhere: a collective per forward
     # for nothing) and with gradients that are views of its all-reduce buckets (no copy in and out).
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
-    acc = Accelerator(cpu=models.resolve_device(device).type == "cpu", kwargs_handlers=[ddp])
+    acc = _accelerator(models.resolve_device(device).type == "cpu", ddp)
     kernels.check(tc.kernels, tc.compile, acc.device)
+    cuda_graphs.check(tc.cuda_graphs, device=acc.device, processes=acc.num_processes, grad_cache=tc.grad_cache,
+                      packing=tc.packing)
     sharded = tc.sharding == "fsdp"
     if sharded and acc.num_processes == 1:
         raise SlmembedError("train.sharding: fsdp splits the model across processes: start several with torchrun "
@@ -317,6 +332,9 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     objective = LOSSES[tc.loss]
     if tc.matryoshka_dims:
         objective = matryoshka(objective, tc.matryoshka_dims, tc.matryoshka_weights)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    graphed = (cuda_graphs.GraphedStep(embedder, objective, tc.temperature, trained, tc.bf16, tc.chunk_tokens)
+               if tc.cuda_graphs else None)
     no_sync = functools.partial(sharding.no_sync if sharded else acc.no_sync, model)
     board = _tensorboard(run_dir / "tensorboard", start) if acc.is_main_process else None
     t0, seen_t0 = time.time(), start
@@ -333,12 +351,14 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         rows = rank_rows(rows, cost, acc.process_index, acc.num_processes)
         batch = StepBatch.of(examples, rows, cols, token_ids)
         loss_of = functools.partial(batch_loss, objective, batch, temperature=tc.temperature)
-        with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
-            if tc.grad_cache:
-                loss = cached_backward(embedder, batch.ids, tc.chunk_tokens, loss_of, no_sync)
-            else:
-                loss = loss_of(embedder.forward_ids(batch.ids, tc.chunk_tokens))
-                acc.backward(loss)
+        loss = graphed(batch) if graphed is not None else None  # None: not graphed (a step over chunk_tokens)
+        if loss is None:
+            with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+                if tc.grad_cache:
+                    loss = cached_backward(embedder, batch.ids, tc.chunk_tokens, loss_of, no_sync)
+                else:
+                    loss = loss_of(embedder.forward_ids(batch.ids, tc.chunk_tokens))
+                    acc.backward(loss)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)

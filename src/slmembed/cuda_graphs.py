@@ -1,0 +1,157 @@
+"""CUDA graphs for small batches: a training step's forward, loss and backward recorded once and replayed.
+
+At batch 60 the GPU computes a step in a third of the step's time; the rest is the host launching some 2,000
+kernels (bench/NOTES.md). A CUDA graph (``torch.cuda.CUDAGraph``) records a step's kernels once, and replaying it is
+one launch, so the host no longer paces the GPU. A graph replays fixed shapes at fixed addresses, hence:
+
+* the step is one packed forward (packing.py): the step's sequences end to end, then a filler sequence of pad tokens
+  that brings the length up to the next multiple of ``BUCKET`` tokens. The filler attends only to itself and its
+  pooled row is dropped, so it changes nothing; a run records one graph per bucket its steps reach (a handful);
+* the sequence count is fixed, rows x columns: a missing negative is given as a one-token sequence and masked out of
+  every anchor's candidates (the mask is always passed; all true when every negative is there);
+* each step's inputs are copied into its graph's own input tensors before the replay; the loss and the gradients are
+  the graph's output tensors, which a later replay overwrites: the loss is returned as a copy, the gradients are
+  handed to the optimizer (as ``.grad``) before the next step;
+* a graph is recorded after one warm-up pass on a side stream (cuBLAS's workspaces, compiled code's first call), with
+  autocast's weight cache off (a cached bf16 copy of a LoRA weight would otherwise be replayed stale). All graphs
+  share one memory pool: they never run at once, and each one's outputs are used before another replays.
+
+LoRA's dropout draws from the default generator, which a replay advances as an uncaptured step would. The optimizer
+step and the schedule stay outside the graph (fused AdamW is one launch). On the CPU (``record=False``) the same
+static-input path runs without recording: that is what the CPU tests compare with the ordinary step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from slmembed import packing
+from slmembed.embedder import Embedder
+from slmembed.errors import SlmembedError
+
+BUCKET = 256  # tokens: a step is padded up to a multiple of this, so steps of similar size share one graph
+
+
+def check(enabled: bool, *, device: torch.device, processes: int, grad_cache: bool, packing: bool | None) -> None:
+    """Refuse, in one line and before anything loads, ``train.cuda_graphs`` where it cannot run."""
+    if not enabled:
+        return
+    if device.type != "cuda":
+        raise SlmembedError(f"train.cuda_graphs records the step on a GPU; this run is on the {device.type}: "
+                            "set train.cuda_graphs=false")
+    if processes > 1:
+        raise SlmembedError(f"train.cuda_graphs runs in one process (this run has {processes}): "
+                            "set train.cuda_graphs=false")
+    if grad_cache:
+        raise SlmembedError("train.cuda_graphs and train.grad_cache exclude each other (a graph replays one "
+                            "forward of the whole step): set one of them to false")
+    if packing is False:
+        raise SlmembedError("train.cuda_graphs runs packed steps: set train.packing=true (or null), "
+                            "or train.cuda_graphs=false")
+
+
+@dataclass
+class _Graph:
+    """One bucket's recorded step: its input tensors, its loss, and the gradients it writes (None on the CPU)."""
+
+    inputs: dict
+    graph: torch.cuda.CUDAGraph | None = None
+    loss: torch.Tensor | None = None
+    grads: list[torch.Tensor | None] | None = None
+
+
+class GraphedStep:
+    """``step(batch) -> loss``: the forward, loss and backward of a ``train.StepBatch`` as a replayed CUDA graph.
+
+    ``objective`` is the recipe's loss (``losses``), ``params`` the trained weights. A step of more than
+    ``max_tokens`` tokens is not recorded: the call returns None and the caller runs it the ordinary way.
+    """
+
+    def __init__(self, embedder: Embedder, objective: Callable, temperature: float,
+                 params: list[torch.nn.Parameter], bf16: bool, max_tokens: int, record: bool = True) -> None:
+        if not embedder.packed:
+            raise SlmembedError(f"train.cuda_graphs runs packed steps, which {type(embedder.model).__name__} cannot "
+                                "(packing.py): set train.cuda_graphs=false")
+        self.embedder, self.objective, self.temperature = embedder, objective, temperature
+        self.params, self.bf16, self.max_tokens = params, bf16, max_tokens
+        self.record = record and embedder.device.type == "cuda"
+        self.pad = embedder.tokenizer.pad_token_id
+        # Passed to the attention kernel as the longest sequence: the real ones and the filler stay within it.
+        self.longest = max(embedder.spec.max_length, BUCKET)
+        self.graphs: dict[int, _Graph] = {}
+        self._pool = None
+
+    def __call__(self, batch) -> torch.Tensor | None:
+        ids, mask = self.layout(batch)
+        tokens = sum(len(row) for row in ids)
+        bucket = (tokens // BUCKET + 1) * BUCKET  # at least one filler token
+        if bucket > self.max_tokens:
+            return None
+        host = packing.collate([*ids, [self.pad] * (bucket - tokens)])
+        host["max_length"] = self.longest
+        if mask is not None:
+            host["mask"] = mask
+        entry = self.graphs.get(bucket)
+        if entry is None:
+            entry = self.graphs[bucket] = self._new(host, batch.rows)
+        else:
+            for key, value in host.items():
+                if isinstance(value, torch.Tensor):
+                    entry.inputs[key].copy_(value.pin_memory() if self.record else value, non_blocking=True)
+        if entry.graph is None:  # the CPU: the same inputs, run directly
+            return self._run(entry.inputs, batch.rows).detach()
+        for param, grad in zip(self.params, entry.grads):
+            param.grad = grad
+        entry.graph.replay()
+        return entry.loss.detach().clone()
+
+    def layout(self, batch) -> tuple[list[list[int]], torch.Tensor | None]:
+        """The step's sequences with every negative slot filled (a missing one by a one-token sequence), and the mask
+        of the real negatives (None without negatives)."""
+        b = batch.rows
+        if not batch.negatives:
+            return list(batch.ids), None
+        if batch.slots is None:
+            return list(batch.ids), torch.ones(batch.negatives, dtype=torch.bool)
+        negatives = [[self.pad]] * batch.negatives
+        for slot, row in zip(batch.slots.tolist(), batch.ids[2 * b :]):
+            negatives[slot] = row
+        return [*batch.ids[: 2 * b], *negatives], batch.present
+
+    def _run(self, inputs: dict, rows: int) -> torch.Tensor:
+        """Forward, loss and backward on ``inputs``; the loss."""
+        device = self.embedder.device
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
+            emb = self.embedder.forward(inputs)[:-1]  # the filler's row dropped
+            mask = inputs.get("mask")
+            negatives = emb[2 * rows :] if mask is not None else None
+            loss = self.objective(emb[:rows], emb[rows : 2 * rows], negatives, self.temperature, negative_mask=mask)
+        loss.backward()
+        return loss
+
+    def _new(self, host: dict, rows: int) -> _Graph:
+        """A bucket's input tensors on the device holding this step's inputs, and (on a GPU) its recorded graph."""
+        device = self.embedder.device
+        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in host.items()}
+        if not self.record:
+            return _Graph(inputs)
+        for param in self.params:  # the backward then allocates the gradients inside the graph's pool
+            param.grad = None
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._run(inputs, rows)
+            for param in self.params:
+                param.grad = None
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            loss = self._run(inputs, rows)
+        self._pool = self._pool or graph.pool()
+        grads = [param.grad for param in self.params]
+        for param in self.params:  # set again before each replay (the next bucket's recording resets them)
+            param.grad = None
+        return _Graph(inputs, graph, loss, grads)

@@ -1,0 +1,143 @@
+"""``train.cuda_graphs``: a step run through a graph's fixed-shape inputs (the filler sequence, the filled negative
+slots and their mask) gives the ordinary step's loss and gradients; steps share a bucket's graph; on a GPU the
+replayed training equals the ordinary one; where it cannot run it is refused in one line."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from slmembed import cuda_graphs
+from slmembed import train as train_mod
+from slmembed.cli import main
+from slmembed.embedder import Embedder, EmbedSpec
+from slmembed.errors import SlmembedError
+from slmembed.losses import info_nce
+from slmembed.train import StepBatch, batch_loss
+from test_packing import _model
+from test_train import _tiny_recipe
+
+SENTENCES = [f"sentence {i} " + "word " * (i % 5) for i in range(40)]
+
+
+def _embedder(tiny_models) -> Embedder:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    model = get_peft_model(_model(str(tiny_models["llama"]), tokenizer),
+                           LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                      init_lora_weights=False))
+    return Embedder(model.train(), tokenizer, EmbedSpec(max_length=32), packed=True)
+
+
+def _batch(embedder: Embedder, rows: np.ndarray, missing: set[int]) -> StepBatch:
+    """Triplets of SENTENCES (anchor i, positive i+1, negative i+2), the negatives of rows in ``missing`` absent."""
+    examples = [(SENTENCES[i], SENTENCES[i + 1], None if i in missing else SENTENCES[i + 2]) for i in range(30)]
+    token_ids = dict(zip(SENTENCES, embedder.tokenize(SENTENCES)))
+    return StepBatch.of(examples, rows, [0, 1, 2], token_ids)
+
+
+def _grads(embedder: Embedder) -> dict[str, torch.Tensor]:
+    grads = {k: p.grad.clone() for k, p in embedder.model.named_parameters() if p.requires_grad}
+    embedder.model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("missing", [set(), {3, 7}])
+def test_graph_inputs_give_the_ordinary_loss_and_gradients(tiny_models, missing) -> None:
+    embedder = _embedder(tiny_models)
+    params = [p for p in embedder.model.parameters() if p.requires_grad]
+    step = cuda_graphs.GraphedStep(embedder, info_nce, 0.05, params, bf16=False, max_tokens=4096)
+    batch = _batch(embedder, np.arange(2, 12), missing)
+    want = batch_loss(info_nce, batch, embedder.forward_ids(batch.ids, 4096), 0.05)
+    want.backward()
+    want_grads = _grads(embedder)
+    got = step(batch)
+    got_grads = _grads(embedder)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) == 8
+    for name, grad in want_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    if missing:  # the absent negatives' slots hold one pad token each, masked out
+        ids, mask = step.layout(batch)
+        assert len(ids) == 30 and mask.tolist() == [i + 2 not in missing for i in range(10)]
+        assert [ids[20 + i] for i in range(10) if i + 2 in missing] == [[embedder.tokenizer.pad_token_id]] * 2
+
+
+def test_steps_of_similar_size_share_a_bucket(tiny_models) -> None:
+    embedder = _embedder(tiny_models)
+    params = [p for p in embedder.model.parameters() if p.requires_grad]
+    step = cuda_graphs.GraphedStep(embedder, info_nce, 0.05, params, bf16=False, max_tokens=512)
+    sizes = []
+    for rows in (np.arange(0, 6), np.arange(1, 7), np.arange(10, 26)):
+        batch = _batch(embedder, rows, set())
+        sizes.append(sum(len(x) for x in batch.ids))
+        assert step(batch) is not None
+    buckets = sorted(step.graphs)
+    assert buckets == sorted({(n // cuda_graphs.BUCKET + 1) * cuda_graphs.BUCKET for n in sizes})
+    assert len(buckets) == 2 and all(step.graphs[b].inputs["input_ids"].shape == (1, b) for b in buckets)
+    assert step(_batch(embedder, np.arange(0, 30), set())) is None  # over max_tokens: run the ordinary way
+    assert sorted(step.graphs) == buckets
+
+
+@pytest.mark.parametrize("setting,expected", [
+    (["--device", "cpu"], "train.cuda_graphs records the step on a GPU; this run is on the cpu: "
+                          "set train.cuda_graphs=false"),
+])
+def test_cuda_graphs_where_they_cannot_run_are_one_line(capsys, tmp_path, setting, expected) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--config", "demo-smollm2", "--output", str(out), "--set", "train.cuda_graphs=true",
+                 *setting]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"slmembed: error: {expected}", err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    ({"processes": 2}, "runs in one process (this run has 2)"),
+    ({"grad_cache": True}, "train.cuda_graphs and train.grad_cache exclude each other"),
+    ({"packing": False}, "train.cuda_graphs runs packed steps: set train.packing=true"),
+])
+def test_cuda_graphs_refusals(kwargs, expected) -> None:
+    settings = {"device": torch.device("cuda"), "processes": 1, "grad_cache": False, "packing": None, **kwargs}
+    with pytest.raises(SlmembedError, match=re.escape(expected)):
+        cuda_graphs.check(True, **settings)
+    cuda_graphs.check(False, **settings)  # off: nothing to refuse
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: run on the GPU machine "
+                                                          "(bench/plans/multi-gpu.sh graphs)")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_graphed_training_equals_ordinary_training_on_the_gpu(tmp_path, tiny_models, data_dir, monkeypatch,
+                                                              compiled) -> None:
+    replayed, call = [], cuda_graphs.GraphedStep.__call__
+
+    def counted(self, batch):
+        loss = call(self, batch)
+        replayed.append(loss is not None)
+        return loss
+
+    monkeypatch.setattr(cuda_graphs.GraphedStep, "__call__", counted)
+    runs, losses = {}, {}
+    for graphs in (False, True):
+        recipe = _tiny_recipe(tiny_models, max_steps=8, bf16=True, compile=compiled, cuda_graphs=graphs,
+                              chunk_tokens=65536, save_every=100)
+        recipe.lora.dropout = 0.0  # the warm-up pass before a recording draws dropout masks of its own
+        train_mod.train(recipe, tmp_path / str(graphs), data_dir=data_dir, device="cuda", progress=False)
+        runs[graphs] = load_file(tmp_path / f"{graphs}/adapter/adapter_model.safetensors")
+        losses[graphs] = [json.loads(line)["loss"] for line in (tmp_path / f"{graphs}/train_log.jsonl").open()]
+    assert replayed == [True] * 8
+    # Equal within bf16's noise (the filler changes the products' shapes, FlashAttention's backward is not
+    # deterministic): every step's loss, and each adapter tensor within 5% of its norm.
+    assert len(losses[True]) == 8
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-2)
+    assert runs[True].keys() == runs[False].keys()
+    assert all(value.abs().max() > 0 for key, value in runs[True].items() if "lora_B" in key)  # it trained
+    for key, value in runs[False].items():
+        assert (runs[True][key] - value).norm() <= 0.05 * value.norm(), key
