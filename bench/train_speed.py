@@ -132,7 +132,7 @@ def run_peer(recipe: Recipe, triplets, warmup: int, steps: int, embedder: Embedd
              cached: int | None = None) -> tuple[dict, object]:
     """The peer trained on the batches of slmembed's first ``warmup + steps`` steps, in the same order."""
     from datasets import Dataset
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments, losses
 
     tc, total = recipe.train, warmup + steps
@@ -141,8 +141,10 @@ def run_peer(recipe: Recipe, triplets, warmup: int, steps: int, embedder: Embedd
                for c, name in enumerate(("anchor", "positive", "negative"))}
     model = st_model(models.resolve(recipe.model.name), EmbedSpec.of(recipe.model))
     mismatches = check_same_tokens(model, embedder, [t for trip in triplets[:300] for t in trip])
-    model.add_adapter(LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                                 target_modules=recipe.lora.targets))
+    # peft's injection, which the peer's add_adapter reaches through transformers (whose wrapper, from 5.24, refuses
+    # the peft 0.21 of the GPU machine): the same LoRA layers, the backbone frozen
+    inject_adapter_in_model(LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                                       target_modules=recipe.lora.targets), model[0].auto_model)
     for param in model.parameters():  # PEFT's get_peft_model (and slmembed) keep adapters in float32; add_adapter
         if param.requires_grad:  # leaves them in the backbone's bf16, where AdamW's small updates round away
             param.data = param.data.float()
@@ -227,6 +229,17 @@ def main() -> None:
         flops = model_flops(config, lengths) / args.steps
         row = {"tokens_per_step": int(lengths.sum()) // args.steps, "padded_tokens_per_step": padded // args.steps,
                "model_tflop_per_step": round(flops / 1e12, 3)}
+        def first_variant(name: str) -> tuple:  # the first variant again, as a run_ours argument tuple
+            return (with_overrides(recipe, VARIANTS[args.variants[0]]), args.warmup, args.steps, args.data_dir,
+                    scratch / f"{name}-{batch}")
+
+        if args.profile and args.profile_variants:  # steps warmup+1..warmup+10 under slmembed's step profiler,
+            # before the timed variants: a liger variant patches the architecture for the rest of the process
+            row["profiled"] = {variant: step_profiled(with_overrides(recipe, VARIANTS[variant]), args,
+                                                      scratch / f"profile-{batch}-{variant}",
+                                                      args.profile.format(variant=variant))
+                               for variant in args.profile_variants}
+            args.profile = None
         for variant in args.variants:
             ours = run_ours(with_overrides(recipe, VARIANTS[variant]), args.warmup, args.steps, args.data_dir,
                             scratch / f"ours-{batch}-{variant}")
@@ -234,17 +247,7 @@ def main() -> None:
                 ours["mfu"] = round(flops / (ours["ms_per_step"] / 1000) / (ceiling * 1e12), 4)
             row[f"slmembed_{variant}"] = ours
             print(batch, variant, ours)
-        def first_variant(name: str) -> tuple:  # the first variant again, as a run_ours argument tuple
-            return (with_overrides(recipe, VARIANTS[args.variants[0]]), args.warmup, args.steps, args.data_dir,
-                    scratch / f"{name}-{batch}")
-
-        if args.profile and args.profile_variants:  # steps warmup+1..warmup+10 under slmembed's step profiler
-            row["profiled"] = {variant: step_profiled(with_overrides(recipe, VARIANTS[variant]), args,
-                                                      scratch / f"profile-{batch}-{variant}",
-                                                      args.profile.format(variant=variant))
-                               for variant in args.profile_variants}
-            args.profile = None
-        elif args.profile:
+        if args.profile:
             row["profiled"] = profiled(first_variant("profile"), args.profile)
             args.profile = None
         if args.sync_check:

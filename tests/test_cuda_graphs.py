@@ -70,6 +70,32 @@ def test_graph_inputs_give_the_ordinary_loss_and_gradients(tiny_models, missing)
         assert [ids[20 + i] for i in range(10) if i + 2 in missing] == [[embedder.tokenizer.pad_token_id]] * 2
 
 
+def test_buckets_pad_by_256_tokens_or_under_7_percent() -> None:
+    sizes = range(1, 200_000, 37)
+    buckets = {n: cuda_graphs.bucket_of(n) for n in sizes}
+    assert all(n < b <= n + max(256, n * 0.0625) for n, (b, _) in buckets.items())  # one filler token or more
+    assert [b for b, _ in buckets.values()] == sorted(b for b, _ in buckets.values())
+    assert [cuda_graphs.bucket_of(n)[0] for n in (1, 255, 256, 3_200, 8_191, 8_192, 27_327)] == \
+        [256, 256, 512, 3_328, 8_192, 8_704, 27_648]
+    assert len({cuda_graphs.bucket_of(n) for n in range(26_000, 28_600)}) == 3  # batch 512's steps: a few graphs
+    # The filler bound is recorded with a bucket's graph as the attention kernel's longest sequence: every step of the
+    # bucket must have its filler within it (1,024 tokens of filler under a bound of 256 gave NaN losses on the H200).
+    bound: dict[int, int] = {}
+    for n, (b, filler) in buckets.items():
+        assert bound.setdefault(b, filler) == filler and b - n <= filler
+
+
+def test_the_attention_bound_covers_the_filler(tiny_models) -> None:
+    embedder = _embedder(tiny_models)
+    params = [p for p in embedder.model.parameters() if p.requires_grad]
+    step = cuda_graphs.GraphedStep(embedder, info_nce, 0.05, params, bf16=False, max_tokens=1 << 20)
+    step.longest = 8  # as if max_length were 8 tokens: a bucket's filler is then the longest sequence
+    assert step(_batch(embedder, np.arange(0, 6), set())) is not None
+    (entry,) = step.graphs.values()
+    lengths = entry.inputs["cu_seq_lens"].diff()
+    assert entry.inputs["max_length"] >= int(lengths.max()) and int(lengths[-1]) > 8
+
+
 def test_steps_of_similar_size_share_a_bucket(tiny_models) -> None:
     embedder = _embedder(tiny_models)
     params = [p for p in embedder.model.parameters() if p.requires_grad]
@@ -80,7 +106,12 @@ def test_steps_of_similar_size_share_a_bucket(tiny_models) -> None:
         sizes.append(sum(len(x) for x in batch.ids))
         assert step(batch) is not None
     buckets = sorted(step.graphs)
-    assert buckets == sorted({(n // cuda_graphs.BUCKET + 1) * cuda_graphs.BUCKET for n in sizes})
+    assert buckets == sorted({cuda_graphs.bucket_of(n)[0] for n in sizes})
+    # a step into a bucket already recorded runs on its inputs copied into the bucket's tensors: the ordinary loss
+    batch = _batch(embedder, np.arange(1, 7), set())
+    want = batch_loss(info_nce, batch, embedder.forward_ids(batch.ids, 4096), 0.05)
+    embedder.model.zero_grad(set_to_none=True)
+    torch.testing.assert_close(step(batch), want.detach(), rtol=1e-5, atol=1e-6)
     assert len(buckets) == 2 and all(step.graphs[b].inputs["input_ids"].shape == (1, b) for b in buckets)
     assert step(_batch(embedder, np.arange(0, 30), set())) is None  # over max_tokens: run the ordinary way
     assert sorted(step.graphs) == buckets

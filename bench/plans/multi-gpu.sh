@@ -10,12 +10,15 @@
 #   paper        the paper recipe (SmolLM2-135M, one epoch) on one GPU at batch 60 against two at 30 each;
 #   sharded      bench/sharded.py: Gemma-3-270M, FSDP against DDP, both uncompiled;
 #   encode-MODEL bench/encode_speed.py --compile for MODEL (issue 17: encoding against the peer, and the nine-set
-#                eval end to end in a fresh process);
-#   kernels      issue 17: tests/test_kernels.py on the GPU (liger-kernel's fused kernels against transformers'
-#                modules), then bench/train_speed.py at 512 for both models: compiled, eager and eager with liger
-#                (needs liger-kernel's wheel among the staged ones);
-#   graphs       issue 17: tests/test_cuda_graphs.py on the GPU, then bench/train_speed.py at 60 for both models:
-#                compiled with CUDA graphs against compiled packed and padded and the peer, the first two profiled.
+#                eval end to end in a fresh process), then bench/encode_profile.py;
+#   kernels      kernels-test, then kernels-MODEL for both models;
+#   kernels-test issue 17: tests/test_kernels.py on the GPU (liger-kernel's fused kernels against transformers' modules);
+#   kernels-MODEL bench/train_speed.py at 512: compiled with CUDA graphs, compiled, eager and eager with liger
+#                (needs liger-kernel's wheel among the staged ones), the compiled steps profiled;
+#   graphs       graphs-test, then graphs-MODEL for both models;
+#   graphs-test  issue 17: tests/test_cuda_graphs.py on the GPU;
+#   graphs-MODEL bench/train_speed.py at 60: compiled with CUDA graphs against compiled packed and padded and the peer,
+#                the first two profiled.
 # On a one-GPU machine (nvidia-h200), quality runs the Matryoshka pair together on GPU 0 and skips multi-node (one
 # launcher per GPU needs two); the MODEL-bB, paper, sharded and nccl items need two GPUs.
 # Speed items run one at a time with the GPUs to themselves. After each item, results/bench, results/matryoshka and
@@ -24,9 +27,9 @@
 #   (RESULTS=/tmp/mg setsid nohup bash bench/plans/multi-gpu.sh quality smollm2-135m-b512 >/tmp/mg-plan.log 2>&1 &)
 set -u
 for item in "$@"; do  # every item checked before any run starts
-  [[ $item =~ ^(quality|nccl|paper|sharded|kernels|graphs|(smollm2-135m|gemma-3-270m)-b[0-9]+|encode-(smollm2-135m|gemma-3-270m))$ ]] ||
-    { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, nccl, paper, sharded, kernels, graphs," \
-        "MODEL-bB or encode-MODEL)"; exit 2; }
+  [[ $item =~ ^(quality|nccl|paper|sharded|((kernels|graphs)(-test|-smollm2-135m|-gemma-3-270m)?)|(smollm2-135m|gemma-3-270m)-b[0-9]+|encode-(smollm2-135m|gemma-3-270m))$ ]] ||
+    { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, nccl, paper, sharded, kernels[-test|-MODEL]," \
+        "graphs[-test|-MODEL], MODEL-bB or encode-MODEL)"; exit 2; }
 done
 source bench/gpu_env.sh
 RESULTS=${RESULTS:-/tmp/mg}
@@ -52,7 +55,11 @@ pack() {
   tar czf "$RESULTS/packing.tgz" -C "$RESULTS" logs -C "$PWD" results/bench results/matryoshka &&
     mv "$RESULTS/packing.tgz" "$RESULTS/latest.tgz"
 }
+items=()  # kernels and graphs stand for their test and both models
 for item in "$@"; do
+  case $item in kernels|graphs) items+=("$item-test" "$item-gemma-3-270m" "$item-smollm2-135m");; *) items+=("$item");; esac
+done
+for item in "${items[@]}"; do
   case $item in
     quality)
       matryoshka plain 0 &
@@ -66,23 +73,25 @@ for item in "$@"; do
       wait;;
     nccl)
       CUDA_VISIBLE_DEVICES=0,1 step nccl 300 python3 -m pytest -q -p no:cacheprovider tests/test_loss.py -k nccl;;
-    kernels)
-      step kernels-test 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py
-      step liger-gemma-3-270m 480 python3 bench/train_speed.py --model gemma-3-270m --batches 512 --warmup 6 \
-        --steps 12 --variants compile eager liger --peer-losses \
-        --output results/bench/train-gemma-3-270m-b512-liger.json
-      step liger-smollm2-135m 480 python3 bench/train_speed.py --model smollm2-135m --batches 512 --warmup 6 \
-        --steps 12 --variants compile eager liger --peer-losses --output results/bench/train-smollm2-135m-b512-liger.json;;
-    graphs)
-      step graphs-test 420 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py
-      for model in gemma-3-270m smollm2-135m; do
-        step "graphs-$model" 600 python3 bench/train_speed.py --model $model --batches 60 --warmup 20 --steps 60 \
-          --variants compile_graphs compile compile_padded --profile-variants compile_graphs compile \
-          --profile "results/bench/profile-$model-b60-{variant}.txt" --output "results/bench/train-$model-b60-graphs.json"
-      done;;
+    kernels-test)
+      step kernels-test 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_kernels.py;;
+    kernels-*)
+      model=${item#kernels-}
+      step "liger-$model" 480 python3 bench/train_speed.py --model "$model" --batches 512 --warmup 6 --steps 12 \
+        --variants compile_graphs compile eager liger --peer-losses --profile-variants compile_graphs compile \
+        --profile "results/bench/profile-$model-b512-{variant}.txt" --output "results/bench/train-$model-b512-liger.json";;
+    graphs-test)
+      step graphs-test 420 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py;;
+    graphs-*)
+      model=${item#graphs-}
+      step "graphs-$model" 600 python3 bench/train_speed.py --model "$model" --batches 60 --warmup 20 --steps 60 \
+        --variants compile_graphs compile compile_padded --profile-variants compile_graphs compile \
+        --profile "results/bench/profile-$model-b60-{variant}.txt" --output "results/bench/train-$model-b60-graphs.json";;
     encode-*)
       step "$item" 480 python3 bench/encode_speed.py --model "${item#encode-}" --compile \
-        --output "results/bench/$item-h200.json";;
+        --output "results/bench/$item-h200.json"
+      step "$item-profile" 300 python3 bench/encode_profile.py --model "${item#encode-}" \
+        --output "results/bench/encode-profile-${item#encode-}-h200.txt";;
     *-b*)
       model=${item%-b*} batch=${item##*-b} steps=200
       [ "$batch" -ge 512 ] && steps=60

@@ -32,7 +32,18 @@ from slmembed import packing
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
 
-BUCKET = 256  # tokens: a step is padded up to a multiple of this, so steps of similar size share one graph
+BUCKET = 256  # tokens: the smallest step of a bucket's granularity
+
+
+def bucket_of(tokens: int) -> tuple[int, int]:
+    """The padded size of a step of ``tokens``, and the most filler any step of that bucket gets.
+
+    The size is the next multiple of 256 tokens, or of 1/16 to 1/32 of the step when that is larger (1,024 at batch
+    512's ~27k tokens), so that steps of similar size share one graph while padding stays under 7%; at least one filler
+    token. The filler bound goes to the attention kernel as the longest sequence: recorded once per bucket, it must
+    cover every later step's filler."""
+    step = max(BUCKET, 1 << max(0, tokens.bit_length() - 5))
+    return (tokens // step + 1) * step, step
 
 
 def check(enabled: bool, *, device: torch.device, processes: int, grad_cache: bool, packing: bool | None) -> None:
@@ -79,28 +90,25 @@ class GraphedStep:
         self.params, self.bf16, self.max_tokens = params, bf16, max_tokens
         self.record = record and embedder.device.type == "cuda"
         self.pad = embedder.tokenizer.pad_token_id
-        # Passed to the attention kernel as the longest sequence: the real ones and the filler stay within it.
-        self.longest = max(embedder.spec.max_length, BUCKET)
+        self.longest = embedder.spec.max_length
         self.graphs: dict[int, _Graph] = {}
         self._pool = None
 
     def __call__(self, batch) -> torch.Tensor | None:
         ids, mask = self.layout(batch)
         tokens = sum(len(row) for row in ids)
-        bucket = (tokens // BUCKET + 1) * BUCKET  # at least one filler token
+        bucket, filler = bucket_of(tokens)
         if bucket > self.max_tokens:
             return None
         host = packing.collate([*ids, [self.pad] * (bucket - tokens)])
-        host["max_length"] = self.longest
+        host["max_length"] = max(self.longest, filler)  # the real sequences and any filler of this bucket within it
         if mask is not None:
             host["mask"] = mask
         entry = self.graphs.get(bucket)
         if entry is None:
             entry = self.graphs[bucket] = self._new(host, batch.rows)
         else:
-            for key, value in host.items():
-                if isinstance(value, torch.Tensor):
-                    entry.inputs[key].copy_(value.pin_memory() if self.record else value, non_blocking=True)
+            self.embedder.to_device(host, into=entry.inputs)
         if entry.graph is None:  # the CPU: the same inputs, run directly
             return self._run(entry.inputs, batch.rows).detach()
         for param, grad in zip(self.params, entry.grads):
@@ -135,7 +143,7 @@ class GraphedStep:
     def _new(self, host: dict, rows: int) -> _Graph:
         """A bucket's input tensors on the device holding this step's inputs, and (on a GPU) its recorded graph."""
         device = self.embedder.device
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in host.items()}
+        inputs = self.embedder.to_device(host)
         if not self.record:
             return _Graph(inputs)
         for param in self.params:  # the backward then allocates the gradients inside the graph's pool

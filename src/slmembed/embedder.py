@@ -168,17 +168,24 @@ class Embedder:
             pooled = pool(self.model(**inputs).last_hidden_state, batch["attention_mask"], self.spec.pooling)
         return F.normalize(pooled.float(), dim=-1)
 
-    def to_device(self, batch: dict) -> dict:
+    def to_device(self, batch: dict, into: dict | None = None) -> dict:
         """A collated batch's tensors on the model's device, without stalling the host: host tensors are copied from
-        pinned memory, asynchronously; tensors already there stay as they are."""
+        pinned memory, asynchronously; tensors already there stay as they are. With ``into`` (the same keys, tensors
+        on the device: a recorded CUDA graph's inputs), every tensor is copied into those instead."""
         device = self.device
 
-        def move(value):
-            if not isinstance(value, torch.Tensor) or value.device == device:
+        def move(key: str, value):
+            if not isinstance(value, torch.Tensor):
                 return value
-            return value.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else value.to(device)
+            if into is None and value.device == device:
+                return value
+            if device.type == "cuda" and value.device.type == "cpu":
+                value = value.pin_memory()
+            if into is not None:
+                return into[key].copy_(value, non_blocking=True)
+            return value.to(device, non_blocking=True)
 
-        return {k: move(v) for k, v in batch.items()}
+        return {k: move(k, v) for k, v in batch.items()}
 
     def chunks(self, ids: Sequence[list[int]], max_tokens: int, max_rows: int | None = None) -> list[list[int]]:
         """Split positions 0..N-1 into length-sorted chunks of at most ``max_tokens`` tokens (and ``max_rows``).

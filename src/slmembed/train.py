@@ -350,9 +350,9 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         rows = batch_indices(len(examples), global_batch, step, tc.seed)
         rows = rank_rows(rows, cost, acc.process_index, acc.num_processes)
         batch = StepBatch.of(examples, rows, cols, token_ids)
-        loss_of = functools.partial(batch_loss, objective, batch, temperature=tc.temperature)
         loss = graphed(batch) if graphed is not None else None  # None: not graphed (a step over chunk_tokens)
         if loss is None:
+            loss_of = functools.partial(batch_loss, objective, batch, temperature=tc.temperature)
             with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
                 if tc.grad_cache:
                     loss = cached_backward(embedder, batch.ids, tc.chunk_tokens, loss_of, no_sync)
