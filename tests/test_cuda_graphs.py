@@ -1,15 +1,19 @@
 """``train.cuda_graphs``: a step run through a graph's fixed-shape inputs (the filler sequence, the filled negative
-slots and their mask) gives the ordinary step's loss and gradients; steps share a bucket's graph; on a GPU the
-replayed training equals the ordinary one; where it cannot run it is refused in one line."""
+slots and their mask) gives the ordinary step's loss and gradients; steps share a bucket's graph; in two processes
+without DDP's wrapper, the graph's own gradient average gives DDP's gradients and both processes take the same
+bucket; on a GPU the replayed training equals the ordinary one; where it cannot run it is refused in one line."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
@@ -21,6 +25,7 @@ from slmembed.embedder import Embedder, EmbedSpec
 from slmembed.errors import SlmembedError
 from slmembed.losses import info_nce
 from slmembed.train import StepBatch, batch_loss
+from test_loss import _free_port
 from test_packing import _model
 from test_train import _tiny_recipe
 
@@ -28,8 +33,12 @@ SENTENCES = [f"sentence {i} " + "word " * (i % 5) for i in range(40)]
 
 
 def _embedder(tiny_models) -> Embedder:
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
-    model = get_peft_model(_model(str(tiny_models["llama"]), tokenizer),
+    return _embedder_of(str(tiny_models["llama"]))
+
+
+def _embedder_of(folder: str) -> Embedder:
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = get_peft_model(_model(folder, tokenizer),
                            LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                                       init_lora_weights=False))
     return Embedder(model.train(), tokenizer, EmbedSpec(max_length=32), packed=True)
@@ -130,13 +139,50 @@ def test_cuda_graphs_where_they_cannot_run_are_one_line(capsys, tmp_path, settin
     assert not out.exists()
 
 
+def _replica(rank: int, world: int, port: int, folder: str, out) -> None:
+    """One of two processes over gloo: a graphed step (its CPU path) on this process's share without DDP's wrapper,
+    then the ordinary step through DDP on the same share; losses, gradients and the buckets taken."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # different adapters until the first process's are broadcast
+    embedder = _embedder_of(folder)
+    params = [p for p in embedder.model.parameters() if p.requires_grad]
+    cuda_graphs.broadcast_parameters(params)
+    batches = [_batch(embedder, np.arange(11 * r, 11 * r + 11), {3, 14}) for r in range(world)]  # 2 buckets alone
+    step = cuda_graphs.GraphedStep(embedder, info_nce, 0.05, params, bf16=False, max_tokens=4096)
+    own = step.size(batches[rank])
+    loss = step(batches[rank], max(step.size(b) for b in batches))
+    graphed = _grads(embedder)
+    ddp = Embedder(torch.nn.parallel.DistributedDataParallel(embedder.model), embedder.tokenizer, embedder.spec,
+                   packed=True)
+    want = batch_loss(info_nce, batches[rank], ddp.forward_ids(batches[rank].ids, 4096), 0.05)
+    want.backward()
+    out[rank] = (loss, want.detach(), graphed, _grads(embedder), sorted(step.graphs), cuda_graphs.bucket_of(own)[0])
+    dist.destroy_process_group()
+
+
+def test_two_processes_average_their_gradients_in_the_graph_and_share_buckets(tiny_models) -> None:
+    world, out = 2, mp.Manager().dict()
+    mp.start_processes(_replica, args=(world, _free_port(), str(tiny_models["llama"]), out), nprocs=world,
+                       start_method="spawn")
+    for rank in range(world):
+        loss, want, graphed, ddp, buckets, own = out[rank]
+        torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+        assert graphed.keys() == ddp.keys() and len(graphed) == 8
+        for name, grad in ddp.items():
+            torch.testing.assert_close(graphed[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(graphed[name], out[0][2][name], rtol=0, atol=0)  # the same everywhere
+        assert buckets == out[0][4]  # one bucket for both: the larger share's
+    assert out[0][5] != out[1][5]  # though each share alone would take its own
+
+
 @pytest.mark.parametrize("kwargs,expected", [
-    ({"processes": 2}, "runs in one process (this run has 2)"),
+    ({"sharded": True}, "train.cuda_graphs and train.sharding=fsdp exclude each other"),
     ({"grad_cache": True}, "train.cuda_graphs and train.grad_cache exclude each other"),
     ({"packing": False}, "train.cuda_graphs runs packed steps: set train.packing=true"),
 ])
 def test_cuda_graphs_refusals(kwargs, expected) -> None:
-    settings = {"device": torch.device("cuda"), "processes": 1, "grad_cache": False, "packing": None, **kwargs}
+    settings = {"device": torch.device("cuda"), "sharded": False, "grad_cache": False, "packing": None, **kwargs}
     with pytest.raises(SlmembedError, match=re.escape(expected)):
         cuda_graphs.check(True, **settings)
     cuda_graphs.check(False, **settings)  # off: nothing to refuse
@@ -149,8 +195,8 @@ def test_graphed_training_equals_ordinary_training_on_the_gpu(tmp_path, tiny_mod
                                                               compiled) -> None:
     replayed, call = [], cuda_graphs.GraphedStep.__call__
 
-    def counted(self, batch):
-        loss = call(self, batch)
+    def counted(self, batch, largest=None):
+        loss = call(self, batch, largest)
         replayed.append(loss is not None)
         return loss
 
@@ -170,5 +216,34 @@ def test_graphed_training_equals_ordinary_training_on_the_gpu(tmp_path, tiny_mod
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-2)
     assert runs[True].keys() == runs[False].keys()
     assert all(value.abs().max() > 0 for key, value in runs[True].items() if "lora_B" in key)  # it trained
+    for key, value in runs[False].items():
+        assert (runs[True][key] - value).norm() <= 0.05 * value.norm(), key
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="two processes of CUDA graphs over NCCL: run on the "
+                                                          "two-GPU machine (bench/plans/multi-gpu.sh graphs-test)")
+def test_graphed_training_on_two_gpus_equals_ddp(tmp_path, tiny_models, data_dir) -> None:
+    """torchrun, two GPUs: graphs holding the loss's gather and the gradients' all-reduce train the adapter DDP's
+    ordinary steps train (global batch 16), within bf16's noise."""
+    import subprocess
+    import sys
+
+    runs, losses = {}, {}
+    for graphs in (False, True):
+        recipe = _tiny_recipe(tiny_models, max_steps=8, bf16=True, batch_size=8, cuda_graphs=graphs,
+                              chunk_tokens=65536, save_every=100)
+        recipe.lora.dropout = 0.0
+        config, out = tmp_path / f"{graphs}.yaml", tmp_path / str(graphs)
+        config.write_text(recipe.to_yaml())
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slmembed",
+             "train", "--config", str(config), "--output", str(out), "--data-dir", str(data_dir), "--device", "cuda"],
+            capture_output=True, text=True, timeout=600, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[graphs] = load_file(out / "adapter/adapter_model.safetensors")
+        losses[graphs] = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").open()]
+    assert len(losses[True]) == 8
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-2)
+    assert all(value.abs().max() > 0 for key, value in runs[True].items() if "lora_B" in key)
     for key, value in runs[False].items():
         assert (runs[True][key] - value).norm() <= 0.05 * value.norm(), key

@@ -16,7 +16,7 @@
 #   kernels-MODEL bench/train_speed.py at 512: compiled with CUDA graphs, compiled, eager and eager with liger
 #                (needs liger-kernel's wheel among the staged ones), the compiled steps profiled;
 #   graphs       graphs-test, then graphs-MODEL for both models;
-#   graphs-test  issue 17: tests/test_cuda_graphs.py on the GPU;
+#   graphs-test  issues 15 and 17: tests/test_cuda_graphs.py on the GPU (on two GPUs also two processes over NCCL);
 #   graphs-MODEL bench/train_speed.py at 60: compiled with CUDA graphs against compiled packed and padded and the peer,
 #                the first two profiled.
 # On a one-GPU machine (nvidia-h200), quality runs the Matryoshka pair together on GPU 0 and skips multi-node (one

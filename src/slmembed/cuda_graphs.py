@@ -19,6 +19,12 @@ one launch, so the host no longer paces the GPU. A graph replays fixed shapes at
 LoRA's dropout draws from the default generator, which a replay advances as an uncaptured step would. The optimizer
 step and the schedule stay outside the graph (fused AdamW is one launch). On the CPU (``record=False``) the same
 static-input path runs without recording: that is what the CPU tests compare with the ordinary step.
+
+With several processes (torchrun), a graph holds the step's collectives too: the loss's gather of every process's
+embeddings and its backward, and the average of the gradients, which the graph does itself in one all-reduce
+(``average_gradients``) because the model is not wrapped in DDP, whose hooks a graph cannot hold. Collectives pair
+up only if every process records and replays the same graphs at the same steps, so each step is padded to the bucket
+of the largest of its processes' shares, which every process computes from the global batch (``size``).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from slmembed import packing
 from slmembed.embedder import Embedder
@@ -46,22 +53,48 @@ def bucket_of(tokens: int) -> tuple[int, int]:
     return (tokens // step + 1) * step, step
 
 
-def check(enabled: bool, *, device: torch.device, processes: int, grad_cache: bool, packing: bool | None) -> None:
+def check(enabled: bool, *, device: torch.device, sharded: bool, grad_cache: bool, packing: bool | None) -> None:
     """Refuse, in one line and before anything loads, ``train.cuda_graphs`` where it cannot run."""
     if not enabled:
         return
     if device.type != "cuda":
         raise SlmembedError(f"train.cuda_graphs records the step on a GPU; this run is on the {device.type}: "
                             "set train.cuda_graphs=false")
-    if processes > 1:
-        raise SlmembedError(f"train.cuda_graphs runs in one process (this run has {processes}): "
-                            "set train.cuda_graphs=false")
+    if sharded:
+        raise SlmembedError("train.cuda_graphs and train.sharding=fsdp exclude each other (FSDP gathers and frees "
+                            "the weights around every block): set train.cuda_graphs=false")
     if grad_cache:
         raise SlmembedError("train.cuda_graphs and train.grad_cache exclude each other (a graph replays one "
                             "forward of the whole step): set one of them to false")
     if packing is False:
         raise SlmembedError("train.cuda_graphs runs packed steps: set train.packing=true (or null), "
                             "or train.cuda_graphs=false")
+
+
+def _several() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_parameters(params: list[torch.nn.Parameter]) -> None:
+    """The first process's ``params`` everywhere, as DDP's wrapper would make them at the start."""
+    if _several():
+        for param in params:
+            dist.broadcast(param.data, src=0)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """DDP's gradient average without its wrapper: every process's gradients summed in one all-reduce of their
+    concatenation (at small batches a collective's fixed cost is what a step pays), divided by the process count."""
+    if not _several():
+        return
+    for param in params:
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+    flat = torch.cat([param.grad.reshape(-1) for param in params])
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    for param, part in zip(params, flat.split([param.numel() for param in params])):
+        param.grad.copy_(part.view_as(param.grad))
 
 
 @dataclass
@@ -94,10 +127,16 @@ class GraphedStep:
         self.graphs: dict[int, _Graph] = {}
         self._pool = None
 
-    def __call__(self, batch) -> torch.Tensor | None:
+    def size(self, batch) -> int:
+        """The tokens of ``batch``'s step as recorded (its missing negatives filled)."""
+        return sum(len(row) for row in self.layout(batch)[0])
+
+    def __call__(self, batch, largest: int | None = None) -> torch.Tensor | None:
+        """The step's loss, its gradients averaged over the processes; ``largest``: the largest ``size`` of this
+        step's shares over the processes (the bucket every process must replay), by default this one's."""
         ids, mask = self.layout(batch)
         tokens = sum(len(row) for row in ids)
-        bucket, filler = bucket_of(tokens)
+        bucket, filler = bucket_of(max(tokens, largest or 0))
         if bucket > self.max_tokens:
             return None
         host = packing.collate([*ids, [self.pad] * (bucket - tokens)])
@@ -138,6 +177,7 @@ class GraphedStep:
             negatives = emb[2 * rows :] if mask is not None else None
             loss = self.objective(emb[:rows], emb[rows : 2 * rows], negatives, self.temperature, negative_mask=mask)
         loss.backward()
+        average_gradients(self.params)
         return loss
 
     def _new(self, host: dict, rows: int) -> _Graph:

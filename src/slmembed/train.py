@@ -268,9 +268,9 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
     acc = _accelerator(models.resolve_device(device).type == "cpu", ddp)
     kernels.check(tc.kernels, tc.compile, acc.device)
-    cuda_graphs.check(tc.cuda_graphs, device=acc.device, processes=acc.num_processes, grad_cache=tc.grad_cache,
-                      packing=tc.packing)
     sharded = tc.sharding == "fsdp"
+    cuda_graphs.check(tc.cuda_graphs, device=acc.device, sharded=sharded, grad_cache=tc.grad_cache,
+                      packing=tc.packing)
     if sharded and acc.num_processes == 1:
         raise SlmembedError("train.sharding: fsdp splits the model across processes: start several with torchrun "
                             "(e.g. torchrun --nproc_per_node=2 -m slmembed train ...), or set train.sharding=none")
@@ -291,7 +291,14 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         raise SlmembedError(f"train.matryoshka_dims: {max(tc.matryoshka_dims)} is not below the model's embedding "
                             f"size {size}; list the smaller prefix sizes (the full size is always trained)")
     scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
-    if not sharded:  # DDP through accelerate; a sharded model is already distributed (sharding.py)
+    # Several processes: DDP through accelerate; a sharded model is already distributed (sharding.py); with CUDA
+    # graphs, no wrapper: the graph averages the gradients itself (cuda_graphs.py).
+    replicas = tc.cuda_graphs and acc.num_processes > 1
+    if replicas:
+        model.to(acc.device)
+        optimizer = acc.prepare(optimizer)
+        cuda_graphs.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+    elif not sharded:
         model, optimizer = acc.prepare(model, optimizer)
     spec = EmbedSpec.of(recipe.model)
     embedder = Embedder(model, tokenizer, spec, packed=tc.packing)
@@ -348,9 +355,13 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         bar = tqdm(total=total, initial=start, desc="train", unit="step")
     for step in range(start, total):
         rows = batch_indices(len(examples), global_batch, step, tc.seed)
-        rows = rank_rows(rows, cost, acc.process_index, acc.num_processes)
-        batch = StepBatch.of(examples, rows, cols, token_ids)
-        loss = graphed(batch) if graphed is not None else None  # None: not graphed (a step over chunk_tokens)
+        shares = [rank_rows(rows, cost, rank, acc.num_processes) for rank in range(acc.num_processes)]
+        batch = StepBatch.of(examples, shares[acc.process_index], cols, token_ids)
+        loss = None
+        if graphed is not None:  # every process replays the bucket of the largest share; None: over chunk_tokens
+            largest = max(graphed.size(StepBatch.of(examples, share, cols, token_ids)) for share in shares) \
+                if replicas else None
+            loss = graphed(batch, largest)
         if loss is None:
             loss_of = functools.partial(batch_loss, objective, batch, temperature=tc.temperature)
             with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
@@ -359,6 +370,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
                 else:
                     loss = loss_of(embedder.forward_ids(batch.ids, tc.chunk_tokens))
                     acc.backward(loss)
+            if replicas:
+                cuda_graphs.average_gradients(trained)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
