@@ -7,6 +7,7 @@
 #   nccl         the NCCL case of tests/test_loss.py;
 #   MODEL-bB     bench/multi_gpu.py for MODEL (smollm2-135m, gemma-3-270m) at B triplets per device, train.compile on
 #                (packing is on by default on a GPU; neither recipe needs GradCache at these sizes on an H200), profiled;
+#   MODEL-bB-graphs  the same with train.cuda_graphs (issue 15: graphs holding the collectives);
 #   paper        the paper recipe (SmolLM2-135M, one epoch) on one GPU at batch 60 against two at 30 each;
 #   sharded      bench/sharded.py: Gemma-3-270M, FSDP against DDP, both uncompiled;
 #   encode-MODEL bench/encode_speed.py --compile for MODEL (issue 17: encoding against the peer, and the nine-set
@@ -27,9 +28,9 @@
 #   (RESULTS=/tmp/mg setsid nohup bash bench/plans/multi-gpu.sh quality smollm2-135m-b512 >/tmp/mg-plan.log 2>&1 &)
 set -u
 for item in "$@"; do  # every item checked before any run starts
-  [[ $item =~ ^(quality|nccl|paper|sharded|((kernels|graphs)(-test|-smollm2-135m|-gemma-3-270m)?)|(smollm2-135m|gemma-3-270m)-b[0-9]+|encode-(smollm2-135m|gemma-3-270m))$ ]] ||
+  [[ $item =~ ^(quality|nccl|paper|sharded|((kernels|graphs)(-test|-smollm2-135m|-gemma-3-270m)?)|(smollm2-135m|gemma-3-270m)-b[0-9]+(-graphs)?|encode-(smollm2-135m|gemma-3-270m))$ ]] ||
     { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, nccl, paper, sharded, kernels[-test|-MODEL]," \
-        "graphs[-test|-MODEL], MODEL-bB or encode-MODEL)"; exit 2; }
+        "graphs[-test|-MODEL], MODEL-bB[-graphs] or encode-MODEL)"; exit 2; }
 done
 source bench/gpu_env.sh
 RESULTS=${RESULTS:-/tmp/mg}
@@ -93,10 +94,11 @@ for item in "${items[@]}"; do
       step "$item-profile" 300 python3 bench/encode_profile.py --model "${item#encode-}" \
         --output "results/bench/encode-profile-${item#encode-}-h200.txt";;
     *-b*)
-      model=${item%-b*} batch=${item##*-b} steps=200
+      model=${item%-b*} batch=${item##*-b} steps=200 extra=""
+      if [[ $batch == *-graphs ]]; then batch=${batch%-graphs} extra="--set train.cuda_graphs=true"; fi
       [ "$batch" -ge 512 ] && steps=60
       step "$item" 480 python3 bench/multi_gpu.py --config "$model" --per-device-batch "$batch" --steps $steps \
-        --warmup 20 --profile 10:10 $fast --output "results/bench/multi-gpu-$item.json";;
+        --warmup 20 --profile 10:10 $fast $extra --output "results/bench/multi-gpu-$item.json";;
     paper)
       step paper 900 python3 bench/multi_gpu.py --config smollm2-135m --per-device-batch 30 --gpus 2 --steps 670 \
         --warmup 10 $fast --output results/bench/multi-gpu-smollm2-135m-paper-b60.json;;
