@@ -5,6 +5,7 @@
 #                and its plain twin on GPU 0 (slmembed reproduce, then eval --dims 64 128 256), and bench/multi_node.py
 #                on both GPUs (two launchers of one GPU each against one launcher, and a launcher killed);
 #   nccl         the NCCL case of tests/test_loss.py;
+#   multinode    bench/multi_node.py alone (two launchers of one GPU each against one launcher, and a launcher killed);
 #   MODEL-bB     bench/multi_gpu.py for MODEL (smollm2-135m, gemma-3-270m) at B triplets per device, train.compile on
 #                (packing is on by default on a GPU; neither recipe needs GradCache at these sizes on an H200), profiled;
 #   MODEL-bB-graphs  the same with train.cuda_graphs (issue 15: graphs holding the collectives);
@@ -28,9 +29,9 @@
 #   (RESULTS=/tmp/mg setsid nohup bash bench/plans/multi-gpu.sh quality smollm2-135m-b512 >/tmp/mg-plan.log 2>&1 &)
 set -u
 for item in "$@"; do  # every item checked before any run starts
-  [[ $item =~ ^(quality|nccl|paper|sharded|((kernels|graphs)(-test|-smollm2-135m|-gemma-3-270m)?)|(smollm2-135m|gemma-3-270m)-b[0-9]+(-graphs)?|encode-(smollm2-135m|gemma-3-270m))$ ]] ||
-    { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, nccl, paper, sharded, kernels[-test|-MODEL]," \
-        "graphs[-test|-MODEL], MODEL-bB[-graphs] or encode-MODEL)"; exit 2; }
+  [[ $item =~ ^(quality|nccl|multinode|paper|sharded|((kernels|graphs)(-test|-smollm2-135m|-gemma-3-270m)?)|(smollm2-135m|gemma-3-270m)-b[0-9]+(-graphs)?|encode-(smollm2-135m|gemma-3-270m))$ ]] ||
+    { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, nccl, multinode, paper, sharded," \
+        "kernels[-test|-MODEL], graphs[-test|-MODEL], MODEL-bB[-graphs] or encode-MODEL)"; exit 2; }
 done
 source bench/gpu_env.sh
 RESULTS=${RESULTS:-/tmp/mg}
@@ -52,6 +53,14 @@ matryoshka() {  # NAME GPU [--set ...]: train the best SmolLM2 recipe, then scor
   CUDA_VISIBLE_DEVICES=$gpu step "mrl-$name-dims" 300 python3 -m slmembed eval --adapter "runs/reproduce/gpu-$name" \
     --dims 64 128 256 --device cuda --output "results/matryoshka/gpu-$name-dims.json"
 }
+multinode() {  # two launchers of one GPU each (a multi-node launch on one host) against one launcher, and a kill
+  if [ "$gpus" -gt 1 ]; then
+    step multi-node 900 python3 bench/multi_node.py --config smollm2-135m --device cuda --per-process-batch 30 \
+      --steps 40 --save-every 20 --output results/bench/multi-node-cuda.json
+  else
+    echo "=== multi-node skipped: one GPU ($gpus found), a launcher per GPU needs two"
+  fi
+}
 pack() {
   tar czf "$RESULTS/packing.tgz" -C "$RESULTS" logs -C "$PWD" results/bench results/matryoshka &&
     mv "$RESULTS/packing.tgz" "$RESULTS/latest.tgz"
@@ -65,13 +74,10 @@ for item in "${items[@]}"; do
     quality)
       matryoshka plain 0 &
       matryoshka matryoshka $((gpus > 1)) --set "train.matryoshka_dims=[64,128,256]" &
-      if [ "$gpus" -gt 1 ]; then
-        step multi-node 900 python3 bench/multi_node.py --config smollm2-135m --device cuda --per-process-batch 30 \
-          --steps 40 --save-every 20 --output results/bench/multi-node-cuda.json &
-      else
-        echo "=== multi-node skipped: one GPU ($gpus found), a launcher per GPU needs two"
-      fi
+      multinode &
       wait;;
+    multinode)
+      multinode;;
     nccl)
       CUDA_VISIBLE_DEVICES=0,1 step nccl 300 python3 -m pytest -q -p no:cacheprovider tests/test_loss.py -k nccl;;
     kernels-test)
