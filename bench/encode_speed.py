@@ -5,7 +5,8 @@ slmembed's float32 ones (cosine) to show both compute the same thing. Each tool 
 default for throughput (slmembed: length-sorted batches under a token budget; the peer: its own length sorting at
 batch size 256). Both are timed after a warm-up pass, with the GPU finished. The vectors must agree (cosine).
 slmembed packs its batches where it can (packing.py): it is then timed padded as well, on the same batches.
-With ``--compile``, slmembed again with its blocks compiled (compile.py; the warm-up pass pays the compile). Then the
+With ``--budgets``, slmembed again with larger chunks; with ``--compile``, with its blocks compiled (compile.py; the
+warm-up pass pays the compile). The speed-up is slmembed's fastest of these against the peer. Then the
 end-to-end nine-set evaluation, timed as a user runs it: a fresh ``slmembed eval`` process, model loaded from the
 cached folder.
 
@@ -57,6 +58,9 @@ def main() -> None:
                    help="slmembed's batch cap (its token budget is 32 per text)")
     p.add_argument("--peer-batch-size", type=int, default=256)
     p.add_argument("--compile", action="store_true", help="also time slmembed with compiled blocks")
+    p.add_argument("--budgets", type=int, nargs="*", default=[], metavar="TEXTS",
+                   help="also time slmembed (eager) with chunks of this many texts and 32 tokens a text: fewer, "
+                        "larger chunks mean fewer kernel launches")
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--data-dir")
     p.add_argument("--output", required=True)
@@ -82,6 +86,14 @@ def main() -> None:
                                      "seconds": round(padded_seconds, 2), "cosine_to_packed": _cosines(padded, vecs)}
         print("slmembed padded", result["slmembed_padded"])
         ours = Embedder(ours.model, ours.tokenizer, ours.spec)
+    for texts_a_chunk in args.budgets:
+        budget = batching(ours, texts_a_chunk)
+        _, budget_seconds = timed(ours.encode, texts, batch_size=budget[0], max_tokens=budget[1])
+        result.setdefault("slmembed_budgets", {})[str(texts_a_chunk)] = {
+            "sentences_per_s": round(len(texts) / budget_seconds), "seconds": round(budget_seconds, 2),
+            "max_tokens": budget[1]}
+        print("slmembed", texts_a_chunk, "texts a chunk", result["slmembed_budgets"][str(texts_a_chunk)])
+        seconds = min(seconds, budget_seconds)
     reference = load_embedder(args.model, dtype=torch.float32).encode(texts, batch_size=256)  # for precision only
     result["slmembed"]["cosine_to_float32"] = _cosines(vecs, reference)
     if args.compile:

@@ -11,7 +11,7 @@
 #   MODEL-bB-graphs  the same with train.cuda_graphs (issue 15: graphs holding the collectives);
 #   paper        the paper recipe (SmolLM2-135M, one epoch) on one GPU at batch 60 against two at 30 each;
 #   sharded      bench/sharded.py: Gemma-3-270M, FSDP against DDP, both uncompiled;
-#   encode-MODEL bench/encode_speed.py --compile for MODEL (issue 17: encoding against the peer, and the nine-set
+#   encode-MODEL bench/encode_speed.py --compile --budgets for MODEL (issue 17: encoding against the peer, nine-set
 #                eval end to end in a fresh process), then bench/encode_profile.py;
 #   kernels      kernels-test, then kernels-MODEL for both models;
 #   kernels-test issue 17: tests/test_kernels.py on the GPU (liger-kernel's fused kernels against transformers' modules);
@@ -95,7 +95,7 @@ for item in "${items[@]}"; do
         --variants compile_graphs compile compile_padded --profile-variants compile_graphs compile \
         --profile "results/bench/profile-$model-b60-{variant}.txt" --output "results/bench/train-$model-b60-graphs.json";;
     encode-*)
-      step "$item" 480 python3 bench/encode_speed.py --model "${item#encode-}" --compile \
+      step "$item" 480 python3 bench/encode_speed.py --model "${item#encode-}" --compile --budgets 4096 16384 \
         --output "results/bench/$item-h200.json"
       step "$item-profile" 300 python3 bench/encode_profile.py --model "${item#encode-}" \
         --output "results/bench/encode-profile-${item#encode-}-h200.txt";;
