@@ -28,14 +28,45 @@ TINY = {
 }
 
 
+# The longest tests (pytest --durations, 2 cores), longest first, and the modules whose shared fixtures make them long
+# together. They run first, so that xdist's workers do not end with one of them running alone.
+LONGEST = (
+    "test_train.py::test_real_training_on_smollm2_lowers_the_loss",
+    "test_evaluate.py::test_all_minilm_l6_v2_agrees_with_mteb_on_all_nine_sets",
+    "test_sharding.py::test_fsdp_lora_equals_ddp_and_resumes_exactly",
+    "test_kill_resume.py::test_killed_runs_resume_to_the_uninterrupted_result",
+    "test_multinode.py::test_two_launchers_equal_one_and_resume_after_one_is_killed",
+    "test_sharding.py::test_fsdp_full_fine_tuning_equals_ddp",
+    "test_gradcache.py::test_compiled_training_matches_eager_training",
+    "test_reproduce.py::test_reproduce_writes_json_table_plot_and_curve",
+    "test_train.py::test_torchrun_two_cpu_ranks_equal_one_process_at_twice_the_batch",
+    "test_cli.py::test_eval_writes_the_documented_json",
+    "test_export.py::",  # whole modules: their module-scoped fixtures are built once per worker that runs them
+    "test_serve.py::",
+)
+
+
 def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (the README's ``-n auto``), each test process takes its share of the cores, not all of them:
-    torch's threads here, OMP_NUM_THREADS for the processes tests start."""
+    torch's threads here, OMP_NUM_THREADS for the processes tests start. Tests are handed to the workers one at a
+    time as they free up (the longest first: ``pytest_collection_modifyitems``), not in chunks of a quarter of the
+    suite, which would give one worker all of the longest."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
         torch.set_num_threads(threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    if getattr(config.option, "maxschedchunk", False) is None:
+        config.option.maxschedchunk = 1
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The LONGEST tests first, in its order; the others keep theirs."""
+    def rank(item: pytest.Item) -> int:
+        name = item.nodeid.rpartition("/")[2]
+        return next((i for i, prefix in enumerate(LONGEST) if name.startswith(prefix)), len(LONGEST))
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session")

@@ -325,6 +325,7 @@ def test_onnx_export_scores_like_pytorch_and_loads_back(runs, stsb_texts, data_d
     assert _min_cosine(back.encode(texts, batch_size=16), expected) >= 0.9999  # batches of any size and width
     assert _min_cosine(back.encode(texts[:1]), expected[:1]) >= 0.9999
     assert back.weights == "onnx float32" and back.vocab_size == reference.vocab_size
+    assert back.session.get_session_options().intra_op_num_threads == torch.get_num_threads()  # torch's share
 
     from fastapi.testclient import TestClient
 

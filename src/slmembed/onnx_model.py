@@ -89,8 +89,9 @@ class OnnxEmbedder(Embedder):
 
         folder = Path(folder)
         options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
+        # As many threads as torch computes with (the process's share of the cores, e.g. under pytest-xdist), not
+        # onnxruntime's one per core, whose threads spin while they wait and take the CPU from the other processes.
+        options.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(folder / FILE), options, providers=["CPUExecutionProvider"])
         self.model, self.spec = None, spec
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
