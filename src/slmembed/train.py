@@ -355,12 +355,13 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         bar = tqdm(total=total, initial=start, desc="train", unit="step")
     for step in range(start, total):
         rows = batch_indices(len(examples), global_batch, step, tc.seed)
-        shares = [rank_rows(rows, cost, rank, acc.num_processes) for rank in range(acc.num_processes)]
-        batch = StepBatch.of(examples, shares[acc.process_index], cols, token_ids)
+        batch = StepBatch.of(examples, rank_rows(rows, cost, acc.process_index, acc.num_processes), cols, token_ids)
         loss = None
-        if graphed is not None:  # every process replays the bucket of the largest share; None: over chunk_tokens
-            largest = max(graphed.size(StepBatch.of(examples, share, cols, token_ids)) for share in shares) \
-                if replicas else None
+        if graphed is not None:  # None: a step over chunk_tokens, run the ordinary way
+            largest = None
+            if replicas:  # every process replays the bucket of the step's largest share: their collectives pair up
+                shares = (rank_rows(rows, cost, rank, acc.num_processes) for rank in range(acc.num_processes))
+                largest = max(graphed.size(StepBatch.of(examples, share, cols, token_ids)) for share in shares)
             loss = graphed(batch, largest)
         if loss is None:
             loss_of = functools.partial(batch_loss, objective, batch, temperature=tc.temperature)
