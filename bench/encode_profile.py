@@ -17,8 +17,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from slmembed.compile import compile_blocks
 from slmembed.data.sts import TASKS, load_all
-from slmembed.embedder import load_embedder
-from slmembed.evaluate import batching, unique_sentences
+from slmembed.embedder import PIECE, batching, load_embedder
+from slmembed.evaluate import unique_sentences
 from slmembed.profiling import busy_union
 
 
@@ -49,7 +49,7 @@ def main() -> None:
     kernels = [e for e in events if e.device_type == DeviceType.CUDA]
     averages = prof.key_averages()
     summary = (f"{' '.join(sys.argv)}\n{len(texts)} sentences, {sum(map(len, ids))} tokens, "
-               f"{len(ours.chunks(ids, max_tokens, batch_size))} chunks; device {ours.device}, "
+               f"{-(-len(texts) // PIECE)} pieces of at most {PIECE} texts; device {ours.device}, "
                f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC\n"
                f"encode wall under the profiler {wall:.3f} s; tokenising alone {tokenise_s:.3f} s; GPU busy "
                f"{busy_union(kernels) / 1e6:.3f} s; kernels {len(kernels)}\n")

@@ -33,8 +33,8 @@ def main() -> None:
     mark("import torch")
     from slmembed import cli  # noqa: F401 - what the command imports first
     from slmembed.data.sts import TASKS, load_all
-    from slmembed.embedder import load_embedder
-    from slmembed.evaluate import batching, score, unique_sentences
+    from slmembed.embedder import batching, load_embedder
+    from slmembed.evaluate import score, unique_sentences
 
     mark("import slmembed, transformers")
     torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")
@@ -44,19 +44,14 @@ def main() -> None:
     mark("read the nine sets")
     embedder = load_embedder(args.model)
     mark("load model")
-    ids = embedder.tokenize(texts)
-    mark("tokenise")
     batch, max_tokens = batching(embedder)
-    chunks = embedder.chunks(ids, max_tokens, batch)
-    with torch.inference_mode():
-        vecs = embedder._embed_chunks(ids, chunks).cpu().numpy()
-    mark("encode, first pass")
-    with torch.inference_mode():
-        embedder._embed_chunks(ids, chunks).cpu().numpy()
-    mark("encode, second pass")
+    vecs = embedder.encode(texts, batch_size=batch, max_tokens=max_tokens)
+    mark("tokenise and encode, first pass")
+    embedder.encode(texts, batch_size=batch, max_tokens=max_tokens)
+    mark("tokenise and encode, second pass")
     score(sets, dict(zip(texts, vecs)))
     mark("score")
-    print(json.dumps({"phases_s": phases, "chunks": len(chunks), "sentences": len(texts)}))
+    print(json.dumps({"phases_s": phases, "sentences": len(texts)}))
 
 
 if __name__ == "__main__":

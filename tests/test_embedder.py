@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from slmembed import embedder as embedder_module
 from slmembed.embedder import PROMPTS, Embedder, EmbedSpec, load_embedder, pool
 from slmembed.errors import SlmembedError
 
@@ -85,6 +86,21 @@ def test_encode_keeps_input_order(tiny_models) -> None:
     batched = emb.encode(texts, batch_size=2)
     for i, t in enumerate(texts):
         np.testing.assert_allclose(batched[i], emb.encode([t])[0], atol=1e-5)
+
+
+def test_encode_tokenises_in_pieces_while_embedding(tiny_models, monkeypatch, capsys) -> None:
+    emb = _embedder(tiny_models["llama"], "left", masked=True)
+    texts = [f"{t} {i}" for i, t in enumerate(TEXTS * 4)]
+    whole = emb.encode(texts, batch_size=4)
+    tokenised = []
+    tokenize = emb.tokenize
+    monkeypatch.setattr(emb, "tokenize", lambda piece: tokenised.append(list(piece)) or tokenize(piece))
+    monkeypatch.setattr(embedder_module, "PIECE", 5)
+    pieces = emb.encode(texts, batch_size=4, progress=True)
+    assert tokenised == [texts[:5], texts[5:10], texts[10:]]  # in order, each once
+    np.testing.assert_allclose(pieces, whole, atol=1e-5)
+    assert "12/12" in capsys.readouterr().err  # one bar over every piece, counting texts
+    assert emb.encode([], batch_size=4).shape == (0, 0)
 
 
 def test_collate_pads_to_a_multiple_of_8_with_position_ids_on_the_left(tiny_models) -> None:

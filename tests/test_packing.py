@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModel, AutoTokenizer, Gemma2Config, Gemma3TextConfig, MistralConfig, Qwen2Config
 
 from slmembed import packing
-from slmembed.embedder import Embedder, EmbedSpec
+from slmembed.embedder import PACKED_TOKENS, Embedder, EmbedSpec, batching
 from slmembed.gradcache import cached_backward
 from test_gradcache import TEXTS, _loss
 
@@ -67,6 +67,23 @@ def test_packed_vectors_equal_padded_ones(arch_model, pooling: str) -> None:
     want = padded.encode(TEXTS, batch_size=5)
     got = packed.encode(TEXTS, batch_size=24, max_tokens=60)
     np.testing.assert_allclose(got, want, atol=2e-5, err_msg=arch)
+
+
+def test_packed_batches_are_bounded_by_tokens_alone(tiny_models) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    spec = EmbedSpec(max_length=16)
+    padded = Embedder(_model(str(tiny_models["llama"]), tokenizer).eval(), tokenizer, spec, packed=False)
+    packed = Embedder(_model(str(tiny_models["llama"]), tokenizer).eval(), tokenizer, spec, packed=True)
+    assert batching(packed) == (None, PACKED_TOKENS)  # any number of texts: a packed batch costs its tokens
+    assert batching(padded) == (64, 64 * 32) and batching(packed, 8) == (8, 8 * 32)  # the CPU's cap, or the user's
+    ids = packed.tokenize(TEXTS * 4)
+    chunks = packed.chunks(ids, 120)
+    assert max(map(len, chunks)) > 2 * max(map(len, packed.chunks(ids, 120, 8))) and len(chunks) > 2
+    assert all(sum(len(ids[i]) for i in chunk) <= 120 for chunk in chunks)
+    np.testing.assert_allclose(packed.encode(TEXTS, batch_size=None, max_tokens=120),
+                               padded.encode(TEXTS, batch_size=5), atol=2e-5)
+    with pytest.raises(ValueError, match="batch_size, max_tokens or both"):
+        packed.encode(TEXTS, batch_size=None)
 
 
 def test_packed_gradcache_gives_the_padded_loss_and_lora_gradients(arch_model) -> None:

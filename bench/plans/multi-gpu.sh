@@ -95,7 +95,7 @@ for item in "${items[@]}"; do
         --variants compile_graphs compile compile_padded --profile-variants compile_graphs compile \
         --profile "results/bench/profile-$model-b60-{variant}.txt" --output "results/bench/train-$model-b60-graphs.json";;
     encode-*)
-      step "$item" 480 python3 bench/encode_speed.py --model "${item#encode-}" --compile --budgets 4096 16384 \
+      step "$item" 480 python3 bench/encode_speed.py --model "${item#encode-}" --compile --budgets 16384 65536 131072 \
         --output "results/bench/$item-h200.json"
       step "$item-profile" 300 python3 bench/encode_profile.py --model "${item#encode-}" \
         --output "results/bench/encode-profile-${item#encode-}-h200.txt";;

@@ -346,7 +346,9 @@ def parser() -> argparse.ArgumentParser:
     force(e, "an earlier eval JSON at --output")
     e.add_argument("--pooling", choices=["last", "mean", "cls"])
     e.add_argument("--prompt", type=template, help="prompt template with {} or P1/P2/P3")
-    e.add_argument("--batch-size", type=positive, help="sentences per batch (default: 1024 on a GPU, 64 on the CPU)")
+    e.add_argument("--batch-size", type=positive,
+                   help="sentences per batch (default: 1024 on a GPU, or any number up to 32,768 tokens where batches "
+                        "are packed; 64 on the CPU)")
     e.add_argument("--precision", nargs="+", choices=PRECISIONS, metavar="P",
                    help="also score compact vectors at these precisions (int8, uint8, binary, ubinary): cosine for "
                         "int8/uint8 (ranges from STSBenchmark dev), Hamming for binary/ubinary")
@@ -407,7 +409,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--model", required=True, help="model name or folder, exported folder, or training run folder")
     m.add_argument("--column", help="CSV column or JSONL field holding the text (default: text)")
     m.add_argument("--chunk-size", type=positive, default=4096, help="texts per resumable chunk")
-    m.add_argument("--batch-size", type=positive, default=64)
+    m.add_argument("--batch-size", type=positive,
+                   help="texts per batch (default: 1024 on a GPU, or any number up to 32,768 tokens where batches are "
+                        "packed; 64 on the CPU)")
     m.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="compact vectors (sentence-transformers' quantize_embeddings): int8/uint8 [N, D], "
                         "binary/ubinary packed bits [N, D/8]")

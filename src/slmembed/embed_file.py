@@ -28,7 +28,7 @@ import numpy as np
 from slmembed import outputs, quantize
 from slmembed.atomic import atomic_path, write_json
 from slmembed.data.jsonl import json_lines
-from slmembed.embedder import Embedder
+from slmembed.embedder import Embedder, batching
 from slmembed.errors import DataError, SlmembedError
 
 OUTPUTS = (".npy", ".parquet")
@@ -115,7 +115,7 @@ def _sidecar(output: Path) -> Path:
     return output.with_name(output.name + ".parts")
 
 
-def load_calibration(path: str | Path, embedder: Embedder, batch_size: int = 64) -> np.ndarray:
+def load_calibration(path: str | Path, embedder: Embedder, batch_size: int | None = None) -> np.ndarray:
     """Calibration embeddings [N, D]: a 2-D float ``.npy`` (an earlier float32 embed output) as it is, or the
     embeddings of a text, CSV or JSONL file's texts (as ``iter_texts`` reads them)."""
     path = Path(path)
@@ -130,14 +130,15 @@ def load_calibration(path: str | Path, embedder: Embedder, batch_size: int = 64)
     texts = list(iter_texts(path))
     if len(texts) < 2:
         raise DataError(path, "calibration needs at least two texts")
-    return embedder.encode(texts, batch_size=batch_size)
+    rows, tokens = batching(embedder, batch_size)
+    return embedder.encode(texts, batch_size=rows, max_tokens=tokens)
 
 
 def embed_file(embedder: Embedder, model_id: str, input_path: str | Path, output: str | Path, *,
-               column: str | None = None, chunk_size: int = 4096, batch_size: int = 64, force: bool = False,
+               column: str | None = None, chunk_size: int = 4096, batch_size: int | None = None, force: bool = False,
                progress: bool = True, precision: str = "float32", calibration: np.ndarray | None = None) -> dict:
     """Embed ``input_path`` into ``output`` chunk by chunk (see the module docstring); return a summary. An earlier
-    output is replaced only with ``force``."""
+    output is replaced only with ``force``. Batches as ``embedder.batching`` makes them."""
     from tqdm.auto import tqdm
 
     input_path, output = Path(input_path), Path(output)
@@ -159,13 +160,14 @@ def embed_file(embedder: Embedder, model_id: str, input_path: str | Path, output
         parts.mkdir(parents=True, exist_ok=True)
         write_json(parts / "manifest.json", manifest)
     names = [parts / f"{k:08d}.npy" for k in range(-(-n // chunk_size))]
+    rows, tokens = batching(embedder, batch_size)
     bar = tqdm(total=n, desc="embed", unit="text", disable=not progress)
     reused = 0
     for name, chunk in zip(names, _chunks(input_path, column, chunk_size)):
         if name.exists():
             reused += 1
         else:
-            vectors = embedder.encode(chunk, batch_size=batch_size)
+            vectors = embedder.encode(chunk, batch_size=rows, max_tokens=tokens)
             with atomic_path(name) as tmp:
                 with open(tmp, "wb") as fh:
                     np.save(fh, vectors)

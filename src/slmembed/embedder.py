@@ -9,7 +9,8 @@ given an appended EOS token for last-token pooling. Pooling:
 * ``cls``: the first real token.
 
 With left padding, position ids are ``cumsum(mask) - 1`` so that every sequence starts at position 0 whatever its
-padding. ``encode`` sorts texts by length to keep padding small and returns vectors in the input order.
+padding. ``encode`` sorts texts by length (within pieces of ``PIECE``) to keep padding small and returns
+vectors in the input order.
 
 Fast path for causal decoders: a token only attends to earlier tokens, so with padding on the right no real token
 ever sees a pad token. Their batches are therefore padded on the right and run without an attention mask: the
@@ -26,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +41,8 @@ from slmembed.config import ModelConfig, field_error
 from slmembed.errors import SlmembedError
 
 POOLINGS = ("last", "mean", "cls")
+PIECE = 4096  # texts ``encode`` tokenises at a time
+PACKED_TOKENS = 32_768  # real tokens in a packed batch (``batching``), as in a padded batch of 1,024 texts
 PROMPTS = {  # the paper's prompt ablation (its Table 4)
     "P1": 'This sentence: "{}" means in one word: "',
     "P2": "This sentence {} means: ",
@@ -215,29 +219,70 @@ class Embedder:
         return self._embed_chunks(ids, self.chunks(ids, max_tokens))
 
     @torch.inference_mode()
-    def encode(self, texts: Sequence[str], batch_size: int = 64, max_tokens: int | None = None,
+    def encode(self, texts: Sequence[str], batch_size: int | None = 64, max_tokens: int | None = None,
                progress: bool = False) -> np.ndarray:
         """Normalised float32 embeddings [N, D] in input order.
 
-        Texts are length-sorted into batches of at most ``batch_size`` texts and, if given, ``max_tokens`` padded
-        tokens (a token budget keeps batches of short texts large and batches of long texts within memory).
+        Texts are tokenised ``PIECE`` at a time, each piece while the model embeds the one before (the fast
+        tokenizer leaves Python's lock while it works, so the GPU is not kept waiting on a whole input's tokenising:
+        bench/NOTES.md). A piece's texts are length-sorted into batches of at most ``batch_size`` texts (None: any
+        number) and, if given, ``max_tokens`` tokens, padded or, packed, real (a token budget keeps batches of short
+        texts large and batches of long texts within memory).
         """
-        ids = self.tokenize(texts)
-        if not ids:
+        if batch_size is None and max_tokens is None:
+            raise ValueError("encode needs batch_size, max_tokens or both")
+        budget = max_tokens or batch_size * self.spec.max_length
+        pieces = [texts[start : start + PIECE] for start in range(0, len(texts), PIECE)]
+        if not pieces:
             return np.empty((0, 0), dtype=np.float32)
-        chunks = self.chunks(ids, max_tokens or batch_size * self.spec.max_length, batch_size)
-        return self._embed_chunks(ids, chunks, progress).cpu().numpy()
-
-    def _embed_chunks(self, ids: Sequence[list[int]], chunks: list[list[int]], progress: bool = False) -> torch.Tensor:
-        """Embeddings of ``ids`` in input order, computed one chunk of positions at a time."""
-        batches = chunks
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(chunks, desc="encode", unit="batch")
-        out = torch.cat([self.forward(self.collate([ids[i] for i in chunk])) for chunk in batches])
+            bar = tqdm(total=len(texts), desc="encode", unit="text")
+        out = []
+        with ThreadPoolExecutor(1) as worker:
+            pending = worker.submit(self.tokenize, pieces[0])
+            for index in range(len(pieces)):
+                ids = pending.result()
+                if index + 1 < len(pieces):
+                    pending = worker.submit(self.tokenize, pieces[index + 1])
+                out.append(self._embed_chunks(ids, self.chunks(ids, budget, batch_size), bar))
+        if bar is not None:
+            bar.close()
+        return _to_numpy(torch.cat(out))
+
+    def _embed_chunks(self, ids: Sequence[list[int]], chunks: list[list[int]], bar=None) -> torch.Tensor:
+        """Embeddings of ``ids`` in input order, computed one chunk of positions at a time (``bar``: a tqdm bar
+        advanced by each chunk's texts)."""
+        out = []
+        for chunk in chunks:
+            out.append(self.forward(self.collate([ids[i] for i in chunk])))
+            if bar is not None:
+                bar.update(len(chunk))
         inverse = torch.from_numpy(np.argsort(np.concatenate(chunks)))
-        return out[inverse.to(out.device, non_blocking=True)]
+        return torch.cat(out)[inverse.to(out[0].device, non_blocking=True)]
+
+
+def batching(embedder: Embedder, batch_size: int | None = None) -> tuple[int | None, int]:
+    """Texts and tokens per batch (``encode``'s arguments). Packed (packing.py) with no ``batch_size`` given: any
+    number of texts up to ``PACKED_TOKENS`` real tokens. A packed batch costs its tokens alone; capped at 1,024 texts
+    as well, Gemma-3-270M's pass over the nine STS sets ran 28 batches instead of 13 and took 13% longer, while
+    larger budgets were no faster (bench/NOTES.md). Otherwise ``batch_size`` texts (default 1024 on a GPU, 64 on the
+    CPU) and 32 padded tokens a text on average, so that batches of long texts stay within memory."""
+    if batch_size is None and embedder.packed:
+        return None, PACKED_TOKENS
+    batch_size = batch_size or (1024 if embedder.device.type == "cuda" else 64)
+    return batch_size, 32 * batch_size
+
+
+def _to_numpy(vectors: torch.Tensor) -> np.ndarray:
+    """``vectors.cpu().numpy()``, from a GPU through pinned memory: a copy into pageable memory ran at 1.5 GB/s
+    (46 ms of a 0.82 s encode of the nine STS sets, bench/NOTES.md); into pinned memory it runs at the bus's speed."""
+    if vectors.device.type != "cuda":
+        return vectors.cpu().numpy()
+    host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
+    return host.copy_(vectors).numpy()
 
 
 def _fast_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], room: int) -> list[list[int]] | None:
@@ -256,7 +301,9 @@ def _fast_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], room: i
     split = bool(getattr(tokenizer, "split_special_tokens", False))
     if backend.encode_special_tokens != split:
         backend.encode_special_tokens = split
-    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=True)]
+    # tokenizers >= 0.21 can skip the character offsets, which are half of Gemma-3's tokenising time
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [encoding.ids for encoding in encode(texts, add_special_tokens=True)]
 
 
 def _sentence_transformers_spec(folder: Path) -> EmbedSpec | None:

@@ -11,7 +11,7 @@ from scipy.stats import spearmanr
 
 from slmembed import quantize
 from slmembed.data.sts import TASKS, StsSet, load_all
-from slmembed.embedder import Embedder
+from slmembed.embedder import Embedder, batching
 
 
 def score(sets: dict[str, StsSet], vectors: dict[str, np.ndarray], precision: str = "float32") -> dict[str, float]:
@@ -33,13 +33,6 @@ def _average(scores: dict[str, float]) -> float:
 def unique_sentences(sets: dict[str, StsSet]) -> list[str]:
     """Every sentence of ``sets`` once, sorted."""
     return sorted({s for sts in sets.values() for s in (*sts.sentences1, *sts.sentences2)})
-
-
-def batching(embedder: Embedder, batch_size: int | None = None) -> tuple[int, int]:
-    """Sentences and tokens (padded, or real when packed) per batch: ``batch_size`` (default 1024 on a GPU, 64 on the
-    CPU) and 32 tokens per sentence on average, so that batches of long sentences do not blow up memory."""
-    batch_size = batch_size or (1024 if embedder.device.type == "cuda" else 64)
-    return batch_size, 32 * batch_size
 
 
 def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_size: int | None = None,
