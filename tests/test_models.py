@@ -45,6 +45,40 @@ def test_a_tokenizer_converted_into_characters_is_refused(smollm2_dir) -> None:
         models._check_subwords(Characters())
 
 
+def test_a_converted_folder_reads_its_tokenizer_fast_once_checked(tmp_path, smollm2_dir, monkeypatch) -> None:
+    import shutil
+
+    import transformers
+
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "slmembed_source.json"):
+        shutil.copy(smollm2_dir / name, folder / name)
+    calls = []
+    auto = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: calls.append(a) or auto(*a, **k))
+    first = models._load_tokenizer(str(folder), trust_remote_code=False)  # AutoTokenizer's, then checked
+    check = folder / models.TOKENIZER_CHECK
+    assert len(calls) == 1 and json.loads(check.read_text()) == {"transformers": transformers.__version__}
+    second = models._load_tokenizer(str(folder), trust_remote_code=False)
+    assert len(calls) == 1 and type(second) is type(first)  # read fast: AutoTokenizer not asked again
+    assert models._same_when_saved(first, second)
+    texts = ["A man is playing a guitar.", "<|im_end|> tokens, 日本語 and   spaces"]
+    assert second(texts)["input_ids"] == first(texts)["input_ids"]
+    assert (second.eos_token_id, second.pad_token_id, second.padding_side) == (
+        first.eos_token_id, first.pad_token_id, first.padding_side)
+
+    check.write_text(json.dumps({"transformers": "0.0.0"}))  # another release: checked again before it is trusted
+    models._load_tokenizer(str(folder), trust_remote_code=False)
+    assert len(calls) == 2 and json.loads(check.read_text())["transformers"] == transformers.__version__
+    (folder / "slmembed_source.json").unlink()  # not a folder slmembed converted: always AutoTokenizer, nothing written
+    check.unlink()
+    models._load_tokenizer(str(folder), trust_remote_code=False)
+    assert len(calls) == 3 and not check.exists()
+    second.add_tokens(["<new>"])
+    assert not models._same_when_saved(first, second)
+
+
 def test_concurrent_resolves_build_a_packaged_model_once(tmp_path, tiny_models, monkeypatch) -> None:
     """Several resolvers of one packaged model on a fresh cache (torchrun's ranks, test workers): one builds the
     folder, the others wait for it and reuse it."""

@@ -8,8 +8,10 @@ weights load from safetensors, and pickle weights (which can run code when unpic
 
 from __future__ import annotations
 
+import filecmp
 import importlib.metadata
 import json
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import torch
 from filelock import FileLock
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from slmembed.atomic import atomic_dir
+from slmembed.atomic import atomic_dir, write_json
 from slmembed.errors import SlmembedError
 from slmembed.paths import cache_dir
 
@@ -163,6 +165,61 @@ def _check_subwords(tokenizer: PreTrainedTokenizerBase) -> None:
                             ".venv/bin/pip install 'transformers>=5.18'")
 
 
+TOKENIZER_CHECK = "slmembed_tokenizer.json"  # in a converted folder: the transformers release its fast read matched
+
+
+def _read_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
+    """The tokenizer of a folder slmembed converted, read straight from its ``tokenizer.json``: the class its config
+    names, given the file, so that the Rust library parses it. Why: ``AutoTokenizer`` has a model's own tokenizer class
+    rebuild its vocabulary and merges in Python from the same file, which for Gemma-3's 262k tokens is most of loading
+    the model (bench/NOTES.md). None where the class is not one of transformers' own."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    cls = tokenizer_class_from_name(config.pop("tokenizer_class", None) or "")
+    if cls is None or not (folder / "tokenizer.json").exists():
+        return None
+    if (folder / "chat_template.jinja").exists():
+        config["chat_template"] = (folder / "chat_template.jinja").read_text()
+    return cls(tokenizer_file=str(folder / "tokenizer.json"), name_or_path=str(folder), **config)
+
+
+def _same_when_saved(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    """Whether two tokenizers are of one class and write the same files."""
+    if type(a) is not type(b):
+        return False
+    with tempfile.TemporaryDirectory() as x, tempfile.TemporaryDirectory() as y:
+        a.save_pretrained(x)
+        b.save_pretrained(y)
+        names = sorted(p.name for p in Path(x).iterdir())
+        return names == sorted(p.name for p in Path(y).iterdir()) and not filecmp.cmpfiles(x, y, names, shallow=False)[1]
+
+
+def _load_tokenizer(source: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(source)``, or, for a folder slmembed converted (``slmembed_source.json``), the
+    same tokenizer read fast (``_read_tokenizer``) once this transformers release has been seen to give the same
+    tokenizer both ways: the first load checks it (same class, same saved files) and records the release in the folder.
+    """
+    import transformers
+
+    folder = Path(source)
+    checked = folder / TOKENIZER_CHECK
+    converted = (folder / "slmembed_source.json").exists() and not trust_remote_code
+    if converted and _read_json(checked) == {"transformers": transformers.__version__}:
+        fast = _read_tokenizer(folder)
+        if fast is not None:
+            return fast
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if converted:
+        fast = _read_tokenizer(folder)
+        if fast is not None and _same_when_saved(fast, tokenizer):
+            try:
+                write_json(checked, {"transformers": transformers.__version__})
+            except OSError:  # a read-only cache: the next load checks again
+                pass
+    return tokenizer
+
+
 def _dequantize() -> dict:
     """Newer transformers keep GGUF weights packed unless asked; older ones always dequantise."""
     try:
@@ -259,7 +316,7 @@ def load(
     torch.backends.cuda.enable_cudnn_sdp(False)
     refuse_pickle(source, "model.safetensors", allow_pickle)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+        tokenizer = _load_tokenizer(source, trust_remote_code)
         model = AutoModel.from_pretrained(
             source, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
             use_safetensors=None if allow_pickle else True,
