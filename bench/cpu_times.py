@@ -24,21 +24,30 @@ def timed(command: list[str]) -> float:
     return round(time.perf_counter() - t, 1)
 
 
-def machine_speed() -> dict:
-    """How fast this machine is right now: a float32 matmul (torch's threads) and a pure-Python loop. Lent 2-core
-    machines differ by 2x from day to day, so times measured on different days are compared through these."""
+def _matmul_gflop_s(dtype) -> float:
     import torch
 
-    a = torch.randn(2048, 2048)
+    a = torch.randn(2048, 2048).to(dtype)
     a @ a
     t = time.perf_counter()
     for _ in range(10):
         a @ a
-    gflops = 10 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9
+    return round(10 * 2 * 2048**3 / (time.perf_counter() - t) / 1e9, 1)
+
+
+def machine_speed() -> dict:
+    """How fast this machine is right now: float32 and bf16 matmuls (torch's threads) and a pure-Python loop. Lent
+    2-core machines differ by 2x from day to day, so times measured on different days are compared through these;
+    the bf16 figure shows whether the CPU computes bf16 natively (slmembed then uses it: ``models.computes_bf16``)."""
+    import torch
+
+    from slmembed.models import computes_bf16
+
+    fp32, bf16 = _matmul_gflop_s(torch.float32), _matmul_gflop_s(torch.bfloat16)
     t = time.perf_counter()
     sum(range(10**7))
-    return {"matmul_fp32_gflop_s": round(gflops, 1), "python_loop_1e7_s": round(time.perf_counter() - t, 3),
-            "torch_threads": torch.get_num_threads()}
+    return {"matmul_fp32_gflop_s": fp32, "matmul_bf16_gflop_s": bf16, "native_bf16": computes_bf16(torch.device("cpu")),
+            "python_loop_1e7_s": round(time.perf_counter() - t, 3), "torch_threads": torch.get_num_threads()}
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from slmembed import models
+from slmembed import models, tuning
 from slmembed.config import Recipe
 from slmembed.errors import SlmembedError
 from slmembed.tuning import prepare
@@ -181,5 +181,15 @@ def test_safetensors_win_over_pickle_weights(pickle_model, tiny_models) -> None:
         assert _same_weights(models.load(str(pickle_model), allow_pickle=allow)[0], reference)
 
 
-def test_best_dtype_is_bf16_or_fp32() -> None:
-    assert models.best_dtype(torch.device("cpu")) in (torch.bfloat16, torch.float32)
+@pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True), (False, True, True)])
+def test_bf16_only_where_the_cpu_computes_it(monkeypatch, avx512_bf16: bool, amx: bool, native: bool) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu = torch.device("cpu")
+    assert models.computes_bf16(cpu) is native
+    assert models.best_dtype(cpu) == (torch.bfloat16 if native else torch.float32)
+    recipe = Recipe()
+    assert recipe.train.bf16 and tuning.uses_bf16(recipe, cpu) is native
+    assert tuning.weights_dtype(recipe, cpu) == (torch.bfloat16 if native else torch.float32)
+    recipe.train.bf16 = False
+    assert not tuning.uses_bf16(recipe, cpu) and tuning.weights_dtype(recipe, cpu) == torch.float32

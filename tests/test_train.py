@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from slmembed import models
 from slmembed import train as train_mod
 from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.nli import load_triplets
@@ -50,6 +51,19 @@ def _tiny_recipe(tiny_models, **train) -> Recipe:
                        "bf16": False, "log_every": 1, **train}.items():
         setattr(recipe.train, key, value)
     return recipe
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_is_used_only_where_the_device_computes_it(tmp_path, tiny_models, data_dir, monkeypatch, capsys,
+                                                       native: bool) -> None:
+    monkeypatch.setattr(models, "computes_bf16", lambda device: native)
+    loaded = []
+    load = models.load
+    monkeypatch.setattr(models, "load", lambda *a, **k: loaded.append(k["dtype"]) or load(*a, **k))
+    summary = train_mod.train(_tiny_recipe(tiny_models, bf16=True, max_steps=2), tmp_path / "run", data_dir=data_dir,
+                              progress=False)
+    assert summary["bf16"] is native and loaded == [torch.bfloat16 if native else torch.float32]
+    assert ("training in float32" in capsys.readouterr().out) is not native
 
 
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_models, data_dir) -> None:

@@ -278,13 +278,21 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def best_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where the device computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
+def computes_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX. Other CPUs
+    run bf16 through oneDNN's emulation, at a fraction of float32's speed (``bench/cpu_times.py`` records both on the
+    development machine, an AVX-512 CPU without them: a quarter)."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and torch.backends.mkldnn.is_available():
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
-    return torch.float32
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, probe, lambda: False)()
+                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def best_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device computes it natively (``computes_bf16``), else fp32."""
+    return torch.bfloat16 if computes_bf16(device) else torch.float32
 
 
 def give_pad_token(tokenizer) -> None:

@@ -220,7 +220,7 @@ def _setup_model(recipe: Recipe, acc: Accelerator):
     its tokenizer, and AdamW over the trainable weights."""
     tc = recipe.train
     attn = None if acc.device.type == "cuda" else "eager"  # SDPA where supported; eager trains faster on the CPU
-    base, tokenizer = models.load(recipe.model.name, dtype=tuning.weights_dtype(recipe),
+    base, tokenizer = models.load(recipe.model.name, dtype=tuning.weights_dtype(recipe, acc.device),
                                   trust_remote_code=recipe.model.trust_remote_code,
                                   allow_pickle=recipe.model.allow_pickle, attn_implementation=attn)
     kernels.apply(base, tc.kernels)  # before LoRA wraps the modules liger swaps
@@ -271,6 +271,10 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     sharded = tc.sharding == "fsdp"
     cuda_graphs.check(tc.cuda_graphs, device=acc.device, sharded=sharded, grad_cache=tc.grad_cache,
                       packing=tc.packing)
+    bf16 = tuning.uses_bf16(recipe, acc.device)
+    if tc.bf16 and not bf16:
+        acc.print(f"train.bf16: this {acc.device.type} has no native bf16 (AVX512-BF16 or AMX on a CPU): training in "
+                  "float32, which is faster here")
     if sharded and acc.num_processes == 1:
         raise SlmembedError("train.sharding: fsdp splits the model across processes: start several with torchrun "
                             "(e.g. torchrun --nproc_per_node=2 -m slmembed train ...), or set train.sharding=none")
@@ -340,7 +344,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     if tc.matryoshka_dims:
         objective = matryoshka(objective, tc.matryoshka_dims, tc.matryoshka_weights)
     trained = [p for p in model.parameters() if p.requires_grad]
-    graphed = (cuda_graphs.GraphedStep(embedder, objective, tc.temperature, trained, tc.bf16, tc.chunk_tokens)
+    graphed = (cuda_graphs.GraphedStep(embedder, objective, tc.temperature, trained, bf16, tc.chunk_tokens)
                if tc.cuda_graphs else None)
     no_sync = functools.partial(sharding.no_sync if sharded else acc.no_sync, model)
     board = _tensorboard(run_dir / "tensorboard", start) if acc.is_main_process else None
@@ -365,7 +369,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
             loss = graphed(batch, largest)
         if loss is None:
             loss_of = functools.partial(batch_loss, objective, batch, temperature=tc.temperature)
-            with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=tc.bf16):
+            with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
                 if tc.grad_cache:
                     loss = cached_backward(embedder, batch.ids, tc.chunk_tokens, loss_of, no_sync)
                 else:
@@ -421,7 +425,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     # Phase "selection and saving": the weights the run keeps (selection.py), written atomically.
     summary = {"steps": total, "batch_size": global_batch, "triplets": len(examples),
                "triplets_seen": total * global_batch, "minutes": round((time.time() - t0) / 60, 3),
-               "device": models.device_name(acc.device), "world_size": acc.num_processes, "finetune": tc.finetune}
+               "device": models.device_name(acc.device), "world_size": acc.num_processes, "finetune": tc.finetune,
+               "bf16": bf16}
     final = acc.unwrap_model(model)
     if dev is not None and (acc.is_main_process or sharded):
         if sharded:

@@ -16,17 +16,23 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import save_file
 
-from slmembed import sharding
+from slmembed import models, sharding
 from slmembed.config import Recipe
 from slmembed.errors import SlmembedError
 
 AVERAGE = "average"  # the name of the adapter that holds an averaged LoRA state
 
 
-def weights_dtype(recipe: Recipe) -> torch.dtype:
+def uses_bf16(recipe: Recipe, device: torch.device) -> bool:
+    """Whether training computes in bf16: ``train.bf16`` asks for it and ``device`` computes it natively
+    (``models.computes_bf16``). Elsewhere it runs in float32, which is faster there as well as exact."""
+    return recipe.train.bf16 and models.computes_bf16(device)
+
+
+def weights_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
     """The backbone's stored dtype: bf16 under LoRA (the frozen weights only compute), fp32 for full fine-tuning
-    (the optimizer updates them; bf16 compute comes from autocast)."""
-    return torch.bfloat16 if recipe.train.bf16 and recipe.train.finetune == "lora" else torch.float32
+    (the optimizer updates them; bf16 compute comes from autocast), fp32 where training does not use bf16."""
+    return torch.bfloat16 if uses_bf16(recipe, device) and recipe.train.finetune == "lora" else torch.float32
 
 
 def lora_config(recipe: Recipe, n_layers: int) -> LoraConfig:
