@@ -192,7 +192,8 @@ def _same_when_saved(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> 
         a.save_pretrained(x)
         b.save_pretrained(y)
         names = sorted(p.name for p in Path(x).iterdir())
-        return names == sorted(p.name for p in Path(y).iterdir()) and not filecmp.cmpfiles(x, y, names, shallow=False)[1]
+        same_names = names == sorted(p.name for p in Path(y).iterdir())
+        return same_names and not filecmp.cmpfiles(x, y, names, shallow=False)[1]
 
 
 def _load_tokenizer(source: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
