@@ -29,17 +29,17 @@ def _heldout_loss(model: str | None, adapter, triplets) -> float:
 
 def test_real_training_on_smollm2_lowers_the_loss(tmp_path, data_dir) -> None:
     recipe = with_overrides(load_recipe("demo-smollm2"), [
-        "train.max_steps=12", "train.batch_size=16", "train.warmup_steps=2", "train.log_every=1", "train.lr=1e-3",
+        "train.max_steps=6", "train.batch_size=16", "train.warmup_steps=2", "train.log_every=1", "train.lr=1e-3",
         "train.schedule=constant_with_warmup",
         "data.sources=[lingnli]"])
     summary = train_mod.train(recipe, tmp_path / "run", data_dir=data_dir, progress=False)
-    assert summary["steps"] == 12 and summary["triplets_seen"] == 192
+    assert summary["steps"] == 6 and summary["triplets_seen"] == 96
     log = [json.loads(line) for line in (tmp_path / "run/train_log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, 13))
+    assert [r["step"] for r in log] == list(range(1, 7))
     heldout = load_triplets(["new_protocols"], data_dir=data_dir).triplets[:48]  # not trained on
     before = _heldout_loss("smollm2-135m", None, heldout)
     after = _heldout_loss(None, tmp_path / "run", heldout)
-    assert after < before - 0.2, (before, after)
+    assert after < before - 0.4, (before, after)  # 4.63 -> 3.97 on 2026-12-01 (12 steps: 2.30)
 
 
 def _tiny_recipe(tiny_models, **train) -> Recipe:
