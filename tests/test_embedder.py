@@ -105,7 +105,8 @@ def test_encode_tokenises_in_pieces_while_embedding(tiny_models, monkeypatch, ca
 
 def test_collate_pads_to_a_multiple_of_8_with_position_ids_on_the_left(tiny_models) -> None:
     emb = _embedder(tiny_models["llama"], "left", masked=True)
-    batch = emb.collate([[5, 6, 7], [5] * 10])
+    assert emb.collate([[5, 6, 7], [5] * 10])["input_ids"].shape == (2, 10)  # on the CPU: to the longest
+    batch = emb.collate([[5, 6, 7], [5] * 10], multiple=8)  # a GPU's default
     assert batch["input_ids"].shape == (2, 16)
     assert batch["position_ids"][0, -3:].tolist() == [0, 1, 2] and batch["attention_mask"][0].sum() == 3
 

@@ -145,11 +145,14 @@ class Embedder:
             return ids
         return [row + [self.eos] for row in ids]
 
-    def collate(self, ids: Sequence[list[int]], multiple: int = 8) -> dict:
+    def collate(self, ids: Sequence[list[int]], multiple: int | None = None) -> dict:
         """Token id lists as model inputs: packed (``packing.collate``), or padded on the right for causal models and
-        on the tokenizer's side for others, the width rounded up to a multiple of ``multiple`` (fewer shapes)."""
+        on the tokenizer's side for others, the width rounded up to a multiple of ``multiple``: by default 8 on a GPU
+        (fewer shapes for its kernels to be chosen for) and 1 elsewhere, where compute follows the padded tokens (26%
+        fewer on the nine STS sets, bench/NOTES.md)."""
         if self.packed:
             return packing.collate(ids)
+        multiple = multiple or (8 if self.device.type == "cuda" else 1)
         lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
         width = int(-(-lengths.max() // multiple) * multiple)
         left = self.tokenizer.padding_side == "left" and not self.causal
