@@ -172,12 +172,14 @@ def _read_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
     """The tokenizer of a folder slmembed converted, read straight from its ``tokenizer.json``: the class its config
     names, given the file, so that the Rust library parses it. Why: ``AutoTokenizer`` has a model's own tokenizer class
     rebuild its vocabulary and merges in Python from the same file, which for Gemma-3's 262k tokens is most of loading
-    the model (bench/NOTES.md). None where the class is not one of transformers' own."""
+    the model (bench/NOTES.md). None where the files are missing or the class is not one of transformers' own."""
     from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
 
-    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config = _read_json(folder / "tokenizer_config.json")
+    if not isinstance(config, dict) or not (folder / "tokenizer.json").exists():
+        return None
     cls = tokenizer_class_from_name(config.pop("tokenizer_class", None) or "")
-    if cls is None or not (folder / "tokenizer.json").exists():
+    if cls is None:
         return None
     if (folder / "chat_template.jinja").exists():
         config["chat_template"] = (folder / "chat_template.jinja").read_text()
@@ -282,7 +284,7 @@ def device_name(device: torch.device) -> str:
 def computes_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes bf16 natively: a CUDA GPU with bf16, or a CPU with AVX512-BF16 or AMX. Other CPUs
     run bf16 through oneDNN's emulation, at a fraction of float32's speed (``bench/cpu_times.py`` records both on the
-    development machine, an AVX-512 CPU without them: a quarter)."""
+    development machine, an AVX-512 CPU without them: about a fifth)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
