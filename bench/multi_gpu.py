@@ -26,7 +26,8 @@ from common import log_window, save
 
 
 def train(command: list[str], run_dir: Path, batch: int, args: argparse.Namespace) -> dict:
-    """Run one training command; its rate (triplets/s after warm-up), peak memory and last loss from its log."""
+    """Run one training command; its rate (triplets/s after warm-up), peak GPU memory and last loss from its log,
+    and each process's peak host memory from its summary."""
     sets = [f"train.batch_size={batch}", f"train.max_steps={args.steps}", f"train.log_every={args.warmup}",
             "train.save_every=1000000000", *args.set]
     command = [*command, "-m", "slmembed", "train", "--config", args.config, "--output", str(run_dir),
@@ -37,11 +38,12 @@ def train(command: list[str], run_dir: Path, batch: int, args: argparse.Namespac
         command += ["--profile", args.profile]
     subprocess.run(command, check=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0", "TQDM_DISABLE": "1"})
     last, seconds = log_window(run_dir, args.warmup, args.steps)
-    global_batch = json.loads((run_dir / "summary.json").read_text())["batch_size"]
+    summary = json.loads((run_dir / "summary.json").read_text())
     result = {"command": " ".join("python" if c == sys.executable else c for c in command),
-              "global_batch": global_batch,
-              "triplets_per_s": round((args.steps - args.warmup) * global_batch / seconds, 1),
-              "peak_gib_rank0": last.get("peak_gib"), "final_loss": last["loss"]}
+              "global_batch": summary["batch_size"],
+              "triplets_per_s": round((args.steps - args.warmup) * summary["batch_size"] / seconds, 1),
+              "peak_gib_rank0": last.get("peak_gib"), "host_peak_gib": summary["host_peak_gib"],
+              "final_loss": last["loss"]}
     if args.profile:
         stem = Path(args.output).with_suffix("")
         result["profile"] = [json.loads(f.read_text()) for f in sorted((run_dir / "profile").glob("rank*.json"))]

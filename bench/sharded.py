@@ -2,7 +2,8 @@
 
 Both runs use the same processes, recipe, steps and batches; only ``train.sharding`` differs. Reported: the losses
 logged every ``--warmup`` steps by each run and their largest relative difference, triplets/s after warm-up, peak
-GPU memory of rank 0, and both adapters' nine-set averages (bench/multi_gpu.py's ``train`` and ``nine_set``).
+GPU memory of rank 0, each process's peak host memory (sharded, only the first process reads the weights), and both
+adapters' nine-set averages (bench/multi_gpu.py's ``train`` and ``nine_set``). ``--device cpu`` runs it over gloo.
 
     python bench/sharded.py --config gemma-3-270m --per-device-batch 60 --gpus 2 --steps 100 --warmup 10 \\
         --output results/bench/sharded-gemma-3-270m.json

@@ -143,6 +143,18 @@ def test_lora_on_q_and_v_of_each_architecture(tiny_models, arch: str) -> None:
     assert sum(p.numel() for p in lora.parameters() if p.requires_grad) == expected and len(targets) == 4
 
 
+@pytest.mark.parametrize("arch", ["gemma", "phi", "llama"])
+def test_the_meta_device_builds_the_model_without_reading_weights(tiny_models, arch: str) -> None:
+    """What sharded training's other processes load (sharding.shard fills it from the first's): the same model,
+    tensor for tensor in names, shapes and dtypes, with no storage."""
+    real, _ = models.load(str(tiny_models[arch]), dtype=torch.bfloat16)
+    empty, tokenizer = models.load(str(tiny_models[arch]), dtype=torch.bfloat16, device=torch.device("meta"))
+    assert type(empty) is type(real) and empty.config.to_dict() == real.config.to_dict() and not empty.training
+    want = {n: (t.shape, t.dtype) for n, t in real.state_dict().items()}
+    assert {n: (t.shape, t.dtype) for n, t in empty.state_dict().items()} == want
+    assert all(t.is_meta for t in empty.state_dict().values()) and tokenizer.pad_token is not None
+
+
 def test_lora_on_chosen_layers_only(tiny_models) -> None:
     model, _ = models.load(str(tiny_models["llama"]))
     recipe = Recipe()

@@ -12,9 +12,14 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_packing import MORE, _model
+from torch.distributed.fsdp import FSDPModule
+from transformers import AutoTokenizer
 
+from slmembed import sharding, tuning
 from slmembed.cli import main
 from slmembed.config import Recipe, recipe_from_dict
+from slmembed.embedder import EmbedSpec, Embedder
 from slmembed.errors import SlmembedError
 from slmembed.train import checkpoints
 
@@ -101,3 +106,41 @@ def test_fsdp_needs_several_processes_and_no_average(tmp_path, tiny_models, data
     assert "start several with torchrun" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SlmembedError, match="average_last: 3 cannot be combined with train.sharding"):
         recipe_from_dict({"train": {"sharding": "fsdp", "dev_every": 5, "average_last": 3}})
+
+
+@pytest.mark.parametrize("arch", ["gemma", "phi", "llama", *MORE])
+def test_every_architecture_shards_by_its_blocks(arch, tiny_models, tmp_path) -> None:
+    """The paper's families and the others slmembed packs: sharded by their own decoder blocks, under LoRA, the model
+    computes the unsharded one's embeddings and adapter gradients, so a larger backbone of any of them is the same
+    recipe with ``train.sharding: fsdp`` (one process here; the torchrun tests above split it across two)."""
+    import torch.distributed as dist
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    source = str(tiny_models[arch]) if arch in tiny_models else MORE[arch]
+    recipe = _recipe(tiny_models)
+    ids = [tokenizer(t)["input_ids"] for t in ("A man is playing a guitar.", "Two dogs run.", "Rain.")]
+
+    def embed_and_grads(shard: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        model = tuning.prepare(_model(source, tokenizer), recipe)
+        for name, p in model.named_parameters():  # B = 0 at init: give every adapter weight a gradient
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        if shard:
+            sharding.shard(model, torch.device("cpu"))
+            assert sum(isinstance(m, FSDPModule) for m in model.modules()) == model.config.num_hidden_layers + 1
+        emb = Embedder(model, tokenizer, EmbedSpec(max_length=16), packed=False).forward_ids(ids)
+        emb.square().sum().backward()
+        grads = {n: p.grad.full_tensor() if shard else p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return emb.detach(), grads
+
+    want, want_grads = embed_and_grads(shard=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        got, got_grads = embed_and_grads(shard=True)
+    finally:
+        dist.destroy_process_group()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == want_grads.keys() and len(want_grads) == 8
+    for name, grad in want_grads.items():
+        assert grad.abs().max() > 0
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-7)

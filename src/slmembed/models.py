@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from filelock import FileLock
-from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from slmembed.atomic import atomic_dir, write_json
 from slmembed.errors import SlmembedError
@@ -316,7 +316,8 @@ def load(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load the backbone (no LM head) and its tokenizer; set a pad token if the tokenizer has none.
 
-    With a CUDA ``device`` the weights are read straight into GPU memory (no copy through host memory).
+    With a CUDA ``device`` the weights are read straight into GPU memory (no copy through host memory). With the
+    meta ``device`` none are read: the model is built from its config without storage (``sharding.shard`` fills it).
 
     Weights come from safetensors; pickle weights (``pytorch_model.bin``) only with ``allow_pickle``, and even then
     safetensors are preferred where both exist.
@@ -328,11 +329,17 @@ def load(
     refuse_pickle(source, "model.safetensors", allow_pickle)
     try:
         tokenizer = _load_tokenizer(source, trust_remote_code)
-        model = AutoModel.from_pretrained(
-            source, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
-            use_safetensors=None if allow_pickle else True,
-            device_map=str(device) if device is not None and device.type == "cuda" else None,
-        )
+        if device is not None and device.type == "meta":
+            config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+            with device:
+                model = AutoModel.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                              attn_implementation=attn_implementation)
+        else:
+            model = AutoModel.from_pretrained(
+                source, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
+                use_safetensors=None if allow_pickle else True,
+                device_map=str(device) if device is not None and device.type == "cuda" else None,
+            )
     except OSError as exc:
         raise SlmembedError(f"cannot load model {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
     except ValueError as exc:

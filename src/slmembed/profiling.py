@@ -8,10 +8,14 @@ warm-up) and writes into the run folder's ``profile/``, for each process r:
   waiting for the other GPUs to arrive); host reads of the GPU (``cuda*Synchronize`` calls) in the window. A step
   whose GPU is busy for much less than its wall time is bound by the host; NCCL time is what the collectives cost.
 * ``rank{r}.txt``: operators ranked by GPU time and by own host time (torch.profiler's tables).
+
+``host_peak_gib`` is a process's peak host memory, which every run's summary records for each process.
 """
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from pathlib import Path
 
@@ -21,6 +25,12 @@ from torch.autograd import DeviceType
 from slmembed.atomic import write_json, write_text
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def host_peak_gib() -> float:
+    """This process's peak resident set so far, in GiB (the kernel counts it in KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
 
 
 class StepProfiler:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -30,22 +31,35 @@ from slmembed.errors import SlmembedError
 # Whole tensors on the host; only the trainable ones (a LoRA run's adapter) are gathered, not the frozen backbone.
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
 LOAD = StateDictOptions(full_state_dict=True, strict=False)
+BROADCAST = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)  # the first process's, to all
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
-def shard(model: torch.nn.Module) -> torch.nn.Module:
-    """Shard ``model`` in place (its blocks, then the root); call before building the optimizer."""
+def shard(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """Shard ``model`` in place (its blocks, then the root) onto ``device``; call before building the optimizer.
+
+    Only the first process holds the weights (``models.load``): the others build ``model`` on the meta device and
+    get their shards from the first's, tensor by tensor, so no other process ever holds the whole model (a 7B
+    backbone's float32 weights are 28 GB of host memory a process otherwise). Every process calls this."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if not blocks:
         raise SlmembedError(f"train.sharding=fsdp: {type(model).__name__} names no transformer blocks "
                             "(_no_split_modules) to shard by")
+    first = dist.get_rank() == 0
+    whole = model.state_dict() if first else {}  # the unsharded tensors, before fully_shard replaces them
     for block in blocks:
         fully_shard(block)
     fully_shard(model)
+    if not first:
+        model.to_empty(device=device)
+    set_model_state_dict(model, whole, options=BROADCAST)
+    # Buffers are not sharded, and those outside the state dict (the rotary tables) were never in ``whole``.
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
     return model
 
 

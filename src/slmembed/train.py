@@ -220,16 +220,19 @@ def _setup_model(recipe: Recipe, acc: Accelerator):
     its tokenizer, and AdamW over the trainable weights."""
     tc = recipe.train
     attn = None if acc.device.type == "cuda" else "eager"  # SDPA where supported; eager trains faster on the CPU
+    sharded = tc.sharding == "fsdp"
+    empty = sharded and not acc.is_main_process  # sharded, the first process alone reads the weights
     base, tokenizer = models.load(recipe.model.name, dtype=tuning.weights_dtype(recipe, acc.device),
                                   trust_remote_code=recipe.model.trust_remote_code,
-                                  allow_pickle=recipe.model.allow_pickle, attn_implementation=attn)
+                                  allow_pickle=recipe.model.allow_pickle, attn_implementation=attn,
+                                  device=torch.device("meta") if empty else None)
     kernels.apply(base, tc.kernels)  # before LoRA wraps the modules liger swaps
     model = tuning.prepare(base, recipe)
-    if tc.sharding == "fsdp":  # before the optimizer, which must see the sharded parameters
-        model = sharding.shard(model)  # moves each block to the device as it shards it
+    if sharded:  # before the optimizer, which must see the sharded parameters
+        model = sharding.shard(model, acc.device)
     params = [p for p in model.parameters() if p.requires_grad]
     # On a GPU, AdamW's fused kernel: one launch for all the adapter's tensors instead of a dozen per step.
-    fused = acc.device.type == "cuda" and tc.sharding == "none"
+    fused = acc.device.type == "cuda" and not sharded
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused or None)
     return model, tokenizer, optimizer
 
@@ -433,6 +436,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
             acc.wait_for_everyone()  # the main process's last snapshot is written before the others read it
         summary["dev"] = dev.choose(dev_embedder, final)
     gathered = tuning.state(final, recipe) if sharded else None  # every process takes part in the gather
+    peaks = acc.gather(torch.tensor([profiling.host_peak_gib()], device=acc.device))  # in rank order
+    summary["host_peak_gib"] = [round(v, 3) for v in peaks.tolist()]
     if acc.is_main_process:
         with atomic_dir(run_dir / tuning.final_folder(recipe)) as tmp:
             tuning.save_final(final, tokenizer, tmp, recipe, gathered)
