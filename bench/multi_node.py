@@ -6,8 +6,10 @@ Three runs of one recipe, with the same steps and global batch (``--per-process-
 * **two launchers**: ``torchrun --nnodes=2 --nproc_per_node=N --rdzv_backend=c10d --rdzv_endpoint=127.0.0.1:PORT``
   started twice, as two machines would start it (README, "Several GPUs and several machines");
 * **killed**: the same two launchers; once the run folder holds its first checkpoint, the second launcher and its
-  workers get SIGKILL (a machine lost). The survivor must stop on its own within ``--grace`` seconds; then both
-  launchers start again with ``--resume``.
+  workers are lost: SIGKILL (``--lose kill``, a machine gone), or SIGSTOP (``--lose freeze``, a machine that stops
+  answering with its connections open: the others' collectives would wait for their timeout, so only slmembed's
+  watcher, liveness.py, stops them). The survivor must stop on its own within ``--grace`` seconds; then the lost
+  launcher is killed and both start again with ``--resume``.
 
 It reports the largest difference between the adapters (two launchers vs single, resumed vs uninterrupted), the
 losses logged, wall times, the step the kill hit and how the survivor ended. On a GPU host each launcher gets its own
@@ -68,7 +70,8 @@ def env_for(args: argparse.Namespace, launcher: int | None) -> dict[str, str]:
 
 def start_launchers(args: argparse.Namespace, run_dir: Path, log_dir: Path, tag: str,
                     resume: bool = False) -> tuple[list[subprocess.Popen], list[str]]:
-    """Both launchers of the two-node run."""
+    """Both launchers of the two-node run. The first serves the rendezvous store, as the machine named by
+    ``--rdzv_endpoint`` does: the second starts once the first listens (the second is the one lost later)."""
     port, procs, commands = free_port(), [], []
     for node in range(2):
         launcher = ["--nnodes=2", f"--nproc_per_node={args.procs_per_launcher}", "--rdzv_backend=c10d",
@@ -77,18 +80,29 @@ def start_launchers(args: argparse.Namespace, run_dir: Path, log_dir: Path, tag:
         with open(log_dir / f"{tag}-launcher{node}.log", "w") as log:
             procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env_for(args, node)))
         commands.append(" ".join(command))
+        deadline = time.time() + 120
+        while node == 0 and not listening(port):
+            if time.time() > deadline or procs[0].poll() is not None:
+                raise SystemExit(f"the first launcher did not open its rendezvous store: {log_dir / tag}-launcher0.log")
+            time.sleep(0.1)
     return procs, commands
 
 
-def kill_machine(proc: subprocess.Popen) -> None:
-    """SIGKILL a launcher and everything under it: torchrun starts its workers in sessions of their own."""
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def kill_machine(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Signal a launcher and everything under it (SIGKILL: lost; SIGSTOP: frozen): torchrun starts its workers in
+    sessions of their own."""
     try:
         family = [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]
     except psutil.NoSuchProcess:
         return
     for pid in family:
         try:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
         except ProcessLookupError:
             pass
 
@@ -121,6 +135,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--save-every", type=int, default=4, help="checkpoint interval; the kill follows the first one")
     p.add_argument("--grace", type=float, default=180.0, help="seconds the survivor may take to stop by itself")
+    p.add_argument("--lose", choices=["kill", "freeze"], default="kill",
+                   help="how the second launcher's machine is lost: SIGKILL, or SIGSTOP (frozen, connections open)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds a run may take")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more recipe overrides")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -156,7 +172,7 @@ def main() -> None:
         if time.time() > deadline or any(p.poll() is not None for p in procs):
             raise SystemExit("no checkpoint before a launcher ended: make --steps larger than --save-every")
         time.sleep(0.02)
-    kill_machine(procs[1])
+    kill_machine(procs[1], signal.SIGKILL if args.lose == "kill" else signal.SIGSTOP)
     killed_at = time.time()
     logged = losses(run) if (run / "train_log.jsonl").exists() else []
     try:
@@ -165,12 +181,16 @@ def main() -> None:
     except subprocess.TimeoutExpired:
         kill_machine(procs[0])
         survivor = {"exit_code": None, "stopped_after_s": None, "hung": f"still running {args.grace} s after the kill"}
+    said = [line for line in (scratch / "killed-launcher0.log").read_text().splitlines() if "slmembed train:" in line]
+    survivor["said"] = said[0] if said else None  # the watcher's line, when it was the one that stopped it
+    kill_machine(procs[1])  # a frozen one too, now
     procs[1].wait()
     resumed_from = int(checkpoints(run)[-1].name.split("-")[-1])
     t = time.time()
     procs, resume_commands = start_launchers(args, run, scratch, "resumed", resume=True)
     wait_all(procs, args.timeout, "the resumed two-launcher run")
-    killed = {"commands": commands, "resume_commands": resume_commands, "steps_logged_before_kill": len(logged),
+    killed = {"lost_by": args.lose, "commands": commands, "resume_commands": resume_commands,
+              "steps_logged_before_kill": len(logged),
               "survivor": survivor, "resumed_from_step": resumed_from, "resume_seconds": round(time.time() - t, 1)}
 
     ref, two, resumed = adapter(scratch / "single"), adapter(scratch / "nodes"), adapter(run)

@@ -1,11 +1,14 @@
 """Several machines, simulated on one host with ``bench/multi_node.py``: two torchrun launchers of one CPU process each
 (``--nnodes=2``, c10d rendezvous over loopback, gloo) train the adapter that one launcher of two processes trains, and
-when one launcher is killed with its worker after a checkpoint, the other stops by itself and ``--resume`` on both
-ends with the uninterrupted run's adapter and losses."""
+when one launcher is frozen with its worker after a checkpoint (SIGSTOP: its connections stay open, so the other's
+collectives would wait 30 minutes), the other stops by itself within seconds (liveness.py's watcher, told to give up
+after 5 s of silence) and ``--resume`` on both ends with the uninterrupted run's adapter and losses."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,8 +30,9 @@ def test_two_launchers_equal_one_and_resume_after_one_is_killed(tmp_path, tiny_m
     out = tmp_path / "multi-node.json"
     proc = subprocess.run(
         [sys.executable, str(BENCH), "--config", str(tmp_path / "tiny.yaml"), "--device", "cpu",
-         "--per-process-batch", "4", "--steps", "24", "--save-every", "4", "--grace", "60",
-         "--data-dir", str(data_dir), "--output", str(out)], capture_output=True, text=True, timeout=900)
+         "--per-process-batch", "4", "--steps", "24", "--save-every", "4", "--grace", "60", "--lose", "freeze",
+         "--data-dir", str(data_dir), "--output", str(out)], capture_output=True, text=True, timeout=900,
+        env={**os.environ, "SLMEMBED_LOST_AFTER_S": "5"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert (result["world_size"], result["global_batch"], result["adapter_tensors"]) == (2, 8, 8)
@@ -36,7 +40,10 @@ def test_two_launchers_equal_one_and_resume_after_one_is_killed(tmp_path, tiny_m
     assert result["max_abs_diff_two_launchers_vs_single"] <= 1e-6
     assert result["max_abs_diff_resumed_vs_uninterrupted"] <= 1e-6
     killed = result["killed_and_resumed"]
-    assert killed["survivor"]["exit_code"] not in (0, None)  # it stopped, as a failure, without being killed
+    survivor = killed["survivor"]
+    assert survivor["exit_code"] not in (0, None) and survivor["stopped_after_s"] < 30  # by itself, as a failure
+    # 5 s of silence allowed, 10 before the lost process's watcher first beat
+    assert re.search(r"process 1 of 2 has not been heard from for ([56]|1[01]) s", survivor["said"])
     assert 4 <= killed["resumed_from_step"] < 24
     losses = result["losses"]
     assert len(losses["single"]) == 24

@@ -36,7 +36,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from slmembed import cuda_graphs, kernels, models, outputs, profiling, sharding, tuning
+from slmembed import cuda_graphs, kernels, liveness, models, outputs, profiling, sharding, tuning
 from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
 from slmembed.compile import compile_blocks
 from slmembed.config import Recipe, load_recipe, recipe_from_dict, result_changes
@@ -270,6 +270,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     # for nothing) and with gradients that are views of its all-reduce buckets (no copy in and out).
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
     acc = _accelerator(models.resolve_device(device).type == "cpu", ddp)
+    watcher = liveness.start(acc.process_index, acc.num_processes)  # a lost machine stops the others (liveness.py)
     kernels.check(tc.kernels, tc.compile, acc.device)
     sharded = tc.sharding == "fsdp"
     cuda_graphs.check(tc.cuda_graphs, device=acc.device, sharded=sharded, grad_cache=tc.grad_cache,
@@ -445,6 +446,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
                                            "finetune": tc.finetune})
         write_json(run_dir / "summary.json", summary)
     acc.wait_for_everyone()
+    if watcher is not None:
+        watcher.stop()
     return summary
 
 
