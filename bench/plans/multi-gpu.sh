@@ -6,6 +6,7 @@
 #                on both GPUs (two launchers of one GPU each against one launcher, and a launcher killed);
 #   nccl         the NCCL case of tests/test_loss.py;
 #   multinode    bench/multi_node.py alone (two launchers of one GPU each against one launcher, and a launcher killed);
+#   checks       at once, as neither is timed: graphs-test and multinode (two GPUs);
 #   MODEL-bB     bench/multi_gpu.py for MODEL (smollm2-135m, gemma-3-270m) at B triplets per device, train.compile on
 #                (packing is on by default on a GPU; neither recipe needs GradCache at these sizes on an H200), profiled;
 #   MODEL-bB-graphs  the same with train.cuda_graphs (issue 15: graphs holding the collectives);
@@ -29,8 +30,8 @@
 #   (RESULTS=/tmp/mg setsid nohup bash bench/plans/multi-gpu.sh quality smollm2-135m-b512 >/tmp/mg-plan.log 2>&1 &)
 set -u
 for item in "$@"; do  # every item checked before any run starts
-  [[ $item =~ ^(quality|nccl|multinode|paper|sharded|((kernels|graphs)(-test|-smollm2-135m|-gemma-3-270m)?)|(smollm2-135m|gemma-3-270m)-b[0-9]+(-graphs)?|encode-(smollm2-135m|gemma-3-270m))$ ]] ||
-    { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, nccl, multinode, paper, sharded," \
+  [[ $item =~ ^(quality|checks|nccl|multinode|paper|sharded|((kernels|graphs)(-test|-smollm2-135m|-gemma-3-270m)?)|(smollm2-135m|gemma-3-270m)-b[0-9]+(-graphs)?|encode-(smollm2-135m|gemma-3-270m))$ ]] ||
+    { echo "bench/plans/multi-gpu.sh: unknown item '$item' (expected quality, checks, nccl, multinode, paper, sharded," \
         "kernels[-test|-MODEL], graphs[-test|-MODEL], MODEL-bB[-graphs] or encode-MODEL)"; exit 2; }
 done
 source bench/gpu_env.sh
@@ -78,6 +79,10 @@ for item in "${items[@]}"; do
       wait;;
     multinode)
       multinode;;
+    checks)
+      step graphs-test 420 python3 -m pytest -q -rs -p no:cacheprovider tests/test_cuda_graphs.py &
+      multinode &
+      wait;;
     nccl)
       CUDA_VISIBLE_DEVICES=0,1 step nccl 300 python3 -m pytest -q -p no:cacheprovider tests/test_loss.py -k nccl;;
     kernels-test)
