@@ -15,12 +15,14 @@ import pytest
 from torch.distributed import TCPStore
 
 from slmembed import liveness
+from slmembed.errors import SlmembedError
 
 SILENCE = 3.0
 # A training process: starts its watcher, lives for argv[2] seconds, then stops it (argv[3] == "stop") or not.
 PROCESS = """
 import sys, time
 from slmembed import liveness
+from slmembed.errors import SlmembedError
 watcher = liveness.start(int(sys.argv[1]), 2)
 time.sleep(float(sys.argv[2]))
 if sys.argv[3] == "stop":
@@ -70,3 +72,12 @@ def test_no_watcher_without_torchrun_or_for_one_process(monkeypatch, env) -> Non
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29500")
     assert liveness.start(0, 1) is None
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "inf", "nan"])
+def test_a_bad_silence_is_refused_in_one_line(monkeypatch, value) -> None:
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("SLMEMBED_LOST_AFTER_S", value)
+    with pytest.raises(SlmembedError, match=re.escape(f"expected seconds above 0 (e.g. 60), got '{value}'")):
+        liveness.start(0, 2)

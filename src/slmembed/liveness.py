@@ -27,11 +27,21 @@ import sys
 import time
 from datetime import timedelta
 
+from slmembed.errors import SlmembedError
+
 LOST_AFTER_S = 60.0  # silence that means a process is lost; the environment's SLMEMBED_LOST_AFTER_S overrides it
 
 
 def lost_after() -> float:
-    return float(os.environ.get("SLMEMBED_LOST_AFTER_S") or LOST_AFTER_S)
+    """The silence allowed, in seconds: SLMEMBED_LOST_AFTER_S if set, else ``LOST_AFTER_S``."""
+    value = os.environ.get("SLMEMBED_LOST_AFTER_S") or str(LOST_AFTER_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not seconds > 0 or seconds == float("inf"):
+        raise SlmembedError(f"SLMEMBED_LOST_AFTER_S: expected seconds above 0 (e.g. 60), got {value!r}")
+    return seconds
 
 
 class Watcher:
@@ -57,7 +67,7 @@ def start(rank: int, world: int) -> Watcher | None:
         return None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun's restarts share the store
     command = [sys.executable, "-m", "slmembed.liveness", host, port, str(rank), str(world), str(os.getpid()),
-               attempt]
+               attempt, str(lost_after())]
     return Watcher(subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
 
 
@@ -138,5 +148,5 @@ def watch(host: str, port: int, rank: int, world: int, parent: int, attempt: str
 
 if __name__ == "__main__":
     signal.signal(signal.SIGUSR1, _finish)  # first: a training process may stop its watcher while torch imports
-    host, port, rank, world, parent, attempt = sys.argv[1:7]
-    watch(host, int(port), int(rank), int(world), int(parent), attempt, lost_after())
+    host, port, rank, world, parent, attempt, silence = sys.argv[1:8]
+    watch(host, int(port), int(rank), int(world), int(parent), attempt, float(silence))
