@@ -21,6 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+# torch 2.13 renamed the two single-tensor collectives (the old names warn); the GPU machine's 2.11 may lack the new.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 class _GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 of several tensors at once (one collective: at small batches each collective's fixed
@@ -31,7 +35,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         world, local = dist.get_world_size(), torch.cat(xs).contiguous()
         out = local.new_empty((world * local.shape[0], *local.shape[1:]))
-        dist.all_gather_into_tensor(out, local)
+        _all_gather(out, local)
         ctx.rows = [x.shape[0] for x in xs]
         per_rank = out.view(world, *local.shape).split(ctx.rows, dim=1)
         return tuple(part.reshape(world * rows, *local.shape[1:]) for part, rows in zip(per_rank, ctx.rows))
@@ -42,7 +46,7 @@ class _GatherWithGrad(torch.autograd.Function):
         parts = [g.reshape(world, rows, *tail) for g, rows in zip(grads, ctx.rows)]
         full = torch.cat(parts, dim=1).reshape(world * sum(ctx.rows), *tail).contiguous()
         local = full.new_empty((sum(ctx.rows), *tail))
-        dist.reduce_scatter_tensor(local, full)
+        _reduce_scatter(local, full)
         return local.split(ctx.rows)
 
 
