@@ -13,7 +13,7 @@ of its machine, and the run continues from its newest checkpoint with ``--resume
 for as long counts the same.
 
 The watcher is a process, not a thread, so that a training process holding the GIL for a while (writing a large
-checkpoint) still beats. It ends with its training process; stopped by it (``Watcher.stop``, SIGUSR1) it first says
+checkpoint) still beats. It costs about 220 MiB and 1.5 s of CPU to start (torch's store client), nothing after. It ends with its training process; stopped by it (``Watcher.stop``, SIGUSR1) it first says
 the process finished, so the others do not wait for its beats. Any other end (the process killed, or its launcher
 stopping it) says nothing, so that the others stop too.
 """
