@@ -13,13 +13,15 @@ of its machine, and the run continues from its newest checkpoint with ``--resume
 for as long counts the same.
 
 The watcher is a process, not a thread, so that a training process holding the GIL for a while (writing a large
-checkpoint) still beats. It costs about 220 MiB and 1.5 s of CPU to start (torch's store client), nothing after. It ends with its training process; stopped by it (``Watcher.stop``, SIGUSR1) it first says
-the process finished, so the others do not wait for its beats. Any other end (the process killed, or its launcher
-stopping it) says nothing, so that the others stop too.
+checkpoint) still beats. It costs about 220 MiB and 1.5 s of CPU to start (torch's store client), nothing after. It
+ends with its training process; stopped by it (``Watcher.stop``, SIGUSR1) it first says the process finished, so the
+others do not wait for its beats. Any other end (the process killed, or its launcher stopping it) says nothing, so
+that the others stop too.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -39,7 +41,7 @@ def lost_after() -> float:
         seconds = float(value)
     except ValueError:
         seconds = float("nan")
-    if not seconds > 0 or seconds == float("inf"):
+    if not (math.isfinite(seconds) and seconds > 0):
         raise SlmembedError(f"SLMEMBED_LOST_AFTER_S: expected seconds above 0 (e.g. 60), got {value!r}")
     return seconds
 
@@ -86,8 +88,9 @@ def _end(parent: int) -> None:
             return
 
 
-class _Finished(Exception):
-    """SIGUSR1 from ``Watcher.stop``: training ended (raised from the handler, so that a sleep ends at once)."""
+class _Finished(BaseException):
+    """SIGUSR1 from ``Watcher.stop``: training ended (raised from the handler, so that a sleep ends at once; not an
+    ``Exception``, so the store's error handling lets it through)."""
 
 
 def _finish(*_) -> None:
@@ -107,8 +110,6 @@ def watch(host: str, port: int, rank: int, world: int, parent: int, attempt: str
     try:
         try:
             store = _connect(host, port, silence)
-        except _Finished:
-            raise
         except Exception:
             return  # no store to watch through: training goes on as it would without a watcher
         peers = [r for r in range(world) if r != rank]
@@ -123,8 +124,6 @@ def watch(host: str, port: int, rank: int, world: int, parent: int, attempt: str
                     if count != seen[r][0] or store.add(done.format(r), 0):
                         seen[r] = (count, now)
                 answered = now
-            except _Finished:
-                raise
             except Exception as exc:  # the store's host lost, or the network: lost too once silent for long enough
                 if now - answered > silence:
                     print(f"slmembed train: process {rank}: the run's store at {host}:{port} has not answered for "
