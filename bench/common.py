@@ -18,9 +18,10 @@ import torch
 
 from slmembed.atomic import write_json
 from slmembed.cli import provenance
-from slmembed.embedder import Embedder, EmbedSpec
+from slmembed.embedder import Embedder
 from slmembed.export import export_tokenizer
 from slmembed.report import read_log
+from slmembed.spec import EmbedSpec
 
 
 def save(path: str | Path, result: dict) -> None:

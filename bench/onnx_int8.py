@@ -20,9 +20,9 @@ from pathlib import Path
 from common import save
 
 from slmembed.data.sts import load_sts
-from slmembed.embedder import EmbedSpec
 from slmembed.evaluate import evaluate
 from slmembed.onnx_model import FILE, OnnxEmbedder, quantize_int8
+from slmembed.spec import EmbedSpec
 
 
 def main() -> None:

@@ -30,18 +30,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import StEncoder, check_same_tokens, log_window, matmul_ceiling_tflops, save, st_model, st_texts
 from torch.utils.data import BatchSampler, SequentialSampler
 from transformers import AutoConfig, TrainerCallback
 
-from common import StEncoder, check_same_tokens, log_window, matmul_ceiling_tflops, save, st_model, st_texts
 from slmembed import models
 from slmembed.atomic import write_json
 from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.nli import load_triplets
 from slmembed.data.sts import TASKS, load_all
-from slmembed.embedder import Embedder, EmbedSpec, load_embedder
+from slmembed.embedder import Embedder, load_embedder
 from slmembed.evaluate import evaluate
 from slmembed.report import read_log
+from slmembed.spec import EmbedSpec
 from slmembed.train import batch_indices, train
 
 

@@ -9,14 +9,15 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from test_gradcache import TEXTS
+from test_packing import MORE, SMALL, _model
 from transformers import AutoModel, AutoTokenizer, Gemma3TextConfig
 
 from slmembed import attention
 from slmembed.config import ModelConfig
-from slmembed.embedder import Embedder, EmbedSpec, is_causal
+from slmembed.embedder import Embedder, is_causal
 from slmembed.errors import SlmembedError
-from test_gradcache import TEXTS
-from test_packing import MORE, SMALL, _model
+from slmembed.spec import EmbedSpec
 
 ARCHS = ["gemma", "phi", "llama", *MORE]  # every architecture packing allows
 # Gemma-3 whose sliding window matters: 8 tokens saved, 5 (|i - j| < 5) once bidirectional, inputs of up to 12.

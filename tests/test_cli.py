@@ -65,6 +65,14 @@ def test_errors_are_one_line_with_exit_code_2(args, message, capsys, tmp_path, m
     ("train: {lr: 1e-3\n", "recipe.yaml:2: not valid YAML (expected ',' or '}', but got '<stream end>')"),
     ("train:\n  max_steps: [1\n", "not valid YAML"),
     ("- a list\n", "expected a mapping"),
+    # A key given twice would silently keep the last; an empty file would train the defaults.
+    ("train:\n  lr: 1e-4\n  lr: 2e-4\n", "recipe.yaml:3: not valid YAML (key 'lr' appears twice in one mapping "
+                                       "(first on line 2))"),
+    ("train:\n  lr: 1e-4\nmodel:\n  pooling: mean\ntrain:\n  epochs: 2\n",
+     "recipe.yaml:5: not valid YAML (key 'train' appears twice in one mapping (first on line 1))"),
+    ("# only a comment\n\n", "recipe.yaml: the recipe is empty; expected a mapping with some of the sections name, "
+                            "model, lora, train, data"),
+    ("", "recipe.yaml: the recipe is empty"),
 ])
 def test_bad_recipe_files_are_one_line_errors(yaml_text, message, capsys, tmp_path) -> None:
     (tmp_path / "recipe.yaml").write_text(yaml_text)

@@ -16,18 +16,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
+from test_loss import _free_port
+from test_packing import _model
+from test_train import _tiny_recipe
 from transformers import AutoTokenizer
 
 from slmembed import cuda_graphs
 from slmembed import train as train_mod
 from slmembed.cli import main
-from slmembed.embedder import Embedder, EmbedSpec
+from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
-from slmembed.losses import info_nce
+from slmembed.losses.infonce import info_nce
+from slmembed.spec import EmbedSpec
 from slmembed.train import StepBatch, batch_loss
-from test_loss import _free_port
-from test_packing import _model
-from test_train import _tiny_recipe
 
 SENTENCES = [f"sentence {i} " + "word " * (i % 5) for i in range(40)]
 

@@ -6,13 +6,14 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
+from test_train import _tiny_recipe
 from transformers import AutoModel, AutoTokenizer
 
 from slmembed import train as train_mod
-from slmembed.embedder import Embedder, EmbedSpec
+from slmembed.embedder import Embedder
 from slmembed.gradcache import cached_backward
-from slmembed.losses import info_nce
-from test_train import _tiny_recipe
+from slmembed.losses.infonce import info_nce
+from slmembed.spec import EmbedSpec
 
 TEXTS = [f"sentence number {i} " + "word " * (i % 7) for i in range(24)]  # 8 triplets of varied lengths
 

@@ -10,14 +10,15 @@ import importlib.util
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from test_gradcache import TEXTS, _loss
+from test_packing import MORE, _model
 from transformers import AutoTokenizer
 
 from slmembed import kernels
 from slmembed.cli import main
-from slmembed.embedder import Embedder, EmbedSpec
+from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
-from test_gradcache import TEXTS, _loss
-from test_packing import MORE, _model
+from slmembed.spec import EmbedSpec
 
 ON_GPU = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
 

@@ -11,7 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from slmembed.losses import LOSSES, info_nce, symmetric_info_nce
+from slmembed.losses import LOSSES, objective
+from slmembed.losses.infonce import info_nce
+from slmembed.losses.symmetric import symmetric_info_nce
 
 
 def reference(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor | None, tau: float) -> float:
@@ -55,7 +57,7 @@ def _rank(rank: int, world: int, port: int, backend: str, name: str, inputs, mas
     dist.init_process_group(backend, rank=rank, world_size=world, device_id=device if backend == "nccl" else None)
     rows = slice(rank * len(inputs[0]) // world, (rank + 1) * len(inputs[0]) // world)
     local = [t[rows].to(device).requires_grad_(True) for t in inputs]
-    loss = LOSSES[name](*local, *[None] * (3 - len(local)), temperature=0.05,
+    loss = objective(name)(*local, *[None] * (3 - len(local)), temperature=0.05,
                         negative_mask=None if mask is None else mask[rows].to(device))
     loss.backward()
     out[rank] = [loss.detach().cpu()] + [t.grad.cpu() for t in local]
@@ -79,7 +81,7 @@ def test_two_ranks_equal_one_process_over_the_whole_batch(name: str, negatives: 
     inputs = [torch.randn(8, 16, generator=g) for _ in range(2 if negatives == "none" else 3)]
     mask = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool) if negatives == "masked" else None
     full = [t.clone().requires_grad_(True) for t in inputs]
-    loss = LOSSES[name](*full, *[None] * (3 - len(full)), temperature=0.05, negative_mask=mask)
+    loss = objective(name)(*full, *[None] * (3 - len(full)), temperature=0.05, negative_mask=mask)
     loss.backward()
 
     world = 2
@@ -101,4 +103,4 @@ def test_symmetric_info_nce_adds_the_positives_to_anchors_direction(hard: bool) 
     got = symmetric_info_nce(a, p, n if hard else None, temperature=0.05).item()
     want = (reference(a, p, n if hard else None, 0.05) + reference(p, a, None, 0.05)) / 2
     assert got == pytest.approx(want, rel=1e-5)
-    assert LOSSES["symmetric_infonce"] is symmetric_info_nce and LOSSES["infonce"] is info_nce
+    assert objective("symmetric_infonce") is symmetric_info_nce and objective("infonce") is info_nce

@@ -16,7 +16,9 @@ from slmembed.config import Recipe
 from slmembed.data.sts import load_sts
 from slmembed.embedder import load_embedder
 from slmembed.evaluate import evaluate, score, unique_sentences
-from slmembed.losses import info_nce, matryoshka, symmetric_info_nce
+from slmembed.losses.infonce import info_nce
+from slmembed.losses.matryoshka import matryoshka
+from slmembed.losses.symmetric import symmetric_info_nce
 from slmembed.report import report
 
 

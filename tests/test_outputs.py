@@ -149,6 +149,15 @@ def test_report_keeps_foreign_files_and_replaces_its_own_with_force(run, capsys,
     out.mkdir()
     (out / "report.md").write_text("my own notes\n")
     _refused(["report", str(run), "--output", str(out), "--force"], capsys, out, message="not an earlier")
+    # Beside a run's files is fine; inside the folders that hold its work (the adapter, checkpoints) is not.
+    for part in ("adapter", "checkpoints"):
+        _refused(["report", str(run), "--output", str(run / part), "--force"], capsys, run,
+                 message=f"lies inside the input {run / part}")
+
+
+def test_eval_output_may_sit_beside_a_run_but_not_inside_its_work(run, data_dir, capsys, tmp_path) -> None:
+    args = ["eval", "--adapter", str(run), "--tasks", "BIOSSES", "--data-dir", str(data_dir), "--output"]
+    _refused([*args, str(run / "adapter" / "eval.json")], capsys, run, message="lies inside the input")
 
 
 def test_reproduce_and_demo_check_outputs_first(run, data_dir, capsys, tmp_path) -> None:

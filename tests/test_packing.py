@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
+from test_gradcache import TEXTS, _loss
 from transformers import AutoModel, AutoTokenizer, Gemma2Config, Gemma3TextConfig, MistralConfig, Qwen2Config
 
 from slmembed import packing
-from slmembed.embedder import PACKED_TOKENS, Embedder, EmbedSpec, batching
+from slmembed.embedder import PACKED_TOKENS, Embedder, batching
 from slmembed.gradcache import cached_backward
-from test_gradcache import TEXTS, _loss
+from slmembed.spec import EmbedSpec
 
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 MORE = {  # architectures packing allows beyond conftest's tiny Gemma, Phi and Llama

@@ -19,8 +19,9 @@ from transformers import AutoTokenizer
 from slmembed import sharding, tuning
 from slmembed.cli import main
 from slmembed.config import Recipe, recipe_from_dict
-from slmembed.embedder import EmbedSpec, Embedder
+from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
+from slmembed.spec import EmbedSpec
 from slmembed.train import checkpoints
 
 

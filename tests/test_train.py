@@ -17,7 +17,8 @@ from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.nli import load_triplets
 from slmembed.embedder import load_embedder
 from slmembed.errors import SlmembedError
-from slmembed.losses import LOSSES, info_nce
+from slmembed.losses import LOSSES
+from slmembed.losses.infonce import info_nce
 
 
 def _heldout_loss(model: str | None, adapter, triplets) -> float:

@@ -20,7 +20,7 @@ from slmembed.embedder import load_embedder
 from slmembed.errors import SlmembedError
 from slmembed.evaluate import evaluate
 from slmembed.export import export
-from slmembed.losses import LOSSES
+from slmembed.losses import objective
 from slmembed.models import load
 
 CPU = torch.device("cpu")
@@ -161,7 +161,7 @@ def test_batch_loss_leaves_out_missing_negatives(width) -> None:
     by_text = dict(zip(texts, vectors.numpy()))
     rows = lambda c: np.stack([by_text[e[c]] for e in examples])  # noqa: E731
     negatives = [by_text.get(e[c]) if e[c] is not None else None for c in cols[2:] for e in examples]
-    got = train_mod.batch_loss(LOSSES["infonce"], batch, emb, 0.05)
+    got = train_mod.batch_loss(objective("infonce"), batch, emb, 0.05)
     assert got.item() == pytest.approx(_reference_loss(rows(0), rows(1), negatives, 0.05), rel=1e-6)
     assert len(batch.ids) == 8 + sum(n is not None for n in negatives)
 
@@ -173,5 +173,5 @@ def test_batch_loss_with_every_negative_is_the_paper_loss() -> None:
     batch = train_mod.StepBatch.of(examples, np.arange(5), [0, 1, 2], token_ids)
     assert batch.slots is None and batch.present is None and batch.negatives == 5
     emb = torch.randn(15, 8, generator=torch.Generator().manual_seed(2))
-    want = LOSSES["infonce"](emb[:5], emb[5:10], emb[10:], 0.05)
-    assert train_mod.batch_loss(LOSSES["infonce"], batch, emb, 0.05).item() == pytest.approx(want.item(), rel=1e-6)
+    want = objective("infonce")(emb[:5], emb[5:10], emb[10:], 0.05)
+    assert train_mod.batch_loss(objective("infonce"), batch, emb, 0.05).item() == pytest.approx(want.item(), rel=1e-6)

@@ -17,7 +17,7 @@ from transformers import get_scheduler
 
 from slmembed.cli import main
 from slmembed.config import NOT_RESULT, SCHEDULES, Recipe, load_recipe, with_overrides
-from slmembed.embedder import EmbedSpec
+from slmembed.spec import EmbedSpec
 
 # Bad values (YAML, as after --set) of every recipe field; test_every_field_has_bad_values keeps this complete.
 NOT_INT, NOT_BOOL = ["1.5", "'8'", "true", "null"], ["2", "maybe", "null"]

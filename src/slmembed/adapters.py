@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from slmembed import models
-from slmembed.embedder import Embedder, EmbedSpec
+from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
+from slmembed.spec import EmbedSpec
 
 
 class Single:

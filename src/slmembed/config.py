@@ -11,42 +11,19 @@ import dataclasses
 import importlib.resources
 import json
 import math
-import string
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from slmembed.checks import NOT_NEGATIVE, POSITIVE, TEXT, Check, at_least, one_of, rule
 from slmembed.errors import SlmembedError
+from slmembed.losses import LOSSES
+from slmembed.spec import RULES as SPEC_RULES
 
-Check = Callable[[Any], str | None]  # a field's rule: None for a good value, else what was expected
-
-
-def checked(check: Check, **kwargs: Any) -> Any:
-    """A dataclass field whose values (other than None) must pass ``check``; ``kwargs`` go to ``field``."""
-    return field(metadata={"check": check}, **kwargs)
-
-
-def rule(expected: str, ok: Callable[[Any], bool]) -> Check:
-    """The check that passes values for which ``ok`` holds."""
-    return lambda value: None if ok(value) else expected
-
-
-def at_least(low: int) -> Check:
-    return rule(f"an integer >= {low}", lambda v: v >= low)
-
-
-def one_of(*choices: str) -> Check:
-    return rule(f"one of {', '.join(choices)}", lambda v: v in choices)
-
-
-POSITIVE = rule("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
-NOT_NEGATIVE = rule("a finite number >= 0", lambda v: math.isfinite(v) and v >= 0)
-TEXT = rule("a non-empty string", lambda v: bool(v.strip()))
 NAMES = rule("a non-empty list of distinct, non-empty strings",
              lambda v: 0 < len(set(v)) == len(v) and all(s.strip() for s in v))
 DIMS = rule("a non-empty list of distinct integers >= 1, or null",
@@ -61,29 +38,9 @@ SEED = rule("an integer in [0, 2**64)", lambda v: 0 <= v < 2**64)  # what torch.
 SCHEDULES = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt")
 
 
-def _pooling(value: str) -> str | None:
-    from slmembed.embedder import POOLINGS  # imported here: embedder imports this module
-
-    return one_of(*POOLINGS)(value)
-
-
-def _loss(value: str) -> str | None:
-    from slmembed.losses import LOSSES  # imported when checked: it brings torch
-
-    return one_of(*LOSSES)(value)
-
-
-def _prompt(value: str) -> str | None:
-    """A name in embedder.PROMPTS, or a template with exactly one bare ``{}`` (other braces doubled)."""
-    from slmembed.embedder import PROMPTS  # imported here: embedder imports this module
-
-    try:
-        fields = [f[1:] for f in string.Formatter().parse(value) if f[1] is not None]
-    except ValueError:  # a single { or }
-        fields = []
-    if value in PROMPTS or fields == [("", "", None)]:
-        return None
-    return f"{', '.join(PROMPTS)} or a template with exactly one {{}} for the text (other braces doubled)"
+def checked(check: Check, **kwargs: Any) -> Any:
+    """A dataclass field whose values (other than None) must pass ``check``; ``kwargs`` go to ``field``."""
+    return field(metadata={"check": check}, **kwargs)
 
 
 @dataclass
@@ -91,13 +48,13 @@ class ModelConfig:
     name: str = checked(TEXT, default="smollm2-135m")
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load pickle weights (pytorch_model.bin, .pt); needs --allow-pickle too
-    pooling: str = checked(_pooling, default="last")
-    prompt: str | None = checked(_prompt, default=None)
-    max_length: int = checked(at_least(2), default=150)  # a token and the EOS; texts are cut to fit
+    pooling: str = checked(SPEC_RULES["pooling"], default="last")
+    prompt: str | None = checked(SPEC_RULES["prompt"], default=None)
+    max_length: int = checked(SPEC_RULES["max_length"], default=150)  # a token and the EOS; texts are cut to fit
     append_eos: bool = True
     # causal: a decoder as it was pre-trained; bidirectional: every token sees the whole text (attention.py), as in
     # LLM2Vec and EmbeddingGemma; mean pooling then uses every token's view of the whole text.
-    attention: str = checked(one_of("causal", "bidirectional"), default="causal")
+    attention: str = checked(SPEC_RULES["attention"], default="causal")
 
 
 @dataclass
@@ -118,7 +75,7 @@ class TrainConfig:
     epochs: int = checked(at_least(1), default=1)
     max_steps: int | None = checked(at_least(1), default=None)  # None: epochs over the data
     temperature: float = checked(POSITIVE, default=0.05)
-    loss: str = checked(_loss, default="infonce")  # a name in losses.LOSSES
+    loss: str = checked(one_of(*LOSSES), default="infonce")  # a name in losses.LOSSES
     # Matryoshka (losses/matryoshka.py): the loss also at these embedding prefix sizes (each below the model's size),
     # weighted by matryoshka_weights (default 1 each), so that a cut vector keeps its quality. None: full size only.
     matryoshka_dims: list[int] | None = checked(DIMS, default=None)
@@ -288,6 +245,26 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
     return recipe
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last, so
+    ``lr`` written twice, or two ``train:`` sections, would silently mean something else than the file shows)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice in one mapping (first on line {seen[key] + 1})",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 RECIPES = importlib.resources.files("slmembed") / "recipes"  # package data: the same from a wheel or a checkout
 
 
@@ -305,13 +282,16 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
         raise SlmembedError(f"no recipe {str(path_or_name)!r}: give a YAML file or one of "
                             f"{', '.join(shipped_recipes())}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _parse_yaml(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise SlmembedError(f"{path}: cannot read it as UTF-8 text ({exc})") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise SlmembedError(f"{where}: not valid YAML ({getattr(exc, 'problem', None) or exc})") from exc
+    if data is None:  # an empty file would otherwise train the defaults, which it never asked for
+        raise SlmembedError(f"{path}: the recipe is empty; expected a mapping with some of the sections "
+                            f"{', '.join(f.name for f in dataclasses.fields(Recipe))}")
     return recipe_from_dict(data, where=str(path))
 
 
@@ -327,7 +307,7 @@ def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         if not isinstance(target, dict) or parts[-1] not in target:
             raise SlmembedError(f"override {item!r}: no field {key!r} in the recipe")
         try:
-            target[parts[-1]] = yaml.safe_load(raw)
+            target[parts[-1]] = _parse_yaml(raw)
         except yaml.YAMLError as exc:
             raise SlmembedError(f"override {item!r}: not a YAML value ({getattr(exc, 'problem', None) or exc}); "
                                 "quote text with braces or colons, e.g. model.prompt='\"{} means\"'") from exc

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from slmembed.config import load_recipe, with_overrides
 from slmembed.data.sts import load_all
-from slmembed.embedder import EmbedSpec, load_embedder
+from slmembed.embedder import load_embedder
 from slmembed.evaluate import evaluate
+from slmembed.spec import EmbedSpec
 from slmembed.train import check_run_dir, train
 
 

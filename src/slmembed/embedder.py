@@ -28,7 +28,6 @@ import dataclasses
 import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,43 +36,11 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmembed import attention, models, packing
-from slmembed.config import ModelConfig, field_error
 from slmembed.errors import SlmembedError
+from slmembed.spec import EmbedSpec
 
-POOLINGS = ("last", "mean", "cls")
 PIECE = 4096  # texts ``encode`` tokenises at a time
 PACKED_TOKENS = 32_768  # real tokens in a packed batch (``batching``), as in a padded batch of 1,024 texts
-PROMPTS = {  # the paper's prompt ablation (its Table 4)
-    "P1": 'This sentence: "{}" means in one word: "',
-    "P2": "This sentence {} means: ",
-    "P3": "{} is: ",
-}
-
-
-@dataclass(frozen=True)
-class EmbedSpec:
-    """How a model turns text into one vector; saved with every trained adapter and export."""
-
-    pooling: str = "last"
-    prompt: str | None = None
-    max_length: int = 150
-    append_eos: bool = True
-    attention: str = "causal"  # or bidirectional (attention.py); embed.json files from before it are causal
-
-    def __post_init__(self) -> None:
-        for name in ("pooling", "prompt", "max_length", "attention"):  # the recipe's rules for these fields (config.py)
-            expected = field_error(ModelConfig, name, getattr(self, name))
-            if expected:
-                raise SlmembedError(f"{name}: expected {expected}, got {getattr(self, name)!r}")
-
-    @classmethod
-    def of(cls, model: ModelConfig) -> EmbedSpec:
-        """The spec a recipe's model section asks for."""
-        return cls(model.pooling, model.prompt, model.max_length, model.append_eos, model.attention)
-
-    @property
-    def template(self) -> str:
-        return PROMPTS.get(self.prompt, self.prompt) if self.prompt else "{}"
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:

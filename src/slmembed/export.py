@@ -40,8 +40,9 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokeniz
 
 from slmembed import attention, models, outputs
 from slmembed.atomic import atomic_dir
-from slmembed.embedder import Embedder, EmbedSpec, load_embedder
+from slmembed.embedder import Embedder, load_embedder
 from slmembed.errors import SlmembedError
+from slmembed.spec import EmbedSpec
 
 FORMATS = ("st", "hf", "onnx")
 MAX_DROP = {None: 0.2, "int8": 1.0}  # the ONNX gate's default margin (nine-set average points) per quantisation

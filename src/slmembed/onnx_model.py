@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from slmembed import models
-from slmembed.embedder import Embedder, EmbedSpec, pool
+from slmembed.embedder import Embedder, pool
 from slmembed.errors import SlmembedError
+from slmembed.spec import EmbedSpec
 
 FILE = "model.onnx"
 INPUTS = ("input_ids", "attention_mask")

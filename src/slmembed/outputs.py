@@ -69,8 +69,13 @@ def _forms(path: Path) -> set[Path]:
 
 
 def _overlap(output: Path, inputs: Iterable[str | Path | None], around: Iterable[str | Path | None]) -> None:
-    """Raise if ``output`` is, contains or lies inside one of ``inputs``, or is or contains one of ``around``."""
-    for item, inside in [*((i, True) for i in inputs), *((a, False) for a in around)]:
+    """Raise if ``output`` is, contains or lies inside one of ``inputs``, or is or contains one of ``around``. An
+    ``around`` folder that slmembed wrote (a run) holds its work in subfolders (``adapter/``, ``checkpoints/``):
+    those are inputs, so an output may sit beside the run's files but never inside them."""
+    around = [a for a in around if a is not None]
+    parts = [sub for a in around if Path(a).is_dir() and written_by(Path(a)) for sub in Path(a).iterdir()
+             if sub.is_dir()]
+    for item, inside in [*((i, True) for i in [*inputs, *parts]), *((a, False) for a in around)]:
         if item is None or not Path(item).exists():
             continue
         # Each path as written and with links resolved: a link to the data must not hide it.

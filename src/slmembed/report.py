@@ -212,7 +212,7 @@ def report(folder: str | Path, output: str | Path | None = None, force: bool = F
     if not folder.is_dir():
         raise SlmembedError(f"{folder}: no such folder")
     for name in FILES:
-        outputs.check_file(out / name, "report", force=force, ours=_ours)
+        outputs.check_file(out / name, "report", around=[folder], force=force, ours=_ours)
     run = find_run(folder)
     subruns = [r for r in (find_run(sub) for sub in sorted(folder.iterdir()) if sub.is_dir()) if r]
     ablation = [r for r in subruns if r.result]

@@ -15,12 +15,13 @@ from slmembed import outputs, tuning
 from slmembed.atomic import write_json, write_text
 from slmembed.config import Recipe
 from slmembed.data.sts import TASKS, load_all, load_sts
-from slmembed.embedder import EmbedSpec, load_embedder
+from slmembed.embedder import load_embedder
 from slmembed.evaluate import evaluate, table
 from slmembed.models import resolve_device
 from slmembed.paths import find_data_dir
 from slmembed.plots import before_after_bars
 from slmembed.selection import snapshot
+from slmembed.spec import EmbedSpec
 from slmembed.train import check_run_dir, checkpoints, train, weights_file
 
 

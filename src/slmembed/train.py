@@ -41,12 +41,14 @@ from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
 from slmembed.compile import compile_blocks
 from slmembed.config import Recipe, load_recipe, recipe_from_dict, result_changes
 from slmembed.data.nli import Example, load_triplets
-from slmembed.embedder import Embedder, EmbedSpec
+from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
 from slmembed.gradcache import cached_backward
-from slmembed.losses import LOSSES, matryoshka
+from slmembed.losses import objective as named_objective
+from slmembed.losses.matryoshka import matryoshka
 from slmembed.paths import find_data_dir
 from slmembed.selection import DevSelection
+from slmembed.spec import EmbedSpec
 
 # What a run folder holds (README, "Usage").
 RUN_ENTRIES = ("adapter", "model", "checkpoints", "dev", "recipe.yaml", "embed.json", "train_log.jsonl", "data.json",
@@ -344,7 +346,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     model.train()
     if tc.compile:
         compile_blocks(model)
-    objective = LOSSES[tc.loss]
+    objective = named_objective(tc.loss)
     if tc.matryoshka_dims:
         objective = matryoshka(objective, tc.matryoshka_dims, tc.matryoshka_weights)
     trained = [p for p in model.parameters() if p.requires_grad]
