@@ -12,7 +12,8 @@ from scipy.stats import spearmanr
 
 from slmembed.data.sts import TASKS, StsSet
 from slmembed.embedder import load_embedder
-from slmembed.evaluate import evaluate, score, table
+from slmembed.evaluate import evaluate, score
+from slmembed.tables import table
 
 REFERENCE = json.loads((Path(__file__).parents[1] / "src/slmembed/data/mteb_reference.json").read_text())
 

@@ -88,7 +88,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            ours=outputs.json_by("eval"), suffixes=(".json",))
     sets = load_all(args.tasks, args.data_dir)  # bad task names and data fail before the model loads
     from slmembed.embedder import load_embedder  # torch and transformers: after the checks
-    from slmembed.evaluate import evaluate, table, unique_sentences
+    from slmembed.evaluate import evaluate, unique_sentences
+    from slmembed.tables import table
     precisions = tuple(dict.fromkeys(args.precision or ()))
     calibration, calibrated = None, {}
     if any(p in CALIBRATED for p in precisions):  # int8/uint8 ranges from STSBenchmark dev, never a test set

@@ -39,3 +39,10 @@ def before_after_bars(path: Path, labels: Sequence[str], before: Sequence[float]
     ax.legend()
     fig.tight_layout()
     save(fig, path)
+
+
+def scores(path: Path, name: str, before: dict, after: dict) -> None:
+    """Grouped bars of the nine scores (and the average) before and after training."""
+    before_after_bars(path, [*before["scores"], "average"], [*before["scores"].values(), before["average"]],
+                      [*after["scores"].values(), after["average"]], ylabel="Spearman x100 (cosine)",
+                      title=f"{name}: STS before and after contrastive fine-tuning")

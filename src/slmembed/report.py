@@ -21,14 +21,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from slmembed import outputs
+from slmembed import outputs, plots
 from slmembed.atomic import write_text
 from slmembed.config import NOT_RESULT, Recipe, flat
 from slmembed.data.jsonl import json_lines
 from slmembed.errors import DataError, SlmembedError
-from slmembed.evaluate import table
 from slmembed.plots import before_after_bars, pyplot, save
-from slmembed.reproduce import plot as plot_scores
+from slmembed.tables import table
 
 FILES = ("report.md", "train.png", "scores.png", "ablation.png", "losses.png", "dims.png")  # all a report may write
 SIGNATURE = "<!-- written by slmembed report -->"  # the last line of report.md: marks it (and its plots) as ours
@@ -175,7 +174,7 @@ def _single(run: Run, out: Path) -> list[str]:
                   "## STS scores (Spearman x100)", "",
                   table({"before": run.result["before"]["scores"], "after": run.result["after"]["scores"]}),
                   "", "![scores](scores.png)", ""]
-        plot_scores(out / "scores.png", run.name, run.result["before"], run.result["after"])
+        plots.scores(out / "scores.png", run.name, run.result["before"], run.result["after"])
         if run.result.get("curve"):
             lines += ["Nine-set average at kept checkpoints: " + ", ".join(
                 f"step {p['step']}: {p['average']:.2f}" for p in run.result["curve"]) + ".", ""]

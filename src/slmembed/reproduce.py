@@ -11,17 +11,17 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from slmembed import outputs, tuning
+from slmembed import outputs, plots, tuning
 from slmembed.atomic import write_json, write_text
 from slmembed.config import Recipe
 from slmembed.data.sts import TASKS, load_all, load_sts
 from slmembed.embedder import load_embedder
-from slmembed.evaluate import evaluate, table
+from slmembed.evaluate import evaluate
 from slmembed.models import resolve_device
 from slmembed.paths import find_data_dir
-from slmembed.plots import before_after_bars
 from slmembed.selection import snapshot
 from slmembed.spec import EmbedSpec
+from slmembed.tables import table
 from slmembed.train import check_run_dir, checkpoints, train, weights_file
 
 
@@ -50,13 +50,6 @@ def _curve(recipe: Recipe, run_dir: Path, sets: dict, device: str, final: dict) 
                        "average": score(ckpt / weights_file(recipe))["average"]})
     points.append({"step": final["steps"], "triplets_seen": final["triplets_seen"], "average": None})
     return points
-
-
-def plot(path: Path, name: str, before: dict, after: dict) -> None:
-    """Grouped bars of the nine scores (and the average) before and after training."""
-    before_after_bars(path, [*before["scores"], "average"], [*before["scores"].values(), before["average"]],
-                      [*after["scores"].values(), after["average"]], ylabel="Spearman x100 (cosine)",
-                      title=f"{name}: STS before and after contrastive fine-tuning")
 
 
 def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_dir: str | None = None,
@@ -103,6 +96,6 @@ def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_d
     write_text(output / f"{name}.md", f"# {name}\n\n" + table({"before": before["scores"], "after": after["scores"]})
                + f"\n\nTrained {summary['steps']} steps of {summary['batch_size']} triplets in "
                f"{summary['minutes']:.1f} min on {summary['device']}.\n")
-    plot(output / f"{name}.png", name, before, after)
+    plots.scores(output / f"{name}.png", name, before, after)
     return result
 

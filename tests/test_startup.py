@@ -1,0 +1,31 @@
+"""Commands whose work needs no model answer before the heavy libraries load: checked in a fresh process, where
+``sys.modules`` shows what an import (or a whole refused command) pulled in."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "transformers", "peft", "accelerate")
+
+
+def _loaded_after(code: str) -> set[str]:
+    probe = f"{code}\nimport sys\nprint(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.split())
+
+
+@pytest.mark.parametrize("module", ["slmembed.report", "slmembed.config", "slmembed.cli", "slmembed.tables",
+                                    "slmembed.spec", "slmembed.losses", "slmembed.outputs"])
+def test_light_modules_import_no_torch(module: str) -> None:
+    assert _loaded_after(f"import {module}") == set()
+
+
+def test_a_bad_recipe_is_refused_without_loading_torch(tmp_path) -> None:
+    code = ("from slmembed.cli import main\n"
+            f"assert main(['train', '--config', 'smollm2-135m', '--output', {str(tmp_path / 'run')!r}, "
+            "'--set', 'train.temperature=-0.05', '--set', 'model.pooling=mean']) == 2")
+    assert _loaded_after(code) == set()
