@@ -32,22 +32,28 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
-from tokenizers import Tokenizer
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
-from slmembed import attention, models, outputs
+from slmembed import outputs
 from slmembed.atomic import atomic_dir
-from slmembed.embedder import Embedder, load_embedder
 from slmembed.errors import SlmembedError
 from slmembed.spec import EmbedSpec
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+    from slmembed.embedder import Embedder
+
+# torch, transformers and the modules built on them are imported by the functions that use them, so that `export`
+# checks its arguments and output in a fraction of a second before any of them loads.
 
 FORMATS = ("st", "hf", "onnx")
 MAX_DROP = {None: 0.2, "int8": 1.0}  # the ONNX gate's default margin (nine-set average points) per quantisation
 ST_POOLING = {"last": "lasttoken", "mean": "mean", "cls": "cls"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype besides auto, as torch names them
 # Texts whose token ids the export compares with the Embedder's: short, punctuated, and one past max_length.
 PROBES = ["A man is playing a guitar.", "Hi", "Zwei Hunde rennen über die Wiese!", "word " * 400]
 
@@ -86,6 +92,10 @@ def _append_eos_json(post: dict | None, eos: str, eos_id: int) -> dict:
 
 def export_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: EmbedSpec) -> None:
     """Make ``tokenizer`` append EOS (when the spec does), pad on the right and truncate at ``spec.max_length``."""
+    from tokenizers import Tokenizer
+
+    from slmembed import models
+
     if spec.append_eos:
         if not tokenizer.is_fast:
             raise SlmembedError("export needs a fast (tokenizers) tokenizer to append EOS on its own")
@@ -103,6 +113,8 @@ def export_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: EmbedSpec) -> Non
 
 def check_token_ids(folder: Path, reference: Embedder) -> None:
     """Raise unless the folder's tokenizer, given the prompted texts, gives ``reference.tokenize``'s token ids."""
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(folder)
     got = tokenizer([reference.spec.template.format(t) for t in PROBES], truncation=True)["input_ids"]
     want = reference.tokenize(PROBES)
@@ -115,6 +127,9 @@ def check_token_ids(folder: Path, reference: Embedder) -> None:
 def check_bidirectional(folder: Path, reference: Embedder) -> None:
     """Raise unless plain ``AutoModel.from_pretrained(folder)`` (as sentence-transformers loads it: SDPA, no remote
     code) is bidirectional on an unpadded text: its first token must see a change of the last one."""
+    import torch
+    from transformers import AutoModel
+
     model = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
     ids = torch.tensor(reference.tokenize(PROBES[:1]))
     changed = ids.clone()
@@ -129,6 +144,10 @@ def check_bidirectional(folder: Path, reference: Embedder) -> None:
 
 def _attention_card(spec: EmbedSpec, base: str, merge: bool) -> list[str]:
     """The model card's paragraph on bidirectional attention: where it is set, and what loads it so."""
+    from transformers import AutoConfig
+
+    from slmembed import attention, models
+
     if spec.attention != "bidirectional":
         return []
     if merge:
@@ -188,6 +207,8 @@ def _gate_card(gate: dict) -> str:
 def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run_dir: Path,
                scores: dict | None, gate: dict | None = None) -> str:
     """README.md for the exported folder: what it is, how to load it, how it was trained, and its STS scores."""
+    from slmembed import models
+
     hub_id = models.PACKAGED[base].hub_id if base in models.PACKAGED else base
     on_hub = hub_id.count("/") == 1 and not Path(hub_id).exists()
     about = f"[{hub_id}](https://huggingface.co/{hub_id})" if on_hub else f"`{hub_id}`"
@@ -255,16 +276,26 @@ def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run
 
 def _out_dtype(base: str, dtype: str) -> torch.dtype:
     """``auto``: the dtype the base model's weights are stored in (float32 if it does not say)."""
-    if dtype != "auto":
-        return DTYPES[dtype]
-    config = Path(models.resolve(base)) / "config.json"
-    saved = json.loads(config.read_text()) if config.exists() else {}
-    return DTYPES.get(saved.get("dtype") or saved.get("torch_dtype"), torch.float32)
+    import torch
+
+    from slmembed import models
+
+    if dtype == "auto":
+        config = Path(models.resolve(base)) / "config.json"
+        saved = json.loads(config.read_text()) if config.exists() else {}
+        dtype = saved.get("dtype") or saved.get("torch_dtype")
+    return getattr(torch, dtype) if dtype in DTYPES else torch.float32
 
 
 def _write_transformers(run_dir: Path, folder: Path, base: str, spec: EmbedSpec, merge: bool,
                         dtype: torch.dtype) -> Embedder:
     """The merged model (or the adapter) and the export tokenizer into ``folder``; returns the run's Embedder."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from slmembed import models
+    from slmembed.embedder import load_embedder
+
     reference = load_embedder(None, adapter=run_dir, device=torch.device("cpu"), dtype=torch.float32)
     if merge:
         reference.model.to(dtype).save_pretrained(folder, safe_serialization=True)
@@ -290,6 +321,7 @@ def _write_sentence_transformers(staging: Path, folder: Path, spec: EmbedSpec, d
     from peft import PeftModel
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from transformers import AutoTokenizer
 
     # Text only: with the message modality, sentence-transformers would wrap texts in the chat template.
     text_only = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
@@ -312,6 +344,8 @@ def _write_sentence_transformers(staging: Path, folder: Path, spec: EmbedSpec, d
 
 def _onnx_gate(reference: Embedder, exported: Embedder, sets: dict, quantize: str | None, max_drop: float) -> dict:
     """Score ``sets`` with the PyTorch ``reference`` and the ONNX ``exported`` model, timing each encoding."""
+    import torch
+
     from slmembed.evaluate import evaluate
 
     gate = {"quantize": quantize, "max_drop": max_drop, "threads": torch.get_num_threads()}
@@ -328,7 +362,11 @@ def _onnx_gate(reference: Embedder, exported: Embedder, sets: dict, quantize: st
 def _write_onnx(run_dir: Path, folder: Path, base: str, spec: EmbedSpec, quantize: str | None) -> Embedder:
     """The run's model as ``folder/model.onnx`` (int8 if asked) with its config and export tokenizer; returns the
     run's Embedder (float32, CPU), the gate's reference."""
-    from slmembed import onnx_model
+    import torch
+    from transformers import AutoTokenizer
+
+    from slmembed import models, onnx_model
+    from slmembed.embedder import load_embedder
 
     reference = load_embedder(None, adapter=run_dir, device=torch.device("cpu"), dtype=torch.float32)
     reference.model.config.save_pretrained(folder)
@@ -356,8 +394,6 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
     ``onnx``: ``evaluate_sets`` are the quality gate's sets (required); ``quantize="int8"``, ``max_drop`` and
     ``accept_drop`` as the module docstring says.
     """
-    from slmembed.evaluate import evaluate
-
     run_dir, output = Path(run_dir), Path(output)
     if fmt not in FORMATS:
         raise SlmembedError(f"--format must be one of {FORMATS}, got {fmt!r}")
@@ -395,6 +431,10 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
     card_scores = read_scores(Path(scores)) if scores else None
     if card_scores is None and (run_dir / "eval.json").exists():
         card_scores = read_scores(run_dir / "eval.json")
+    from slmembed import models
+    from slmembed.embedder import load_embedder
+    from slmembed.evaluate import evaluate
+
     out_dtype = _out_dtype(base, dtype)
     # How slmembed loads the result: merged folders tokenise with their own (EOS-appending) tokenizer.
     out_spec = dataclasses.replace(spec, append_eos=False) if merge else spec
