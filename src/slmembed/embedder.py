@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from slmembed import attention, models, packing
+from slmembed import attention, models, packing, st_pipeline
 from slmembed.errors import SlmembedError
 from slmembed.spec import EmbedSpec
 
@@ -70,10 +70,14 @@ class Embedder:
 
     The model's self-attention is first made what ``spec.attention`` asks (``attention.use``): bidirectional, or
     causal, which undoes an earlier switch of this model to bidirectional and otherwise leaves it as loaded.
+
+    ``head``: a module applied to the pooled vectors (float32) before they are normalised, on every path: a
+    sentence-transformers folder's Dense layers (st_pipeline.py). ``include_prompt=False`` leaves the prompt's tokens
+    (before ``{}`` in the spec's template) out of pooling, as sentence-transformers' Pooling of that name does.
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: EmbedSpec,
-                 packed: bool | None = None) -> None:
+                 packed: bool | None = None, head: torch.nn.Module | None = None, include_prompt: bool = True) -> None:
         self.model, self.tokenizer, self.spec = model, tokenizer, spec
         attention.use(model, spec.attention)  # before the fast path and packing, which depend on it
         self.causal = is_causal(model)  # the fast path of the module docstring
@@ -86,6 +90,10 @@ class Embedder:
             raise ValueError(f"{type(model).__name__} cannot run packed batches (packing.py says which models can)")
         self.packed = can_pack and packing.fast(model) if packed is None else packed
         packing.use(model, self.packed)
+        self.head = None if head is None else head.to(self.device)
+        self.skip = 0  # leading tokens of every text that pooling leaves out: the prompt's, if not included
+        if spec.prompt and not include_prompt:
+            self.skip = st_pipeline.prompt_tokens(tokenizer, spec.template, spec.max_length)
 
     @property
     def device(self) -> torch.device:
@@ -136,11 +144,16 @@ class Embedder:
         """Normalised embeddings [B, D] for a collated batch, with gradients if enabled."""
         batch = self.to_device(batch)
         if self.packed:
-            pooled = packing.pool(packing.hidden_states(self.model, batch), batch["cu_seq_lens"], self.spec.pooling)
+            pooled = packing.pool(packing.hidden_states(self.model, batch), batch["cu_seq_lens"], self.spec.pooling,
+                                  self.skip)
         else:
             inputs = {k: v for k, v in batch.items() if not (self.causal and k == "attention_mask")}
-            pooled = pool(self.model(**inputs).last_hidden_state, batch["attention_mask"], self.spec.pooling)
-        return F.normalize(pooled.float(), dim=-1)
+            mask = batch["attention_mask"]
+            if self.skip:
+                mask = mask * (mask.cumsum(1) > self.skip)
+            pooled = pool(self.model(**inputs).last_hidden_state, mask, self.spec.pooling)
+        pooled = pooled.float()
+        return F.normalize(pooled if self.head is None else self.head(pooled), dim=-1)
 
     def to_device(self, batch: dict, into: dict | None = None) -> dict:
         """A collated batch's tensors on the model's device, without stalling the host: host tensors are copied from
@@ -276,25 +289,6 @@ def _fast_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], room: i
     return [encoding.ids for encoding in encode(texts, add_special_tokens=True)]
 
 
-def _sentence_transformers_spec(folder: Path) -> EmbedSpec | None:
-    """The pooling and max length of a sentence-transformers folder (modules.json), if it is one."""
-    modules = folder / "modules.json"
-    if not modules.exists():
-        return None
-    pooling, max_length = "mean", 512
-    for module in json.loads(modules.read_text()):
-        cfg = folder / module.get("path", "") / "config.json"
-        if module["type"].endswith("Pooling") and cfg.exists():
-            modes = json.loads(cfg.read_text())
-            legacy = ("lasttoken" if modes.get("pooling_mode_lasttoken")
-                      else "cls" if modes.get("pooling_mode_cls_token") else "mean")  # sentence-transformers < 6
-            pooling = {"lasttoken": "last", "cls": "cls"}.get(modes.get("pooling_mode", legacy), "mean")
-    bert_cfg = folder / "sentence_bert_config.json"
-    if bert_cfg.exists():
-        max_length = json.loads(bert_cfg.read_text()).get("max_seq_length", max_length)
-    return EmbedSpec(pooling=pooling, max_length=max_length, append_eos=pooling == "last")
-
-
 def _exported_spec(folder: Path) -> EmbedSpec | None:
     """The spec an ``slmembed export`` folder records in its embed.json, if it is one."""
     saved = folder / "embed.json"
@@ -316,12 +310,14 @@ def load_embedder(
     ``model`` may be None when ``adapter`` is a run folder, which names its base model; a run that trained every
     weight (``model/`` instead of ``adapter/``) is loaded from its own folder. The embedding spec comes from
     the run (``embed.json``), else from an exported folder's ``embed.json``, else from a sentence-transformers
-    folder's pooling config, else decoder defaults (last token + EOS); ``spec_overrides`` win over all of them.
+    folder's modules (st_pipeline.py: its head and lower-casing too, or a refusal naming what slmembed cannot
+    apply), else decoder defaults (last token + EOS); ``spec_overrides`` win over all of them. Only an export's own
+    folder (with ``embed.json``) runs its ``model.onnx``.
     """
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = dtype or models.best_dtype(device)
     spec = EmbedSpec()
-    adapter_dir = None
+    adapter_dir, pipeline, exported = None, None, None
     if adapter is not None:
         adapter = Path(adapter)
         run_spec = adapter / "embed.json"
@@ -339,17 +335,26 @@ def load_embedder(
         raise SlmembedError("no model given: pass --model, or --adapter with a training run folder")
     if adapter is None:
         folder = Path(models.resolve(model))
-        spec = _exported_spec(folder) or _sentence_transformers_spec(folder) or spec
+        exported = _exported_spec(folder)
+        pipeline = None if exported else st_pipeline.read(folder)
+        if pipeline is not None:
+            spec = EmbedSpec(pooling=pipeline.pooling, prompt=pipeline.prompt, max_length=pipeline.max_length,
+                             append_eos=False)
+        spec = exported or spec
     spec = dataclasses.replace(spec, **spec_overrides) if spec_overrides else spec
-    if adapter is None and (Path(models.resolve(model)) / "model.onnx").exists():  # an ONNX export (onnx_model.py)
+    if exported and (folder / "model.onnx").exists():  # an ONNX export (onnx_model.py)
         from slmembed.onnx_model import OnnxEmbedder, require
 
         require()
-        return OnnxEmbedder(models.resolve(model), spec)
+        return OnnxEmbedder(folder, spec)
+    head = pipeline.head(allow_pickle) if pipeline else None  # its refusals before the model loads
     net, tokenizer = models.load(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                  device=device)
     if adapter_dir is not None:
         from peft import PeftModel  # here: a plain model's evaluation does not pay peft's import
 
         net = PeftModel.from_pretrained(net, str(adapter_dir)).merge_and_unload()
-    return Embedder(net.to(device).eval(), tokenizer, spec)
+    if pipeline is not None and pipeline.lower_case:
+        st_pipeline.lowercase(tokenizer)
+    return Embedder(net.to(device).eval(), tokenizer, spec, head=head,
+                    include_prompt=pipeline.include_prompt if pipeline else True)
