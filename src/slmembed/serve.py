@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import logging
 import math
+import socket
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,7 +41,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from slmembed import quantize
+from slmembed import endpoint, quantize
 from slmembed.adapters import AdapterPool, Single
 from slmembed.errors import SlmembedError
 
@@ -417,11 +419,16 @@ def _protocol(read_timeout: float) -> type[H11Protocol]:
     return Protocol
 
 
-def serve(served: Served, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
-          api_key: str | None = None, graceful_timeout: float = 30.0, calibration: np.ndarray | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; requests in flight are finished first (for up to ``graceful_timeout`` seconds)."""
+def serve(served: Served, sockets: list[socket.socket], limits: Limits = Limits(), api_key: str | None = None,
+          graceful_timeout: float = 30.0, calibration: np.ndarray | None = None) -> None:
+    """Serve on ``sockets`` (``endpoint.listening``'s) until SIGINT/SIGTERM; requests in flight are finished first
+    (for up to ``graceful_timeout`` seconds)."""
     import uvicorn
 
     app = create_app(served, limits, api_key, calibration)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_timeout,
-                limit_concurrency=limits.max_connections, http=_protocol(limits.read_timeout))
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=graceful_timeout,
+                            limit_concurrency=limits.max_connections, http=_protocol(limits.read_timeout))
+    urls = ", ".join(f"http://{endpoint.address(*sock.getsockname()[:2])}" for sock in sockets)
+    logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", urls)  # as uvicorn says it
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: re-raised after a Ctrl+C has stopped the server
+        uvicorn.Server(config).run(sockets=sockets)
