@@ -237,6 +237,17 @@ def test_oversized_body_unknown_path_and_wrong_method(server) -> None:
     assert status == 405 and "error" in data
 
 
+def test_head_answers_as_get(server) -> None:
+    """HEAD gets GET's status and headers, and no body, on every path: the GET routes, the schema and docs pages,
+    an unknown path and a POST-only one."""
+    for path in ("/health", "/v1/models", "/v1/models/run", "/openapi.json", "/docs", "/v1/nothing", "/v1/embeddings"):
+        status, headers, _ = server.exchange("GET", path)
+        head_status, head_headers, body = server.exchange("HEAD", path)
+        assert (head_status, head_headers["content-type"]) == (status, headers["content-type"]), path
+        assert head_headers["content-length"] == headers["content-length"] and body in (None, ""), path
+    assert server.exchange("HEAD", "/health")[0] == 200 and server.exchange("HEAD", "/v1/embeddings")[0] == 405
+
+
 def test_slow_clients_are_cut_off_and_hold_no_worker(server) -> None:
     """With --read-timeout 1: a client that sends nothing, or its headers a byte at a time (also for its second request
     on a kept-alive connection), is disconnected; one that stalls or dribbles its body gets 408; each about a second

@@ -4,11 +4,11 @@
 ``encoding_format`` float or base64; ``dimensions`` truncates and renormalises; ``precision``, an extension:
 float32, int8, uint8, binary or ubinary compact vectors as quantize.py defines them, as integer lists or, in base64,
 their raw bytes; int8 and uint8 use the ranges of the server's calibration embeddings, cut to ``dimensions`` and
-renormalised like the vectors), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``. One model, or several
-LoRA adapters over one base model (adapters.py), each under its own name. Requests go into a queue; one worker takes
-all that is pending for one model (up to ``max_batch`` inputs) and embeds it in one call, so concurrent requests
-share a batch on the device. Errors have
-OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+renormalised like the vectors), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` (each also as ``HEAD``).
+One model, or several LoRA adapters over one base model (adapters.py), each under its own name. Requests go into a
+queue; one worker takes all that is pending for one model (up to ``max_batch`` inputs) and embeds it in one call, so
+concurrent requests share a batch on the device. Errors have OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``.
 
 Bounds: inputs per request, characters (or token ids) per input and body bytes (400/413); inputs queued for the worker
 (429 beyond it, at once); the time a request may wait for its embeddings (503); the time a client has to send a
@@ -231,6 +231,18 @@ class KeyGuard:
         await self.app(scope, receive, send)
 
 
+class HeadAsGet:
+    """ASGI middleware: ``HEAD`` is answered as ``GET`` on every path (uvicorn sends the headers, not the body)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
 def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = None,
                calibration: np.ndarray | None = None) -> FastAPI:
     """The FastAPI app serving ``served``'s models (adapters.py: one model, or adapters over one base) under their
@@ -256,6 +268,7 @@ def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = 
     # With a key, the browser pages are off (they cannot send it); the schema stays, behind the key.
     docs = {"docs_url": None, "redoc_url": None} if api_key else {}
     app = FastAPI(title="slmembed", description=__doc__, lifespan=lifespan, **docs)
+    app.add_middleware(HeadAsGet)
     if api_key:
         app.add_middleware(KeyGuard, api_key=api_key)
 
