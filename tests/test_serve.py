@@ -248,6 +248,44 @@ def test_head_answers_as_get(server) -> None:
     assert server.exchange("HEAD", "/health")[0] == 200 and server.exchange("HEAD", "/v1/embeddings")[0] == 405
 
 
+def test_clients_that_stop_reading_are_dropped(server) -> None:
+    """A client that pipelines requests for the schema and never reads the answers: once the server has more for it
+    than the sockets hold, and it takes none of that for --read-timeout (1 s), its connection is dropped (reset), not
+    held with its answers; other clients are served meanwhile and after."""
+    requests = 4000  # 15 MB of answers
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    failed: list[OSError] = []
+
+    def send() -> None:
+        try:
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * requests)
+        except OSError as exc:
+            failed.append(exc)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (failed or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)):
+            assert time.monotonic() < deadline, "the connection of a client that does not read was kept"
+            assert server.exchange("GET", "/v1/models")[0] == 200
+            time.sleep(0.2)
+        sock.settimeout(10)
+        answers = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(1 << 20):
+                answers += data
+        assert answers.count(b"HTTP/1.1 200 ") < requests
+    finally:
+        with contextlib.suppress(OSError):  # wakes the sender if it still waits
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        sender.join(10)
+    assert server.exchange("GET", "/v1/models")[0] == 200
+
+
 def test_slow_clients_are_cut_off_and_hold_no_worker(server) -> None:
     """With --read-timeout 1: a client that sends nothing, or its headers a byte at a time (also for its second request
     on a kept-alive connection), is disconnected; one that stalls or dribbles its body gets 408; each about a second

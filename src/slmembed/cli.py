@@ -448,7 +448,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--max-connections", type=positive, default=256, help="open connections; beyond it, 503")
     v.add_argument("--read-timeout", type=seconds, default=30.0,
                    help="seconds a client has to send a request's headers (else the connection is closed), then "
-                        "its body (else 408)")
+                        "its body (else 408); and the longest it may take none of its answer (else it is dropped)")
     v.add_argument("--calibration", help="a float32 .npy of embeddings or a file of texts: the ranges for requests "
                                          "with precision int8/uint8 (without it, those get 400)")
     v.add_argument("--request-timeout", type=seconds, default=60.0,

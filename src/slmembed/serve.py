@@ -12,9 +12,10 @@ concurrent requests share a batch on the device. Errors have OpenAI's shape,
 
 Bounds: inputs per request, characters (or token ids) per input and body bytes (400/413); inputs queued for the worker
 (429 beyond it, at once); the time a request may wait for its embeddings (503); the time a client has to send a
-request's headers (the connection is closed) and then its body (408); open connections (503). With an API key every
-path but ``/health`` wants ``Authorization: Bearer KEY``. On SIGTERM uvicorn stops accepting connections and finishes
-the requests in flight (the worker keeps running until they are answered) before it exits.
+request's headers (the connection is closed) and then its body (408), and the longest it may take none of its answer
+(the connection is dropped); open connections (503). With an API key every path but ``/health`` wants
+``Authorization: Bearer KEY``. On SIGTERM uvicorn stops accepting connections and finishes the requests in flight (the
+worker keeps running until they are answered) before it exits.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class Limits:
     max_batch: int = 256  # inputs per encode call, merged across requests
     max_queue: int = 1024  # inputs accepted and not yet embedded (waiting or being encoded); beyond it, 429
     max_connections: int = 256  # open connections (uvicorn's limit_concurrency); beyond it, 503
-    read_timeout: float = 30.0  # seconds to send a request's headers (from connecting or the last response), then body
+    read_timeout: float = 30.0  # seconds to send a request's headers (from connecting or the last response), then body,
+    # and the longest a client may take none of its answer
     request_timeout: float = 60.0  # seconds a request may wait for its embeddings; then 503
 
     def __post_init__(self) -> None:
@@ -400,15 +402,18 @@ def _parse(body: bytes, limits: Limits, served: Served, dim: int, vocab: int) ->
 
 def _protocol(read_timeout: float) -> type[H11Protocol]:
     """uvicorn's h11 protocol, closing a connection that has not sent a request's headers within ``read_timeout``
-    seconds of opening or of its last response. uvicorn's own keep-alive timer is reset by every byte, so without
-    this a client sending a byte now and then would hold its connection for ever. A request being answered is left
-    alone: the app bounds the time to read its body and to embed it."""
+    seconds of opening or of its last response, and dropping one whose client has taken none of what waits to be sent
+    to it for that long. uvicorn's own keep-alive timer is reset by every byte, and asyncio waits for ever for a client
+    to read, so without this a client sending a byte now and then, or never reading, would hold its connection for
+    ever. A request being answered is otherwise left alone: the app bounds the time to read its body and to embed it."""
 
     class Protocol(H11Protocol):
-        deadline: asyncio.TimerHandle | None = None
+        deadline: asyncio.TimerHandle | None = None  # for the next request's headers
+        stall: asyncio.TimerHandle | None = None  # for the client to take some of what waits to be sent
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            transport.set_write_buffer_limits(high=0)  # writing pauses (and is watched) while any byte waits
             self._arm()
 
         def on_response_complete(self) -> None:
@@ -416,9 +421,27 @@ def _protocol(read_timeout: float) -> type[H11Protocol]:
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self.deadline is not None:
-                self.deadline.cancel()
+            for timer in (self.deadline, self.stall):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            self._watch(None)
+
+        def resume_writing(self) -> None:
+            if self.stall is not None:
+                self.stall.cancel()
+            super().resume_writing()
+
+        def _watch(self, waiting: int | None) -> None:
+            """Drop the connection if none of the ``waiting`` bytes were taken since the last look."""
+            left = self.transport.get_write_buffer_size()
+            if waiting is not None and left >= waiting:
+                self.transport.abort()
+            else:
+                self.stall = self.loop.call_later(read_timeout, self._watch, left)
 
         def _arm(self) -> None:
             if self.deadline is not None:
