@@ -146,6 +146,7 @@ def _cosines(a, b) -> np.ndarray:
 
 
 INPUT_KINDS = "'input' must be a string, a list of strings, a list of token ids (integers) or a list of token-id lists"
+DEEP = b"[" * 10_000 + b"]" * 10_000  # JSON nested 10,000 deep
 
 
 def test_openai_client_gets_the_direct_embeddings(server, direct) -> None:
@@ -199,6 +200,11 @@ def test_token_id_inputs_embed_as_their_text(server, direct) -> None:
 @pytest.mark.parametrize("body, status, param, message", [
     (b'{"model": "run", "input": ["a"', 400, None, "not valid JSON"),
     (b"[1, 2]", 400, None, "Input should be an object"),
+    pytest.param(b'{"model": "run", "input": ' + DEEP + b"}", 400, None, "not valid JSON", id="deep input"),
+    pytest.param(b'{"model": "run", "x": ' + DEEP + b', "input": "a"}', 400, None, "not valid JSON", id="deep extra"),
+    (b'{"model": "run", "input": "\\ud800"}', 400, None, "not valid JSON"),  # lone surrogates, escaped
+    (b'{"model": "run", "input": ["a", "b\\udc00c"]}', 400, None, "not valid JSON"),
+    (b'{"model": "run", "input": ["\xed\xa0\x80"]}', 400, None, "not valid JSON"),  # and as UTF-8 bytes
     ({"model": "run"}, 400, "input", "missing required field 'input'"),
     ({"model": "run", "input": 5}, 400, "input", INPUT_KINDS),
     ({"model": "run", "input": [1, "a"]}, 400, "input", INPUT_KINDS),
@@ -227,6 +233,7 @@ def test_bad_requests_get_openai_shaped_errors(server, body, status, param, mess
     assert set(data) == {"error"} and set(data["error"]) == {"message", "type", "param", "code"}
     assert data["error"]["type"] == "invalid_request_error" and data["error"]["param"] == param
     assert message in data["error"]["message"]
+    assert "Traceback" not in server.log.read_text()
 
 
 def test_oversized_body_unknown_path_and_wrong_method(server) -> None:
