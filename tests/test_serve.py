@@ -1,12 +1,14 @@
 """`slmembed serve` as a real process on loopback, called with the official openai client, raw HTTP and raw sockets:
 results match direct embeddings (token-id inputs those of their text), bad requests get OpenAI-shaped 4xx errors,
 concurrent requests share batches, slow clients are cut off without holding a worker, a full queue gets 429 at once and
-waits are bounded, the API key guards every path but /health, and SIGTERM finishes the requests in flight."""
+waits are bounded, the API key guards every path but /health, and SIGTERM finishes the requests in flight. A key, name,
+host or port that cannot work is refused in one line before the model loads."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import http.client
 import json
 import os
@@ -26,6 +28,7 @@ from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI, 
 
 from slmembed.config import Recipe
 from slmembed.embedder import load_embedder
+from slmembed.endpoint import address
 from slmembed.errors import SlmembedError
 from slmembed.export import export
 from slmembed.serve import Limits
@@ -37,13 +40,13 @@ SERVER_LIMITS = Limits(max_inputs=8, max_chars=300, max_connections=32, read_tim
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen, port: int, log: Path) -> None:
-        self.proc, self.port, self.log = proc, port, log
+    def __init__(self, proc: subprocess.Popen, host: str, port: int, log: Path) -> None:
+        self.proc, self.host, self.port, self.log = proc, host, port, log
 
     def exchange(self, method: str, path: str, body: bytes | str | dict | None = None,
                  headers: dict | None = None) -> tuple[int, dict, dict | str | None]:
         """One raw HTTP request; returns the status, the headers (lower-case names) and the body (JSON if it is)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=120)
         payload = json.dumps(body).encode() if isinstance(body, dict) else body
         conn.request(method, path, body=payload, headers={"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
@@ -69,25 +72,27 @@ class Server:
         return health
 
     def client(self, key: str = "unused") -> OpenAI:
-        return OpenAI(api_key=key, base_url=f"http://127.0.0.1:{self.port}/v1", max_retries=0)
+        return OpenAI(api_key=key, base_url=f"http://{address(self.host, self.port)}/v1", max_retries=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 @contextmanager
-def serving(model: str | Path | list[Path], *args: str, env: dict | None = None, log: Path) -> Iterator[Server]:
-    """Start `slmembed serve` (of one model, or a list of runs) and wait until /health answers; stop it (SIGTERM)
-    afterwards."""
-    port = _free_port()
+def serving(model: str | Path | list[Path], *args: str, env: dict | None = None, log: Path,
+            host: str | None = None) -> Iterator[Server]:
+    """Start `slmembed serve` (of one model, or a list of runs; on --host ``host`` if given) and wait until /health
+    answers; stop it (SIGTERM) afterwards."""
+    port = _free_port(host or "127.0.0.1")
     served = [str(m) for m in model] if isinstance(model, list) else [str(model)]
+    where = ["--host", host] if host else []
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "slmembed", "serve", *served, "--port", str(port), *args],
-                                stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = Server(proc, port, log)
+        proc = subprocess.Popen([sys.executable, "-m", "slmembed", "serve", *served, "--port", str(port), *where,
+                                 *args], stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    server = Server(proc, host or "127.0.0.1", port, log)
     try:
         deadline = time.time() + 180
         while True:
@@ -141,6 +146,7 @@ def _cosines(a, b) -> np.ndarray:
 
 
 INPUT_KINDS = "'input' must be a string, a list of strings, a list of token ids (integers) or a list of token-id lists"
+DEEP = b"[" * 10_000 + b"]" * 10_000  # JSON nested 10,000 deep
 
 
 def test_openai_client_gets_the_direct_embeddings(server, direct) -> None:
@@ -194,6 +200,11 @@ def test_token_id_inputs_embed_as_their_text(server, direct) -> None:
 @pytest.mark.parametrize("body, status, param, message", [
     (b'{"model": "run", "input": ["a"', 400, None, "not valid JSON"),
     (b"[1, 2]", 400, None, "Input should be an object"),
+    pytest.param(b'{"model": "run", "input": ' + DEEP + b"}", 400, None, "not valid JSON", id="deep input"),
+    pytest.param(b'{"model": "run", "x": ' + DEEP + b', "input": "a"}', 400, None, "not valid JSON", id="deep extra"),
+    (b'{"model": "run", "input": "\\ud800"}', 400, None, "not valid JSON"),  # lone surrogates, escaped
+    (b'{"model": "run", "input": ["a", "b\\udc00c"]}', 400, None, "not valid JSON"),
+    (b'{"model": "run", "input": ["\xed\xa0\x80"]}', 400, None, "not valid JSON"),  # and as UTF-8 bytes
     ({"model": "run"}, 400, "input", "missing required field 'input'"),
     ({"model": "run", "input": 5}, 400, "input", INPUT_KINDS),
     ({"model": "run", "input": [1, "a"]}, 400, "input", INPUT_KINDS),
@@ -222,6 +233,7 @@ def test_bad_requests_get_openai_shaped_errors(server, body, status, param, mess
     assert set(data) == {"error"} and set(data["error"]) == {"message", "type", "param", "code"}
     assert data["error"]["type"] == "invalid_request_error" and data["error"]["param"] == param
     assert message in data["error"]["message"]
+    assert "Traceback" not in server.log.read_text()
 
 
 def test_oversized_body_unknown_path_and_wrong_method(server) -> None:
@@ -230,6 +242,55 @@ def test_oversized_body_unknown_path_and_wrong_method(server) -> None:
     assert server.request("GET", "/v1/nothing")[1]["error"]["type"] == "not_found_error"
     status, data = server.request("DELETE", "/v1/embeddings")
     assert status == 405 and "error" in data
+
+
+def test_head_answers_as_get(server) -> None:
+    """HEAD gets GET's status and headers, and no body, on every path: the GET routes, the schema and docs pages,
+    an unknown path and a POST-only one."""
+    for path in ("/health", "/v1/models", "/v1/models/run", "/openapi.json", "/docs", "/v1/nothing", "/v1/embeddings"):
+        status, headers, _ = server.exchange("GET", path)
+        head_status, head_headers, body = server.exchange("HEAD", path)
+        assert (head_status, head_headers["content-type"]) == (status, headers["content-type"]), path
+        assert head_headers["content-length"] == headers["content-length"] and body in (None, ""), path
+    assert server.exchange("HEAD", "/health")[0] == 200 and server.exchange("HEAD", "/v1/embeddings")[0] == 405
+
+
+def test_clients_that_stop_reading_are_dropped(server) -> None:
+    """A client that pipelines requests for the schema and never reads the answers: once the server has more for it
+    than the sockets hold, and it takes none of that for --read-timeout (1 s), its connection is dropped (reset), not
+    held with its answers; other clients are served meanwhile and after."""
+    requests = 4000  # 15 MB of answers
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    failed: list[OSError] = []
+
+    def send() -> None:
+        try:
+            sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * requests)
+        except OSError as exc:
+            failed.append(exc)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (failed or sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)):
+            assert time.monotonic() < deadline, "the connection of a client that does not read was kept"
+            assert server.exchange("GET", "/v1/models")[0] == 200
+            time.sleep(0.2)
+        sock.settimeout(10)
+        answers = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := sock.recv(1 << 20):
+                answers += data
+        assert answers.count(b"HTTP/1.1 200 ") < requests
+    finally:
+        with contextlib.suppress(OSError):  # wakes the sender if it still waits
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        sender.join(10)
+    assert server.exchange("GET", "/v1/models")[0] == 200
 
 
 def test_slow_clients_are_cut_off_and_hold_no_worker(server) -> None:
@@ -532,3 +593,106 @@ def test_several_models_refuse_one_model_options(run_dir, tmp_path, capsys) -> N
         assert message in err and len(err.strip().splitlines()) == 1
     assert main(["serve", str(run_dir), str(run_dir)]) == 2
     assert "share a folder name" in capsys.readouterr().err
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """`slmembed serve` run in-process, failing the test if it gets as far as loading the model; no key in the
+    environment unless a test sets one."""
+    from slmembed import cli
+
+    def loaded(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli, "_served", loaded)
+    monkeypatch.delenv("SLMEMBED_API_KEY", raising=False)
+
+
+def _refusal(capsys, *args: str) -> str:
+    """stderr of an in-process `slmembed serve smollm2-135m ARGS`, checked to be one line with exit status 2."""
+    from slmembed.cli import main
+
+    try:
+        status = main(["serve", "smollm2-135m", *args])
+    except SystemExit as exc:  # argparse's refusals
+        status = exc.code
+    err = capsys.readouterr().err
+    assert status == 2 and len(err.splitlines()) == 1 and err.startswith("slmembed: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--api-key", ""], {}, "--api-key is set but empty: give the key clients must send, or leave it unset"),
+    (["--api-key", ""], {"SLMEMBED_API_KEY": "s3cret"}, "--api-key is set but empty"),  # no falling back
+    (["--api-key", " \t"], {}, "--api-key is set but blank"),
+    ([], {"SLMEMBED_API_KEY": ""}, "$SLMEMBED_API_KEY is set but empty"),
+    ([], {"SLMEMBED_API_KEY": "  "}, "$SLMEMBED_API_KEY is set but blank"),
+    (["--api-key", "s3cret "], {}, "--api-key has leading or trailing whitespace, which HTTP drops from a header"),
+    ([], {"SLMEMBED_API_KEY": "\ts3cret"}, "$SLMEMBED_API_KEY has leading or trailing whitespace"),
+    (["--api-key", "s3cr\u00e9t"], {}, "--api-key has a character (at position 5) that cannot be sent in an HTTP"),
+    ([], {"SLMEMBED_API_KEY": "s3\ncret"}, "$SLMEMBED_API_KEY has a character (at position 3)"),
+])
+def test_unusable_api_key_is_refused_before_the_model_loads(no_model, monkeypatch, capsys, args, env,
+                                                             message) -> None:
+    """A key that is set but could not guard the server (empty, as `--api-key "$KEY"` with KEY unset gives, blank,
+    padded, or not sendable in a header) is refused, naming where it came from but not the key."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    err = _refusal(capsys, *args)
+    assert message in err and "s3cr" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--name", ""], "argument --name: expected a non-blank name without surrounding whitespace, got ''"),
+    (["--name", "  "], "argument --name: expected a non-blank name"),
+    (["--name", "run "], "argument --name: expected a non-blank name without surrounding whitespace, got 'run '"),
+    (["--host", ""], "--host is empty: give the address to listen on (127.0.0.1, the default, is this machine only"),
+    (["--host", " "], "--host is empty"),
+    (["--host", "no-such-host.invalid", "--port", "8123"],
+     "cannot listen on no-such-host.invalid:8123: the host does not resolve"),
+    (["--host", "192.0.2.1", "--port", "8123"],  # TEST-NET-1: no machine's own address
+     "cannot listen on 192.0.2.1:8123: cannot assign the address: it is not one of this machine's"),
+])
+def test_bad_name_or_host_is_refused_before_the_model_loads(no_model, capsys, args, message) -> None:
+    assert message in _refusal(capsys, *args)
+
+
+def test_taken_or_privileged_port_is_refused_before_the_model_loads(no_model, monkeypatch, capsys) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        err = _refusal(capsys, "--port", str(port))
+    assert err == f"slmembed: error: cannot listen on 127.0.0.1:{port}: the port is in use (another server?)\n"
+
+    def denied(sock: socket.socket, where: tuple) -> None:  # as for a user without the privilege
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "bind", denied)
+    err = _refusal(capsys, "--host", "localhost", "--port", "80")
+    assert err.startswith("slmembed: error: cannot listen on localhost:80 (")
+    assert err.endswith("): permission denied (ports below 1024 need privileges)\n")
+
+
+def test_port_in_use_exits_2_with_one_line(tmp_path) -> None:
+    """As a real process: one line on stderr, nothing from uvicorn, exit status 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "slmembed", "serve", "smollm2-135m", "--port", str(port)],
+                              capture_output=True, text=True, timeout=300)
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == f"slmembed: error: cannot listen on 127.0.0.1:{port}: the port is in use (another server?)\n"
+
+
+def test_ipv6_loopback_serves(run_dir, direct, tmp_path) -> None:
+    """--host ::1 listens on IPv6 loopback and says so with the address in brackets."""
+    try:
+        _free_port("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with serving(run_dir, host="::1", log=tmp_path / "log") as srv:
+        resp = srv.client().embeddings.create(model="run", input=TEXTS, encoding_format="float")
+        assert _cosines([d.embedding for d in resp.data], direct.encode(TEXTS)).min() > 0.999
+        assert f"Uvicorn running on http://[::1]:{srv.port} " in srv.log.read_text()

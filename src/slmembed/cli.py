@@ -218,22 +218,23 @@ def _served(args: argparse.Namespace):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import os
+    from slmembed.endpoint import api_key, listening
 
-    from slmembed.serve import Limits, serve
-
-    limits = Limits(max_inputs=args.max_inputs, max_chars=args.max_chars, max_batch=args.max_batch,
-                    max_queue=args.max_queue, max_connections=args.max_connections, read_timeout=args.read_timeout,
-                    request_timeout=args.request_timeout)
+    key = api_key(args.api_key)
     _check_calibration(args)
-    served = _served(args)
-    calibration = None
-    if args.calibration:
-        from slmembed.embed_file import load_calibration
+    with listening(args.host, args.port) as sockets:  # bound before the model loads: a taken port fails at once
+        from slmembed.serve import Limits, serve
 
-        calibration = load_calibration(args.calibration, served.embedder(served.names[0]))
-    serve(served, host=args.host, port=args.port, limits=limits,
-          api_key=args.api_key or os.environ.get("SLMEMBED_API_KEY") or None, calibration=calibration)
+        limits = Limits(max_inputs=args.max_inputs, max_chars=args.max_chars, max_batch=args.max_batch,
+                        max_queue=args.max_queue, max_connections=args.max_connections,
+                        read_timeout=args.read_timeout, request_timeout=args.request_timeout)
+        served = _served(args)
+        calibration = None
+        if args.calibration:
+            from slmembed.embed_file import load_calibration
+
+            calibration = load_calibration(args.calibration, served.embedder(served.names[0]))
+        serve(served, sockets, limits=limits, api_key=key, calibration=calibration)
     return 0
 
 
@@ -273,6 +274,13 @@ def seconds(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
     return value
+
+
+def served_name(text: str) -> str:
+    """An argparse type: a name as clients send it, not blank and without surrounding whitespace."""
+    if not text.strip() or text != text.strip():
+        raise argparse.ArgumentTypeError(f"expected a non-blank name without surrounding whitespace, got {text!r}")
+    return text
 
 
 def steps_window(text: str) -> tuple[int, int]:
@@ -428,10 +436,11 @@ def parser() -> argparse.ArgumentParser:
                         "runs over one base model, each served under its folder's name without merging")
     v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     v.add_argument("--port", type=port, default=8000)
-    v.add_argument("--name", help="model id in the API (default: the model name or folder name)")
+    v.add_argument("--name", type=served_name, help="model id in the API (default: the model name or folder name)")
     v.add_argument("--max-adapters", type=positive,
                    help="with several runs: adapters held at once; the least recently used is unloaded (default: all)")
-    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $SLMEMBED_API_KEY; none: open)")
+    v.add_argument("--api-key", help="require 'Authorization: Bearer KEY', KEY printable ASCII (default: "
+                                     "$SLMEMBED_API_KEY; neither set: open; set but empty: refused)")
     v.add_argument("--max-inputs", type=positive, default=256, help="texts per request")
     v.add_argument("--max-chars", type=positive, default=16384, help="characters per text")
     v.add_argument("--max-batch", type=positive, default=256, help="texts per encode call, merged across requests")
@@ -440,7 +449,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--max-connections", type=positive, default=256, help="open connections; beyond it, 503")
     v.add_argument("--read-timeout", type=seconds, default=30.0,
                    help="seconds a client has to send a request's headers (else the connection is closed), then "
-                        "its body (else 408)")
+                        "its body (else 408); and the longest it may take none of its answer (else it is dropped)")
     v.add_argument("--calibration", help="a float32 .npy of embeddings or a file of texts: the ranges for requests "
                                          "with precision int8/uint8 (without it, those get 400)")
     v.add_argument("--request-timeout", type=seconds, default=60.0,

@@ -4,26 +4,29 @@
 ``encoding_format`` float or base64; ``dimensions`` truncates and renormalises; ``precision``, an extension:
 float32, int8, uint8, binary or ubinary compact vectors as quantize.py defines them, as integer lists or, in base64,
 their raw bytes; int8 and uint8 use the ranges of the server's calibration embeddings, cut to ``dimensions`` and
-renormalised like the vectors), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``. One model, or several
-LoRA adapters over one base model (adapters.py), each under its own name. Requests go into a queue; one worker takes
-all that is pending for one model (up to ``max_batch`` inputs) and embeds it in one call, so concurrent requests
-share a batch on the device. Errors have
-OpenAI's shape, ``{"error": {"message", "type", "param", "code"}}``.
+renormalised like the vectors), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health`` (each also as ``HEAD``).
+One model, or several LoRA adapters over one base model (adapters.py), each under its own name. Requests go into a
+queue; one worker takes all that is pending for one model (up to ``max_batch`` inputs) and embeds it in one call, so
+concurrent requests share a batch on the device. Errors have OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``.
 
 Bounds: inputs per request, characters (or token ids) per input and body bytes (400/413); inputs queued for the worker
 (429 beyond it, at once); the time a request may wait for its embeddings (503); the time a client has to send a
-request's headers (the connection is closed) and then its body (408); open connections (503). With an API key every
-path but ``/health`` wants ``Authorization: Bearer KEY``. On SIGTERM uvicorn stops accepting connections and finishes
-the requests in flight (the worker keeps running until they are answered) before it exits.
+request's headers (the connection is closed) and then its body (408), and the longest it may take none of its answer
+(the connection is dropped); open connections (503). With an API key every path but ``/health`` wants
+``Authorization: Bearer KEY``. On SIGTERM uvicorn stops accepting connections and finishes the requests in flight (the
+worker keeps running until they are answered) before it exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hmac
 import logging
 import math
+import socket
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -39,7 +42,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from slmembed import quantize
+from slmembed import endpoint, quantize
 from slmembed.adapters import AdapterPool, Single
 from slmembed.errors import SlmembedError
 
@@ -58,7 +61,8 @@ class Limits:
     max_batch: int = 256  # inputs per encode call, merged across requests
     max_queue: int = 1024  # inputs accepted and not yet embedded (waiting or being encoded); beyond it, 429
     max_connections: int = 256  # open connections (uvicorn's limit_concurrency); beyond it, 503
-    read_timeout: float = 30.0  # seconds to send a request's headers (from connecting or the last response), then body
+    read_timeout: float = 30.0  # seconds to send a request's headers (from connecting or the last response), then body,
+    # and the longest a client may take none of its answer
     request_timeout: float = 60.0  # seconds a request may wait for its embeddings; then 503
 
     def __post_init__(self) -> None:
@@ -229,6 +233,18 @@ class KeyGuard:
         await self.app(scope, receive, send)
 
 
+class HeadAsGet:
+    """ASGI middleware: ``HEAD`` is answered as ``GET`` on every path (uvicorn sends the headers, not the body)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            scope = {**scope, "method": "GET"}
+        await self.app(scope, receive, send)
+
+
 def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = None,
                calibration: np.ndarray | None = None) -> FastAPI:
     """The FastAPI app serving ``served``'s models (adapters.py: one model, or adapters over one base) under their
@@ -254,6 +270,7 @@ def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = 
     # With a key, the browser pages are off (they cannot send it); the schema stays, behind the key.
     docs = {"docs_url": None, "redoc_url": None} if api_key else {}
     app = FastAPI(title="slmembed", description=__doc__, lifespan=lifespan, **docs)
+    app.add_middleware(HeadAsGet)
     if api_key:
         app.add_middleware(KeyGuard, api_key=api_key)
 
@@ -385,15 +402,18 @@ def _parse(body: bytes, limits: Limits, served: Served, dim: int, vocab: int) ->
 
 def _protocol(read_timeout: float) -> type[H11Protocol]:
     """uvicorn's h11 protocol, closing a connection that has not sent a request's headers within ``read_timeout``
-    seconds of opening or of its last response. uvicorn's own keep-alive timer is reset by every byte, so without
-    this a client sending a byte now and then would hold its connection for ever. A request being answered is left
-    alone: the app bounds the time to read its body and to embed it."""
+    seconds of opening or of its last response, and dropping one whose client has taken none of what waits to be sent
+    to it for that long. uvicorn's own keep-alive timer is reset by every byte, and asyncio waits for ever for a client
+    to read, so without this a client sending a byte now and then, or never reading, would hold its connection for
+    ever. A request being answered is otherwise left alone: the app bounds the time to read its body and to embed it."""
 
     class Protocol(H11Protocol):
-        deadline: asyncio.TimerHandle | None = None
+        deadline: asyncio.TimerHandle | None = None  # for the next request's headers
+        stall: asyncio.TimerHandle | None = None  # for the client to take some of what waits to be sent
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            transport.set_write_buffer_limits(high=0)  # writing pauses (and is watched) while any byte waits
             self._arm()
 
         def on_response_complete(self) -> None:
@@ -401,9 +421,27 @@ def _protocol(read_timeout: float) -> type[H11Protocol]:
             self._arm()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self.deadline is not None:
-                self.deadline.cancel()
+            for timer in (self.deadline, self.stall):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:
+            super().pause_writing()
+            self._watch(None)
+
+        def resume_writing(self) -> None:
+            if self.stall is not None:
+                self.stall.cancel()
+            super().resume_writing()
+
+        def _watch(self, waiting: int | None) -> None:
+            """Drop the connection if none of the ``waiting`` bytes were taken since the last look."""
+            left = self.transport.get_write_buffer_size()
+            if waiting is not None and left >= waiting:
+                self.transport.abort()
+            else:
+                self.stall = self.loop.call_later(read_timeout, self._watch, left)
 
         def _arm(self) -> None:
             if self.deadline is not None:
@@ -417,11 +455,16 @@ def _protocol(read_timeout: float) -> type[H11Protocol]:
     return Protocol
 
 
-def serve(served: Served, host: str = "127.0.0.1", port: int = 8000, limits: Limits = Limits(),
-          api_key: str | None = None, graceful_timeout: float = 30.0, calibration: np.ndarray | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; requests in flight are finished first (for up to ``graceful_timeout`` seconds)."""
+def serve(served: Served, sockets: list[socket.socket], limits: Limits = Limits(), api_key: str | None = None,
+          graceful_timeout: float = 30.0, calibration: np.ndarray | None = None) -> None:
+    """Serve on ``sockets`` (``endpoint.listening``'s) until SIGINT/SIGTERM; requests in flight are finished first
+    (for up to ``graceful_timeout`` seconds)."""
     import uvicorn
 
     app = create_app(served, limits, api_key, calibration)
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=graceful_timeout,
-                limit_concurrency=limits.max_connections, http=_protocol(limits.read_timeout))
+    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=graceful_timeout,
+                            limit_concurrency=limits.max_connections, http=_protocol(limits.read_timeout))
+    urls = ", ".join(f"http://{endpoint.address(*sock.getsockname()[:2])}" for sock in sockets)
+    logging.getLogger("uvicorn.error").info("Uvicorn running on %s (Press CTRL+C to quit)", urls)  # as uvicorn says it
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: re-raised after a Ctrl+C has stopped the server
+        uvicorn.Server(config).run(sockets=sockets)
