@@ -103,7 +103,11 @@ class Embedder:
 
     The model's self-attention is first made what ``spec.attention`` asks (``attention.use``): bidirectional, or
     causal, which undoes an earlier switch of this model to bidirectional and otherwise leaves it as loaded.
+
+    ``sources``: the model folders (or hub ids) its weights were read from, adapter last; ``load_embedder`` sets them.
     """
+
+    sources: tuple[str, ...] = ()
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: EmbedSpec,
                  packed: bool | None = None) -> None:
@@ -374,15 +378,19 @@ def load_embedder(
         folder = Path(models.resolve(model))
         spec = _exported_spec(folder) or _sentence_transformers_spec(folder) or spec
     spec = dataclasses.replace(spec, **spec_overrides) if spec_overrides else spec
+    sources = (models.resolve(model), *([str(adapter_dir)] if adapter_dir is not None else []))
     if adapter is None and (Path(models.resolve(model)) / "model.onnx").exists():  # an ONNX export (onnx_model.py)
         from slmembed.onnx_model import OnnxEmbedder, require
 
         require()
-        return OnnxEmbedder(models.resolve(model), spec)
-    net, tokenizer = models.load(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                 device=device)
-    if adapter_dir is not None:
-        from peft import PeftModel  # here: a plain model's evaluation does not pay peft's import
+        embedder = OnnxEmbedder(models.resolve(model), spec)
+    else:
+        net, tokenizer = models.load(model, dtype=dtype, trust_remote_code=trust_remote_code,
+                                     allow_pickle=allow_pickle, device=device)
+        if adapter_dir is not None:
+            from peft import PeftModel  # here: a plain model's evaluation does not pay peft's import
 
-        net = PeftModel.from_pretrained(net, str(adapter_dir)).merge_and_unload()
-    return Embedder(net.to(device).eval(), tokenizer, spec)
+            net = PeftModel.from_pretrained(net, str(adapter_dir)).merge_and_unload()
+        embedder = Embedder(net.to(device).eval(), tokenizer, spec)
+    embedder.sources = sources
+    return embedder
