@@ -113,7 +113,7 @@ def test_skip_bad_rows_flag_skips_and_reports(tmp_path, tiny_models, capsys) -> 
     capsys.readouterr()
     assert main(args) == 2
     assert capsys.readouterr().err == f"slmembed: error: {tmp_path / 't.csv'}:5: expected 3 comma-separated columns " \
-                                      "(sent0,sent1,hard_neg), found 2\n"
+                                      "(sent0,sent1,hard_neg), got 2\n"
     assert main([*args, "--skip-bad-rows"]) == 0
     assert json.loads((tmp_path / "run" / "data.json").read_text())["skipped_rows"] == 2
     assert "14 used of 14 from 1 sources (0 duplicates dropped, 2 bad rows skipped)" in capsys.readouterr().out

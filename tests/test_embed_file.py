@@ -1,18 +1,24 @@
-"""`embed`: text, CSV and JSONL files into .npy and Parquet, equal to direct embeddings; chunks resume; bad rows are
-named by line."""
+"""`embed`: text, CSV and JSONL files into .npy and Parquet, equal to direct embeddings; chunks resume, but only for
+the same model files, dtype, spec, input and chunking (else refused, or started over with --force); bad rows are
+named by line before the model loads."""
 
 from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from slmembed import cli
 from slmembed import embed_file as ef
 from slmembed.cli import main
+from slmembed.data.texts import text_problem
 from slmembed.embedder import load_embedder
 from slmembed.errors import DataError, SlmembedError
 
@@ -89,25 +95,36 @@ def test_interrupted_run_resumes_from_its_chunks(embedder, expected, tmp_path, m
 
 def test_sidecar_of_another_input_is_not_mixed_in(embedder, tmp_path, monkeypatch) -> None:
     src, out = _interrupted_run(embedder, tmp_path, monkeypatch)
-    for model, chunk_size in (("other-model", 4), ("tiny", 5)):
-        with pytest.raises(SlmembedError, match="delete it to start over"):
+    for model, chunk_size, what in (("other-model", 4, "model"), ("tiny", 5, "chunk size")):
+        with pytest.raises(SlmembedError, match=f"differ from this run's in their {what}: rerun with --force"):
             ef.embed_file(embedder, model, src, out, chunk_size=chunk_size, progress=False)
     src.write_text("\n".join(reversed(TEXTS)) + "\n")  # same size, other texts
-    with pytest.raises(SlmembedError, match="delete it to start over"):
+    with pytest.raises(SlmembedError, match="in their input: rerun with --force"):
         ef.embed_file(embedder, "tiny", src, out, chunk_size=4, progress=False)
 
 
 @pytest.mark.parametrize("name, content, column, message", [
-    ("a.txt", "one\n\nthree\n", None, "a.txt:2: empty line"),
-    ("a.jsonl", '{"text": "ok"}\n{"text": 5}\n', None, "a.jsonl:2: expected an object with a non-empty string"),
+    ("a.txt", "one\n\nthree\n", None, "a.txt:2: the line is empty; expected one text a line"),
+    ("a.txt", "one\n \t \nthree\n", None, "a.txt:2: the line is only whitespace"),
+    ("a.jsonl", '{"text": "ok"}\n{"text": 5}\n', None, "a.jsonl:2: expected an object with a string field 'text'"),
+    ("a.jsonl", '{"text": "ok"}\n{"text": "  "}\n', None, "a.jsonl:2: field 'text' is only whitespace"),
     ("a.jsonl", '{"text": "ok"}\n{bad\n', None, "a.jsonl:2: not valid JSON"),
+    ("a.jsonl", '{"text": "ok"}\n{"text": "a\\ud800b"}\n', None, "a.jsonl:2: a string holds a lone surrogate"),
+    ("a.jsonl", '{"text": "ok"}\n{"text": "a\\udcff"}\n', None, "a.jsonl:2: field 'text' holds a lone surrogate"),
+    ("a.jsonl", '{"text": "ok"}\n' + "[" * 100_000 + "\n", None, "a.jsonl:2: JSON nested too deeply"),
+    ("a.jsonl", '{"text": "ok", "n": ' + "7" * 5000 + "}\n", None, "a.jsonl:1: not valid JSON: Exceeds the limit"),
     ("a.csv", "id,body\n1,hello\n", "text", "a.csv:1: no column 'text'; the header has ['id', 'body']"),
+    ("a.csv", "\n\nid,body\n1,hello\n", "text", "a.csv:3: no column 'text'"),
     ("a.csv", "id,text\n1,hello\n2,\n", None, "a.csv:3: column 'text' is empty"),
+    ("a.csv", "id,text\n1,hello\n2,  \n", None, "a.csv:3: column 'text' is only whitespace"),
+    ("a.csv", "id,text\n1,hello\n2,hello, world\n", None, "a.csv:3: expected 2 comma-separated columns (id,text), "
+                                                            "got 3"),
+    ("a.csv", "text,id\n\"a\nb\",1\nhello\n", None, "a.csv:4: expected 2 comma-separated columns (text,id), got 1"),
 ])
 def test_bad_rows_are_named_by_line(embedder, tmp_path, name, content, column, message) -> None:
     src = tmp_path / name
     src.write_text(content)
-    with pytest.raises(DataError, match=message.replace("[", r"\[").replace("]", r"\]")):
+    with pytest.raises(DataError, match=re.escape(message)):
         ef.embed_file(embedder, "tiny", src, tmp_path / "out.npy", column=column, progress=False)
     assert not (tmp_path / "out.npy").exists() and not (tmp_path / "out.npy.parts").exists()
 
@@ -172,3 +189,144 @@ def test_cli_calibration(tiny_models, embedder, tmp_path, capsys) -> None:
     one.write_text("alone\n")
     assert main(["embed", str(one), "--output", str(tmp_path / "o.npy"), "--precision", "uint8", *model]) == 2
     assert "one text cannot set the ranges" in capsys.readouterr().err
+
+
+def test_the_text_rule() -> None:
+    """One rule for a text embed and the server take: None, or what keeps it from being embedded."""
+    assert text_problem("a cat") is None and text_problem(" é \u200b😀") is None
+    assert text_problem("") == "is empty" and text_problem(" \t\n\u00a0") == "is only whitespace"
+    assert text_problem("ab\ud800") == "holds a lone surrogate ('\\ud800' at character 3), which is not UTF-8 text"
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("the model was loaded")
+
+
+def test_cli_refuses_bad_input_before_the_model_loads(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(cli, "_load_model", _no_model)
+    files = {"surrogate.jsonl": '{"text": "fine"}\n{"text": "bad \\ud800 text"}\n',
+             "deep.jsonl": '{"text": "fine"}\n' + "[" * 100_000 + "\n",
+             "comma.csv": "text\nfine\nhello, world\n", "blank.txt": "fine\n   \n"}
+    for name, content in files.items():
+        (tmp_path / name).write_text(content)
+    (tmp_path / "folder").mkdir()
+    cases = [
+        ("surrogate.jsonl", [], "surrogate.jsonl:2: a string holds a lone surrogate ('\\ud800'), which is not UTF-8"),
+        ("deep.jsonl", [], "deep.jsonl:2: JSON nested too deeply"),
+        ("comma.csv", [], "comma.csv:3: expected 1 comma-separated columns (text), got 2"),
+        ("blank.txt", [], "blank.txt:2: the line is only whitespace"),
+        ("folder", [], "folder: is a folder; expected a file"),
+        ("/dev/null", [], "/dev/null: is not a regular file (a device, pipe or socket); expected a file"),
+        ("blank.txt", ["--precision", "int8", "--calibration", str(tmp_path / "folder")],
+         f"--calibration {tmp_path / 'folder'}: is a folder; expected a file"),
+    ]
+    for name, extra, message in cases:
+        out = tmp_path / "out.npy"
+        assert main(["embed", str(tmp_path / name), "--output", str(out), "--model", "any", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("slmembed: error: ") and message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists() and not (tmp_path / "out.npy.parts").exists()
+
+
+def _changed(folder, seed: int) -> None:
+    """Change the final norm's weights in ``folder``'s safetensors (as retraining or a re-export would)."""
+    weights = load_file(folder / "model.safetensors")
+    torch.manual_seed(seed)
+    weights["model.norm.weight"] += torch.rand_like(weights["model.norm.weight"])
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_other_weights_or_dtype_are_refused_and_force_starts_over(tiny_models, expected, tmp_path, monkeypatch,
+                                                                  capsys) -> None:
+    """A rerun whose model files or dtype differ from the chunks' is refused in one line naming what differs; with
+    --force it starts over, and its vectors are a fresh run's. The batch size does not matter."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["llama"], model)
+    src, out = tmp_path / "in.txt", tmp_path / "out.npy"
+    _write(src, "txt")
+    run = ["embed", str(src), "--output", str(out), "--model", str(model), "--chunk-size", "4", "--device", "cpu"]
+    monkeypatch.setattr(ef, "_join", _killed)
+    assert main([*run, "--dtype", "float32", "--batch-size", "2"]) == 130  # killed once its chunks are written
+    monkeypatch.undo()
+    _changed(model, 0)
+    capsys.readouterr()
+    for extra, what in ((["--dtype", "bfloat16"], "weights, dtype"), (["--dtype", "float32"], "weights")):
+        assert main([*run, *extra]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"slmembed: error: {out}.parts holds chunks that differ from this run's in their {what}: rerun "
+                       "with --force to start over\n")
+    assert main([*run, "--dtype", "float32", "--force"]) == 0
+    summary, err = json.loads(capsys.readouterr().out), capsys.readouterr().err
+    assert summary["chunks_reused"] == 0 and summary["started_over"] == ["weights"]
+    fresh = load_embedder(str(model), device=torch.device("cpu"), dtype=torch.float32).encode(TEXTS)
+    np.testing.assert_allclose(np.load(out), fresh, atol=1e-5)
+    assert np.abs(fresh - expected).max() > 0.05  # the change matters: mixed chunks would have been wrong
+
+    monkeypatch.setattr(ef, "_join", _killed)
+    assert main([*run, "--dtype", "float32", "--batch-size", "2", "--force"]) == 130
+    monkeypatch.undo()
+    assert main([*run, "--dtype", "bfloat16", "--force"]) == 0
+    assert "in their dtype: starting over" in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(out), load_embedder(str(model), device=torch.device("cpu"),
+                                                           dtype=torch.bfloat16).encode(TEXTS), atol=1e-6)
+    monkeypatch.setattr(ef, "_join", _killed)
+    assert main([*run, "--dtype", "float32", "--batch-size", "2", "--force"]) == 130
+    monkeypatch.undo()
+    assert main([*run, "--dtype", "float32", "--batch-size", "5", "--force"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["chunks_reused"] == 3 and summary["started_over"] == []
+    np.testing.assert_allclose(np.load(out), fresh, atol=1e-5)
+
+
+def _lora(base, folder, seed: int) -> None:
+    """A random LoRA adapter over ``base`` saved in ``folder``: a training run's adapter, trained again."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(AutoModel.from_pretrained(base), config).save_pretrained(folder)
+
+
+def test_a_retrained_adapter_is_not_mixed_in(tiny_models, tmp_path, monkeypatch) -> None:
+    base, adapter = tiny_models["llama"], tmp_path / "adapter"
+    _lora(base, adapter, 1)
+    first = load_embedder(str(base), adapter, device=torch.device("cpu"), dtype=torch.float32)
+    src, out = _interrupted_run(first, tmp_path, monkeypatch)
+    _lora(base, adapter, 2)
+    second = load_embedder(str(base), adapter, device=torch.device("cpu"), dtype=torch.float32)
+    with pytest.raises(SlmembedError, match="in their weights: rerun with --force"):
+        ef.embed_file(second, "tiny", src, out, chunk_size=4, progress=False)
+    summary = ef.embed_file(second, "tiny", src, out, chunk_size=4, progress=False, force=True)
+    assert summary["chunks_reused"] == 0 and summary["started_over"] == ["weights"]
+    np.testing.assert_allclose(np.load(out), second.encode(TEXTS), atol=1e-5)
+    assert np.abs(np.load(out) - first.encode(TEXTS)).max() > 0.05
+
+
+def test_leftover_chunks_are_replaced_with_force_but_foreign_files_never(embedder, expected, tmp_path, monkeypatch,
+                                                                         capsys) -> None:
+    """A sidecar left without its manifest (a run killed before writing it, or a second embed whose first removed
+    it) holding only files embed writes is replaced with --force; a file embed did not write is named, not deleted."""
+    src, out = _interrupted_run(embedder, tmp_path, monkeypatch)
+    parts = tmp_path / "out.npy.parts"
+    (parts / "manifest.json").unlink()
+    (parts / ".00000003.npy.k2j4h_x1.tmp").write_bytes(b"half a chunk")
+    with pytest.raises(SlmembedError, match="stopped before it recorded what they are: rerun with --force"):
+        ef.embed_file(embedder, "tiny", src, out, chunk_size=4, progress=False)
+    summary = ef.embed_file(embedder, "tiny", src, out, chunk_size=4, progress=False, force=True)
+    assert summary["started_over"] == ["manifest"] and summary["chunks_reused"] == 0
+    assert "holds chunks without a manifest: starting over" in capsys.readouterr().err
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
+    assert not parts.exists()
+
+    out.unlink()
+    monkeypatch.setattr(ef, "_join", _killed)
+    with pytest.raises(KeyboardInterrupt):
+        ef.embed_file(embedder, "tiny", src, out, chunk_size=4, progress=False)
+    monkeypatch.undo()
+    (parts / "notes.txt").write_text("mine")
+    for force in (False, True):
+        with pytest.raises(SlmembedError, match=f"{parts / 'notes.txt'} was not written by slmembed"):
+            ef.embed_file(embedder, "tiny", src, out, chunk_size=4, progress=False, force=force)
+    assert sorted(p.name for p in parts.iterdir()) == ["00000000.npy", "00000001.npy", "00000002.npy",
+                                                       "manifest.json", "notes.txt"]

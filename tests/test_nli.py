@@ -213,7 +213,7 @@ def test_line_numbers_count_multiline_fields(tmp_path):
 
 def test_missing_column(tmp_path):
     err = _error(_write(tmp_path / "a.csv", TIK + "1e,P.,entailment\n"))
-    assert err.line == 2 and "expected 4 comma-separated columns" in err.problem and "found 3" in err.problem
+    assert err.line == 2 and "expected 4 comma-separated columns" in err.problem and "got 3" in err.problem
     err = _error(_jsonl(tmp_path / "b.jsonl", [{"premise": "P", "hypothesis": "H", "label": "neutral"},
                                                {"premise": "P", "label": "entailment"}]))
     assert err.line == 2 and "missing 'hypothesis'" in err.problem
@@ -224,6 +224,22 @@ def test_bad_utf8_bytes(tmp_path):
                                       b"P.\tbad \xff\xfe bytes\tcontradiction\n")
     err = _error(path)
     assert err.line == 4 and "invalid UTF-8" in err.problem
+
+
+def test_jsonl_lone_surrogates_and_deep_nesting_are_bad_rows(tmp_path):
+    """Valid JSON that no tokenizer can read (a lone surrogate escape) and JSON nested past Python's parser are rows
+    named by line (or skipped), like invalid JSON; a deep first line is an unknown format."""
+    good = '{"anchor": "a", "positive": "p", "negative": "n"}\n'
+    surrogate = _write(tmp_path / "a.jsonl", good + '{"anchor": "a", "positive": "p\\udc00", "negative": "n"}\n')
+    err = _error(surrogate)
+    assert err.line == 2 and err.problem.startswith("a string holds a lone surrogate ('\\udc00')")
+    deep = _write(tmp_path / "b.jsonl", good + "[" * 100_000 + "\n")
+    err = _error(deep)
+    assert err.line == 2 and err.problem.startswith("JSON nested too deeply")
+    for path in (surrogate, deep):
+        assert load_triplets([path], skip_bad_rows=True).skipped_rows == 1
+    err = _error(_write(tmp_path / "c.jsonl", '{"a": ' * 100_000 + "\n"))
+    assert err.line == 1 and "unknown format" in err.problem
 
 
 def test_empty_text_empty_file_unknown_format_missing_file(tmp_path):

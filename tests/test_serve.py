@@ -219,6 +219,7 @@ def test_token_id_inputs_embed_as_their_text(server, direct) -> None:
     ({"model": "run", "input": []}, 400, "input", "empty list"),
     ({"model": "run", "input": ["a", ""]}, 400, "input", "input[1] is empty"),
     ({"model": "run", "input": [[5], []]}, 400, "input", "input[1] is empty"),
+    ({"model": "run", "input": ["a", " \n\t "]}, 400, "input", "input[1] is only whitespace"),
     ({"model": "run", "input": ["a"] * 9}, 400, "input", "9 inputs, over the limit of 8"),
     ({"model": "run", "input": ["a", "b" * 301]}, 400, "input", "input[1] has 301 characters, over the limit of 300"),
     ({"model": "run", "input": [1] * 301}, 400, "input", "input has 301 token ids, over the limit of 300"),

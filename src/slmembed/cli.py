@@ -15,7 +15,7 @@ from pathlib import Path
 
 from slmembed import outputs
 from slmembed.errors import SlmembedError
-from slmembed.paths import find_data_dir
+from slmembed.paths import find_data_dir, input_file
 from slmembed.quantize import CALIBRATED, PRECISIONS
 
 DTYPES = ("auto", "float32", "bfloat16")  # --dtype of eval, embed, serve
@@ -177,22 +177,22 @@ def _check_calibration(args: argparse.Namespace, precision: str | None = None) -
     (None: chosen per request, as in serve)."""
     if args.calibration is None:
         return
-    if not Path(args.calibration).is_file():
-        raise SlmembedError(f"--calibration {args.calibration}: no such file")
+    input_file(args.calibration, "--calibration")
     if precision is not None and precision not in CALIBRATED:
         raise SlmembedError("--calibration sets the ranges of int8 and uint8 vectors: use it with one of them")
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from slmembed.embed_file import check_output, embed_file, load_calibration
+    from slmembed.embed_file import check_output, count_texts, embed_file, load_calibration
 
     check_output(args.input, args.output, model=args.model, force=args.force)
     _check_calibration(args, args.precision)
+    texts = count_texts(args.input, args.column)  # every row checked before the model loads
     embedder, model_id = _load_model(args.model, args)
     calibration = load_calibration(args.calibration, embedder, args.batch_size) if args.calibration else None
     summary = embed_file(embedder, model_id, args.input, args.output, column=args.column,
                          chunk_size=args.chunk_size, batch_size=args.batch_size, force=args.force,
-                         precision=args.precision, calibration=calibration)
+                         precision=args.precision, calibration=calibration, texts=texts)
     print(json.dumps(summary))
     return 0
 

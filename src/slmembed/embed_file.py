@@ -1,12 +1,20 @@
 """Embed a file of texts into ``.npy`` (float32 [N, D]) or Parquet (columns ``text`` and ``embedding``).
 
-Input by suffix: ``.csv`` (a header row; ``column`` picks the column, default ``text`` or the only one), ``.jsonl`` /
-``.ndjson`` (one object a line; ``column`` picks the field, default ``text``), anything else one text a line.
-Row i of the output is the i-th text. The texts are cut into chunks of ``chunk_size``; each chunk's vectors are
-written atomically into the sidecar folder ``OUT.parts/`` and skipped when the command runs again, so an
-interrupted run continues where it stopped. At the end the chunks are joined into OUT (atomically) and the sidecar
-is removed. The sidecar records the input (path, size, modification time), the model and the chunking, and a rerun
-with other ones is refused rather than mixed in.
+Input by suffix: ``.csv`` (a header row; ``column`` picks the column, default ``text`` or the only one; every row has
+the header's number of fields: csvrows.py), ``.jsonl`` / ``.ndjson`` (one object a line; ``column`` picks the field,
+default ``text``), anything else one text a line. Blank lines (CSV: rows of blank fields) are skipped; any other
+text must be one we embed (data/texts.py), else the run stops before any work, naming the line. Row i of the output
+is the i-th text. The texts are cut into chunks of ``chunk_size``; each chunk's vectors are written atomically into
+the sidecar folder ``OUT.parts/`` and skipped when the command runs again, so an interrupted run continues where it
+stopped. At the end the chunks are joined into OUT (atomically) and the sidecar is removed.
+
+The sidecar's manifest records what makes the vectors: the model (its id and the sha256 of the files its weights
+were read from: digest.py), the dtype it computes with, its spec, the input (the sha256 of its bytes, the column)
+and the chunking. A rerun for which any of them differs is refused, naming them, rather than mixed in; with
+``force`` it starts over. The batch size and the device are not recorded: they change vectors only by float noise
+(the dtype auto picks per device is recorded, though). The sidecar holds only files embed writes (``_OURS``); a
+sidecar without a manifest (a run stopped before it wrote one) is replaced with ``force``, and a sidecar holding
+any other file is never touched.
 
 ``precision`` int8, uint8, binary or ubinary writes compact vectors instead (quantize.py: int8 [N, D], binary
 packed [N, D/8]); int8 and uint8 take their ranges from calibration embeddings (``load_calibration``: a text file
@@ -16,10 +24,10 @@ the input's own embeddings. The chunks stay float32, so a resumed run may change
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
-import shutil
+import re
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,12 +35,20 @@ import numpy as np
 
 from slmembed import outputs, quantize
 from slmembed.atomic import atomic_path, write_json
+from slmembed.data.csvrows import CsvRows
 from slmembed.data.jsonl import json_lines
+from slmembed.data.texts import text_problem
+from slmembed.digest import file_sha256, weights_sha256
 from slmembed.embedder import Embedder, batching
 from slmembed.errors import DataError, SlmembedError
+from slmembed.paths import input_file
 
 OUTPUTS = (".npy", ".parquet")
 METADATA_KEY = b"slmembed"  # in a Parquet output's schema: marks it as ours
+MANIFEST = "manifest.json"
+# What embed writes in a sidecar: its manifest, its chunks, and atomic.py's temporary files for them.
+_OURS = re.compile(r"(manifest\.json|\d{8}\.npy)|\.(manifest\.json|\d{8}\.npy)\.\w+\.tmp")
+_NAMES = {"chunk_size": "chunk size", "texts": "input"}  # manifest keys as a refusal names them
 
 
 def iter_texts(path: Path, column: str | None = None) -> Iterator[str]:
@@ -48,36 +64,48 @@ def iter_texts(path: Path, column: str | None = None) -> Iterator[str]:
                 if column:
                     raise SlmembedError(f"{path}: --column applies to CSV and JSONL files, not to text lines")
                 for line_no, line in enumerate(fh, 1):
-                    text = line.rstrip("\r\n")
-                    if not text.strip():
-                        raise DataError(path, "empty line; expected one text a line", line_no)
-                    yield text
+                    yield _checked(path, line.rstrip("\r\n"), "the line", line_no, "; expected one text a line")
     except UnicodeDecodeError as exc:
         raise DataError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise SlmembedError(f"cannot read {path}: {exc.strerror}") from None
 
 
+def _checked(path: Path, text: str, name: str, line: int, expected: str = "") -> str:
+    """``text``, if it is one we embed (``text_problem``); else a DataError naming it and its line."""
+    problem = text_problem(text)
+    if problem:
+        raise DataError(path, f"{name} {problem}{expected}", line)
+    return text
+
+
 def _csv_texts(path: Path, fh, column: str | None) -> Iterator[str]:
-    reader = csv.DictReader(fh)
-    fields = reader.fieldnames or []
+    rows = CsvRows(path, fh)
+    fields = rows.header
     if column is None:
         column = "text" if "text" in fields or len(fields) != 1 else fields[0]
     if column not in fields:
-        raise DataError(path, f"no column {column!r}; the header has {fields} (choose one with --column)", 1)
-    for row in reader:
-        text = row.get(column)
-        if not text or not text.strip():
-            raise DataError(path, f"column {column!r} is empty or missing", reader.line_num)
-        yield text
+        raise DataError(path, f"no column {column!r}; the header has {fields} (choose one with --column)", rows.line)
+    for line, row in rows:
+        if isinstance(row, str):
+            raise DataError(path, row, line)
+        yield _checked(path, row[column], f"column {column!r}", line)
 
 
 def _jsonl_texts(path: Path, fh, field: str) -> Iterator[str]:
     for line_no, obj in json_lines(path, fh):
         text = obj.get(field) if isinstance(obj, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(path, f"expected an object with a non-empty string field {field!r}", line_no)
-        yield text
+        if not isinstance(text, str):
+            raise DataError(path, f"expected an object with a string field {field!r}", line_no)
+        yield _checked(path, text, f"field {field!r}", line_no)
+
+
+def count_texts(path: str | Path, column: str | None = None) -> int:
+    """The number of texts in ``path``, every row checked (``iter_texts``); no texts is a DataError."""
+    n = sum(1 for _ in iter_texts(Path(path), column))
+    if n == 0:
+        raise DataError(path, "no texts")
+    return n
 
 
 def _chunks(path: Path, column: str | None, size: int) -> Iterator[list[str]]:
@@ -101,18 +129,49 @@ def _ours(path: Path) -> bool:
 
 def check_output(input_path: str | Path, output: str | Path, *, model: str | None = None,
                  force: bool = False) -> None:
-    """Check before any work that ``output`` (and its ``.parts`` sidecar) may be written (outputs.py)."""
-    output, input_path = Path(output), Path(input_path)
-    if not input_path.is_file():
-        raise SlmembedError(f"{input_path}: no such file")
+    """Check before any work that ``input_path`` is a file and that ``output`` and its ``.parts`` sidecar may be
+    written (outputs.py; the module docstring)."""
+    output, input_path = Path(output), input_file(input_path)
     outputs.check_file(output, "embed", inputs=[input_path, model], force=force, ours=_ours, suffixes=OUTPUTS)
     parts = _sidecar(output)
-    if parts.exists() and not (parts / "manifest.json").is_file():
+    if not parts.exists():
+        return
+    if not parts.is_dir():
         raise SlmembedError(f"{parts} exists and is not the chunk folder of an unfinished embed: move it away")
+    foreign = next((p for p in sorted(parts.iterdir()) if not (p.is_file() and _OURS.fullmatch(p.name))), None)
+    if foreign is not None:
+        raise SlmembedError(f"{foreign} was not written by slmembed, so embed neither uses nor deletes its chunk "
+                            f"folder {parts}: move it away")
+    if not force and not (parts / MANIFEST).is_file() and any(parts.iterdir()):
+        raise SlmembedError(f"{parts} holds chunks of an embed stopped before it recorded what they are: rerun with "
+                            "--force to start over")
 
 
 def _sidecar(output: Path) -> Path:
     return output.with_name(output.name + ".parts")
+
+
+def _clear(parts: Path) -> None:
+    """Delete the files embed wrote in ``parts`` (``_OURS``), then the folder if that left it empty."""
+    for path in parts.iterdir():
+        if path.is_file() and _OURS.fullmatch(path.name):
+            path.unlink(missing_ok=True)
+    try:
+        parts.rmdir()
+    except OSError:  # someone put a file there meanwhile: it stays, and the next run names it
+        pass
+
+
+def _differences(parts: Path, manifest: dict) -> list[str]:
+    """What of ``manifest`` the sidecar's own manifest records otherwise, as a refusal names it (everything where
+    it is unreadable)."""
+    try:
+        earlier = json.loads((parts / MANIFEST).read_text())
+    except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict):
+        earlier = {}
+    return list(dict.fromkeys(_NAMES.get(k, k) for k, v in manifest.items() if earlier.get(k) != v))
 
 
 def load_calibration(path: str | Path, embedder: Embedder, batch_size: int | None = None) -> np.ndarray:
@@ -136,29 +195,38 @@ def load_calibration(path: str | Path, embedder: Embedder, batch_size: int | Non
 
 def embed_file(embedder: Embedder, model_id: str, input_path: str | Path, output: str | Path, *,
                column: str | None = None, chunk_size: int = 4096, batch_size: int | None = None, force: bool = False,
-               progress: bool = True, precision: str = "float32", calibration: np.ndarray | None = None) -> dict:
+               progress: bool = True, precision: str = "float32", calibration: np.ndarray | None = None,
+               texts: int | None = None) -> dict:
     """Embed ``input_path`` into ``output`` chunk by chunk (see the module docstring); return a summary. An earlier
-    output is replaced only with ``force``. Batches as ``embedder.batching`` makes them."""
+    output is replaced only with ``force``. Batches as ``embedder.batching`` makes them. ``texts``: what
+    ``count_texts`` returned for the input, where the caller checked it before loading the model."""
     from tqdm.auto import tqdm
 
     input_path, output = Path(input_path), Path(output)
     check_output(input_path, output, force=force)
-    n = sum(len(chunk) for chunk in _chunks(input_path, column, chunk_size))  # validates every row before work
-    if n == 0:
-        raise DataError(input_path, "no texts")
+    n = texts or count_texts(input_path, column)
     if precision in quantize.CALIBRATED and calibration is None and n < 2:
         raise DataError(input_path, f"{precision} needs calibration: one text cannot set the ranges")
+    if not embedder.sources:
+        raise ValueError("embed_file needs an Embedder from load_embedder, which records the files of its weights")
     parts = _sidecar(output)
-    stat = input_path.stat()
-    manifest = {"input": str(input_path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
-                "column": column, "texts": n, "chunk_size": chunk_size, "model": model_id,
-                "spec": embedder.spec.__dict__}
-    if (parts / "manifest.json").exists():
-        if json.loads((parts / "manifest.json").read_text()) != manifest:
-            raise SlmembedError(f"{parts} holds chunks of another input, model or chunk size: delete it to start over")
-    else:
+    manifest = {"model": model_id, "weights": weights_sha256(embedder.sources), "dtype": embedder.weights,
+                "spec": embedder.spec.__dict__, "input": file_sha256(input_path), "column": column, "texts": n,
+                "chunk_size": chunk_size}
+    started_over, why = [], ""  # check_output: the sidecar holds only files embed writes
+    if (parts / MANIFEST).is_file():
+        started_over = _differences(parts, manifest)
+        why = f"holds chunks that differ from this run's in their {', '.join(started_over)}"
+    elif parts.is_dir() and any(parts.iterdir()):  # check_output let these pass only with force
+        started_over, why = ["manifest"], "holds chunks without a manifest"
+    if started_over and not force:
+        raise SlmembedError(f"{parts} {why}: rerun with --force to start over")
+    if started_over:
+        print(f"slmembed: {parts} {why}: starting over", file=sys.stderr)
+        _clear(parts)
+    if not (parts / MANIFEST).is_file():
         parts.mkdir(parents=True, exist_ok=True)
-        write_json(parts / "manifest.json", manifest)
+        write_json(parts / MANIFEST, manifest)
     names = [parts / f"{k:08d}.npy" for k in range(-(-n // chunk_size))]
     rows, tokens = batching(embedder, batch_size)
     bar = tqdm(total=n, desc="embed", unit="text", disable=not progress)
@@ -180,9 +248,9 @@ def embed_file(embedder: Embedder, model_id: str, input_path: str | Path, output
             raise SlmembedError(f"the calibration embeddings have {calibration.shape[1]} dimensions, the model {dim}")
         bounds = quantize.ranges(calibration if calibration is not None else _extremes(names))
     width = _join(names, output, n, input_path, column, chunk_size, precision, bounds)
-    shutil.rmtree(parts)
+    _clear(parts)
     return {"input": str(input_path), "output": str(output), "texts": n, "dim": dim, "precision": precision,
-            "width": width, "chunks": len(names), "chunks_reused": reused}
+            "width": width, "chunks": len(names), "chunks_reused": reused, "started_over": started_over}
 
 
 def _extremes(names: list[Path]) -> np.ndarray:

@@ -74,7 +74,11 @@ class Embedder:
     ``head``: a module applied to the pooled vectors (float32) before they are normalised, on every path: a
     sentence-transformers folder's Dense layers (st_pipeline.py). ``include_prompt=False`` leaves the prompt's tokens
     (before ``{}`` in the spec's template) out of pooling, as sentence-transformers' Pooling of that name does.
+
+    ``sources``: the model folders (or hub ids) its weights were read from, adapter last; ``load_embedder`` sets them.
     """
+
+    sources: tuple[str, ...] = ()
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: EmbedSpec,
                  packed: bool | None = None, head: torch.nn.Module | None = None, include_prompt: bool = True) -> None:
@@ -342,19 +346,23 @@ def load_embedder(
                              append_eos=False)
         spec = exported or spec
     spec = dataclasses.replace(spec, **spec_overrides) if spec_overrides else spec
+    sources = (models.resolve(model), *([str(adapter_dir)] if adapter_dir is not None else []))
     if exported and (folder / "model.onnx").exists():  # an ONNX export (onnx_model.py)
         from slmembed.onnx_model import OnnxEmbedder, require
 
         require()
-        return OnnxEmbedder(folder, spec)
-    head = pipeline.head(allow_pickle) if pipeline else None  # its refusals before the model loads
-    net, tokenizer = models.load(model, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
-                                 device=device)
-    if adapter_dir is not None:
-        from peft import PeftModel  # here: a plain model's evaluation does not pay peft's import
+        embedder = OnnxEmbedder(folder, spec)
+    else:
+        head = pipeline.head(allow_pickle) if pipeline else None  # its refusals before the model loads
+        net, tokenizer = models.load(model, dtype=dtype, trust_remote_code=trust_remote_code,
+                                     allow_pickle=allow_pickle, device=device)
+        if adapter_dir is not None:
+            from peft import PeftModel  # here: a plain model's evaluation does not pay peft's import
 
-        net = PeftModel.from_pretrained(net, str(adapter_dir)).merge_and_unload()
-    if pipeline is not None and pipeline.lower_case:
-        st_pipeline.lowercase(tokenizer)
-    return Embedder(net.to(device).eval(), tokenizer, spec, head=head,
-                    include_prompt=pipeline.include_prompt if pipeline else True)
+            net = PeftModel.from_pretrained(net, str(adapter_dir)).merge_and_unload()
+        if pipeline is not None and pipeline.lower_case:
+            st_pipeline.lowercase(tokenizer)
+        embedder = Embedder(net.to(device).eval(), tokenizer, spec, head=head,
+                            include_prompt=pipeline.include_prompt if pipeline else True)
+    embedder.sources = sources
+    return embedder

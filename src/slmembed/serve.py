@@ -44,6 +44,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from slmembed import endpoint, quantize
 from slmembed.adapters import AdapterPool, Single
+from slmembed.data.texts import text_problem
 from slmembed.errors import SlmembedError
 
 log = logging.getLogger("slmembed.serve")
@@ -382,8 +383,9 @@ def _parse(body: bytes, limits: Limits, served: Served, dim: int, vocab: int) ->
     for i, item in enumerate(inputs):
         where = "input" if flat else f"input[{i}]"
         unit = "characters" if isinstance(item, str) else "token ids"
-        if not item:
-            raise ApiError(400, f"{where} is empty", param="input")
+        problem = text_problem(item) if isinstance(item, str) else None if item else "is empty"
+        if problem:
+            raise ApiError(400, f"{where} {problem}", param="input")
         if len(item) > limits.max_chars:
             raise ApiError(400, f"{where} has {len(item)} {unit}, over the limit of {limits.max_chars}",
                            param="input")

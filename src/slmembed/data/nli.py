@@ -19,14 +19,14 @@ Formats are detected from the header or the first JSON line (see ``FORMATS``); p
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from slmembed.data.csvrows import CsvRows
+from slmembed.data.jsonl import parse
 from slmembed.errors import DataError, SlmembedError
 from slmembed.paths import find_data_dir
 
@@ -141,7 +141,7 @@ def detect_format(path: str | Path) -> str:
     number, line = _first_line(Path(path))
     if line.lstrip().startswith("{"):
         try:
-            keys = set(json.loads(line))
+            keys = set(parse(line))
         except ValueError:
             keys = set()
         for name in ("triplet_jsonl", "snli_jsonl", "lingnli_jsonl"):
@@ -164,50 +164,30 @@ def detect_format(path: str | Path) -> str:
 
 
 def _csv_records(path: Path, fmt: Format) -> Iterator[tuple[int, dict[str, str] | str]]:
-    """Yield (1-based line, record or problem) for each data row of a CSV/TSV file.
+    """Yield (1-based line, record or problem) for each data row of a CSV/TSV file (``CsvRows``).
 
     The header is the first non-blank line and must name the format's columns; blank lines are skipped.
     """
-    quoting = csv.QUOTE_MINIMAL if fmt.quoted else csv.QUOTE_NONE
-    sep = "tab" if fmt.delimiter == "\t" else "comma"
-    csv.field_size_limit(2**31 - 1)  # the default, 131,072 characters, would reject long but valid fields
     with _open(path) as f:
-        reader = csv.reader(f, delimiter=fmt.delimiter, quoting=quoting)
-        line = start = 1
-        header: list[str] = []
-        try:
-            for row in reader:
-                line, start = start, reader.line_num + 1
-                header = [c.strip().lstrip("\ufeff") for c in row]
-                if any(header):
-                    break
-            missing = [repr(c) for c in fmt.columns if c not in header]
-            if missing:
-                raise DataError(path, f"header is missing {', '.join(missing)}; expected {sep}-separated columns "
-                                      f"including {', '.join(fmt.columns)}", line)
-            for row in reader:
-                line, start = start, reader.line_num + 1
-                if not any(cell.strip() for cell in row):
-                    continue
-                if len(row) != len(header):
-                    yield line, f"expected {len(header)} {sep}-separated columns ({','.join(header)}), found {len(row)}"
-                else:
-                    yield line, dict(zip(header, row))
-        except csv.Error as exc:
-            raise DataError(path, f"unreadable CSV ({exc})", start) from None
+        rows = CsvRows(path, f, fmt.delimiter, fmt.quoted)
+        missing = [repr(c) for c in fmt.columns if c not in rows.header]
+        if missing:
+            raise DataError(path, f"header is missing {', '.join(missing)}; expected {rows.sep}-separated columns "
+                                  f"including {', '.join(fmt.columns)}", rows.line)
+        yield from rows
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict | str]]:
-    """Yield (1-based line, object or problem) for each non-blank line of a JSON-lines file."""
+    """Yield (1-based line, object or problem) for each non-blank line of a JSON-lines file (``jsonl.parse``)."""
     with _open(path) as f:
         for number, raw in enumerate(f, 1):
             text = raw.rstrip("\r\n").lstrip("\ufeff")
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                obj = parse(text)
             except ValueError as exc:
-                yield number, f"invalid JSON ({getattr(exc, 'msg', exc)}); expected one JSON object per line"
+                yield number, f"{exc}; expected one JSON object per line"
                 continue
             yield number, obj if isinstance(obj, dict) else "expected a JSON object per line"
 
