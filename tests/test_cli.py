@@ -153,3 +153,17 @@ def test_command_line_mistakes_are_one_line_with_exit_code_2(args, message, caps
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and err.startswith("slmembed: error:") and message in err and "\n" not in err, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_folder_given_as_dot_goes_by_its_folder_name(tmp_path, monkeypatch) -> None:
+    """``slmembed serve .`` serves the model under its folder's name, not under an empty id."""
+    import argparse
+
+    from slmembed import cli, embedder
+
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    monkeypatch.setattr(embedder, "load_embedder", lambda *a, **k: "the embedder")
+    args = argparse.Namespace(device="cpu", dtype="auto", trust_remote_code=False, allow_pickle=False, compile=False)
+    assert cli._load_model(".", args) == ("the embedder", "my-model")

@@ -147,7 +147,7 @@ def _load_model(name: str, args: argparse.Namespace):
     kwargs = {**_loading(args), "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
     embedder = load_embedder(None, adapter=path, **kwargs) if is_run else load_embedder(name, **kwargs)
     _compile(embedder, args)
-    return embedder, path.name if path.is_dir() else name
+    return embedder, path.resolve().name if path.is_dir() else name  # "." is served under its folder's name
 
 
 def _compile(embedder, args: argparse.Namespace) -> None:
