@@ -182,6 +182,7 @@ REFUSED = {  # the modules (after the Transformer) or the folder's files, and wh
                        "Transformer tokenizer_args add_eos_token=True is not applied"),
     "chat_messages": ([MEAN], {BACKBONE: {"modality_config": {"text": PLAIN, "message": {**PLAIN, "format": "flat"}}}},
                       "modality_config has 'message'"),
+    "path_outside": ([("../1_Pooling", ST + "Pooling", None)], None, "a path inside the folder"),
     "chat_template": ([MEAN], {"tokenizer_config.json": {"chat_template": "{{ messages }}"}},
                       "the tokenizer has a chat template"),
 }

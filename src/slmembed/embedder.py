@@ -341,10 +341,9 @@ def load_embedder(
         folder = Path(models.resolve(model))
         exported = _exported_spec(folder)
         pipeline = None if exported else st_pipeline.read(folder)
-        if pipeline is not None:
-            spec = EmbedSpec(pooling=pipeline.pooling, prompt=pipeline.prompt, max_length=pipeline.max_length,
-                             append_eos=False)
-        spec = exported or spec
+        if exported or pipeline:  # the tokenizer adds the special tokens sentence-transformers gets: no EOS appended
+            spec = exported or EmbedSpec(pooling=pipeline.pooling, prompt=pipeline.prompt,
+                                         max_length=pipeline.max_length, append_eos=False)
     spec = dataclasses.replace(spec, **spec_overrides) if spec_overrides else spec
     sources = (models.resolve(model), *([str(adapter_dir)] if adapter_dir is not None else []))
     if exported and (folder / "model.onnx").exists():  # an ONNX export (onnx_model.py)

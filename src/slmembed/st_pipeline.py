@@ -77,7 +77,6 @@ class Dense:
 class Pipeline:
     """What slmembed applies of a sentence-transformers folder (see the module docstring)."""
 
-    folder: Path
     pooling: str  # slmembed's name (spec.POOLINGS)
     include_prompt: bool
     max_length: int
@@ -101,12 +100,14 @@ class Pipeline:
 def read(folder: Path) -> Pipeline | None:
     """The pipeline of a sentence-transformers folder, None for a folder without ``modules.json``; refuses what
     slmembed cannot apply (SlmembedError naming the folder and the module or setting)."""
-    listing = _json(folder / "modules.json", folder)
+    listing = _json(folder / "modules.json")
     if listing is None:
         return None
-    if not isinstance(listing, list) or not all(isinstance(m, dict) and "type" in m for m in listing):
-        raise SlmembedError(f"{folder / 'modules.json'}: expected a list of modules, each with a type")
-    settings = _json(folder / "config_sentence_transformers.json", folder) or {}
+    if not isinstance(listing, list) or not all(isinstance(m, dict) and isinstance(m.get("type"), str)
+                                                and _relative(m.get("path")) for m in listing):
+        raise SlmembedError(f"{folder / 'modules.json'}: expected a list of modules, each with a type and a path "
+                            "inside the folder")
+    settings = _json(folder / "config_sentence_transformers.json") or {}
     if settings.get("model_type", "SentenceTransformer") != "SentenceTransformer":
         raise SlmembedError(f"{folder}: a {settings['model_type']} model, not a SentenceTransformer: slmembed embeds "
                             "with dense sentence embedding models only")
@@ -114,12 +115,12 @@ def read(folder: Path) -> Pipeline | None:
     if kinds[:2] != ["Transformer", "Pooling"] or any(k in ("Transformer", "Pooling") for k in kinds[2:]):
         raise SlmembedError(f"{folder}: modules {', '.join(kinds)}: slmembed applies a Transformer, then a Pooling, "
                             "then Dense, Normalize and Dropout modules")
-    if listing[0].get("path", "") not in ("", "."):
+    if listing[0]["path"] not in ("", "."):
         raise SlmembedError(f"{folder}: the Transformer is in {listing[0]['path']}/: slmembed loads the backbone from "
                             "the folder itself")
     lower_case, max_length = _transformer(folder)
     steps = tuple(_step(folder, module, kind) for module, kind in zip(listing[2:], kinds[2:]) if kind != "Dropout")
-    pooling, include_prompt, width = _pooling(folder / listing[1].get("path", ""), folder,
+    pooling, include_prompt, width = _pooling(folder / listing[1]["path"],
                                               any(isinstance(s, Dense) for s in steps))
     _check_dims(width, steps)
     normalised = bool(steps) and steps[-1] == "normalize" and settings.get("truncate_dim") is None
@@ -130,7 +131,7 @@ def read(folder: Path) -> Pipeline | None:
     truncate_dim = settings.get("truncate_dim")
     if truncate_dim is not None and (not isinstance(truncate_dim, int) or truncate_dim < 1):
         raise SlmembedError(f"{folder}: truncate_dim: expected a positive integer, got {truncate_dim!r}")
-    return Pipeline(folder, pooling, include_prompt, max_length, _prompt(folder, settings), lower_case, steps,
+    return Pipeline(pooling, include_prompt, max_length, _prompt(folder, settings), lower_case, steps,
                     truncate_dim)
 
 
@@ -173,24 +174,29 @@ class Truncate(torch.nn.Module):
 
 
 class DenseLayer(torch.nn.Module):
-    """sentence-transformers' Dense: ``activation(linear(x))``, plus ``x`` (or ``residual(x)``) if residual.
-    Attribute names are its own, so its saved weights load as they are."""
+    """sentence-transformers' Dense: ``activation_function(linear(x))``, plus ``x`` (``residual(x)`` where the widths
+    differ) with ``use_residual``. Attribute names are its own, so its saved weights load as they are."""
 
-    def __init__(self, linear: torch.nn.Linear, activation: torch.nn.Module, residual: bool) -> None:
+    def __init__(self, linear: torch.nn.Linear, activation_function: torch.nn.Module, use_residual: bool) -> None:
         super().__init__()
-        self.linear, self.activation = linear, activation
-        self.use_residual = residual
-        if residual and linear.in_features != linear.out_features:
-            self.residual = torch.nn.Linear(linear.in_features, linear.out_features, bias=False)
+        self.linear, self.activation_function = linear, activation_function
+        self.residual: torch.nn.Module | None = None
+        if use_residual:
+            same = linear.in_features == linear.out_features
+            self.residual = torch.nn.Identity() if same else torch.nn.Linear(linear.in_features, linear.out_features,
+                                                                            bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.activation(self.linear(x))
-        if self.use_residual:
-            out = out + (self.residual(x) if hasattr(self, "residual") else x)
-        return out
+        out = self.activation_function(self.linear(x))
+        return out if self.residual is None else out + self.residual(x)
 
 
-def _json(path: Path, folder: Path) -> object:
+def _relative(path: object) -> bool:
+    """Whether a module's path is a folder inside the model folder (or the folder itself)."""
+    return isinstance(path, str) and not Path(path).is_absolute() and ".." not in Path(path).parts
+
+
+def _json(path: Path) -> object:
     """A JSON file's content, None where it does not exist."""
     if not path.exists():
         return None
@@ -204,7 +210,7 @@ def _kind(folder: Path, module: dict) -> str:
     """The sentence-transformers class a module is, if slmembed applies it; refuses any other."""
     ref = str(module["type"])
     name = ref.rpartition(".")[2]
-    where = f"module {module.get('path') or module.get('name', '?')}"
+    where = f"module {module['path'] or module.get('name', '?')}"
     if not ref.startswith("sentence_transformers."):
         raise SlmembedError(f"{folder}: {where} is the custom class {ref}, which slmembed cannot apply")
     if name not in APPLIED:
@@ -216,7 +222,7 @@ def _kind(folder: Path, module: dict) -> str:
 def _transformer(folder: Path) -> tuple[bool, int]:
     """``do_lower_case`` and the longest input in tokens of the folder's Transformer (sentence_bert_config.json)."""
     path = folder / "sentence_bert_config.json"
-    config = _json(path, folder) or {}
+    config = _json(path) or {}
     limit = config.get("max_seq_length")
     for key, value in config.items():
         if key in LOADING_ARGS and isinstance(value or {}, dict):
@@ -230,8 +236,8 @@ def _transformer(folder: Path) -> tuple[bool, int]:
             raise SlmembedError(f"{path}: Transformer setting {key}={value!r} is not applied by slmembed")
     _modalities(path, folder, config.get("modality_config"))
     if limit is None:  # the tokenizer's own, capped at the model's positions
-        tokenizer_config = _json(folder / "tokenizer_config.json", folder) or {}
-        positions = (_json(folder / "config.json", folder) or {}).get("max_position_embeddings")
+        tokenizer_config = _json(folder / "tokenizer_config.json") or {}
+        positions = (_json(folder / "config.json") or {}).get("max_position_embeddings")
         limits = [n for n in (tokenizer_config.get("model_max_length"), positions)
                   if isinstance(n, int) and 0 < n < 10**9]
         if not limits:
@@ -248,7 +254,7 @@ def _modalities(path: Path, folder: Path, modalities: dict | None) -> None:
     the tokenizer's chat template where the modalities include "message", which it assumes for a tokenizer with a
     chat template where the config names none."""
     if modalities is None:
-        tokenizer_config = _json(folder / "tokenizer_config.json", folder) or {}
+        tokenizer_config = _json(folder / "tokenizer_config.json") or {}
         if tokenizer_config.get("chat_template") or any((folder / name).exists() for name in CHAT_TEMPLATES):
             raise SlmembedError(f"{path}: no modality_config, and the tokenizer has a chat template, through which "
                                 "sentence-transformers runs every text; slmembed embeds the text itself (a "
@@ -262,9 +268,9 @@ def _modalities(path: Path, folder: Path, modalities: dict | None) -> None:
                             "text through the tokenizer's chat template, which slmembed does not apply")
 
 
-def _pooling(path: Path, folder: Path, dense: bool) -> tuple[str, bool, int | None]:
+def _pooling(path: Path, dense: bool) -> tuple[str, bool, int | None]:
     """slmembed's pooling, ``include_prompt`` and the embedding dimension (if given) of a Pooling module's folder."""
-    config = _json(path / "config.json", folder)
+    config = _json(path / "config.json")
     if not isinstance(config, dict):
         raise SlmembedError(f"{path / 'config.json'}: missing; expected the Pooling module's config")
     mode = config.get("pooling_mode")
@@ -285,8 +291,8 @@ def _pooling(path: Path, folder: Path, dense: bool) -> tuple[str, bool, int | No
 
 def _step(folder: Path, module: dict, kind: str) -> Dense | str:
     """A module after pooling: a Dense, or "normalize"; checks that it reads and writes the sentence embedding."""
-    path = folder / module.get("path", "")
-    config = _json(path / "config.json", folder) or {}
+    path = folder / module["path"]
+    config = _json(path / "config.json") or {}
     ends = (config.get("module_input_name", "sentence_embedding"), config.get("module_output_name"))
     if ends[0] != "sentence_embedding" or ends[1] not in (None, "sentence_embedding"):
         raise SlmembedError(f"{path}: {kind} from {ends[0]!r} to {ends[1]!r}: slmembed applies it to the sentence "
@@ -336,13 +342,11 @@ def _dense(step: Dense, allow_pickle: bool) -> DenseLayer:
     linear = torch.nn.Linear(config["in_features"], config["out_features"], bias=config.get("bias", True))
     layer = DenseLayer(linear, _activation(step.folder, config), bool(config.get("use_residual", False)))
     models.refuse_pickle(step.folder, "model.safetensors", allow_pickle)
-    if (step.folder / "model.safetensors").exists():
+    if (file := step.folder / "model.safetensors").exists():
         from safetensors.torch import load_file
 
-        file = step.folder / "model.safetensors"
         weights = load_file(file)
-    elif (step.folder / "pytorch_model.bin").exists():
-        file = step.folder / "pytorch_model.bin"
+    elif (file := step.folder / "pytorch_model.bin").exists():
         weights = torch.load(file, map_location="cpu", weights_only=True)
     else:
         raise SlmembedError(f"{step.folder}: no model.safetensors: the Dense module's weights are missing")
