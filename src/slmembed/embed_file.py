@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +205,9 @@ def _join(names: list[Path], output: Path, n: int, input_path: Path, column: str
     with atomic_path(output) as tmp:
         if output.suffix.lower() == ".npy":
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(n, dim))
+            if hasattr(os, "posix_fallocate"):  # a full disk fails here, not as SIGBUS when the map is written
+                with open(tmp, "rb+") as fh:
+                    os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
             start = 0
             for block in itertools.chain([first], blocks):
                 out[start : start + len(block)] = block
