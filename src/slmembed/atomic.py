@@ -46,15 +46,17 @@ def _fsync_dir(path: Path) -> None:
 
 def _disk_full(exc: BaseException, folder: Path) -> bool:
     """Whether ``exc``, raised while writing in ``folder``, means that the disk or quota is full: an OSError with
-    ENOSPC or EDQUOT in its chain (torch's own error hides it there), a library's error saying so in words
-    (safetensors), or an OSError without a reason (numpy's short writes) on a filesystem with no space left."""
+    ENOSPC or EDQUOT in its chain (torch's error hides it there when it writes to a Python file), a library's error
+    saying so in words (safetensors), or a write that failed without a reason (numpy's short writes, torch's
+    iostream errors) on a filesystem with no space left."""
     cause: BaseException | None = exc
     while cause is not None:
         if isinstance(cause, OSError) and cause.errno in _FULL or any(w in str(cause) for w in _FULL_WORDS):
             return True
         cause = cause.__cause__ or cause.__context__
     try:
-        return isinstance(exc, OSError) and exc.errno is None and os.statvfs(folder).f_bavail == 0
+        unexplained = isinstance(exc, RuntimeError) or isinstance(exc, OSError) and exc.errno is None
+        return unexplained and os.statvfs(folder).f_bavail == 0
     except OSError:
         return False
 

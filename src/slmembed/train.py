@@ -412,68 +412,68 @@ def _train(recipe: Recipe, run_dir: Path, replace: bool, *, data_dir: str | None
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start, desc="train", unit="step")
-    for step in range(start, total):
-        rows = batch_indices(len(examples), global_batch, step, tc.seed)
-        batch = StepBatch.of(examples, rank_rows(rows, cost, acc.process_index, acc.num_processes), cols, token_ids)
-        loss = None
-        if graphed is not None:  # None: a step over chunk_tokens, run the ordinary way
-            largest = None
-            if replicas:  # every process replays the bucket of the step's largest share: their collectives pair up
-                shares = (rank_rows(rows, cost, rank, acc.num_processes) for rank in range(acc.num_processes))
-                largest = max(graphed.size(StepBatch.of(examples, share, cols, token_ids)) for share in shares)
-            loss = graphed(batch, largest)
-        if loss is None:
-            loss_of = functools.partial(batch_loss, objective, batch, temperature=tc.temperature)
-            with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
-                if tc.grad_cache:
-                    loss = cached_backward(embedder, batch.ids, tc.chunk_tokens, loss_of, no_sync)
-                else:
-                    loss = loss_of(embedder.forward_ids(batch.ids, tc.chunk_tokens))
-                    acc.backward(loss)
-            if replicas:
-                cuda_graphs.average_gradients(trained)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        pending.append(loss.detach())
-        done = step + 1
-        if profiler is not None:
-            profiler.after(done)
-        if bar is not None:
-            bar.update(1)
-        scored = dev is not None and dev.due(done, total)
-        if done % tc.log_every and done % save_every and done != total and not scored:
-            continue
-        # Every log_every steps, before a checkpoint or dev score and at the end: read the losses, stop on the
-        # first non-finite one.
-        losses = acc.reduce(torch.stack(pending), reduction="mean").tolist()  # each rank's loss covers its anchors
-        bad = next((i for i, v in enumerate(losses) if not np.isfinite(v)), None)
-        if bad is not None:
+    try:
+        for step in range(start, total):
+            rows = batch_indices(len(examples), global_batch, step, tc.seed)
+            batch = StepBatch.of(examples, rank_rows(rows, cost, acc.process_index, acc.num_processes), cols, token_ids)
+            loss = None
+            if graphed is not None:  # None: a step over chunk_tokens, run the ordinary way
+                largest = None
+                if replicas:  # every process replays the bucket of the step's largest share: their collectives pair up
+                    shares = (rank_rows(rows, cost, rank, acc.num_processes) for rank in range(acc.num_processes))
+                    largest = max(graphed.size(StepBatch.of(examples, share, cols, token_ids)) for share in shares)
+                loss = graphed(batch, largest)
+            if loss is None:
+                loss_of = functools.partial(batch_loss, objective, batch, temperature=tc.temperature)
+                with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    if tc.grad_cache:
+                        loss = cached_backward(embedder, batch.ids, tc.chunk_tokens, loss_of, no_sync)
+                    else:
+                        loss = loss_of(embedder.forward_ids(batch.ids, tc.chunk_tokens))
+                        acc.backward(loss)
+                if replicas:
+                    cuda_graphs.average_gradients(trained)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            pending.append(loss.detach())
+            done = step + 1
+            if profiler is not None:
+                profiler.after(done)
             if bar is not None:
-                bar.close()  # now, so that the error is the last line on the terminal
-            raise SlmembedError(f"loss is {losses[bad]} at step {done - len(losses) + bad + 1}; the last good "
-                                "checkpoint is kept, fix the cause and continue with --resume")
-        pending.clear()
-        record = None
-        if done % tc.log_every == 0 or done == total:
-            elapsed = time.time() - t0
-            rate = (done - seen_t0) * global_batch / max(elapsed, 1e-9)
-            record = {"step": done, "loss": round(losses[-1], 6), "lr": scheduler.get_last_lr()[0],
-                      "triplets_per_s": round(rate, 2), "elapsed_s": round(elapsed, 2)}
-            if acc.device.type == "cuda":
-                record["peak_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 3)
-        if scored and (acc.is_main_process or sharded):
-            value = dev.record(done, dev_embedder, acc.unwrap_model(model), write=acc.is_main_process)
-            record = (record or {"step": done}) | {"stsb_dev": value}
-        if record is not None and acc.is_main_process:
-            _log(record, log_path, board, bar)
-        if done % save_every == 0 and done < total:
-            if acc.is_main_process or sharded:
-                save_checkpoint(run_dir, acc.unwrap_model(model), recipe, optimizer, scheduler, done, keep,
-                                write=acc.is_main_process)
-            acc.wait_for_everyone()
-    if bar is not None:
-        bar.close()
+                bar.update(1)
+            scored = dev is not None and dev.due(done, total)
+            if done % tc.log_every and done % save_every and done != total and not scored:
+                continue
+            # Every log_every steps, before a checkpoint or dev score and at the end: read the losses, stop on the
+            # first non-finite one.
+            losses = acc.reduce(torch.stack(pending), reduction="mean").tolist()  # each rank's loss covers its anchors
+            bad = next((i for i, v in enumerate(losses) if not np.isfinite(v)), None)
+            if bad is not None:
+                raise SlmembedError(f"loss is {losses[bad]} at step {done - len(losses) + bad + 1}; the last good "
+                                    "checkpoint is kept, fix the cause and continue with --resume")
+            pending.clear()
+            record = None
+            if done % tc.log_every == 0 or done == total:
+                elapsed = time.time() - t0
+                rate = (done - seen_t0) * global_batch / max(elapsed, 1e-9)
+                record = {"step": done, "loss": round(losses[-1], 6), "lr": scheduler.get_last_lr()[0],
+                          "triplets_per_s": round(rate, 2), "elapsed_s": round(elapsed, 2)}
+                if acc.device.type == "cuda":
+                    record["peak_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 3)
+            if scored and (acc.is_main_process or sharded):
+                value = dev.record(done, dev_embedder, acc.unwrap_model(model), write=acc.is_main_process)
+                record = (record or {"step": done}) | {"stsb_dev": value}
+            if record is not None and acc.is_main_process:
+                _log(record, log_path, board, bar)
+            if done % save_every == 0 and done < total:
+                if acc.is_main_process or sharded:
+                    save_checkpoint(run_dir, acc.unwrap_model(model), recipe, optimizer, scheduler, done, keep,
+                                    write=acc.is_main_process)
+                acc.wait_for_everyone()
+    finally:
+        if bar is not None:
+            bar.close()  # before an error is printed, so that it is the last line on the terminal
     if board is not None:
         board.close()
 
