@@ -138,13 +138,18 @@ def full_disk(tmp_path):
             os.close(fd)
 
     yield mnt, fill
-    subprocess.run(["umount", str(mnt)], check=True)
+    subprocess.run(["umount", "--lazy", str(mnt)], check=True)
+
+
+def _numpy(tmp: Path) -> None:
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.zeros(1_000_000))
 
 
 WRITERS = {
     "safetensors": lambda tmp: save_file({"w": torch.zeros(1_000_000)}, tmp),
     "torch": lambda tmp: torch.save({"w": torch.zeros(1_000_000)}, tmp),
-    "numpy": lambda tmp: np.save(open(tmp, "wb"), np.zeros(1_000_000)),
+    "numpy": _numpy,
 }
 
 

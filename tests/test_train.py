@@ -332,7 +332,7 @@ def disk(request, tmp_path):
                                                     env={**env, "SLMEMBED_FULL": full}, capture_output=True,
                                                     text=True, timeout=300)
     if request.param == "tmpfs":
-        subprocess.run(["umount", str(folder)], check=True)
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
 
 
 def _no_space(proc, target: Path) -> None:
