@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -172,3 +175,91 @@ def test_reproduce_and_demo_check_outputs_first(run, data_dir, capsys, tmp_path)
              message="pass --force to replace it")
     _refused(["demo", "--data-dir", str(data_dir), "--output", str(foreign), "--force"], capsys, foreign,
              message="did not write")
+
+
+HOLD = '''"""Hold the output argv[1] as a command does (outputs.writing) until stdin closes."""
+import sys
+
+from slmembed import outputs
+
+with outputs.writing(sys.argv[1]):
+    print("held", flush=True)
+    sys.stdin.read()
+'''
+
+
+@pytest.fixture
+def held(tmp_path):
+    """``held(path)``: another process holding the output ``path`` (as a running command does); its PID."""
+    (tmp_path / "hold.py").write_text(HOLD)
+    procs = []
+
+    def hold(path: Path) -> int:
+        proc = subprocess.Popen([sys.executable, str(tmp_path / "hold.py"), str(path)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        assert proc.stdout.readline() == "held\n"
+        return proc.pid
+
+    yield hold
+    for proc in procs:
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+
+
+def test_a_second_writer_is_refused_naming_the_holder(run, tiny_models, data_dir, capsys, tmp_path, held) -> None:
+    """train, export, embed and reproduce refuse an output another slmembed process is writing, naming its PID,
+    and touch nothing of it; once it is released, the output is theirs and no lock file is left behind."""
+    texts = tmp_path / "texts.txt"
+    texts.write_text("A man is playing a guitar.\n")
+    new, model, vectors, results = tmp_path / "new" / "run", tmp_path / "model", tmp_path / "v.npy", tmp_path / "res"
+    commands = {
+        new: ["train", "--config", "smollm2-135m", "--data-dir", str(data_dir), "--set",
+              f"model.name={tiny_models['llama']}", "--output", str(new)],
+        run: ["train", "--config", "smollm2-135m", "--data-dir", str(data_dir), "--set",
+              f"model.name={tiny_models['llama']}", "--output", str(run), "--force"],
+        model: ["export", "--adapter", str(run), "--output", str(model), "--format", "hf"],
+        vectors: ["embed", str(texts), "--model", "all-minilm-l6-v2", "--output", str(vectors)],
+        results: ["reproduce", "--model", "smollm2-135m", "--data-dir", str(data_dir), "--output", str(results),
+                  "--run-dir", str(tmp_path / "rrun")],
+    }
+    for output, args in commands.items():
+        pid = held(output)
+        _refused(args, capsys, run.parent, tmp_path, message=f"{output} is being written by another slmembed "
+                 f"process (PID {pid}); wait for it or choose another output")
+    (tmp_path / "link").symlink_to(tmp_path)  # another spelling of the same output meets the same lock
+    pid = held(tmp_path / "same")
+    _refused([*commands[model][:-4], "--output", str(tmp_path / "link" / "same"), "--format", "hf"], capsys, tmp_path,
+             message=f"(PID {pid})")
+
+
+def test_the_lock_is_released_and_leaves_nothing(run, capsys, tmp_path, held) -> None:
+    out = tmp_path / "a" / "model"
+    assert main(["export", "--adapter", str(run), "--output", str(out), "--format", "hf"]) == 0
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model"]  # no lock file beside it
+    held(tmp_path / "b" / "model")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".model.lock"]
+
+
+def test_the_next_writer_removes_the_temporaries_a_killed_export_left(run, tmp_path) -> None:
+    """A killed export leaves its temporary folder (the model's size) beside the output: the next export of that
+    output removes it, and only it (a folder of the same pattern without slmembed's marker stays)."""
+    out = tmp_path / "model"
+    code = f"""
+import os, signal, sys
+from slmembed import export
+write = export.check_token_ids
+def killed(folder, reference):
+    write(folder, reference)
+    os.kill(os.getpid(), signal.SIGKILL)
+export.check_token_ids = killed
+from slmembed.cli import main
+sys.exit(main(["export", "--adapter", {str(run)!r}, "--output", {str(out)!r}, "--format", "hf"]))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert len(left) == 1 and sum(f.stat().st_size for f in left[0].rglob("*") if f.is_file()) > 10_000
+    (tmp_path / ".model.mine.tmp").mkdir()
+    assert main(["export", "--adapter", str(run), "--output", str(out), "--format", "hf"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.mine.tmp", "model"]

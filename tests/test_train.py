@@ -4,7 +4,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -222,3 +226,157 @@ def test_the_recipe_names_the_objective(tmp_path, tiny_models, data_dir) -> None
         first[name] = json.loads((tmp_path / name / "train_log.jsonl").read_text().splitlines()[0])["loss"]
     assert first["symmetric_infonce"] != pytest.approx(first["infonce"], abs=1e-4)
     assert load_recipe(tmp_path / "symmetric_infonce" / "recipe.yaml").train.loss == "symmetric_infonce"
+
+
+def test_resume_refuses_a_finished_run_and_touches_nothing(tmp_path, tiny_models, data_dir) -> None:
+    run = tmp_path / "run"
+    recipe = _tiny_recipe(tiny_models, max_steps=2, save_every=10)  # finished without a checkpoint
+    train_mod.train(recipe, run, data_dir=data_dir, progress=False)
+    (run / "report.md").write_text("# report\n")
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(SlmembedError, match=re.escape(f"{run} is finished (2 steps); nothing to resume")):
+        train_mod.train(recipe, run, data_dir=data_dir, progress=False, resume=True)
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_a_checkpoint_that_is_not_slmembeds_is_one_line(tmp_path, tiny_models, data_dir) -> None:
+    """A checkpoint file holding other Python objects (it cannot load with weights_only) names the file and what
+    was expected instead of torch's traceback."""
+    run = tmp_path / "run"
+    recipe = _tiny_recipe(tiny_models, max_steps=4, save_every=2)
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "recipe.yaml").write_text(recipe.to_yaml())
+    ckpt = run / "checkpoints" / "step-0000002"
+    ckpt.mkdir()
+    torch.save({"optimizer": {}, "scheduler": {}, "extra": re.compile("x")}, ckpt / "optim.pt")
+    torch.save({"cpu": torch.get_rng_state()}, ckpt / "rng.pt")
+    (ckpt / "state.json").write_text('{"step": 2}')
+    with pytest.raises(SlmembedError) as exc:
+        train_mod.train(recipe, run, data_dir=data_dir, progress=False, resume=True)
+    message = str(exc.value)
+    assert message.startswith(f"{ckpt / 'optim.pt'}: cannot be read as the optimizer and schedule states") and \
+        "\n" not in message and "delete this checkpoint folder" in message, message
+
+
+FULL = '''"""Run the slmembed CLI; at the N-th call of $SLMEMBED_FULL's writer (save_file, torch.save or numpy.save) the
+disk is full: the tmpfs $SLMEMBED_FILL is filled up, or, without one, the call fails as the library does on a full
+disk."""
+import errno
+import os
+import sys
+
+import numpy
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+kind, _, n = os.environ["SLMEMBED_FULL"].partition(":")
+fill = os.environ.get("SLMEMBED_FILL")
+calls = 0
+
+
+def full(save, error):
+    def wrapper(*args, **kwargs):
+        global calls
+        calls += 1
+        if calls == int(n):
+            if not fill:
+                error()
+            fd = os.open(os.path.join(fill, "filler"), os.O_CREAT | os.O_WRONLY)
+            stats = os.statvfs(fill)
+            os.posix_fallocate(fd, 0, stats.f_bavail * stats.f_frsize)
+            os.close(fd)
+        return save(*args, **kwargs)
+    return wrapper
+
+
+def raises(error):
+    def fail():
+        raise error
+    return fail
+
+
+def torch_error():  # as torch.save into a Python file fails
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
+if kind == "save_file":  # before slmembed, transformers and peft import it
+    safetensors.torch.save_file = full(safetensors.torch.save_file, raises(SafetensorError(
+        "Error while serializing: I/O error: No space left on device (os error 28)")))
+elif kind == "torch.save":
+    torch.save = full(torch.save, torch_error)
+elif kind == "numpy.save":
+    numpy.save = full(numpy.save, raises(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+
+from slmembed.cli import main
+
+sys.exit(main())
+'''
+
+
+@pytest.fixture(params=["tmpfs", "injected"])
+def disk(request, tmp_path):
+    """A folder whose disk fills when a FULL wrapper says (a 64 MiB tmpfs where mounts are allowed, else the
+    writers' errors injected), and the environment that tells the wrapper so."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    env = {**os.environ}
+    if request.param == "tmpfs":
+        mount = ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)]
+        if subprocess.run(mount, capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here")
+        env["SLMEMBED_FILL"] = str(folder)
+    (tmp_path / "full.py").write_text(FULL)
+    yield folder, lambda args, full: subprocess.run([sys.executable, str(tmp_path / "full.py"), *args],
+                                                    env={**env, "SLMEMBED_FULL": full}, capture_output=True,
+                                                    text=True, timeout=300)
+    if request.param == "tmpfs":
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+def _no_space(proc, target: Path) -> None:
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [line.partition("slmembed: error:")[2] for line in proc.stderr.splitlines() if "slmembed: error:" in line]
+    assert errors == [f" cannot write {target}: no space left on device"], proc.stderr[-3000:]  # embed's bar stays
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("full, target", [("save_file:1", "checkpoints/step-0000002"),
+                                          ("torch.save:3", "checkpoints/step-0000004"), ("save_file:3", "adapter")])
+def test_a_full_disk_stops_train_in_one_line_and_keeps_its_checkpoints(disk, tiny_models, data_dir, full,
+                                                                      target) -> None:
+    """A full disk while a checkpoint or the final adapter is written: one line naming it, exit 1; the checkpoints
+    before it are complete, nothing half-written or temporary remains, and --resume finishes the run."""
+    folder, slmembed = disk
+    config, run = folder.parent / "recipe.yaml", folder / "run"
+    config.write_text(_tiny_recipe(tiny_models, max_steps=6, save_every=2, keep_checkpoints=5).to_yaml())
+    args = ["train", "--config", str(config), "--output", str(run), "--data-dir", str(data_dir), "--device", "cpu"]
+    _no_space(slmembed(args, full), run / target)
+    assert not list(run.rglob(".*.tmp")) and not (run / "adapter").exists() and not (run / target).exists()
+    for ckpt in train_mod.checkpoints(run):
+        assert load_file(ckpt / "adapter.safetensors") and torch.load(ckpt / "optim.pt", weights_only=True)
+    assert len(train_mod.checkpoints(run)) == int(target.split("-")[-1]) // 2 - 1 if "step" in target else 2
+    (folder / "filler").unlink(missing_ok=True)
+    proc = slmembed([*args, "--resume"], "none:0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == 6 and load_file(
+        run / "adapter" / "adapter_model.safetensors")
+
+
+def test_a_full_disk_stops_embed_and_export_in_one_line(disk, tiny_models, data_dir, tmp_path) -> None:
+    folder, slmembed = disk
+    run = tmp_path / "run"
+    train_mod.train(_tiny_recipe(tiny_models, max_steps=2), run, data_dir=data_dir, progress=False)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("".join(f"sentence number {i}\n" for i in range(10)))
+    out = folder / "v.npy"
+    args = ["embed", str(texts), "--model", str(run), "--output", str(out), "--chunk-size", "4", "--device", "cpu"]
+    _no_space(slmembed(args, "numpy.save:2"), folder / "v.npy.parts" / "00000001.npy")
+    assert sorted(p.name for p in (folder / "v.npy.parts").iterdir()) == ["00000000.npy", "manifest.json"]
+    model = folder / "model"
+    _no_space(slmembed(["export", "--adapter", str(run), "--output", str(model), "--format", "hf"], "save_file:1"),
+              model)
+    assert sorted(p.name for p in folder.iterdir()) in (["v.npy.parts"], ["filler", "v.npy.parts"])

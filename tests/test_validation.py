@@ -186,6 +186,7 @@ def test_resume_refuses_result_changes_naming_them_and_allows_the_rest(tmp_path,
     run = tmp_path / "run"
     assert _run(tmp_path, data_dir) == 0
     capsys.readouterr()
+    (run / "summary.json").unlink()  # as a run killed after its checkpoint at step 2 leaves it (a finished one refuses)
     snapshot = {p: p.read_bytes() for p in _files(run) if p.is_file()}
 
     assert _run(tmp_path, data_dir, "--resume", "--set", "train.lr=5e-4", "--set", "lora.targets=[q_proj]") == 2
@@ -201,6 +202,7 @@ def test_resume_refuses_result_changes_naming_them_and_allows_the_rest(tmp_path,
     # A run killed before its first checkpoint has recipe.yaml and nothing to continue: it restarts at step 0.
     for name in ("checkpoints", "adapter"):
         shutil.rmtree(run / name)
+    (run / "summary.json").unlink()
     assert _run(tmp_path, data_dir, "--resume") == 0
     log = (run / "train_log.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in log] == [1, 2, 3, 4]

@@ -6,6 +6,8 @@ the checks that come before any work answer at once."""
 from __future__ import annotations
 
 import argparse
+import errno
+import functools
 import json
 import math
 import os
@@ -19,6 +21,7 @@ from slmembed.paths import find_data_dir, input_file
 from slmembed.quantize import CALIBRATED, PRECISIONS
 
 DTYPES = ("auto", "float32", "bfloat16")  # --dtype of eval, embed, serve
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def _loading(args: argparse.Namespace) -> dict:
@@ -185,14 +188,16 @@ def _check_calibration(args: argparse.Namespace, precision: str | None = None) -
 def cmd_embed(args: argparse.Namespace) -> int:
     from slmembed.embed_file import check_output, count_texts, embed_file, load_calibration
 
-    check_output(args.input, args.output, model=args.model, force=args.force)
-    _check_calibration(args, args.precision)
-    texts = count_texts(args.input, args.column)  # every row checked before the model loads
-    embedder, model_id = _load_model(args.model, args)
-    calibration = load_calibration(args.calibration, embedder, args.batch_size) if args.calibration else None
-    summary = embed_file(embedder, model_id, args.input, args.output, column=args.column,
-                         chunk_size=args.chunk_size, batch_size=args.batch_size, force=args.force,
-                         precision=args.precision, calibration=calibration, texts=texts)
+    check = functools.partial(check_output, args.input, args.output, reads=[args.model, args.calibration],
+                              force=args.force)
+    with outputs.writing(args.output, check):
+        _check_calibration(args, args.precision)
+        texts = count_texts(args.input, args.column)  # every row checked before the model loads
+        embedder, model_id = _load_model(args.model, args)
+        calibration = load_calibration(args.calibration, embedder, args.batch_size) if args.calibration else None
+        summary = embed_file(embedder, model_id, args.input, args.output, column=args.column,
+                             chunk_size=args.chunk_size, batch_size=args.batch_size, force=args.force,
+                             precision=args.precision, calibration=calibration, texts=texts)
     print(json.dumps(summary))
     return 0
 
@@ -481,6 +486,12 @@ def main(argv: list[str] | None = None) -> int:
     except SlmembedError as exc:
         print(f"slmembed: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the disk failed a write mid-run (atomic.py names the file): an environment failure
+        if exc.errno not in DISK_ERRORS:
+            raise
+        reason = exc.strerror[:1].lower() + exc.strerror[1:]
+        print(f"slmembed: error: cannot write {exc.filename or getattr(args, 'output', '')}: {reason}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("slmembed: interrupted", file=sys.stderr)
         return 130

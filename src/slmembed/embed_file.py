@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -127,12 +128,13 @@ def _ours(path: Path) -> bool:
         return False
 
 
-def check_output(input_path: str | Path, output: str | Path, *, model: str | None = None,
+def check_output(input_path: str | Path, output: str | Path, *, reads: Iterable[str | Path | None] = (),
                  force: bool = False) -> None:
     """Check before any work that ``input_path`` is a file and that ``output`` and its ``.parts`` sidecar may be
-    written (outputs.py; the module docstring)."""
+    written (outputs.py; the module docstring); ``reads``: the command's other inputs (the model, calibration),
+    which the output may not be either."""
     output, input_path = Path(output), input_file(input_path)
-    outputs.check_file(output, "embed", inputs=[input_path, model], force=force, ours=_ours, suffixes=OUTPUTS)
+    outputs.check_file(output, "embed", inputs=[input_path, *reads], force=force, ours=_ours, suffixes=OUTPUTS)
     parts = _sidecar(output)
     if not parts.exists():
         return
@@ -272,6 +274,9 @@ def _join(names: list[Path], output: Path, n: int, input_path: Path, column: str
     with atomic_path(output) as tmp:
         if output.suffix.lower() == ".npy":
             out = np.lib.format.open_memmap(tmp, mode="w+", dtype=first.dtype, shape=(n, dim))
+            if hasattr(os, "posix_fallocate"):  # a full disk fails here, not as SIGBUS when the map is written
+                with open(tmp, "rb+") as fh:
+                    os.posix_fallocate(fh.fileno(), 0, os.fstat(fh.fileno()).st_size)
             start = 0
             for block in itertools.chain([first], blocks):
                 out[start : start + len(block)] = block

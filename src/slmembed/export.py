@@ -27,6 +27,7 @@ own adapter loading) take no config override for it, so such an export is refuse
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import tempfile
@@ -420,7 +421,8 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
     if saved.get("finetune") == "full" and not merge:
         raise SlmembedError(f"{run_dir} trained every weight: it has no adapter to keep; export it merged (without "
                             "--no-merge)")
-    outputs.check_folder(output, "export", inputs=[run_dir, base, scores], force=force)
+    check = functools.partial(outputs.check_folder, output, "export", inputs=[run_dir, base, scores], force=force)
+    check()
     if fmt == "st" and not merge and spec.attention == "bidirectional":
         raise SlmembedError("a bidirectional run cannot be exported unmerged for sentence-transformers: it would load "
                             "the adapter over the base model's causal config and run causally; export it merged, or "
@@ -441,7 +443,7 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
     meta = {"model": base, "spec": out_spec.__dict__, "merged": merge, "format": fmt, "source_run": str(run_dir),
             "dtype": str(out_dtype).removeprefix("torch."), **({"quantize": quantize} if fmt == "onnx" else {})}
     gate = None
-    with atomic_dir(output) as tmp:
+    with outputs.writing(output, check), atomic_dir(output) as tmp:  # checked again, now that it is ours
         if fmt == "onnx":
             from slmembed.onnx_model import OnnxEmbedder
 

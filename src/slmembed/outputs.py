@@ -12,20 +12,27 @@ Every command checks its outputs first (before loading data or a model), and a b
 * A file output (an eval JSON, embeddings) replaces an existing file only when asked, and only if that file is
   recognisably an earlier output of the same command.
 * The output's folder must be creatable and writable, so a command does not find out after minutes of work.
+* One process writes an output at a time (``writing``): ``train``, ``embed``, ``export`` and ``reproduce`` hold a lock
+  on theirs for the whole run, and a second process is refused at once, told the holder's PID.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
-from slmembed.atomic import write_json
+from slmembed.atomic import clean_temporaries, write_json
 from slmembed.errors import SlmembedError
 
 MARKER = ".slmembed-output.json"
+_T = TypeVar("_T")
+_held: set[Path] = set()  # the lock files this process holds (reproduce's train holds its run folder already)
 
 
 def _marker(folder: Path) -> dict | None:
@@ -167,3 +174,76 @@ def json_by(command: str) -> Callable[[Path], bool]:
         return isinstance(run, dict) and str(run.get("command", "")).split()[:2] == ["slmembed", command]
 
     return ours
+
+
+def _lock_file(path: Path) -> Path:
+    """The lock of the output ``path``: a hidden ``.NAME.lock`` beside it (not inside: a folder output is replaced
+    by rename), under its resolved name, so that every spelling of the path meets the same lock."""
+    path = path.resolve()
+    return path.with_name(f".{path.name}.lock")
+
+
+def _holder(lock: Path) -> str:
+    """Who the lock file says holds it: ``PID 1234`` (with the host when it is another machine's)."""
+    try:
+        record = json.loads(lock.read_text())
+        pid, host = int(record["pid"]), str(record["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "PID unknown"
+    return f"PID {pid}" if host == platform.node() else f"PID {pid} on {host}"
+
+
+def _record_holder(fd: int) -> None:
+    """Write this process's PID and host into the lock file it has just locked (filelock's ``on_acquired``)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": platform.node()}).encode(), 0)
+
+
+@contextmanager
+def writing(path: str | Path, check: Callable[[], _T] | None = None) -> Iterator[_T | None]:
+    """Hold the output ``path`` for this process while the block runs; yield what ``check`` returns.
+
+    ``check`` (the command's checks of ``path``) runs once the lock is held, so what it found stays true: another
+    slmembed process writing ``path`` is refused before it (one line naming its PID), and a refused check removes
+    the lock again and creates nothing. Once it passes, the temporary folders that writes of ``path`` killed midway
+    left beside it are removed (atomic.py). The lock is a ``flock`` on ``.NAME.lock`` beside the output (filelock),
+    which the kernel releases when the process ends, however it ends; the file is removed on exit, and one left by
+    a killed process is simply taken over. The folders created to hold it go with it unless the output is in them.
+
+    Under torchrun the run's first process (RANK 0) holds the lock for all of them; the others only check. Nested
+    ``writing`` of a path this process holds only checks. Where no lock can be made (a filesystem without locks, or
+    no folder to hold it, which the check then explains), the command runs unlocked.
+    """
+    from filelock import FileLock, Timeout  # 50 ms: after the argument parsing, as the command starts
+
+    path = Path(path)
+    lock_path = _lock_file(path)
+    lock = None
+    if os.environ.get("RANK", "0") == "0" and lock_path not in _held:
+        created = [p for p in [lock_path.parent, *lock_path.parent.parents] if not p.exists()]
+        # A second's wait: for a lock file being removed by a process that has finished as this one opens it.
+        lock = FileLock(lock_path, timeout=1, on_acquired=_record_holder)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise SlmembedError(f"{path} is being written by another slmembed process ({_holder(lock_path)}); wait "
+                                "for it or choose another output") from None
+        except OSError:
+            lock = None
+    if lock is None:
+        yield check() if check else None
+        return
+    _held.add(lock_path)
+    try:
+        result = check() if check else None
+        clean_temporaries(path)
+        yield result
+    finally:
+        _held.discard(lock_path)
+        lock_path.unlink(missing_ok=True)  # while held: a process that opened it meanwhile finds it gone (filelock)
+        lock.release()
+        for folder in created:  # innermost first
+            try:
+                folder.rmdir()
+            except OSError:
+                break

@@ -22,7 +22,7 @@ from slmembed.paths import find_data_dir
 from slmembed.selection import snapshot
 from slmembed.spec import EmbedSpec
 from slmembed.tables import table
-from slmembed.train import check_run_dir, checkpoints, train, weights_file
+from slmembed.train import check_run_dir, checkpoints, finished, train, weights_file
 
 
 def _state_scorer(recipe: Recipe, sets: dict, device: str):
@@ -56,14 +56,25 @@ def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_d
               device: str = "auto", curve: int = 0, force: bool = False, provenance: dict | None = None) -> dict:
     """Evaluate, train, evaluate; with ``curve`` > 0, keep that many evenly spaced checkpoints and score them.
 
-    A run in ``run_dir`` with checkpoints is continued; ``force`` replaces an earlier run there instead, and earlier
-    results in ``output``."""
+    An unfinished run in ``run_dir`` with checkpoints is continued; ``force`` replaces an earlier run there instead,
+    and earlier results in ``output``."""
     output, run_dir = Path(output), Path(run_dir)
+    resume = (run_dir / "checkpoints").exists() and finished(run_dir) is None and not force
+
+    def check() -> None:
+        outputs.check_folder(output, "reproduce", inputs=[recipe.model.name, run_dir],
+                             around=[find_data_dir(data_dir, required=False)], force=force)
+        check_run_dir(recipe, run_dir, data_dir=data_dir, resume=resume or None, force=force)
+
+    with outputs.writing(output, check), outputs.writing(run_dir):
+        return _reproduce(recipe, output, run_dir, data_dir=data_dir, device=device, curve=curve, force=force,
+                          resume=resume, provenance=provenance)
+
+
+def _reproduce(recipe: Recipe, output: Path, run_dir: Path, *, data_dir: str | None, device: str, curve: int,
+               force: bool, resume: bool, provenance: dict | None) -> dict:
+    """``reproduce`` once its outputs are checked and held."""
     name = output.name
-    resume = (run_dir / "checkpoints").exists() and not force
-    outputs.check_folder(output, "reproduce", inputs=[recipe.model.name, run_dir],
-                         around=[find_data_dir(data_dir, required=False)], force=force)
-    check_run_dir(recipe, run_dir, data_dir=data_dir, resume=resume or None, force=force)
     sets = load_all(TASKS, data_dir)
     spec = EmbedSpec.of(recipe.model).__dict__
     before = evaluate(load_embedder(recipe.model.name, device=resolve_device(device),

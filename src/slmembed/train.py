@@ -33,11 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from slmembed import cuda_graphs, kernels, liveness, models, outputs, profiling, sharding, tuning
-from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
+from slmembed.atomic import atomic_dir, clean_leftovers, disk_errors, write_json, write_text
 from slmembed.compile import compile_blocks
 from slmembed.config import Recipe, load_recipe, recipe_from_dict, result_changes
 from slmembed.data.nli import Example, load_triplets
@@ -109,19 +110,43 @@ def save_checkpoint(run_dir: Path, model, recipe: Recipe, optimizer, scheduler, 
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _read(path: Path, keys: tuple[str, ...], expected: str) -> dict:
+    """A checkpoint file's dict (torch.save's with ``weights_only``, or JSON), which must hold ``keys``; anything
+    else is a one-line error naming the file and what was ``expected``."""
+    try:
+        data = json.loads(path.read_text()) if path.suffix == ".json" else torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise SlmembedError(f"{path}: missing from the checkpoint; expected {expected}") from None
+    except Exception as exc:  # pickle, zip and JSON errors alike: the file is not what slmembed wrote
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise SlmembedError(f"{path}: cannot be read as {expected} ({reason}); delete this checkpoint folder to "
+                            "resume from the one before") from None
+    if not isinstance(data, dict) or not all(k in data for k in keys):
+        raise SlmembedError(f"{path}: expected {expected}; delete this checkpoint folder to resume from the one before")
+    return data
+
+
 def load_checkpoint(ckpt: Path, model, recipe: Recipe, optimizer, scheduler) -> int:
-    tuning.load_state(model, load_file(ckpt / weights_file(recipe)), recipe)
-    optim = torch.load(ckpt / "optim.pt", weights_only=True)
+    """Load the checkpoint folder ``ckpt`` into the model, optimizer, schedule and RNG; return its step."""
+    optim = _read(ckpt / "optim.pt", ("optimizer", "scheduler"),
+                  "the optimizer and schedule states slmembed saves (tensors, numbers and dicts only)")
+    rng = _read(ckpt / "rng.pt", ("cpu",), "the random states slmembed saves (tensors only)")
+    step = _read(ckpt / "state.json", ("step",), 'JSON like {"step": 4}')["step"]
+    try:
+        weights = load_file(ckpt / weights_file(recipe))
+    except (OSError, SafetensorError) as exc:
+        raise SlmembedError(f"{ckpt / weights_file(recipe)}: expected a safetensors file of the trained weights "
+                            f"({exc}); delete this checkpoint folder to resume from the one before") from None
+    tuning.load_state(model, weights, recipe)
     if sharding.is_sharded(model):
         sharding.scatter_optimizer(model, optimizer, optim["optimizer"])
     else:
         optimizer.load_state_dict(optim["optimizer"])
     scheduler.load_state_dict(optim["scheduler"])
-    rng = torch.load(ckpt / "rng.pt", weights_only=True)
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((ckpt / "state.json").read_text())["step"]
+    return step
 
 
 def _trim_log(path: Path, step: int) -> None:
@@ -137,12 +162,25 @@ def _trim_log(path: Path, step: int) -> None:
     write_text(path, "".join(kept))
 
 
+def finished(run_dir: Path) -> int | None:
+    """The steps of the finished run in ``run_dir`` (its summary.json, written last), or None."""
+    try:
+        return int(json.loads((run_dir / "summary.json").read_text())["steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _check_resumable(run_dir: Path, recipe: Recipe) -> None:
-    """Refuse to resume a folder that holds no run (no recipe.yaml; a run without checkpoints restarts at step 0),
-    or with a recipe that changes the run's result (config.NOT_RESULT lists the fields that may change)."""
+    """Refuse to resume a folder that holds no run (no recipe.yaml; a run without checkpoints restarts at step 0), a
+    finished run, or with a recipe that changes the run's result (config.NOT_RESULT lists the fields that may
+    change)."""
     saved = run_dir / "recipe.yaml"
     if not saved.is_file():
         raise SlmembedError(f"cannot resume {run_dir}: it holds no run (no recipe.yaml); start one without --resume")
+    steps = finished(run_dir)
+    if steps is not None:
+        raise SlmembedError(f"{run_dir} is finished ({steps} steps); nothing to resume: pass --force instead of "
+                            "--resume to train it again, or choose another folder")
     changes = result_changes(load_recipe(saved), recipe)
     if changes:
         raise SlmembedError(f"cannot resume {run_dir} with a recipe that changes its result: {'; '.join(changes)}; "
@@ -260,13 +298,26 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     the recipe's checkpoint interval: k evenly spaced checkpoints are kept. ``profile=(first, count)`` profiles
     steps first+1..first+count into ``profile/`` (profiling.py).
     """
-    # Phase "checks": everything that can be wrong with the request fails here, before any data or model loads.
+    # Phase "checks": everything that can be wrong with the request fails here, before any data or model loads; no
+    # other process writes the run folder meanwhile (outputs.writing).
     run_dir = Path(run_dir)
     recipe = recipe_from_dict(recipe.to_dict())  # a recipe built in code gets the checks a loaded one had
+
+    def checks() -> bool:
+        replace = check_run_dir(recipe, run_dir, data_dir=data_dir, resume=resume, force=force) and not resume
+        if resume:
+            _check_resumable(run_dir, recipe)
+        return replace
+
+    with outputs.writing(run_dir, checks) as replace:
+        return _train(recipe, run_dir, replace, data_dir=data_dir, resume=resume, device=device, progress=progress,
+                      spaced_checkpoints=spaced_checkpoints, profile=profile)
+
+
+def _train(recipe: Recipe, run_dir: Path, replace: bool, *, data_dir: str | None, resume: bool, device: str,
+           progress: bool, spaced_checkpoints: int | None, profile: tuple[int, int] | None) -> dict:
+    """``train`` once its checks have passed: ``replace`` clears an earlier run first."""
     tc = recipe.train
-    replace = check_run_dir(recipe, run_dir, data_dir=data_dir, resume=resume, force=force) and not resume
-    if resume:
-        _check_resumable(run_dir, recipe)
     # bf16 autocast is ours (below), not accelerate's, whose process-wide state would fix one precision per process.
     # DDP without the per-forward broadcast of buffers (the rotary tables, equal everywhere: a collective per forward
     # for nothing) and with gradients that are views of its all-reduce buckets (no copy in and out).
@@ -363,68 +414,68 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=start, desc="train", unit="step")
-    for step in range(start, total):
-        rows = batch_indices(len(examples), global_batch, step, tc.seed)
-        batch = StepBatch.of(examples, rank_rows(rows, cost, acc.process_index, acc.num_processes), cols, token_ids)
-        loss = None
-        if graphed is not None:  # None: a step over chunk_tokens, run the ordinary way
-            largest = None
-            if replicas:  # every process replays the bucket of the step's largest share: their collectives pair up
-                shares = (rank_rows(rows, cost, rank, acc.num_processes) for rank in range(acc.num_processes))
-                largest = max(graphed.size(StepBatch.of(examples, share, cols, token_ids)) for share in shares)
-            loss = graphed(batch, largest)
-        if loss is None:
-            loss_of = functools.partial(batch_loss, objective, batch, temperature=tc.temperature)
-            with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
-                if tc.grad_cache:
-                    loss = cached_backward(embedder, batch.ids, tc.chunk_tokens, loss_of, no_sync)
-                else:
-                    loss = loss_of(embedder.forward_ids(batch.ids, tc.chunk_tokens))
-                    acc.backward(loss)
-            if replicas:
-                cuda_graphs.average_gradients(trained)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        pending.append(loss.detach())
-        done = step + 1
-        if profiler is not None:
-            profiler.after(done)
-        if bar is not None:
-            bar.update(1)
-        scored = dev is not None and dev.due(done, total)
-        if done % tc.log_every and done % save_every and done != total and not scored:
-            continue
-        # Every log_every steps, before a checkpoint or dev score and at the end: read the losses, stop on the
-        # first non-finite one.
-        losses = acc.reduce(torch.stack(pending), reduction="mean").tolist()  # each rank's loss covers its anchors
-        bad = next((i for i, v in enumerate(losses) if not np.isfinite(v)), None)
-        if bad is not None:
+    try:
+        for step in range(start, total):
+            rows = batch_indices(len(examples), global_batch, step, tc.seed)
+            batch = StepBatch.of(examples, rank_rows(rows, cost, acc.process_index, acc.num_processes), cols, token_ids)
+            loss = None
+            if graphed is not None:  # None: a step over chunk_tokens, run the ordinary way
+                largest = None
+                if replicas:  # every process replays the bucket of the step's largest share: their collectives pair up
+                    shares = (rank_rows(rows, cost, rank, acc.num_processes) for rank in range(acc.num_processes))
+                    largest = max(graphed.size(StepBatch.of(examples, share, cols, token_ids)) for share in shares)
+                loss = graphed(batch, largest)
+            if loss is None:
+                loss_of = functools.partial(batch_loss, objective, batch, temperature=tc.temperature)
+                with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    if tc.grad_cache:
+                        loss = cached_backward(embedder, batch.ids, tc.chunk_tokens, loss_of, no_sync)
+                    else:
+                        loss = loss_of(embedder.forward_ids(batch.ids, tc.chunk_tokens))
+                        acc.backward(loss)
+                if replicas:
+                    cuda_graphs.average_gradients(trained)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            pending.append(loss.detach())
+            done = step + 1
+            if profiler is not None:
+                profiler.after(done)
             if bar is not None:
-                bar.close()  # now, so that the error is the last line on the terminal
-            raise SlmembedError(f"loss is {losses[bad]} at step {done - len(losses) + bad + 1}; the last good "
-                                "checkpoint is kept, fix the cause and continue with --resume")
-        pending.clear()
-        record = None
-        if done % tc.log_every == 0 or done == total:
-            elapsed = time.time() - t0
-            rate = (done - seen_t0) * global_batch / max(elapsed, 1e-9)
-            record = {"step": done, "loss": round(losses[-1], 6), "lr": scheduler.get_last_lr()[0],
-                      "triplets_per_s": round(rate, 2), "elapsed_s": round(elapsed, 2)}
-            if acc.device.type == "cuda":
-                record["peak_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 3)
-        if scored and (acc.is_main_process or sharded):
-            value = dev.record(done, dev_embedder, acc.unwrap_model(model), write=acc.is_main_process)
-            record = (record or {"step": done}) | {"stsb_dev": value}
-        if record is not None and acc.is_main_process:
-            _log(record, log_path, board, bar)
-        if done % save_every == 0 and done < total:
-            if acc.is_main_process or sharded:
-                save_checkpoint(run_dir, acc.unwrap_model(model), recipe, optimizer, scheduler, done, keep,
-                                write=acc.is_main_process)
-            acc.wait_for_everyone()
-    if bar is not None:
-        bar.close()
+                bar.update(1)
+            scored = dev is not None and dev.due(done, total)
+            if done % tc.log_every and done % save_every and done != total and not scored:
+                continue
+            # Every log_every steps, before a checkpoint or dev score and at the end: read the losses, stop on the
+            # first non-finite one.
+            losses = acc.reduce(torch.stack(pending), reduction="mean").tolist()  # each rank's loss covers its anchors
+            bad = next((i for i, v in enumerate(losses) if not np.isfinite(v)), None)
+            if bad is not None:
+                raise SlmembedError(f"loss is {losses[bad]} at step {done - len(losses) + bad + 1}; the last good "
+                                    "checkpoint is kept, fix the cause and continue with --resume")
+            pending.clear()
+            record = None
+            if done % tc.log_every == 0 or done == total:
+                elapsed = time.time() - t0
+                rate = (done - seen_t0) * global_batch / max(elapsed, 1e-9)
+                record = {"step": done, "loss": round(losses[-1], 6), "lr": scheduler.get_last_lr()[0],
+                          "triplets_per_s": round(rate, 2), "elapsed_s": round(elapsed, 2)}
+                if acc.device.type == "cuda":
+                    record["peak_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 3)
+            if scored and (acc.is_main_process or sharded):
+                value = dev.record(done, dev_embedder, acc.unwrap_model(model), write=acc.is_main_process)
+                record = (record or {"step": done}) | {"stsb_dev": value}
+            if record is not None and acc.is_main_process:
+                _log(record, log_path, board, bar)
+            if done % save_every == 0 and done < total:
+                if acc.is_main_process or sharded:
+                    save_checkpoint(run_dir, acc.unwrap_model(model), recipe, optimizer, scheduler, done, keep,
+                                    write=acc.is_main_process)
+                acc.wait_for_everyone()
+    finally:
+        if bar is not None:
+            bar.close()  # before an error is printed, so that it is the last line on the terminal
     if board is not None:
         board.close()
 
@@ -455,7 +506,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
 
 def _log(record: dict, path: Path, board, bar) -> None:
     """One train_log.jsonl line, its scalars in TensorBoard, the loss on the progress bar."""
-    with open(path, "a") as fh:
+    with disk_errors(path), open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
     if board is not None:
         for key in ("loss", "lr", "triplets_per_s", "stsb_dev"):
