@@ -141,6 +141,9 @@ def test_embed_refuses_foreign_files_and_replaces_its_own_with_force(data_dir, c
     assert main([*args, str(out)]) == 0 and np.load(out).shape == (2, 384)
     _refused([*args, str(out)], capsys, out, message="pass --force")
     assert main([*args, str(out), "--force"]) == 0 and np.load(out).shape == (2, 384)
+    # The calibration file is an input too: an earlier output used as calibration is never replaced by the output.
+    _refused([*args, str(out), "--force", "--precision", "int8", "--calibration", str(out)], capsys, out,
+             message="is the input")
 
 
 def test_report_keeps_foreign_files_and_replaces_its_own_with_force(run, capsys, tmp_path) -> None:
