@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from slmembed import outputs
+from slmembed import outputs, run
 from slmembed.errors import SlmembedError
 from slmembed.paths import find_data_dir, input_file
 from slmembed.quantize import CALIBRATED, PRECISIONS
@@ -65,14 +65,21 @@ def _recipe(args: argparse.Namespace, name: str, model: str | None = None):
         raise SlmembedError(f"recipe {recipe.name} loads pickle weights, which can run code: pass --allow-pickle")
     recipe.model.allow_pickle = args.allow_pickle
     recipe.data.skip_bad_rows = recipe.data.skip_bad_rows or args.skip_bad_rows
-    from slmembed.models import resolve_device
-
-    resolve_device(args.device)
     return recipe
 
 
+def _check_device(args: argparse.Namespace) -> None:
+    """Refuse ``--device cuda`` without a GPU (auto and cpu need no check, nor the import it takes)."""
+    if args.device == "cuda":
+        from slmembed.models import resolve_device
+
+        resolve_device(args.device)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    recipe = _recipe(args, args.config)  # a bad recipe fails before torch is imported
+    recipe = _recipe(args, args.config)  # a bad recipe or output fails before torch is imported
+    run.check(recipe, args.output, data_dir=args.data_dir, resume=args.resume, force=args.force)
+    _check_device(args)
     from slmembed.train import train
 
     summary = train(recipe, args.output, data_dir=args.data_dir, resume=args.resume, force=args.force,
@@ -120,20 +127,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from slmembed.reproduce import reproduce
+    from slmembed.reproduce import check, reproduce
 
     recipe = _recipe(args, args.recipe or args.model, args.model if args.recipe else None)
     name = Path(args.output).name
-    reproduce(recipe, args.output, args.run_dir or Path("runs/reproduce") / name, data_dir=args.data_dir,
-              device=args.device, curve=args.curve, force=args.force, provenance=provenance(args.command_line))
+    run_dir = args.run_dir or Path("runs/reproduce") / name
+    check(recipe, args.output, run_dir, data_dir=args.data_dir, force=args.force)
+    _check_device(args)
+    reproduce(recipe, args.output, run_dir, data_dir=args.data_dir, device=args.device, curve=args.curve,
+              force=args.force, provenance=provenance(args.command_line))
     print(Path(args.output, f"{name}.md").read_text())
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from slmembed.atomic import write_json
-    from slmembed.demo import demo
+    from slmembed.demo import check, demo
 
+    check(args.output, args.recipe, args.set, data_dir=args.data_dir, force=args.force)
+    _check_device(args)
     result = demo(args.output, args.recipe, args.set, data_dir=args.data_dir, device=args.device, force=args.force)
     write_json(Path(args.output) / "demo.json", {**result, "run": provenance(args.command_line)})
     outputs.record_added(args.output, "demo.json", "demo")

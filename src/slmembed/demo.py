@@ -5,21 +5,23 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from slmembed.config import load_recipe, with_overrides
+from slmembed import run
+from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.sts import load_all
-from slmembed.embedder import load_embedder
-from slmembed.evaluate import evaluate
 from slmembed.spec import EmbedSpec
-from slmembed.train import check_run_dir, train
 
 
 def demo(output: str | Path, recipe_name: str = "demo-smollm2", overrides: list[str] | None = None,
          data_dir: str | None = None, device: str = "auto", force: bool = False) -> dict:
     """Evaluate STSBenchmark test, train the demo recipe into ``output`` (an earlier demo there is replaced only
     with ``force``), evaluate again; return and print the figures."""
+    # torch and what is built on it load once the checks have passed (train checks again under the output's lock)
+    from slmembed.embedder import load_embedder
+    from slmembed.evaluate import evaluate
+    from slmembed.train import train
+
     t0 = time.time()
-    recipe = with_overrides(load_recipe(recipe_name), overrides or [])
-    check_run_dir(recipe, output, data_dir=data_dir, resume=None, force=force)
+    recipe = check(output, recipe_name, overrides, data_dir=data_dir, force=force)
     model, sets = recipe.model.name, load_all(["STSBenchmark"], data_dir)
     print(f"[demo] {model}: STSBenchmark test before training ...", flush=True)
     before = evaluate(load_embedder(model, **EmbedSpec.of(recipe.model).__dict__), sets)["average"]
@@ -32,3 +34,11 @@ def demo(output: str | Path, recipe_name: str = "demo-smollm2", overrides: list[
           f"{minutes:.1f} min in all")
     return {"model": model, "before": before, "after": after, "gain": round(after - before, 2),
             "minutes": round(minutes, 2), "train": summary}
+
+
+def check(output: str | Path, recipe_name: str = "demo-smollm2", overrides: list[str] | None = None,
+          data_dir: str | None = None, force: bool = False) -> Recipe:
+    """The demo's recipe, once it and the output ``output`` are checked (before any work)."""
+    recipe = with_overrides(load_recipe(recipe_name), overrides or [])
+    run.check(recipe, output, data_dir=data_dir, resume=None, force=force)
+    return recipe

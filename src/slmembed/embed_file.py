@@ -31,6 +31,7 @@ import re
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -40,9 +41,14 @@ from slmembed.data.csvrows import CsvRows
 from slmembed.data.jsonl import json_lines
 from slmembed.data.texts import text_problem
 from slmembed.digest import file_sha256, weights_sha256
-from slmembed.embedder import Embedder, batching
 from slmembed.errors import DataError, SlmembedError
 from slmembed.paths import input_file
+
+if TYPE_CHECKING:
+    from slmembed.embedder import Embedder
+
+# The embedder's module (torch) is imported by the functions that encode, so that ``check_output`` and
+# ``count_texts`` answer before it loads.
 
 OUTPUTS = (".npy", ".parquet")
 METADATA_KEY = b"slmembed"  # in a Parquet output's schema: marks it as ours
@@ -191,6 +197,8 @@ def load_calibration(path: str | Path, embedder: Embedder, batch_size: int | Non
     texts = list(iter_texts(path))
     if len(texts) < 2:
         raise DataError(path, "calibration needs at least two texts")
+    from slmembed.embedder import batching
+
     rows, tokens = batching(embedder, batch_size)
     return embedder.encode(texts, batch_size=rows, max_tokens=tokens)
 
@@ -230,6 +238,8 @@ def embed_file(embedder: Embedder, model_id: str, input_path: str | Path, output
         parts.mkdir(parents=True, exist_ok=True)
         write_json(parts / MANIFEST, manifest)
     names = [parts / f"{k:08d}.npy" for k in range(-(-n // chunk_size))]
+    from slmembed.embedder import batching
+
     rows, tokens = batching(embedder, batch_size)
     bar = tqdm(total=n, desc="embed", unit="text", disable=not progress)
     reused = 0

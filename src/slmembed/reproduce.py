@@ -9,25 +9,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file
-
-from slmembed import outputs, plots, tuning
+from slmembed import outputs, plots, run
 from slmembed.atomic import write_json, write_text
 from slmembed.config import Recipe
 from slmembed.data.sts import TASKS, load_all, load_sts
-from slmembed.embedder import load_embedder
-from slmembed.evaluate import evaluate
-from slmembed.models import resolve_device
 from slmembed.paths import find_data_dir
-from slmembed.selection import snapshot
 from slmembed.spec import EmbedSpec
 from slmembed.tables import table
-from slmembed.train import check_run_dir, checkpoints, finished, train, weights_file
+
+# torch and the modules built on it are imported by the functions that train and score, so that ``check`` answers
+# before any of them loads (cli.py runs it first).
 
 
 def _state_scorer(recipe: Recipe, sets: dict, device: str):
     """``score(file)``: the nine-set result of the base model with a saved trained state (a checkpoint's or a dev
     snapshot's weights, tuning.py) put in."""
+    from safetensors.torch import load_file
+
+    from slmembed import tuning
+    from slmembed.embedder import load_embedder
+    from slmembed.evaluate import evaluate
+    from slmembed.models import resolve_device
+
     embedder = load_embedder(recipe.model.name, device=resolve_device(device),
                              trust_remote_code=recipe.model.trust_remote_code, allow_pickle=recipe.model.allow_pickle,
                              **EmbedSpec.of(recipe.model).__dict__)
@@ -42,9 +45,11 @@ def _state_scorer(recipe: Recipe, sets: dict, device: str):
 
 def _curve(recipe: Recipe, run_dir: Path, sets: dict, device: str, final: dict) -> list[dict]:
     """Nine-set average of every kept checkpoint, plus the final adapter."""
+    from slmembed.train import weights_file
+
     score = _state_scorer(recipe, sets, device)
     points = []
-    for ckpt in checkpoints(run_dir):
+    for ckpt in run.checkpoints(run_dir):
         step = int(ckpt.name.split("-")[1])
         points.append({"step": step, "triplets_seen": step * final["batch_size"],
                        "average": score(ckpt / weights_file(recipe))["average"]})
@@ -59,21 +64,36 @@ def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_d
     An unfinished run in ``run_dir`` with checkpoints is continued; ``force`` replaces an earlier run there instead,
     and earlier results in ``output``."""
     output, run_dir = Path(output), Path(run_dir)
-    resume = (run_dir / "checkpoints").exists() and finished(run_dir) is None and not force
-
-    def check() -> None:
-        outputs.check_folder(output, "reproduce", inputs=[recipe.model.name, run_dir],
-                             around=[find_data_dir(data_dir, required=False)], force=force)
-        check_run_dir(recipe, run_dir, data_dir=data_dir, resume=resume or None, force=force)
-
-    with outputs.writing(output, check), outputs.writing(run_dir):
+    resume = _resumes(run_dir, force)
+    with outputs.writing(output, lambda: check(recipe, output, run_dir, data_dir=data_dir, force=force)), \
+            outputs.writing(run_dir):
         return _reproduce(recipe, output, run_dir, data_dir=data_dir, device=device, curve=curve, force=force,
                           resume=resume, provenance=provenance)
+
+
+def _resumes(run_dir: Path, force: bool) -> bool:
+    """Whether ``reproduce`` continues the run in ``run_dir``: an unfinished one with checkpoints, without force."""
+    return (run_dir / "checkpoints").exists() and run.finished(run_dir) is None and not force
+
+
+def check(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_dir: str | None = None,
+          force: bool = False) -> None:
+    """Check before any work that ``reproduce`` may write its results to ``output`` and its run to ``run_dir``."""
+    output, run_dir = Path(output), Path(run_dir)
+    outputs.check_folder(output, "reproduce", inputs=[recipe.model.name, run_dir],
+                         around=[find_data_dir(data_dir, required=False)], force=force)
+    run.check(recipe, run_dir, data_dir=data_dir, resume=_resumes(run_dir, force) or None, force=force)
 
 
 def _reproduce(recipe: Recipe, output: Path, run_dir: Path, *, data_dir: str | None, device: str, curve: int,
                force: bool, resume: bool, provenance: dict | None) -> dict:
     """``reproduce`` once its outputs are checked and held."""
+    from slmembed.embedder import load_embedder
+    from slmembed.evaluate import evaluate
+    from slmembed.models import resolve_device
+    from slmembed.selection import snapshot
+    from slmembed.train import train
+
     name = output.name
     sets = load_all(TASKS, data_dir)
     spec = EmbedSpec.of(recipe.model).__dict__

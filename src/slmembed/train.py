@@ -37,23 +37,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from slmembed import cuda_graphs, kernels, liveness, models, outputs, profiling, sharding, tuning
+from slmembed import cuda_graphs, kernels, liveness, models, outputs, profiling, run, sharding, tuning
 from slmembed.atomic import atomic_dir, clean_leftovers, disk_errors, write_json, write_text
 from slmembed.compile import compile_blocks
-from slmembed.config import Recipe, load_recipe, recipe_from_dict, result_changes
+from slmembed.config import Recipe, recipe_from_dict
 from slmembed.data.nli import Example, load_triplets
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
 from slmembed.gradcache import cached_backward
 from slmembed.losses import objective as named_objective
 from slmembed.losses.matryoshka import matryoshka
-from slmembed.paths import find_data_dir
+from slmembed.run import checkpoints
 from slmembed.selection import DevSelection
 from slmembed.spec import EmbedSpec
-
-# What a run folder holds (README, "Usage").
-RUN_ENTRIES = ("adapter", "model", "checkpoints", "dev", "recipe.yaml", "embed.json", "train_log.jsonl", "data.json",
-               "summary.json", "tensorboard", "profile")
 
 
 def batch_indices(n: int, global_batch: int, step: int, seed: int) -> np.ndarray:
@@ -79,10 +75,6 @@ def _permutation(n: int, seed: int) -> np.ndarray:
     order = np.random.default_rng(seed).permutation(n)
     order.flags.writeable = False
     return order
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    return sorted((run_dir / "checkpoints").glob("step-*"))
 
 
 def weights_file(recipe: Recipe) -> str:
@@ -160,39 +152,6 @@ def _trim_log(path: Path, step: int) -> None:
         if isinstance(record, dict) and record.get("step", 0) <= step:
             kept.append(line + "\n")
     write_text(path, "".join(kept))
-
-
-def finished(run_dir: Path) -> int | None:
-    """The steps of the finished run in ``run_dir`` (its summary.json, written last), or None."""
-    try:
-        return int(json.loads((run_dir / "summary.json").read_text())["steps"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _check_resumable(run_dir: Path, recipe: Recipe) -> None:
-    """Refuse to resume a folder that holds no run (no recipe.yaml; a run without checkpoints restarts at step 0), a
-    finished run, or with a recipe that changes the run's result (config.NOT_RESULT lists the fields that may
-    change)."""
-    saved = run_dir / "recipe.yaml"
-    if not saved.is_file():
-        raise SlmembedError(f"cannot resume {run_dir}: it holds no run (no recipe.yaml); start one without --resume")
-    steps = finished(run_dir)
-    if steps is not None:
-        raise SlmembedError(f"{run_dir} is finished ({steps} steps); nothing to resume: pass --force instead of "
-                            "--resume to train it again, or choose another folder")
-    changes = result_changes(load_recipe(saved), recipe)
-    if changes:
-        raise SlmembedError(f"cannot resume {run_dir} with a recipe that changes its result: {'; '.join(changes)}; "
-                            "resume with its recipe.yaml, or start a new run in another folder")
-
-
-def check_run_dir(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, resume: bool | None = False,
-                  force: bool = False) -> bool:
-    """Check before any work that a run may be written to ``run_dir`` (outputs.py); True if it replaces or continues
-    an earlier run. ``resume=None``: the caller has no way to continue a run."""
-    return outputs.check_folder(run_dir, "train", inputs=[recipe.model.name, *recipe.data.sources],
-                                around=[find_data_dir(data_dir, required=False)], force=force, resume=resume)
 
 
 def _examples(recipe: Recipe, data_dir: str | None, acc: Accelerator) -> tuple[list[Example], dict]:
@@ -303,13 +262,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     run_dir = Path(run_dir)
     recipe = recipe_from_dict(recipe.to_dict())  # a recipe built in code gets the checks a loaded one had
 
-    def checks() -> bool:
-        replace = check_run_dir(recipe, run_dir, data_dir=data_dir, resume=resume, force=force) and not resume
-        if resume:
-            _check_resumable(run_dir, recipe)
-        return replace
-
-    with outputs.writing(run_dir, checks) as replace:
+    with outputs.writing(run_dir, lambda: run.check(recipe, run_dir, data_dir=data_dir, resume=resume,
+                                                     force=force)) as replace:
         return _train(recipe, run_dir, replace, data_dir=data_dir, resume=resume, device=device, progress=progress,
                       spaced_checkpoints=spaced_checkpoints, profile=profile)
 
@@ -381,7 +335,7 @@ def _train(recipe: Recipe, run_dir: Path, replace: bool, *, data_dir: str | None
             outputs.clear(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / outputs.MARKER).exists():
-            outputs.mark(run_dir, "train", RUN_ENTRIES)
+            outputs.mark(run_dir, "train", run.ENTRIES)
         write_text(run_dir / "recipe.yaml", recipe.to_yaml())
         write_json(run_dir / "data.json", data_record)
     log_path = run_dir / "train_log.jsonl"

@@ -26,8 +26,8 @@ from __future__ import annotations
 
 import math
 import re
-import zipfile
 import xml.etree.ElementTree as ET
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
