@@ -19,7 +19,9 @@ def _loaded_after(code: str) -> set[str]:
 
 
 @pytest.mark.parametrize("module", ["slmembed.report", "slmembed.config", "slmembed.cli", "slmembed.tables",
-                                    "slmembed.spec", "slmembed.losses", "slmembed.outputs"])
+                                    "slmembed.spec", "slmembed.losses", "slmembed.outputs", "slmembed.run",
+                                    "slmembed.reproduce", "slmembed.demo", "slmembed.export", "slmembed.embed_file",
+                                    "slmembed.endpoint"])
 def test_light_modules_import_no_torch(module: str) -> None:
     assert _loaded_after(f"import {module}") == set()
 
@@ -28,4 +30,15 @@ def test_a_bad_recipe_is_refused_without_loading_torch(tmp_path) -> None:
     code = ("from slmembed.cli import main\n"
             f"assert main(['train', '--config', 'smollm2-135m', '--output', {str(tmp_path / 'run')!r}, "
             "'--set', 'train.temperature=-0.05', '--set', 'model.pooling=mean']) == 2")
+    assert _loaded_after(code) == set()
+
+
+@pytest.mark.parametrize("command", [["train", "--config", "smollm2-135m"], ["demo"],
+                                     ["reproduce", "--model", "smollm2-135m"]])
+def test_an_output_that_is_refused_loads_no_torch(command: list[str], tmp_path) -> None:
+    """The output checks of the commands that train run before the heavy imports."""
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    code = f"from slmembed.cli import main\nassert main({[*command, '--output', str(foreign)]!r}) == 2"
     assert _loaded_after(code) == set()

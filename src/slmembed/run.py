@@ -14,7 +14,7 @@ from slmembed.config import Recipe, load_recipe, result_changes
 from slmembed.errors import SlmembedError
 from slmembed.paths import find_data_dir
 
-# What a run folder holds (docs/training.md, "The run folder").
+# What a run folder holds (docs/training.md, "Train").
 ENTRIES = ("adapter", "model", "checkpoints", "dev", "recipe.yaml", "embed.json", "train_log.jsonl", "data.json",
            "summary.json", "tensorboard", "profile")
 
