@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slmembed import cli
+from slmembed import atomic, cli
 from slmembed import embed_file as ef
 from slmembed.cli import main
 from slmembed.data.texts import text_problem
@@ -86,7 +86,12 @@ def test_interrupted_run_resumes_from_its_chunks(embedder, expected, tmp_path, m
     parts = tmp_path / "out.npy.parts"
     assert sorted(p.name for p in parts.iterdir()) == ["00000000.npy", "00000001.npy", "00000002.npy",
                                                        "manifest.json"] and not out.exists()
-    (parts / "00000001.npy").unlink()  # as if killed while that chunk was being written
+    # As if killed while that chunk was being written: its write's marked temporary folder is left (atomic.py).
+    (parts / "00000001.npy").unlink()
+    killed = parts / ".00000001.npy.k1ll3d00.tmp"
+    killed.mkdir()
+    (killed / atomic.TEMP_MARKER).write_text("00000001.npy\n")
+    (killed / "00000001.npy").write_bytes(b"\x93NUMPY half")
     summary = ef.embed_file(embedder, "tiny", src, out, chunk_size=4, progress=False)
     assert summary["chunks_reused"] == 2
     np.testing.assert_allclose(np.load(out), expected, atol=1e-5)
@@ -314,7 +319,10 @@ def test_leftover_chunks_are_replaced_with_force_but_foreign_files_never(embedde
     src, out = _interrupted_run(embedder, tmp_path, monkeypatch)
     parts = tmp_path / "out.npy.parts"
     (parts / "manifest.json").unlink()
-    (parts / ".00000003.npy.k2j4h_x1.tmp").write_bytes(b"half a chunk")
+    killed = parts / ".00000003.npy.k2j4h_x1.tmp"  # a killed write of a chunk (atomic.py's marked folder)
+    killed.mkdir()
+    (killed / atomic.TEMP_MARKER).write_text("00000003.npy\n")
+    (killed / "00000003.npy").write_bytes(b"half a chunk")
     with pytest.raises(SlmembedError, match="stopped before it recorded what they are: rerun with --force"):
         ef.embed_file(embedder, "tiny", src, out, chunk_size=4, progress=False)
     summary = ef.embed_file(embedder, "tiny", src, out, chunk_size=4, progress=False, force=True)

@@ -230,6 +230,13 @@ def test_a_second_writer_is_refused_naming_the_holder(run, tiny_models, data_dir
         pid = held(output)
         _refused(args, capsys, run.parent, tmp_path, message=f"{output} is being written by another slmembed "
                  f"process (PID {pid}); wait for it or choose another output")
+    # A run the holder has begun writing looks like an earlier run: the refusal still names the writer.
+    started = tmp_path / "started"
+    pid = held(started)
+    started.mkdir()
+    (started / "recipe.yaml").write_text("name: started\n")
+    outputs.mark(started, "train", ["recipe.yaml"])
+    _refused([*commands[new][:-1], str(started)], capsys, started, message=f"(PID {pid})")
     (tmp_path / "link").symlink_to(tmp_path)  # another spelling of the same output meets the same lock
     pid = held(tmp_path / "same")
     _refused([*commands[model][:-4], "--output", str(tmp_path / "link" / "same"), "--format", "hf"], capsys, tmp_path,

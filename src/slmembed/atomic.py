@@ -143,14 +143,22 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         _fsync_dir(target.parent)
 
 
-def _undo(folder: Path, target: str | None = None) -> bool:
-    """Undo the killed write (of ``target``, if given) whose marked temporary folder is ``folder``: the target it
-    replaced comes back if it is missing. False if ``folder`` is not such a folder."""
+def temporary_target(folder: Path) -> str | None:
+    """The name of the file or folder whose write (under way, or killed midway) ``folder`` is the marked temporary
+    folder of; None if it is no such folder."""
     try:
         name = (folder / TEMP_MARKER).read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError):
-        return False
-    if not folder.name.startswith(f".{name}.") or "/" in name or target not in (None, name):
+        return None
+    ours = folder.name.startswith(f".{name}.") and folder.name.endswith(".tmp") and "/" not in name
+    return name if ours else None
+
+
+def _undo(folder: Path, target: str | None = None) -> bool:
+    """Undo the killed write (of ``target``, if given) whose marked temporary folder is ``folder``: the target it
+    replaced comes back if it is missing. False if ``folder`` is not such a folder."""
+    name = temporary_target(folder)
+    if name is None or target not in (None, name):
         return False
     target = folder.parent / name
     if (folder / _OLD).exists() and not target.exists():

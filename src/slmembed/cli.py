@@ -78,12 +78,14 @@ def _check_device(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe(args, args.config)  # a bad recipe or output fails before torch is imported
-    run.check(recipe, args.output, data_dir=args.data_dir, resume=args.resume, force=args.force)
-    _check_device(args)
-    from slmembed.train import train
+    check = functools.partial(run.check, recipe, args.output, data_dir=args.data_dir, resume=args.resume,
+                              force=args.force)
+    with outputs.writing(args.output, check):  # held from before the imports: train holds it on, checking again
+        _check_device(args)
+        from slmembed.train import train
 
-    summary = train(recipe, args.output, data_dir=args.data_dir, resume=args.resume, force=args.force,
-                    device=args.device, profile=args.profile)
+        summary = train(recipe, args.output, data_dir=args.data_dir, resume=args.resume, force=args.force,
+                        device=args.device, profile=args.profile)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -127,24 +129,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:
-    from slmembed.reproduce import check, reproduce
+    from slmembed.reproduce import reproduce  # torch comes once its outputs are checked and held
 
     recipe = _recipe(args, args.recipe or args.model, args.model if args.recipe else None)
     name = Path(args.output).name
-    run_dir = args.run_dir or Path("runs/reproduce") / name
-    check(recipe, args.output, run_dir, data_dir=args.data_dir, force=args.force)
     _check_device(args)
-    reproduce(recipe, args.output, run_dir, data_dir=args.data_dir, device=args.device, curve=args.curve,
-              force=args.force, provenance=provenance(args.command_line))
+    reproduce(recipe, args.output, args.run_dir or Path("runs/reproduce") / name, data_dir=args.data_dir,
+              device=args.device, curve=args.curve, force=args.force, provenance=provenance(args.command_line))
     print(Path(args.output, f"{name}.md").read_text())
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from slmembed.atomic import write_json
-    from slmembed.demo import check, demo
+    from slmembed.demo import demo  # torch comes once its output is checked and held
 
-    check(args.output, args.recipe, args.set, data_dir=args.data_dir, force=args.force)
     _check_device(args)
     result = demo(args.output, args.recipe, args.set, data_dir=args.data_dir, device=args.device, force=args.force)
     write_json(Path(args.output) / "demo.json", {**result, "run": provenance(args.command_line)})

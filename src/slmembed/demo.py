@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from slmembed import run
+from slmembed import outputs, run
 from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.sts import load_all
 from slmembed.spec import EmbedSpec
@@ -14,14 +14,20 @@ from slmembed.spec import EmbedSpec
 def demo(output: str | Path, recipe_name: str = "demo-smollm2", overrides: list[str] | None = None,
          data_dir: str | None = None, device: str = "auto", force: bool = False) -> dict:
     """Evaluate STSBenchmark test, train the demo recipe into ``output`` (an earlier demo there is replaced only
-    with ``force``), evaluate again; return and print the figures."""
-    # torch and what is built on it load once the checks have passed (train checks again under the output's lock)
+    with ``force``), evaluate again; return and print the figures. The output is checked and held (outputs.writing)
+    before torch is imported."""
+    recipe = with_overrides(load_recipe(recipe_name), overrides or [])
+    with outputs.writing(output, lambda: run.check(recipe, output, data_dir=data_dir, resume=None, force=force)):
+        return _demo(recipe, output, data_dir=data_dir, device=device, force=force)
+
+
+def _demo(recipe: Recipe, output: str | Path, *, data_dir: str | None, device: str, force: bool) -> dict:
+    """``demo`` once its output is checked and held."""
     from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate
     from slmembed.train import train
 
     t0 = time.time()
-    recipe = check(output, recipe_name, overrides, data_dir=data_dir, force=force)
     model, sets = recipe.model.name, load_all(["STSBenchmark"], data_dir)
     print(f"[demo] {model}: STSBenchmark test before training ...", flush=True)
     before = evaluate(load_embedder(model, **EmbedSpec.of(recipe.model).__dict__), sets)["average"]
@@ -34,11 +40,3 @@ def demo(output: str | Path, recipe_name: str = "demo-smollm2", overrides: list[
           f"{minutes:.1f} min in all")
     return {"model": model, "before": before, "after": after, "gain": round(after - before, 2),
             "minutes": round(minutes, 2), "train": summary}
-
-
-def check(output: str | Path, recipe_name: str = "demo-smollm2", overrides: list[str] | None = None,
-          data_dir: str | None = None, force: bool = False) -> Recipe:
-    """The demo's recipe, once it and the output ``output`` are checked (before any work)."""
-    recipe = with_overrides(load_recipe(recipe_name), overrides or [])
-    run.check(recipe, output, data_dir=data_dir, resume=None, force=force)
-    return recipe

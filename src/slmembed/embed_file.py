@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from slmembed import outputs, quantize
-from slmembed.atomic import atomic_path, write_json
+from slmembed.atomic import atomic_path, clean_leftovers, temporary_target, write_json
 from slmembed.data.csvrows import CsvRows
 from slmembed.data.jsonl import json_lines
 from slmembed.data.texts import text_problem
@@ -53,8 +53,8 @@ if TYPE_CHECKING:
 OUTPUTS = (".npy", ".parquet")
 METADATA_KEY = b"slmembed"  # in a Parquet output's schema: marks it as ours
 MANIFEST = "manifest.json"
-# What embed writes in a sidecar: its manifest, its chunks, and atomic.py's temporary files for them.
-_OURS = re.compile(r"(manifest\.json|\d{8}\.npy)|\.(manifest\.json|\d{8}\.npy)\.\w+\.tmp")
+# What embed writes in a sidecar: its manifest and its chunks (each through an atomic.py temporary folder).
+_OURS = re.compile(r"manifest\.json|\d{8}\.npy")
 _NAMES = {"chunk_size": "chunk size", "texts": "input"}  # manifest keys as a refusal names them
 
 
@@ -146,7 +146,7 @@ def check_output(input_path: str | Path, output: str | Path, *, reads: Iterable[
         return
     if not parts.is_dir():
         raise SlmembedError(f"{parts} exists and is not the chunk folder of an unfinished embed: move it away")
-    foreign = next((p for p in sorted(parts.iterdir()) if not (p.is_file() and _OURS.fullmatch(p.name))), None)
+    foreign = next((p for p in sorted(parts.iterdir()) if not _ours_in_sidecar(p)), None)
     if foreign is not None:
         raise SlmembedError(f"{foreign} was not written by slmembed, so embed neither uses nor deletes its chunk "
                             f"folder {parts}: move it away")
@@ -157,6 +157,14 @@ def check_output(input_path: str | Path, output: str | Path, *, reads: Iterable[
 
 def _sidecar(output: Path) -> Path:
     return output.with_name(output.name + ".parts")
+
+
+def _ours_in_sidecar(path: Path) -> bool:
+    """Whether ``path`` in a sidecar is embed's: its manifest or a chunk, or the temporary folder of a write of one
+    (a killed run's, which the next run removes)."""
+    if path.is_dir() and not path.is_symlink():
+        return _OURS.fullmatch(temporary_target(path) or "") is not None
+    return path.is_file() and _OURS.fullmatch(path.name) is not None
 
 
 def _clear(parts: Path) -> None:
@@ -224,6 +232,8 @@ def embed_file(embedder: Embedder, model_id: str, input_path: str | Path, output
                 "spec": embedder.spec.__dict__, "input": file_sha256(input_path), "column": column, "texts": n,
                 "chunk_size": chunk_size}
     started_over, why = [], ""  # check_output: the sidecar holds only files embed writes
+    if parts.is_dir():
+        clean_leftovers(parts)  # writes a killed run left midway: the chunk is written again
     if (parts / MANIFEST).is_file():
         started_over = _differences(parts, manifest)
         why = f"holds chunks that differ from this run's in their {', '.join(started_over)}"

@@ -17,8 +17,8 @@ from slmembed.paths import find_data_dir
 from slmembed.spec import EmbedSpec
 from slmembed.tables import table
 
-# torch and the modules built on it are imported by the functions that train and score, so that ``check`` answers
-# before any of them loads (cli.py runs it first).
+# torch and the modules built on it are imported by the functions that train and score, so that the outputs are
+# checked and held before any of them loads.
 
 
 def _state_scorer(recipe: Recipe, sets: dict, device: str):
@@ -65,7 +65,7 @@ def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_d
     and earlier results in ``output``."""
     output, run_dir = Path(output), Path(run_dir)
     resume = _resumes(run_dir, force)
-    with outputs.writing(output, lambda: check(recipe, output, run_dir, data_dir=data_dir, force=force)), \
+    with outputs.writing(output, lambda: _check(recipe, output, run_dir, data_dir=data_dir, force=force)), \
             outputs.writing(run_dir):
         return _reproduce(recipe, output, run_dir, data_dir=data_dir, device=device, curve=curve, force=force,
                           resume=resume, provenance=provenance)
@@ -76,7 +76,7 @@ def _resumes(run_dir: Path, force: bool) -> bool:
     return (run_dir / "checkpoints").exists() and run.finished(run_dir) is None and not force
 
 
-def check(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_dir: str | None = None,
+def _check(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_dir: str | None = None,
           force: bool = False) -> None:
     """Check before any work that ``reproduce`` may write its results to ``output`` and its run to ``run_dir``."""
     output, run_dir = Path(output), Path(run_dir)
