@@ -135,7 +135,8 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     name = Path(args.output).name
     _check_device(args)
     reproduce(recipe, args.output, args.run_dir or Path("runs/reproduce") / name, data_dir=args.data_dir,
-              device=args.device, curve=args.curve, force=args.force, provenance=provenance(args.command_line))
+              device=args.device, curve=args.curve, force=args.force,
+              provenance=functools.partial(provenance, args.command_line))
     print(Path(args.output, f"{name}.md").read_text())
     return 0
 

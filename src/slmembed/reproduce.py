@@ -7,6 +7,7 @@ keeps, as the nine-set average against the number of triplets seen.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from slmembed import outputs, plots, run
@@ -58,7 +59,8 @@ def _curve(recipe: Recipe, run_dir: Path, sets: dict, device: str, final: dict) 
 
 
 def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_dir: str | None = None,
-              device: str = "auto", curve: int = 0, force: bool = False, provenance: dict | None = None) -> dict:
+              device: str = "auto", curve: int = 0, force: bool = False,
+              provenance: Callable[[], dict] | None = None) -> dict:
     """Evaluate, train, evaluate; with ``curve`` > 0, keep that many evenly spaced checkpoints and score them.
 
     An unfinished run in ``run_dir`` with checkpoints is continued; ``force`` replaces an earlier run there instead,
@@ -86,7 +88,7 @@ def _check(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_dir:
 
 
 def _reproduce(recipe: Recipe, output: Path, run_dir: Path, *, data_dir: str | None, device: str, curve: int,
-               force: bool, resume: bool, provenance: dict | None) -> dict:
+               force: bool, resume: bool, provenance: Callable[[], dict] | None) -> dict:
     """``reproduce`` once its outputs are checked and held."""
     from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate
@@ -119,8 +121,8 @@ def _reproduce(recipe: Recipe, output: Path, run_dir: Path, *, data_dir: str | N
         points = _curve(recipe, run_dir, sets, device, summary)
         points[-1]["average"] = after["average"]
         result["curve"] = points
-    if provenance is not None:
-        result["run"] = provenance
+    if provenance is not None:  # how the result was made (cli.provenance), asked once the work is done
+        result["run"] = provenance()
     output.mkdir(parents=True, exist_ok=True)
     outputs.mark(output, "reproduce", [f"{name}.json", f"{name}.md", f"{name}.png"])
     write_json(output / f"{name}.json", result)
