@@ -344,8 +344,8 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--dtype", default="auto", choices=DTYPES,
                         help="auto: bf16 where the device computes it natively, else fp32")
         sp.add_argument("--compile", action="store_true",
-                        help="compile the model's blocks first: about 2x faster encoding on a GPU after a one-off "
-                             "compile (16 s for Gemma-3-270M on an H100); pays for large inputs")
+                        help="compile the model's blocks first: faster encoding on a GPU after a one-off compile "
+                             "of 10-12 s (docs/performance.md); pays for large inputs")
 
     def common(sp: argparse.ArgumentParser, recipe: bool = False) -> None:
         if recipe:

@@ -38,7 +38,7 @@ def check(kernels: str, compiled: bool, device: torch.device) -> None:
     """Refuse, in one line and before anything loads, kernels that cannot run here."""
     if kernels == "none":
         return
-    if compiled:  # measured on the H200, 2026-12-01 (bench/NOTES.md); custom ops around liger's kernels would fix it
+    if compiled:  # torch.compile cannot trace them (bench/NOTES.md); custom ops around liger's kernels would fix it
         raise SlmembedError(f"train.kernels: {kernels} cannot run compiled yet (torch.compile fails to trace "
                             "liger-kernel's Triton kernels): set train.compile=false or train.kernels=none")
     if device.type != "cuda":

@@ -324,7 +324,7 @@ def load(
     """
     source = resolve(name_or_path)
     # cuDNN's attention builds a graph per input shape, milliseconds of CPU each: with batches of ever-changing
-    # shapes it dominated a training step on the H100. PyTorch's own flash / memory-efficient kernels do not.
+    # shapes it dominated a training step on a GPU. PyTorch's own flash / memory-efficient kernels do not.
     torch.backends.cuda.enable_cudnn_sdp(False)
     refuse_pickle(source, "model.safetensors", allow_pickle)
     try:

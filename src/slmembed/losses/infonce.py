@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-# torch 2.13 renamed the two single-tensor collectives (the old names warn); the GPU machine's 2.11 may lack the new.
+# torch 2.13 renamed the two single-tensor collectives (the old names warn); torch 2.11, which pyproject admits,
+# may lack the new ones.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
