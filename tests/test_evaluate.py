@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from slmembed.data.sts import TASKS, StsSet
+from slmembed.data.sts import SEVEN, TASKS, StsSet
 from slmembed.embedder import load_embedder
 from slmembed.evaluate import evaluate, score
 from slmembed.tables import table
@@ -30,6 +30,15 @@ def test_score_is_spearman_of_cosine() -> None:
 def test_table_has_average_and_diff() -> None:
     text = table({"m": {"A": 80.0, "B": 70.0}}, reference={"A": 79.5, "B": 70.0})
     assert "| average | 75.00 | 74.75 | 0.25 |" in text
+    assert "seven-set" not in text  # only a table of all seven sets has that row
+
+
+def test_seven_set_average_leaves_out_sts17_and_biosses() -> None:
+    scores = {t: float(i) for i, t in enumerate(TASKS)}  # STS17 = 5, BIOSSES = 7
+    seven = (0 + 1 + 2 + 3 + 4 + 6 + 8) / 7
+    assert set(SEVEN) == set(TASKS) - {"STS17", "BIOSSES"}
+    assert f"| seven-set average | {seven:.2f} |" in table({"m": scores})
+    assert f"| average | {sum(range(9)) / 9:.2f} |" in table({"m": scores})
 
 
 def test_all_minilm_l6_v2_agrees_with_mteb_on_all_nine_sets() -> None:
@@ -39,3 +48,5 @@ def test_all_minilm_l6_v2_agrees_with_mteb_on_all_nine_sets() -> None:
     for task in TASKS:
         assert result["scores"][task] == pytest.approx(REFERENCE["scores"][task], abs=0.5), task
     assert sum(abs(result["scores"][t] - REFERENCE["scores"][t]) < 0.02 for t in TASKS) == 8
+    assert result["average_7"] == pytest.approx(np.mean([result["scores"][t] for t in SEVEN]), abs=0.005)
+    assert result["average_7"] == pytest.approx(np.mean([REFERENCE["scores"][t] for t in SEVEN]), abs=0.1)

@@ -12,6 +12,7 @@ from scipy.stats import spearmanr
 from slmembed import quantize
 from slmembed.data.sts import TASKS, StsSet, load_all
 from slmembed.embedder import Embedder, batching
+from slmembed.tables import average, averages
 
 
 def score(sets: dict[str, StsSet], vectors: dict[str, np.ndarray], precision: str = "float32") -> dict[str, float]:
@@ -24,10 +25,6 @@ def score(sets: dict[str, StsSet], vectors: dict[str, np.ndarray], precision: st
         similarity = (a * b).sum(1) if precision == "float32" else quantize.pair_similarity(a, b, precision)
         out[name] = round(float(spearmanr(similarity, sts.scores).statistic) * 100, 2)
     return out
-
-
-def _average(scores: dict[str, float]) -> float:
-    return round(float(np.mean(list(scores.values()))), 2)
 
 
 def unique_sentences(sets: dict[str, StsSet]) -> list[str]:
@@ -51,7 +48,7 @@ def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_si
     batch_size, max_tokens = batching(embedder, batch_size)
     vecs = embedder.encode(texts, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
     scores = score(sets, dict(zip(texts, vecs)))
-    result = {"scores": scores, "average": _average(scores), "sentences": len(texts)}
+    result = {"scores": scores, **averages(scores), "sentences": len(texts)}
     if dims:
         size = vecs.shape[1]
         if max(dims) > size:
@@ -59,7 +56,7 @@ def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_si
         result["dims"] = {}
         for d in sorted({*dims, size}):
             d_scores = score(sets, dict(zip(texts, quantize.prefix(vecs, d))))
-            result["dims"][str(d)] = {"scores": d_scores, "average": _average(d_scores)}
+            result["dims"][str(d)] = {"scores": d_scores, **averages(d_scores)}
     compact = [p for p in precisions if p != "float32"]
     if not compact:
         return result
@@ -71,6 +68,6 @@ def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_si
     result["precisions"] = {}
     for precision in compact:
         p_scores = score(sets, dict(zip(texts, quantize.quantize(vecs, precision, bounds))), precision)
-        result["precisions"][precision] = {"scores": p_scores, "average": _average(p_scores),
-                                           "drop": round(result["average"] - _average(p_scores), 2)}
+        result["precisions"][precision] = {"scores": p_scores, **averages(p_scores),
+                                           "drop": round(result["average"] - average(p_scores), 2)}
     return result

@@ -27,7 +27,7 @@ from slmembed.config import NOT_RESULT, Recipe, flat
 from slmembed.data.jsonl import json_lines
 from slmembed.errors import DataError, SlmembedError
 from slmembed.plots import before_after_bars, pyplot, save
-from slmembed.tables import table
+from slmembed.tables import averages, table
 
 FILES = ("report.md", "train.png", "scores.png", "ablation.png", "losses.png", "dims.png")  # all a report may write
 SIGNATURE = "<!-- written by slmembed report -->"  # the last line of report.md: marks it (and its plots) as ours
@@ -147,12 +147,13 @@ def _recipe_fields(run: Run) -> dict[str, str]:
 def _ablation(runs: list[Run], out: Path) -> list[str]:
     fields = [_recipe_fields(r) for r in runs]
     diffs = [k for k in fields[0] if len({f[k] for f in fields}) > 1 and k not in NOT_RESULT]
-    head = ["run", *diffs, "steps x batch", "before", "after", "gain", "STSB dev"]
-    lines = ["## Ablation", "", "| " + " | ".join(head) + " |", "|---|" + "---|" * len(diffs) + "---:|" * 5]
+    head = ["run", *diffs, "steps x batch", "before", "after", "gain", "after (seven sets)", "STSB dev"]
+    lines = ["## Ablation", "", "| " + " | ".join(head) + " |", "|---|" + "---|" * len(diffs) + "---:|" * 6]
     for r, f in zip(runs, fields):
         b, a, t = r.result["before"], r.result["after"], r.result["train"]
         cells = [r.name, *(f"`{f[k]}`" for k in diffs), f"{t['steps']} x {t['batch_size']}",
                  f"{b['average']:.2f}", f"**{a['average']:.2f}**", f"{a['average'] - b['average']:+.2f}",
+                 f"{averages(a['scores']).get('average_7', float('nan')):.2f}",
                  f"{a['stsb_dev']:.2f}" if "stsb_dev" in a else "-"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![ablation](ablation.png)", "", "Scores after training, per task:", "",

@@ -102,7 +102,7 @@ def _reproduce(recipe: Recipe, output: Path, run_dir: Path, *, data_dir: str | N
     before = evaluate(load_embedder(recipe.model.name, device=resolve_device(device),
                                     trust_remote_code=recipe.model.trust_remote_code,
                                     allow_pickle=recipe.model.allow_pickle, **spec), sets)
-    print(f"[reproduce] {name} before: {before['average']:.2f}", flush=True)
+    print(f"[reproduce] {name} before: {before['average']:.2f} (seven-set {before['average_7']:.2f})", flush=True)
     summary = train(recipe, run_dir, data_dir=data_dir, device=device, resume=resume, force=force,
                     spaced_checkpoints=curve or None)
     tuned = load_embedder(None, adapter=run_dir, device=resolve_device(device),
@@ -114,7 +114,7 @@ def _reproduce(recipe: Recipe, output: Path, run_dir: Path, *, data_dir: str | N
         after["selected"] = {k: v for k, v in summary["dev"].items() if k != "scores"}
         if summary["dev"]["chosen"] != "last":  # reported beside the choice, never used for it
             after["last_weights"] = _state_scorer(recipe, sets, device)(snapshot(run_dir, summary["steps"]))
-    print(f"[reproduce] {name} after: {after['average']:.2f}", flush=True)
+    print(f"[reproduce] {name} after: {after['average']:.2f} (seven-set {after['average_7']:.2f})", flush=True)
     result = {"model": recipe.model.name, "recipe": recipe.to_dict(), "before": before, "after": after,
               "train": summary}
     if curve:

@@ -36,6 +36,8 @@ from slmembed.errors import DataError, SlmembedError
 from slmembed.paths import find_data_dir
 
 TASKS: tuple[str, ...] = ("STS12", "STS13", "STS14", "STS15", "STS16", "STS17", "STSBenchmark", "BIOSSES", "SICK-R")
+# The seven sets the NLI-only literature averages (SimCSE, PromCSE, PromptEOL): TASKS without STS17 and BIOSSES.
+SEVEN: tuple[str, ...] = ("STS12", "STS13", "STS14", "STS15", "STS16", "STSBenchmark", "SICK-R")
 EXPECTED_COUNTS: dict[str, int] = {
     "STS12": 3108, "STS13": 1500, "STS14": 3750, "STS15": 3000, "STS16": 1186,
     "STS17": 250, "STSBenchmark": 1379, "BIOSSES": 100, "SICK-R": 9927,
