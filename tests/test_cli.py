@@ -132,8 +132,8 @@ def test_eval_compile_gives_the_same_scores(tmp_path, tiny_models, capsys) -> No
 
 @pytest.mark.parametrize("args, message", [
     (["eval", "--batch-size", "0"], "argument --batch-size: expected a whole number >= 1, got '0'"),
-    (["eval", "--prompt", "no placeholder"], "argument --prompt: expected P1, P2, P3 or a template"),
-    (["eval", "--prompt", "{} and {}"], "argument --prompt: expected P1, P2, P3 or a template"),
+    (["eval", "--prompt", "no placeholder"], "argument --prompt: expected P1, P2, P3, PromptEOL, AnglE or a template"),
+    (["eval", "--prompt", "{} and {}"], "argument --prompt: expected P1, P2, P3, PromptEOL, AnglE or a template"),
     (["eval", "--pooling", "max"], "argument --pooling: invalid choice: 'max'"),
     (["embed", "in.txt", "--model", "m", "--output", "o.npy", "--chunk-size", "-1"], "--chunk-size: expected a whole"),
     (["embed", "in.txt", "--model", "m", "--output", "o.npy", "--batch-size", "x"], "--batch-size: expected a whole"),

@@ -73,11 +73,16 @@ def test_eos_appended_and_kept_under_truncation(tiny_models) -> None:
     assert ids[1][:-1] == emb.tokenizer("hi")["input_ids"]
 
 
-def test_prompt_templates(tiny_models) -> None:
-    emb = _embedder(tiny_models["llama"], "right", prompt="P1")
-    expected = emb.tokenizer(PROMPTS["P1"].format("a cat"))["input_ids"] + [emb.tokenizer.eos_token_id]
-    assert emb.tokenize(["a cat"])[0] == expected
-    with pytest.raises(SlmembedError, match="prompt: expected P1, P2, P3 or a template with exactly one"):
+@pytest.mark.parametrize(("name", "template"), [
+    ("P1", 'This sentence: "{}" means in one word: "'),
+    ("PromptEOL", 'This sentence : "{}" means in one word:"'),  # Jiang et al. 2023
+    ("AnglE", 'Summarize sentence "{}" in one word:"'),  # AnglE's Prompts.A
+])
+def test_prompt_templates(tiny_models, name: str, template: str) -> None:
+    emb = _embedder(tiny_models["llama"], "right", prompt=name)
+    expected = emb.tokenizer(template.format("a cat"))["input_ids"] + [emb.tokenizer.eos_token_id]
+    assert emb.tokenize(["a cat"])[0] == expected and PROMPTS[name] == template
+    with pytest.raises(SlmembedError, match="prompt: expected P1, P2, P3, PromptEOL, AnglE or a template with exactly"):
         EmbedSpec(prompt="no placeholder")
 
 

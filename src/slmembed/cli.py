@@ -371,7 +371,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--output", help="write the scores to this JSON file")
     force(e, "an earlier eval JSON at --output")
     e.add_argument("--pooling", choices=["last", "mean", "cls"])
-    e.add_argument("--prompt", type=template, help="prompt template with {} or P1/P2/P3")
+    e.add_argument("--prompt", type=template, help="prompt template with {} or P1/P2/P3/PromptEOL/AnglE")
     e.add_argument("--batch-size", type=positive,
                    help="sentences per batch (default: 1024 on a GPU, or any number up to 32,768 tokens where batches "
                         "are packed; 64 on the CPU)")

@@ -1,5 +1,5 @@
 """How a model turns text into one vector: ``EmbedSpec`` (pooling, prompt, max length, EOS, attention), the
-poolings and the paper's named prompts, with the rule each field keeps.
+poolings and the named prompts, with the rule each field keeps.
 
 No torch here: recipes (config.py) and the command line check these values before anything heavy is imported.
 """
@@ -15,10 +15,16 @@ from slmembed.errors import SlmembedError
 
 POOLINGS = ("last", "mean", "cls")
 ATTENTIONS = ("causal", "bidirectional")
-PROMPTS = {  # the paper's prompt ablation (its Table 4)
+PROMPTS = {
+    # the paper's prompt ablation (its Table 4)
     "P1": 'This sentence: "{}" means in one word: "',
     "P2": "This sentence {} means: ",
     "P3": "{} is: ",
+    # Jiang et al. 2023, "Scaling Sentence Embeddings with Large Language Models": the template of their code
+    # (github kongds/scaling_sentemb, train_llm.sh, underscores read as spaces)
+    "PromptEOL": 'This sentence : "{}" means in one word:"',
+    # AnglE's LLM prompt (github SeanLee97/AnglE, angle_emb/angle.py: Prompts.A; its NLI runs' prompt_template)
+    "AnglE": 'Summarize sentence "{}" in one word:"',
 }
 
 
