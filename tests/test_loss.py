@@ -49,7 +49,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank(rank: int, world: int, port: int, backend: str, name: str, inputs, mask, out) -> None:
+def _rank(rank: int, world: int, port: int, backend: str, name: str, options: dict, inputs, mask, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     device = torch.device(f"cuda:{rank}" if backend == "nccl" else "cpu")
     if device.type == "cuda":
@@ -58,12 +58,13 @@ def _rank(rank: int, world: int, port: int, backend: str, name: str, inputs, mas
     rows = slice(rank * len(inputs[0]) // world, (rank + 1) * len(inputs[0]) // world)
     local = [t[rows].to(device).requires_grad_(True) for t in inputs]
     loss = objective(name)(*local, *[None] * (3 - len(local)), temperature=0.05,
-                        negative_mask=None if mask is None else mask[rows].to(device))
+                        negative_mask=None if mask is None else mask[rows].to(device), **options)
     loss.backward()
     out[rank] = [loss.detach().cpu()] + [t.grad.cpu() for t in local]
     dist.destroy_process_group()
 
 
+OPTIONS = {"angle_infonce": {"angle_weight": 1.0}}  # the angle term at full weight (AnglE's 0.02 would hide it)
 BACKENDS = ["gloo", pytest.param("nccl", marks=pytest.mark.skipif(
     torch.cuda.device_count() < 2, reason="NCCL needs two GPUs (the gloo case runs everywhere)"))]
 
@@ -81,12 +82,13 @@ def test_two_ranks_equal_one_process_over_the_whole_batch(name: str, negatives: 
     inputs = [torch.randn(8, 16, generator=g) for _ in range(2 if negatives == "none" else 3)]
     mask = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.bool) if negatives == "masked" else None
     full = [t.clone().requires_grad_(True) for t in inputs]
-    loss = objective(name)(*full, *[None] * (3 - len(full)), temperature=0.05, negative_mask=mask)
+    options = OPTIONS.get(name, {})
+    loss = objective(name)(*full, *[None] * (3 - len(full)), temperature=0.05, negative_mask=mask, **options)
     loss.backward()
 
     world = 2
     out = mp.Manager().dict()
-    mp.start_processes(_rank, args=(world, _free_port(), backend, name, inputs, mask, out), nprocs=world,
+    mp.start_processes(_rank, args=(world, _free_port(), backend, name, options, inputs, mask, out), nprocs=world,
                        start_method="spawn")
     assert torch.stack([out[r][0] for r in range(world)]).mean().item() == pytest.approx(loss.item(), rel=1e-5)
     for r in range(world):

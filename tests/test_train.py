@@ -225,6 +225,7 @@ def test_the_recipe_names_the_objective(tmp_path, tiny_models, data_dir) -> None
         train_mod.train(recipe, tmp_path / name, data_dir=data_dir, progress=False)
         first[name] = json.loads((tmp_path / name / "train_log.jsonl").read_text().splitlines()[0])["loss"]
     assert first["symmetric_infonce"] != pytest.approx(first["infonce"], abs=1e-4)
+    assert first["angle_infonce"] > first["infonce"] + 1e-4  # plus 0.02 times the angle term, which is > 0
     assert load_recipe(tmp_path / "symmetric_infonce" / "recipe.yaml").train.loss == "symmetric_infonce"
 
 

@@ -21,7 +21,7 @@ import yaml
 
 from slmembed.checks import NOT_NEGATIVE, POSITIVE, TEXT, Check, at_least, one_of, rule
 from slmembed.errors import SlmembedError
-from slmembed.losses import LOSSES
+from slmembed.losses import LOSSES, OPTIONS
 from slmembed.spec import RULES as SPEC_RULES
 
 NAMES = rule("a non-empty list of distinct, non-empty strings",
@@ -76,6 +76,10 @@ class TrainConfig:
     max_steps: int | None = checked(at_least(1), default=None)  # None: epochs over the data
     temperature: float = checked(POSITIVE, default=0.05)
     loss: str = checked(one_of(*LOSSES), default="infonce")  # a name in losses.LOSSES
+    # angle_infonce (losses/angle.py): InfoNCE plus angle_weight times AnglE's angle term at scale angle_tau; the
+    # defaults are AnglE's for NLI triplets.
+    angle_weight: float = checked(NOT_NEGATIVE, default=0.02)
+    angle_tau: float = checked(POSITIVE, default=20.0)
     # Matryoshka (losses/matryoshka.py): the loss also at these embedding prefix sizes (each below the model's size),
     # weighted by matryoshka_weights (default 1 each), so that a cut vector keeps its quality. None: full size only.
     matryoshka_dims: list[int] | None = checked(DIMS, default=None)
@@ -239,6 +243,12 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
     if tc.matryoshka_weights is not None and len(tc.matryoshka_weights) != len(tc.matryoshka_dims or []):
         raise SlmembedError(f"{where}: train.matryoshka_weights: expected one weight for each of train.matryoshka_dims "
                             f"({tc.matryoshka_dims}), got {tc.matryoshka_weights}")
+    for loss, names in OPTIONS.items():
+        for name in names:
+            value, default = getattr(tc, name), TrainConfig.__dataclass_fields__[name].default
+            if tc.loss != loss and value != default:
+                raise SlmembedError(f"{where}: train.{name}: {value!r} is used by train.loss: {loss} only, not "
+                                    f"{tc.loss}; set train.loss: {loss}, or leave train.{name} at {default!r}")
     if tc.sharding == "fsdp" and tc.average_last != 1:
         raise SlmembedError(f"{where}: train.average_last: {tc.average_last} cannot be combined with train.sharding: "
                             "fsdp (the averaged adapter is not sharded); leave it at 1")

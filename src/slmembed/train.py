@@ -351,7 +351,7 @@ def _train(recipe: Recipe, run_dir: Path, replace: bool, *, data_dir: str | None
     model.train()
     if tc.compile:
         compile_blocks(model)
-    objective = named_objective(tc.loss)
+    objective = named_objective(tc.loss, tc)
     if tc.matryoshka_dims:
         objective = matryoshka(objective, tc.matryoshka_dims, tc.matryoshka_weights)
     trained = [p for p in model.parameters() if p.requires_grad]

@@ -1,6 +1,7 @@
 """Training objectives, one per module, each
 ``f(anchors, positives, negatives | None, temperature, negative_mask=None) -> loss``, gathered across ranks.
 ``train.loss`` in a recipe names one of ``LOSSES``; a new objective is a module here and an entry below.
+An objective's keyword-only parameters named in ``OPTIONS`` are recipe fields of ``train`` of the same names.
 ``train.matryoshka_dims`` wraps the named objective in ``matryoshka`` (summed over embedding prefixes).
 
 The registry names each objective's module and function instead of importing them: a recipe's ``train.loss`` is
@@ -8,16 +9,23 @@ checked (config.py) before torch is imported, and ``objective`` imports the one 
 
 from __future__ import annotations
 
+import functools
 import importlib
 from collections.abc import Callable
+from typing import Any
 
 LOSSES = {
     "infonce": "infonce.info_nce",  # the paper's: anchors against all positives and hard negatives
     "symmetric_infonce": "symmetric.symmetric_info_nce",  # and positives against all anchors
+    "angle_infonce": "angle.angle_info_nce",  # InfoNCE plus AnglE's angle term
 }
+OPTIONS = {"angle_infonce": ("angle_weight", "angle_tau")}  # the train fields each objective takes as keywords
 
 
-def objective(name: str) -> Callable:
-    """The objective ``LOSSES`` names ``name``."""
+def objective(name: str, train: Any = None) -> Callable:
+    """The objective ``LOSSES`` names ``name``, its ``OPTIONS`` set from ``train`` (a recipe's train section) if
+    given, else left at their defaults."""
     module, _, function = LOSSES[name].rpartition(".")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), function)
+    loss = getattr(importlib.import_module(f"{__name__}.{module}"), function)
+    options = {key: getattr(train, key) for key in OPTIONS.get(name, ())} if train is not None else {}
+    return functools.partial(loss, **options) if options else loss
