@@ -45,6 +45,8 @@ BAD: dict[str, list[str]] = {
     "train.max_steps": ["0", "-5", "1.5", "true"],
     "train.temperature": ["-0.05", "0", ".nan", ".inf", "x", "true"],
     "train.loss": ["mse", "InfoNCE", "''", "1", "[infonce]"],
+    "train.angle_weight": ["-0.1", ".nan", ".inf", "x", "true", "0.1"],  # 0.1: a weight for another train.loss
+    "train.angle_tau": ["0", "-20", ".nan", "x", "true", "5"],
     "train.finetune": ["partial", "LoRA", "''", "1", "null"],
     "train.hard_negatives": NOT_BOOL,
     "train.weight_decay": ["-0.1", ".nan", ".inf", "x", "true"],
