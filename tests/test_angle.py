@@ -21,9 +21,10 @@ from slmembed.losses.infonce import info_nce
 CPU = torch.device("cpu")
 
 
-def _triplets(rows: int = 6, dim: int = 16, seed: int = 0) -> list[torch.Tensor]:
+def _triplets(rows: int = 6, dim: int = 16, seed: int = 0, columns: int = 1) -> list[torch.Tensor]:
+    """Anchors, positives and ``columns`` x ``rows`` negatives."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(rows, dim, generator=g) * 2).double() for _ in range(3)]
+    return [(torch.randn(rows * k, dim, generator=g) * 2).double() for k in (1, 1, columns)]
 
 
 def anglE_quotient(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -38,13 +39,16 @@ def anglE_quotient(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def st_angle_term(a, p, n, mask, tau: float) -> torch.Tensor:
-    """sentence-transformers' AnglELoss on the pairs (a_i, p_i) labelled 1 and the kept (a_i, n_i) labelled 0."""
+    """sentence-transformers' AnglELoss: on (anchor, positive, negatives...) tuples where every negative is there
+    (``n`` [kB, D], column-major), else on the pairs (a_i, p_i) labelled 1 and the kept (a_i, n_r) labelled 0."""
     from sentence_transformers.sentence_transformer.losses import AnglELoss
 
-    keep = torch.ones(len(a), dtype=torch.bool) if mask is None else mask
-    labels = torch.cat([torch.ones(len(a)), torch.zeros(int(keep.sum()))])
-    pairs = [torch.cat([a, a[keep]]), torch.cat([p, n[keep]])]
-    return AnglELoss(None, scale=tau).compute_loss_from_embeddings(pairs, labels)
+    loss = AnglELoss(None, scale=tau)
+    if mask is None:
+        return loss.compute_loss_from_embeddings([a, p, *n.split(len(a))], None)
+    labels = torch.cat([torch.ones(len(a)), torch.zeros(int(mask.sum()))])
+    pairs = [torch.cat([a, a.repeat(len(n) // len(a), 1)[mask]]), torch.cat([p, n[mask]])]
+    return loss.compute_loss_from_embeddings(pairs, labels)
 
 
 @pytest.mark.parametrize("dim", [16, 15])
@@ -59,14 +63,16 @@ def test_similarity_is_anglEs(dim: int) -> None:
 
 @pytest.mark.parametrize("tau", [20.0, 1.0])
 @pytest.mark.parametrize("masked", [False, True])
-def test_angle_term_and_its_gradient_equal_sentence_transformers(tau: float, masked: bool) -> None:
-    """(loss - info_nce) / w is AnglELoss's value on the same pairs, missing negatives left out; so is its gradient."""
-    mask = torch.tensor([1, 0, 1, 1, 0, 1], dtype=torch.bool) if masked else None
-    ours = [t.clone().requires_grad_(True) for t in _triplets()]
+@pytest.mark.parametrize("columns", [1, 2])
+def test_angle_term_and_its_gradient_equal_sentence_transformers(tau: float, masked: bool, columns: int) -> None:
+    """(loss - info_nce) / w is AnglELoss's value on the same pairs, missing negatives left out; so is its gradient.
+    With one negative column (hard negatives) and two (and neutrals)."""
+    mask = torch.tensor([1, 0, 1, 1, 0, 1] * columns, dtype=torch.bool) if masked else None
+    ours = [t.clone().requires_grad_(True) for t in _triplets(columns=columns)]
     w = 0.7
     loss = angle_info_nce(*ours, 0.05, mask, angle_weight=w, angle_tau=tau)
     term = (loss - info_nce(*ours, 0.05, mask)) / w
-    theirs = [t.clone().requires_grad_(True) for t in _triplets()]
+    theirs = [t.clone().requires_grad_(True) for t in _triplets(columns=columns)]
     want = st_angle_term(*theirs, mask, tau)
     assert term.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
     term.backward()

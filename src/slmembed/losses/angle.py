@@ -2,10 +2,11 @@
 arXiv 2309.12871): InfoNCE plus AnglE's angle term, which ranks pairs by a similarity that measures angle differences
 in complex space and so escapes the flat gradient of the cosine near its extremes.
 
-Inputs as ``infonce.info_nce``: anchors ``a`` [B, D], positives ``p`` [B, D] and optional hard negatives ``n`` [B, D]
-from this rank, temperature ``tau``, ``negative_mask`` [B]; and the angle term's weight ``w`` and scale
-``tau_angle``. Each ``(a_i, p_i)`` is a pair labelled 1; each ``(a_i, n_i)`` whose negative is real a pair labelled
-0. With each vector split into halves ``x = (x1, x2)`` (the real and imaginary parts of a complex vector), AnglE's
+Inputs as ``infonce.info_nce``: anchors ``a`` [B, D], positives ``p`` [B, D] and optional negatives ``n`` [kB, D]
+from this rank (k negative columns, hard negatives then neutrals, column-major: row ``r`` is a negative of anchor
+``r mod B``), temperature ``tau``, ``negative_mask`` [kB]; and the angle term's weight ``w`` and scale ``tau_angle``.
+Each ``(a_i, p_i)`` is a pair labelled 1; each ``(a_{r mod B}, n_r)`` whose negative is real a pair labelled 0.
+With each vector split into halves ``x = (x1, x2)`` (the real and imaginary parts of a complex vector), AnglE's
 normalised angle similarity is
 
     s(x, y) = | (x.y + x2.y1 - x1.y2) / (|x| |y|) |
@@ -14,15 +15,15 @@ normalised angle similarity is
 ``x1`` has no partner, as in sentence-transformers' ``pairwise_angle_sim``). The angle term is CoSENT's ranking loss
 over the pairs of the whole global batch (all ranks), each label-1 pair against each label-0 pair:
 
-    L_angle = log(1 + sum_{i, j} exp(tau_angle * (s(a_j, n_j) - s(a_i, p_i))))
-            = softplus(logsumexp_j(tau_angle * s(a_j, n_j)) + logsumexp_i(-tau_angle * s(a_i, p_i)))
+    L_angle = log(1 + sum_{i, r} exp(tau_angle * (s(a_{r mod B}, n_r) - s(a_i, p_i))))
+            = softplus(logsumexp_r(tau_angle * s(a_{r mod B}, n_r)) + logsumexp_i(-tau_angle * s(a_i, p_i)))
 
 (with two labels the double sum factorises), and the loss is ``info_nce(a, p, n, tau, negative_mask) + w * L_angle``.
 Without negatives there is no label-0 pair and the loss is InfoNCE's.
 
-Each rank scores its own pairs and gathers the 2B scores of every rank in one collective, so every rank computes the
-same L_angle of the global batch: the mean over ranks is that loss, and its gradient comes out as InfoNCE's does (the
-gather's backward sums the ranks' equal gradients, DDP divides by the number of ranks).
+Each rank scores its own pairs and gathers the (1 + k)B scores of every rank in one collective, so every rank
+computes the same L_angle of the global batch: the mean over ranks is that loss, and its gradient comes out as
+InfoNCE's does (the gather's backward sums the ranks' equal gradients, DDP divides by the number of ranks).
 
 Defaults ``w = 0.02``, ``tau_angle = 20``: AnglE's settings for NLI triplets (its docs/notes/training.rst: angle_w
 0.02, angle_tau 20, with ibn_w = cln_w = 1 and cosine_w 0; its InfoNCE scale ibn_tau = 20 is our temperature 0.05).
@@ -64,7 +65,7 @@ def angle_info_nce(
     if negatives is None:
         return loss
     up = angle_similarity(anchors, positives) * angle_tau
-    down = angle_similarity(anchors, negatives) * angle_tau
+    down = angle_similarity(anchors.repeat(negatives.shape[0] // anchors.shape[0], 1), negatives) * angle_tau
     if negative_mask is not None:
         # A missing negative's score: its exp is 0. Not -inf, whose backward through logsumexp is 0 * NaN.
         down = down.masked_fill(~negative_mask.to(device=down.device, dtype=torch.bool), torch.finfo(down.dtype).min)
