@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from slmembed import models, sharding
 from slmembed.config import Recipe
@@ -115,6 +115,13 @@ def save_final(model: torch.nn.Module, tokenizer, folder: Path, recipe: Recipe,
     tensors = tensors if tensors is not None else get_peft_model_state_dict(model, adapter_name=name)
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "adapter_model.safetensors",
               metadata={"format": "pt"})
+
+
+def read_final(folder: Path, recipe: Recipe, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """The trained state (``state``'s tensors, on the host) that ``save_final`` wrote into ``folder``."""
+    if recipe.train.finetune == "full":
+        return state(models.load(str(folder), trust_remote_code=trust_remote_code)[0], recipe)
+    return load_file(folder / "adapter_model.safetensors")
 
 
 def final_folder(recipe: Recipe) -> str:
