@@ -33,9 +33,11 @@ DEV_PAIRS = 200
 
 
 def make_run(folder: Path, base: Path, *, finetune: str = "lora", seed: int = 0, scale: float = 0.1,
-             **model: object) -> Path:
+             average_of: int = 1, **model: object) -> Path:
     """A finished training run folder as train writes it, over the model folder ``base``, whose trained weights are
-    the untrained ones plus Gaussian noise of std ``scale`` (LoRA: its B starts at 0, so every update is noise)."""
+    the untrained ones plus Gaussian noise of std ``scale`` (LoRA: its B starts at 0, so every update is noise);
+    ``average_of`` > 1: the run kept the average of that many such states, as selection.py keeps an average of dev
+    snapshots (LoRA: of rank ``average_of * r``)."""
     recipe = Recipe()
     recipe.model.name, recipe.model.max_length = str(base), 32
     for key, value in model.items():
@@ -44,8 +46,9 @@ def make_run(folder: Path, base: Path, *, finetune: str = "lora", seed: int = 0,
     net, tokenizer = models.load(str(base))
     net = tuning.prepare(net, recipe)
     generator = torch.Generator().manual_seed(seed)
-    tuning.load_state(net, {k: v + scale * torch.randn(v.shape, generator=generator)
-                            for k, v in tuning.state(net, recipe).items()}, recipe)
+    states = [{k: v + scale * torch.randn(v.shape, generator=generator) for k, v in tuning.state(net, recipe).items()}
+              for _ in range(average_of)]
+    tuning.average(net, states, recipe) if average_of > 1 else tuning.load_state(net, states[0], recipe)
     final = folder / tuning.final_folder(recipe)
     final.mkdir(parents=True)
     tuning.save_final(net, tokenizer, final, recipe)
@@ -100,8 +103,11 @@ def small_dev(monkeypatch):
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 def test_uniform_soup_computes_with_the_mean_of_the_members_weights(tmp_path, tiny_models, data_dir, small_dev,
                                                                     finetune) -> None:
-    runs = [make_run(tmp_path / f"run{s}", tiny_models["llama"], finetune=finetune, seed=s, scale=0.05)
-            for s in range(3)]
+    # LoRA runs as SmolLM2's best recipe trains them (mean pooling, bidirectional), full ones as Gemma-3's; the
+    # second run kept an average of two dev snapshots (a LoRA adapter of twice the rank).
+    shape = {"pooling": "mean", "attention": "bidirectional"} if finetune == "lora" else {}
+    runs = [make_run(tmp_path / f"run{s}", tiny_models["llama"], finetune=finetune, seed=s, scale=0.05,
+                     average_of=1 + (s == 1), **shape) for s in range(3)]
     result = soup(runs, tmp_path / "soup", tasks=["STS17"], data_dir=data_dir, device="cpu")
     got = load_embedder(None, adapter=tmp_path / "soup", device=CPU, dtype=torch.float32).encode(TEXTS)
     np.testing.assert_allclose(got, reference(runs).encode(TEXTS), atol=2e-5)
@@ -112,9 +118,12 @@ def test_uniform_soup_computes_with_the_mean_of_the_members_weights(tmp_path, ti
     assert summary["steps"] == 1 and summary["finetune"] == finetune
     assert json.loads((tmp_path / "soup/soup.json").read_text()) == result
     assert set(result["scores"]) == {"STS17"} and len(result["soup"]["candidates"]) == 3
-    entry = "adapter" if finetune == "lora" else "model"
-    assert (tmp_path / "soup" / entry).is_dir() and json.loads((tmp_path / "soup/embed.json").read_text()) == \
-        json.loads((runs[0] / "embed.json").read_text())
+    assert json.loads((tmp_path / "soup/embed.json").read_text()) == json.loads((runs[0] / "embed.json").read_text())
+    if finetune == "lora":  # ranks 8 + 16 + 8, at the runs' scale alpha / r = 32 / 8
+        config = json.loads((tmp_path / "soup/adapter/adapter_config.json").read_text())
+        assert (config["r"], config["lora_alpha"]) == (32, 128)
+    else:
+        assert (tmp_path / "soup/model/model.safetensors").is_file() and not (tmp_path / "soup/adapter").exists()
 
 
 def test_greedy_rule_adds_members_best_first_while_the_score_does_not_drop() -> None:
@@ -129,12 +138,20 @@ def test_greedy_rule_adds_members_best_first_while_the_score_does_not_drop() -> 
         ([1, 2, 3, 4], 81.5, True)]
 
 
-def test_greedy_soup_leaves_out_a_bad_member_as_reference_scores_say(tmp_path, tiny_models, data_dir,
-                                                                     small_dev) -> None:
-    base = tiny_models["llama"]
-    runs = [make_run(tmp_path / "good1", base, seed=1, scale=0.02),
-            make_run(tmp_path / "bad", base, seed=2, scale=1.0),
-            make_run(tmp_path / "good2", base, seed=3, scale=0.02)]
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_models, data_dir) -> list[Path]:
+    """Two training runs of the tiny Llama, seeds 1 and 2 (a few steps: STSBenchmark dev well above the base's)."""
+    folder = tmp_path_factory.mktemp("trained")
+    for seed in (1, 2):
+        train(_tiny_recipe(tiny_models, max_steps=4, seed=seed, lr=5e-3), folder / f"seed{seed}", data_dir=data_dir,
+              progress=False)
+    return [folder / "seed1", folder / "seed2"]
+
+
+def test_greedy_soup_leaves_out_a_bad_member_as_reference_scores_say(tmp_path, tiny_models, data_dir, small_dev,
+                                                                     trained) -> None:
+    bad = make_run(tmp_path / "bad", tiny_models["llama"], seed=3, scale=1.0)  # a noise update far above the weights
+    runs = [trained[0], bad, trained[1]]
     result = soup(runs, tmp_path / "soup", greedy=True, tasks=["STS17"], data_dir=data_dir, device="cpu")
     record = result["soup"]
     # The rule, applied in the test to dev scores of reference models built from the members' merged weights.
@@ -146,7 +163,7 @@ def test_greedy_soup_leaves_out_a_bad_member_as_reference_scores_say(tmp_path, t
     member_dev = [score([r]) for r in runs]
     assert [c["stsb_dev"] for c in record["candidates"]] == pytest.approx(member_dev, abs=0.02)
     order = sorted(range(3), key=lambda i: -member_dev[i])
-    assert runs[order[-1]].name == "bad"  # the setup: the noisy member scores lowest
+    assert runs[order[-1]] == bad  # the setup: the noisy member scores lowest
     kept, best = [runs[order[0]]], member_dev[order[0]]
     for step, i in zip(record["steps"][1:], order[1:], strict=True):
         value = score([*kept, runs[i]])
@@ -155,8 +172,9 @@ def test_greedy_soup_leaves_out_a_bad_member_as_reference_scores_say(tmp_path, t
         assert step["kept"] is (value >= best)
         if value >= best:
             kept, best = [*kept, runs[i]], value
-    assert record["members"] == [str(r) for r in kept] and str(runs[1]) not in record["members"]
-    assert record["dev"] == pytest.approx(best, abs=0.05)  # scored again from the written folder
+    assert record["members"] == [str(r) for r in kept] and str(bad) not in record["members"]
+    # The soup's own dev score: of the written folder, as eval loads it (in the device's default dtype).
+    assert record["dev"] == evaluate(load_embedder(None, adapter=tmp_path / "soup", device=CPU), dev)["average"]
 
 
 def _edit(path: Path, **changes: object) -> None:
@@ -167,7 +185,9 @@ MISMATCHES = {  # how the second run is made to differ -> what the error names
     "spec": (lambda run, base: _edit(run / "embed.json", spec={**EmbedSpec().__dict__, "max_length": 32,
                                                                  "pooling": "mean"}), "spec.pooling is \"mean\""),
     "model": (lambda run, base: _edit(run / "embed.json", model="smollm2-135m"), "model is \"smollm2-135m\""),
-    "rank": (lambda run, base: _edit(run / "adapter/adapter_config.json", r=16), "lora.r is 16"),
+    "rank": (lambda run, base: (run / "recipe.yaml").write_text((run / "recipe.yaml").read_text().replace(
+        "r: 8", "r: 16")), "lora.r is 16"),
+    "scale": (lambda run, base: _edit(run / "adapter/adapter_config.json", lora_alpha=16), "lora.scale is 2.0"),
     "targets": (lambda run, base: _edit(run / "adapter/adapter_config.json", target_modules=["q_proj"]),
                 "lora.targets is [\"q_proj\"]"),
     "layers": (lambda run, base: _edit(run / "adapter/adapter_config.json", layers_to_transform=[1]),
@@ -207,11 +227,9 @@ def test_soup_needs_two_distinct_runs(tmp_path, tiny_models, capsys, runs, messa
     assert message in err and "\n" not in err, err
 
 
-def test_soup_of_trained_runs_loads_like_a_run_in_eval_and_export(tmp_path, tiny_models, data_dir, small_dev,
+def test_soup_of_trained_runs_loads_like_a_run_in_eval_and_export(tmp_path, data_dir, small_dev, trained,
                                                                   capsys) -> None:
-    runs = [tmp_path / f"seed{s}" for s in (1, 2)]
-    for seed, folder in zip((1, 2), runs, strict=True):
-        train(_tiny_recipe(tiny_models, max_steps=3, seed=seed, lr=1e-2), folder, data_dir=data_dir, progress=False)
+    runs = trained
     out = tmp_path / "soup"
     args = ["soup", "--run", str(runs[0]), "--run", str(runs[1]), "--output", str(out), "--tasks", "STS17",
             "--data-dir", str(data_dir), "--device", "cpu"]

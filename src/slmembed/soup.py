@@ -1,9 +1,10 @@
 """Model soups (Wortsman et al. 2022): one model whose weights are the mean of several training runs' weights.
 
-Members are finished training runs of one base model, one fine-tuning kind, one LoRA shape (r, alpha, targets,
-layers) and one embedding spec; ``check_members`` refuses anything else, naming the run and the field, before any
-model loads. The mean is ``tuning.average``'s: the mean of the state dicts (full fine-tuning), or a LoRA adapter of
-rank ``k r`` whose update is exactly the mean of the members' updates.
+Members are finished training runs of one base model, one fine-tuning kind, one LoRA shape (rank, scale alpha / r,
+targets, layers) and one embedding spec; ``check_members`` refuses anything else, naming the run and the field,
+before any model loads. The mean is ``tuning.average``'s: the mean of the state dicts (full fine-tuning), or a LoRA
+adapter of rank ``k r`` whose update is exactly the mean of the members' updates. A run that kept an average of its
+dev snapshots (selection.py) holds an adapter of a multiple of the trained rank at the same scale; it soups alike.
 
 * uniform soup: every member;
 * greedy soup (``greedy``): the members ordered by their STSBenchmark dev score, best first; starting from the best,
@@ -30,6 +31,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from slmembed import outputs, run
 from slmembed.atomic import atomic_dir
@@ -39,6 +41,10 @@ from slmembed.errors import SlmembedError
 from slmembed.paths import find_data_dir
 from slmembed.spec import EmbedSpec
 from slmembed.tables import table
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 COMMAND = "soup"
 # The run folder's names read and written here, in one place: what train.py and tuning.save_final write, and the
@@ -73,9 +79,12 @@ class Member:
         """What every member of a soup must share, field -> value."""
         fields = {"model": self.model, "train.finetune": self.recipe.train.finetune,
                   **{f"spec.{k}": v for k, v in self.spec.__dict__.items()}}
-        if self.adapter is not None:
+        if self.adapter is not None:  # as trained (the recipe's rank), and as kept: an average of dev snapshots
+            # (selection.py) is of a multiple of that rank at the same scale, and soups with the others
             targets, layers = self.adapter.get("target_modules"), self.adapter.get("layers_to_transform")
-            fields |= {"lora.r": self.adapter.get("r"), "lora.alpha": self.adapter.get("lora_alpha"),
+            r, alpha = self.adapter.get("r"), self.adapter.get("lora_alpha")
+            fields |= {"lora.r": self.recipe.lora.r,
+                       "lora.scale": alpha / r if isinstance(r, int) and isinstance(alpha, int | float) and r else None,
                        "lora.targets": sorted(targets) if isinstance(targets, list) else targets,
                        "lora.layers": sorted(layers) if isinstance(layers, list) else layers}
         return fields
@@ -142,7 +151,7 @@ def check_members(runs: Sequence[str | Path]) -> list[Member]:
                 raise SlmembedError(
                     f"{member.run}: {field} is {json.dumps(shape.get(field))}, but {members[0].run} has "
                     f"{json.dumps(first.get(field))}; a soup averages runs of one base model, fine-tuning kind, LoRA "
-                    "shape (r, alpha, targets, layers) and embedding spec")
+                    "shape (rank, scale, targets, layers) and embedding spec")
     return members
 
 
@@ -218,7 +227,8 @@ def _soup(members: list[Member], output: Path, *, greedy: bool, dev: dict[str, S
     return result
 
 
-def _choose(members: list[Member], greedy: bool, dev: dict[str, StsSet], device, loading: dict):
+def _choose(members: list[Member], greedy: bool, dev: dict[str, StsSet], device: torch.device,
+            loading: dict) -> tuple[torch.nn.Module, PreTrainedTokenizerBase, list[float], list[int], list[dict]]:
     """The soup's model (the chosen members averaged into it) and tokenizer, the members' dev scores, the chosen
     members (indices) and the greedy steps."""
     from slmembed import models, tuning
