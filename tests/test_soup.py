@@ -199,11 +199,18 @@ MISMATCHES = {  # how the second run is made to differ -> what the error names
 }
 
 
+@pytest.fixture(scope="module")
+def lora_runs(tmp_path_factory, tiny_models) -> list[Path]:
+    """Two LoRA runs of the tiny Llama that soup together, to be copied and changed."""
+    folder = tmp_path_factory.mktemp("lora-runs")
+    return [make_run(folder / "a", tiny_models["llama"]), make_run(folder / "b", tiny_models["llama"], seed=1)]
+
+
 @pytest.mark.parametrize("case", MISMATCHES)
-def test_members_that_differ_are_refused_before_any_model_loads(tmp_path, tiny_models, data_dir, capsys, monkeypatch,
-                                                                case) -> None:
+def test_members_that_differ_are_refused_before_any_model_loads(tmp_path, tiny_models, data_dir, lora_runs, capsys,
+                                                                monkeypatch, case) -> None:
     base = tiny_models["llama"]
-    first, second = make_run(tmp_path / "a", base), make_run(tmp_path / "b", base, seed=1)
+    first, second = (Path(shutil.copytree(run, tmp_path / run.name)) for run in lora_runs)
     change, message = MISMATCHES[case]
     change(second, base)
     monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("a model loaded"))
@@ -218,8 +225,8 @@ def test_members_that_differ_are_refused_before_any_model_loads(tmp_path, tiny_m
 
 @pytest.mark.parametrize("runs, message", [(["a"], "two or more runs"), (["a", "a"], "given twice"),
                                            (["a", "missing"], "no such run folder")])
-def test_soup_needs_two_distinct_runs(tmp_path, tiny_models, capsys, runs, message) -> None:
-    make_run(tmp_path / "a", tiny_models["llama"])
+def test_soup_needs_two_distinct_runs(tmp_path, lora_runs, capsys, runs, message) -> None:
+    shutil.copytree(lora_runs[0], tmp_path / "a")
     args = [a for r in runs for a in ("--run", str(tmp_path / r))]
     capsys.readouterr()
     assert main(["soup", *args, "--output", str(tmp_path / "soup")]) == 2
