@@ -94,9 +94,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slmembed.atomic import write_json
     from slmembed.data.sts import load_all, load_sts
 
+    adapters = args.adapter or [None]  # several: their ensemble (ensemble.py)
+    if args.dims and len(adapters) > 1:
+        raise SlmembedError("--dims scores prefixes of one model's vectors: give one --adapter")
     if args.output:  # a JSON beside a run's own files is fine (RUN/eval.json is what export reads)
         outputs.check_file(args.output, "eval", inputs=[args.model],
-                           around=[args.adapter, find_data_dir(args.data_dir, required=False)], force=args.force,
+                           around=[*adapters, find_data_dir(args.data_dir, required=False)], force=args.force,
                            ours=outputs.json_by("eval"), suffixes=(".json",))
     sets = load_all(args.tasks, args.data_dir)  # bad task names and data fail before the model loads
     from slmembed.embedder import load_embedder  # torch and transformers: after the checks
@@ -109,20 +112,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
         calibration = unique_sentences({"dev": dev})
         calibrated = {"calibration": f"STSBenchmark dev ({len(calibration)} sentences)"}
     overrides = {k: v for k, v in (("pooling", args.pooling), ("prompt", args.prompt)) if v is not None}
-    embedder = load_embedder(args.model, args.adapter, **_loading(args), trust_remote_code=args.trust_remote_code,
-                             allow_pickle=args.allow_pickle, **overrides)
-    _compile(embedder, args)
+    members = [load_embedder(args.model, adapter, **_loading(args), trust_remote_code=args.trust_remote_code,
+                             allow_pickle=args.allow_pickle, **overrides) for adapter in adapters]
+    for member in members:
+        _compile(member, args)
+    if len(members) > 1:
+        from slmembed.ensemble import Ensemble
+
+        embedder = Ensemble(members, adapters)
+        label, described = " + ".join(adapters), {"adapter": adapters, "members": embedder.record()}
+    else:
+        embedder = members[0]
+        label = args.model or str(adapters[0])
+        described = {"adapter": adapters[0], "spec": embedder.spec.__dict__, "dtype": embedder.weights}
     if args.dims and max(args.dims) > (size := embedder.encode(["size"]).shape[1]):  # before the long encode
         raise SlmembedError(f"--dims {max(args.dims)} is above the model's embedding size {size}")
     result = evaluate(embedder, sets, batch_size=args.batch_size, progress=True, precisions=precisions,
                       calibration=calibration, dims=tuple(args.dims or ()))
-    label = args.model or str(args.adapter)
     compact = {f"{p}": r["scores"] for p, r in result.get("precisions", {}).items()}
     prefixes = {f"dim {d}": r["scores"] for d, r in result.get("dims", {}).items()}
     print(table({label: result["scores"], **compact, **prefixes}))
     if args.output:
-        write_json(args.output, {"model": label, "adapter": args.adapter, "spec": embedder.spec.__dict__,
-                                 "dtype": embedder.weights, **result, **calibrated,
+        write_json(args.output, {"model": label, **described, **result, **calibrated,
                                  "run": provenance(args.command_line)})
         outputs.record_added(Path(args.output).parent, Path(args.output).name, "eval")
     return 0
@@ -138,6 +149,16 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
               device=args.device, curve=args.curve, force=args.force,
               provenance=functools.partial(provenance, args.command_line))
     print(Path(args.output, f"{name}.md").read_text())
+    return 0
+
+
+def cmd_soup(args: argparse.Namespace) -> int:
+    from slmembed.soup import soup, text  # torch comes once the runs and the output are checked and held
+
+    result = soup(args.run, args.output, greedy=args.greedy, tasks=args.tasks, data_dir=args.data_dir,
+                  device=args.device, force=args.force, trust_remote_code=args.trust_remote_code,
+                  allow_pickle=args.allow_pickle, provenance=functools.partial(provenance, args.command_line))
+    print(text(result))
     return 0
 
 
@@ -366,7 +387,9 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="Spearman x100 on the STS sets (MTEB conventions)")
     e.add_argument("--model", help="model name, folder or hub id (optional with a run folder as --adapter)")
-    e.add_argument("--adapter", help="training run folder or PEFT adapter folder")
+    e.add_argument("--adapter", action="append",
+                   help="training run folder or PEFT adapter folder; repeat it to score the ensemble of several runs "
+                        "(the mean of their cosine similarities)")
     e.add_argument("--tasks", nargs="+", help="default: all nine")
     e.add_argument("--output", help="write the scores to this JSON file")
     force(e, "an earlier eval JSON at --output")
@@ -396,6 +419,17 @@ def parser() -> argparse.ArgumentParser:
     for sp in (t, r):
         sp.add_argument("--skip-bad-rows", action="store_true",
                         help="skip malformed training-data rows (counted in data.json) instead of stopping")
+
+    s = sub.add_parser("soup", help="average the weights of several training runs of one recipe (a model soup)")
+    s.add_argument("--run", action="append", required=True, help="finished training run folder (two or more)")
+    s.add_argument("--output", required=True, help="run folder to write the soup to")
+    s.add_argument("--greedy", action="store_true",
+                   help="greedy soup: add runs best first while the soup's STSBenchmark dev score does not drop "
+                        "(only STSBenchmark dev chooses)")
+    s.add_argument("--tasks", nargs="+", help="sets the soup is scored on once chosen (default: all nine)")
+    force(s, "an earlier soup in --output")
+    common(s)
+    s.set_defaults(func=cmd_soup)
 
     d = sub.add_parser("demo", help="fine-tune an offline model on the CPU; STSBenchmark before/after")
     d.add_argument("--recipe", default="demo-smollm2")

@@ -5,6 +5,8 @@ snapshots hold, averaging states, and the weights a run folder keeps (``adapter/
 Averaging LoRA states is done on the products, not the factors: the mean of ``k`` updates ``s B_i A_i`` is itself a
 LoRA update of rank ``k r``, ``s' B' A'`` with ``A' = [A_1; ...; A_k]``, ``B' = [B_1, ..., B_k] / k`` and the same
 scale ``s' = alpha' / r' = alpha / r``. Averaging ``A`` and ``B`` separately would not give the mean of the updates.
+Updates of different ranks at one scale (a run that kept an average is one: soup.py) average alike, to the sum of
+their ranks.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from slmembed import models, sharding
 from slmembed.config import Recipe
@@ -75,7 +77,8 @@ def load_state(model: torch.nn.Module, tensors: dict[str, torch.Tensor], recipe:
 
 def average(model: torch.nn.Module, states: list[dict[str, torch.Tensor]], recipe: Recipe) -> None:
     """Make ``model`` compute with the mean of ``states``: loaded into its weights (full fine-tuning), or as the
-    active adapter ``AVERAGE`` of rank ``k r`` (LoRA; see the module docstring). ``use_trained`` switches back."""
+    active adapter ``AVERAGE`` whose rank is the sum of theirs, ``k r`` (LoRA, at the scale of the ``default``
+    adapter; see the module docstring). ``use_trained`` switches back."""
     k = len(states)
     if recipe.train.finetune == "full":
         model.load_state_dict({name: sum(s[name].float() for s in states).div(k).to(states[0][name].dtype)
@@ -87,9 +90,11 @@ def average(model: torch.nn.Module, states: list[dict[str, torch.Tensor]], recip
         merged[name] = (torch.cat(parts, 0) if ".lora_A." in name else torch.cat(parts, 1) / k if ".lora_B." in name
                         else sum(p.float() for p in parts).div(k).to(parts[0].dtype))
     base = model.peft_config["default"]
+    rank = sum(next(t.shape[0] for name, t in s.items() if ".lora_A." in name) for s in states)
+    alpha = base.lora_alpha * rank / base.r  # the scale alpha / r stays
     if AVERAGE in model.peft_config:
         model.delete_adapter(AVERAGE)
-    model.add_adapter(AVERAGE, dataclasses.replace(base, r=base.r * k, lora_alpha=base.lora_alpha * k,
+    model.add_adapter(AVERAGE, dataclasses.replace(base, r=rank, lora_alpha=int(alpha) if alpha.is_integer() else alpha,
                                                    lora_dropout=0.0))
     set_peft_model_state_dict(model, merged, adapter_name=AVERAGE)
     model.set_adapter(AVERAGE)
@@ -115,6 +120,13 @@ def save_final(model: torch.nn.Module, tokenizer, folder: Path, recipe: Recipe,
     tensors = tensors if tensors is not None else get_peft_model_state_dict(model, adapter_name=name)
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "adapter_model.safetensors",
               metadata={"format": "pt"})
+
+
+def read_final(folder: Path, recipe: Recipe, trust_remote_code: bool = False) -> dict[str, torch.Tensor]:
+    """The trained state (``state``'s tensors, on the host) that ``save_final`` wrote into ``folder``."""
+    if recipe.train.finetune == "full":
+        return state(models.load(str(folder), trust_remote_code=trust_remote_code)[0], recipe)
+    return load_file(folder / "adapter_model.safetensors")
 
 
 def final_folder(recipe: Recipe) -> str:
