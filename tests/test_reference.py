@@ -187,7 +187,7 @@ def test_the_registry_binds_the_recipe_fields() -> None:
     assert objective("infonce", recipe.train) is info_nce
 
 
-def _recipe(tiny_models, reference: Path | None, **train) -> Recipe:
+def _recipe(tiny_models, reference: Path | str | None, **train) -> Recipe:
     """A tiny run on one batch of 8 triplets (the same examples every step, so its loss must fall)."""
     recipe = Recipe()
     recipe.model.name, recipe.model.max_length = str(tiny_models["llama"]), 32
@@ -252,6 +252,9 @@ def test_guided_run_caches_the_vectors_resumes_without_encoding_and_refuses_anot
     save_file({k: v + 0.01 for k, v in weights.items()}, guide / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SlmembedError, match=r"reference.safetensors was made from other weight files than"):
         train_mod.train(recipe, tmp_path / "b", data_dir=data_dir, resume=True, progress=False)
+    (tmp_path / "b" / reference_mod.CACHE).write_bytes(b"not safetensors")  # and one that is damaged
+    with pytest.raises(SlmembedError, match=r"reference.safetensors: cannot be read as the reference's vectors \("):
+        train_mod.train(recipe, tmp_path / "b", data_dir=data_dir, resume=True, progress=False)
 
 
 def test_distillation_from_a_finished_run(tmp_path, tiny_models, data_dir) -> None:
@@ -269,6 +272,13 @@ def test_distillation_from_a_finished_run(tmp_path, tiny_models, data_dir) -> No
     loaded = load_embedder(None, adapter=teacher, device=torch.device("cpu"))
     np.testing.assert_allclose(vectors.float().numpy(), loaded.encode(_texts(student, data_dir)), atol=1e-3)
     assert made_from["weights"] == weights_sha256(loaded.sources) and len(loaded.sources) == 2  # base, adapter
+
+
+def test_an_unknown_reference_name_is_one_line_before_the_model_loads(tmp_path, tiny_models, data_dir,
+                                                                       monkeypatch) -> None:
+    monkeypatch.setattr(train_mod, "_setup_model", lambda *a: pytest.fail("the trained model loaded"))
+    with pytest.raises(SlmembedError, match=r"^train.reference: unknown model 'all-minilm': give a folder"):
+        train_mod.train(_recipe(tiny_models, "all-minilm"), tmp_path / "run", data_dir=data_dir, progress=False)
 
 
 def _fake_encode(texts: list[str]) -> np.ndarray:

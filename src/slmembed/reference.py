@@ -67,7 +67,10 @@ def _load(source: str, device: torch.device, trust_remote_code: bool,
     kwargs = {"device": device, "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     # A folder without config.json is a run (or adapter) folder: models.resolve takes no other folder as a model.
     run = path.is_dir() and not (path / "config.json").is_file()
-    embedder = load_embedder(None, adapter=path, **kwargs) if run else load_embedder(source, **kwargs)
+    try:
+        embedder = load_embedder(None, adapter=path, **kwargs) if run else load_embedder(source, **kwargs)
+    except SlmembedError as exc:  # an unknown name, a model that does not load: say which setting named it
+        raise SlmembedError(f"train.reference: {exc}") from None
     batch_size, max_tokens = batching(embedder)
 
     def encode(texts: list[str]) -> np.ndarray:
@@ -117,7 +120,8 @@ def _read(cache: Path, made_from: dict[str, str], device: torch.device) -> torch
         with safe_open(cache, framework="pt", device="cpu") as fh:
             saved, table = fh.metadata() or {}, fh.get_tensor("vectors")
     except Exception as exc:  # safetensors' errors for a damaged or foreign file
-        raise SlmembedError(f"{cache}: cannot be read as the reference's vectors ({exc}); delete it to encode the "
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise SlmembedError(f"{cache}: cannot be read as the reference's vectors ({reason}); delete it to encode the "
                             "sentences again") from None
     differs = [key for key in ("weights", "spec", "sentences") if saved.get(key) != made_from[key]]
     if differs:
