@@ -229,7 +229,7 @@ def test_guided_run_caches_the_vectors_resumes_without_encoding_and_refuses_anot
     expected = load_embedder(str(guide), device=torch.device("cpu")).encode(texts)
     assert vectors.dtype == torch.float16 and vectors.shape == expected.shape
     np.testing.assert_allclose(vectors.float().numpy(), expected, atol=1e-3)
-    assert made_from["weights"] == weights_sha256([guide]) and made_from["reference"] == str(guide)
+    assert made_from["weights"] == weights_sha256([guide]) and json.loads(made_from["reference"]) == str(guide)
 
     # Interrupted after its step-4 checkpoint, a copy of the run resumes from the cache (nothing is encoded again)
     # with GradCache, which passes the reference through: the same last steps as the uninterrupted run.
@@ -257,21 +257,27 @@ def test_guided_run_caches_the_vectors_resumes_without_encoding_and_refuses_anot
         train_mod.train(recipe, tmp_path / "b", data_dir=data_dir, resume=True, progress=False)
 
 
-def test_distillation_from_a_finished_run(tmp_path, tiny_models, data_dir) -> None:
-    """The teacher is a training run (its LoRA adapter on its base): the cache holds its vectors, and the student's
-    loss falls."""
+def test_distillation_from_an_ensemble_of_a_run_and_a_model(tmp_path, tiny_models, data_dir) -> None:
+    """The teacher is the ensemble of a training run (its LoRA adapter on its base) and a model: the cache holds the
+    members' unit vectors side by side, each scaled by 1/sqrt(2) (so that a dot product is the mean of their
+    cosines), and the student's loss falls."""
     teacher = tmp_path / "teacher"
     recipe = _recipe(tiny_models, None, loss="infonce", max_steps=1)
     recipe.model.name = str(tiny_models["gemma"])
     train_mod.train(recipe, teacher, data_dir=data_dir, progress=False)
-    student = _recipe(tiny_models, teacher, loss="distill_infonce", distill_weight=0.5, distill_temperature=0.1)
+    student = _recipe(tiny_models, None, loss="distill_infonce", distill_weight=0.5, distill_temperature=0.1)
+    student.train.reference = [str(teacher), str(tiny_models["phi"])]
     train_mod.train(student, tmp_path / "student", data_dir=data_dir, progress=False)
     losses = _losses(tmp_path / "student")
     assert losses[-1] < losses[0] - 0.1, losses
     vectors, made_from = _cache(tmp_path / "student")
-    loaded = load_embedder(None, adapter=teacher, device=torch.device("cpu"))
-    np.testing.assert_allclose(vectors.float().numpy(), loaded.encode(_texts(student, data_dir)), atol=1e-3)
-    assert made_from["weights"] == weights_sha256(loaded.sources) and len(loaded.sources) == 2  # base, adapter
+    members = [load_embedder(None, adapter=teacher, device=torch.device("cpu")),
+               load_embedder(str(tiny_models["phi"]), device=torch.device("cpu"))]
+    texts = _texts(student, data_dir)
+    expected = np.concatenate([m.encode(texts) for m in members], axis=1) / np.sqrt(2)
+    np.testing.assert_allclose(vectors.float().numpy(), expected, atol=1e-3)
+    assert made_from["weights"] == weights_sha256([*members[0].sources, *members[1].sources])
+    assert len(members[0].sources) == 2  # the run's base model and its adapter
 
 
 def test_an_unknown_reference_name_is_one_line_before_the_model_loads(tmp_path, tiny_models, data_dir,

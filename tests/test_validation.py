@@ -60,7 +60,7 @@ BAD: dict[str, list[str]] = {
     "train.sharding": ["ddp", "FSDP", "''", "1", "null"],
     "train.matryoshka_dims": ["[]", "[0]", "[8, 8]", "8", "[1.5]", "[true]"],
     "train.matryoshka_weights": ["[]", "[0]", "[-1]", "[.nan]", "1", "[x]"],
-    "train.reference": ["''", "'  '", "[x]", "1", "all-minilm-l6-v2"],  # the last for infonce, which takes none
+    "train.reference": ["''", "'  '", "[]", "[x, x]", "['']", "1", "[1]", "all-minilm-l6-v2"],  # last: for infonce
     "train.guide_margin": ["-0.1", ".nan", ".inf", "x", "true", "null", "0.1"],  # 0.1: for another train.loss
     "train.distill_weight": ["-1", ".nan", ".inf", "x", "true", "null", "0.5"],
     "train.distill_temperature": ["0", "-0.05", ".nan", ".inf", "x", "true", "null", "0.1"],

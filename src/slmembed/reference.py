@@ -1,11 +1,11 @@
 """A reference model's vectors of the training sentences, for the objectives that learn from one (losses.REFERENCE:
 guided negatives, distillation).
 
-``train.reference`` names the reference: a packaged model, a model folder, a hub id or a finished training run
-(run.py checks a folder before any work). Before the loop, every unique training sentence is embedded once by it,
-the model is freed, and the unit vectors stay on the training device as a table (float16) whose row ``k`` is the
-``k``-th of the sorted unique sentences; a step takes the rows of its texts (``Reference.rows``). Under several
-processes each encodes every W-th sentence and the shares are gathered.
+``train.reference`` names the reference: a packaged model, a model folder, a hub id or a finished training run, or
+several (their ensemble: ensemble.py); run.py checks a folder before any work. Before the loop, every unique
+training sentence is embedded once by it, the model is freed, and the unit vectors stay on the training device as a
+table (float16) whose row ``k`` is the ``k``-th of the sorted unique sentences; a step takes the rows of its texts
+(``Reference.rows``). Under several processes each encodes every W-th sentence and the shares are gathered.
 
 The table is cached in the run folder (``CACHE``) with what it was made from: the digest of the reference's weight
 files (digest.py), its embedding spec, and the digest of the sentences. A resumed run reads it instead of encoding
@@ -28,7 +28,8 @@ from safetensors.torch import save_file
 from slmembed.atomic import atomic_path
 from slmembed.config import Recipe
 from slmembed.digest import weights_sha256
-from slmembed.embedder import batching, load_embedder
+from slmembed.embedder import Embedder, batching, load_embedder
+from slmembed.ensemble import Ensemble
 from slmembed.errors import SlmembedError
 from slmembed.losses.infonce import gather
 
@@ -58,25 +59,32 @@ class Reference:
             save_file({"vectors": self.vectors.cpu().contiguous()}, tmp, metadata=self.made_from)
 
 
-def _load(source: str, device: torch.device, trust_remote_code: bool,
-          allow_pickle: bool) -> tuple[Callable[[list[str]], np.ndarray], dict[str, str]]:
-    """The reference ``source`` names, as a function from texts to unit vectors [N, R], and what identifies it (the
-    digest of its weight files, its embedding spec). The one place a reference is loaded: an ensemble of runs would be
-    one more case here, whose ``encode`` gives unit vectors as well."""
+def _load(source: str, device: torch.device, trust_remote_code: bool, allow_pickle: bool) -> Embedder:
+    """The model ``source`` names: a run (or adapter) folder, or a model by name or folder."""
     path = Path(source).expanduser()
     kwargs = {"device": device, "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     # A folder without config.json is a run (or adapter) folder: models.resolve takes no other folder as a model.
     run = path.is_dir() and not (path / "config.json").is_file()
     try:
-        embedder = load_embedder(None, adapter=path, **kwargs) if run else load_embedder(source, **kwargs)
+        return load_embedder(None, adapter=path, **kwargs) if run else load_embedder(source, **kwargs)
     except SlmembedError as exc:  # an unknown name, a model that does not load: say which setting named it
         raise SlmembedError(f"train.reference: {exc}") from None
-    batch_size, max_tokens = batching(embedder)
+
+
+def _encoder(recipe: Recipe, device: torch.device) -> tuple[Callable[[list[str]], np.ndarray], dict[str, str]]:
+    """The recipe's reference as a function from texts to unit vectors [N, R], and what identifies it: the digest of
+    its weight files and its embedding spec. Several models are their ensemble (ensemble.py), whose vectors give the
+    mean of the members' cosine similarities."""
+    members = [_load(source, device, recipe.model.trust_remote_code, recipe.model.allow_pickle)
+               for source in recipe.train.references]
+    model = members[0] if len(members) == 1 else Ensemble(members, recipe.train.references)
+    batch_size, max_tokens = batching(model)
 
     def encode(texts: list[str]) -> np.ndarray:
-        return embedder.encode(texts, batch_size=batch_size, max_tokens=max_tokens)
+        return model.encode(texts, batch_size=batch_size, max_tokens=max_tokens)
 
-    return encode, {"weights": weights_sha256(embedder.sources), "spec": json.dumps(embedder.spec.__dict__)}
+    return encode, {"weights": weights_sha256([source for m in members for source in m.sources]),
+                    "spec": json.dumps([m.spec.__dict__ for m in members])}
 
 
 def _encode(encode: Callable[[list[str]], np.ndarray], texts: list[str], rank: int, world: int,
@@ -97,9 +105,8 @@ def vectors(recipe: Recipe, texts: list[str], run_dir: Path | None, device: torc
     """The vectors of the sorted unique sentences ``texts`` by the recipe's ``train.reference``, and whether they were
     encoded now (to be saved) rather than read from the cache of ``run_dir`` (a resumed run's, if it has one). Every
     process calls this; the reference is freed before it returns."""
-    source = recipe.train.reference
-    encode, made_from = _load(source, device, recipe.model.trust_remote_code, recipe.model.allow_pickle)
-    made_from = {"reference": source, **made_from, "sentences": _digest(texts)}
+    encode, made_from = _encoder(recipe, device)
+    made_from = {"reference": json.dumps(recipe.train.reference), **made_from, "sentences": _digest(texts)}
     index = {text: k for k, text in enumerate(texts)}
     if run_dir is not None and (run_dir / CACHE).is_file():
         return Reference(_read(run_dir / CACHE, made_from, device), index, made_from), False
@@ -127,6 +134,6 @@ def _read(cache: Path, made_from: dict[str, str], device: torch.device) -> torch
     if differs:
         what = {"weights": "weight files", "spec": "embedding spec", "sentences": "training sentences"}
         raise SlmembedError(f"{cache} was made from other {' and '.join(what[k] for k in differs)} than this run's "
-                            f"reference {made_from['reference']} and data have now: resume with the ones the run "
-                            "started with, or delete the file to encode again")
+                            "train.reference and data give now: resume with the ones the run started with, or delete "
+                            "the file to encode again")
     return table.to(device)

@@ -70,10 +70,10 @@ def check(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     """Check before any work that a run may be written to ``run_dir`` (outputs.py) and, with ``resume``, continued;
     True if an earlier run there is to be replaced. ``resume=None``: the caller has no way to continue a run."""
     run_dir = Path(run_dir)
-    reference = recipe.train.reference
-    if reference is not None:
-        _check_reference(reference)
-    replace = outputs.check_folder(run_dir, "train", inputs=[recipe.model.name, *recipe.data.sources, reference],
+    references = recipe.train.references
+    for source in references:
+        _check_reference(source)
+    replace = outputs.check_folder(run_dir, "train", inputs=[recipe.model.name, *recipe.data.sources, *references],
                                    around=[find_data_dir(data_dir, required=False)], force=force, resume=resume)
     if resume:
         _check_resumable(run_dir, recipe)
