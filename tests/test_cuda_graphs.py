@@ -181,6 +181,7 @@ def test_two_processes_average_their_gradients_in_the_graph_and_share_buckets(ti
     ({"sharded": True}, "train.cuda_graphs and train.sharding=fsdp exclude each other"),
     ({"grad_cache": True}, "train.cuda_graphs and train.grad_cache exclude each other"),
     ({"packing": False}, "train.cuda_graphs runs packed steps: set train.packing=true"),
+    ({"reference": True}, "train.cuda_graphs does not record the reference's vectors"),
 ])
 def test_cuda_graphs_refusals(kwargs, expected) -> None:
     settings = {"device": torch.device("cuda"), "sharded": False, "grad_cache": False, "packing": None, **kwargs}

@@ -33,6 +33,13 @@ def test_a_bad_recipe_is_refused_without_loading_torch(tmp_path) -> None:
     assert _loaded_after(code) == set()
 
 
+def test_a_bad_reference_is_refused_without_loading_torch(tmp_path) -> None:
+    code = ("from slmembed.cli import main\n"
+            f"assert main(['train', '--config', 'smollm2-135m', '--output', {str(tmp_path / 'run')!r}, "
+            f"'--set', 'train.loss=guided_infonce', '--set', 'train.reference={tmp_path / 'missing'}']) == 2")
+    assert _loaded_after(code) == set()
+
+
 @pytest.mark.parametrize("command", [["train", "--config", "smollm2-135m"], ["demo"],
                                      ["reproduce", "--model", "smollm2-135m"]])
 def test_an_output_that_is_refused_loads_no_torch(command: list[str], tmp_path) -> None:

@@ -21,7 +21,7 @@ from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.nli import load_triplets
 from slmembed.embedder import load_embedder
 from slmembed.errors import SlmembedError
-from slmembed.losses import LOSSES
+from slmembed.losses import LOSSES, REFERENCE
 from slmembed.losses.infonce import info_nce
 
 
@@ -220,7 +220,8 @@ def test_the_recipe_names_the_objective(tmp_path, tiny_models, data_dir) -> None
     """train.loss picks the objective from losses.LOSSES: the same first step logs each one's own loss."""
     first = {}
     for name in LOSSES:
-        recipe = _tiny_recipe(tiny_models, max_steps=1, loss=name)
+        guide = str(tiny_models["gemma"]) if name in REFERENCE else None  # those objectives learn from a model
+        recipe = _tiny_recipe(tiny_models, max_steps=1, loss=name, reference=guide)
         recipe.lora.dropout = 0.0  # the same forward for both, so the losses differ by the objective alone
         train_mod.train(recipe, tmp_path / name, data_dir=data_dir, progress=False)
         first[name] = json.loads((tmp_path / name / "train_log.jsonl").read_text().splitlines()[0])["loss"]

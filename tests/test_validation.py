@@ -44,7 +44,7 @@ BAD: dict[str, list[str]] = {
     "train.epochs": ["0", "-1", *NOT_INT],
     "train.max_steps": ["0", "-5", "1.5", "true"],
     "train.temperature": ["-0.05", "0", ".nan", ".inf", "x", "true"],
-    "train.loss": ["mse", "InfoNCE", "''", "1", "[infonce]"],
+    "train.loss": ["mse", "InfoNCE", "''", "1", "[infonce]", "guided_infonce"],  # the last without train.reference
     "train.angle_weight": ["-0.1", ".nan", ".inf", "x", "true", "0.1"],  # 0.1: a weight for another train.loss
     "train.angle_tau": ["0", "-20", ".nan", "x", "true", "5"],
     "train.finetune": ["partial", "LoRA", "''", "1", "null"],
@@ -60,6 +60,10 @@ BAD: dict[str, list[str]] = {
     "train.sharding": ["ddp", "FSDP", "''", "1", "null"],
     "train.matryoshka_dims": ["[]", "[0]", "[8, 8]", "8", "[1.5]", "[true]"],
     "train.matryoshka_weights": ["[]", "[0]", "[-1]", "[.nan]", "1", "[x]"],
+    "train.reference": ["''", "'  '", "[]", "[x, x]", "['']", "1", "[1]", "all-minilm-l6-v2"],  # last: for infonce
+    "train.guide_margin": ["-0.1", ".nan", ".inf", "x", "true", "null", "0.1"],  # 0.1: for another train.loss
+    "train.distill_weight": ["-1", ".nan", ".inf", "x", "true", "null", "0.5"],
+    "train.distill_temperature": ["0", "-0.05", ".nan", ".inf", "x", "true", "null", "0.1"],
     "train.seed": ["-1", str(2**64), *NOT_INT],
     "train.save_every": ["0", "-1", *NOT_INT],
     "train.keep_checkpoints": ["0", *NOT_INT],

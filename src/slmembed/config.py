@@ -21,11 +21,13 @@ import yaml
 
 from slmembed.checks import NOT_NEGATIVE, POSITIVE, TEXT, Check, at_least, one_of, rule
 from slmembed.errors import SlmembedError
-from slmembed.losses import LOSSES, OPTIONS
+from slmembed.losses import LOSSES, OPTIONS, REFERENCE
 from slmembed.spec import RULES as SPEC_RULES
 
 NAMES = rule("a non-empty list of distinct, non-empty strings",
              lambda v: 0 < len(set(v)) == len(v) and all(s.strip() for s in v))
+REFERENCES = rule("a non-empty string, or a non-empty list of distinct, non-empty strings (an ensemble)",
+                  lambda v: bool(v.strip()) if isinstance(v, str) else NAMES(v) is None)
 DIMS = rule("a non-empty list of distinct integers >= 1, or null",
             lambda v: 0 < len(set(v)) == len(v) and all(d >= 1 for d in v))
 WEIGHTS = rule("a non-empty list of finite numbers > 0, or null",
@@ -80,6 +82,15 @@ class TrainConfig:
     # defaults are AnglE's for NLI triplets.
     angle_weight: float = checked(NOT_NEGATIVE, default=0.02)
     angle_tau: float = checked(POSITIVE, default=20.0)
+    # The reference model of the objectives that use one (losses.REFERENCE; reference.py): a packaged model name, a
+    # model folder, a hub id or a finished training run, or a list of them (their ensemble: ensemble.py), whose
+    # vectors of the training sentences guide the in-batch negatives (guided_infonce: candidates it ranks above the
+    # positive, less guide_margin, are left out) or are distilled (distill_infonce: infonce + distill_weight * KL to
+    # its in-batch softmax at distill_temperature).
+    reference: str | list[str] | None = checked(REFERENCES, default=None)
+    guide_margin: float = checked(NOT_NEGATIVE, default=0.0)
+    distill_weight: float = checked(NOT_NEGATIVE, default=1.0)
+    distill_temperature: float = checked(POSITIVE, default=0.05)
     # Matryoshka (losses/matryoshka.py): the loss also at these embedding prefix sizes (each below the model's size),
     # weighted by matryoshka_weights (default 1 each), so that a cut vector keeps its quality. None: full size only.
     matryoshka_dims: list[int] | None = checked(DIMS, default=None)
@@ -111,6 +122,11 @@ class TrainConfig:
     dev_every: int | None = checked(at_least(1), default=None)
     select: str = checked(one_of("last", "best_dev"), default="last")
     average_last: int = checked(at_least(1), default=1)
+
+    @property
+    def references(self) -> list[str]:
+        """The models ``reference`` names: none, one, or the members of an ensemble."""
+        return [] if self.reference is None else [self.reference] if isinstance(self.reference, str) else self.reference
 
 
 @dataclass
@@ -249,6 +265,12 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
             if tc.loss != loss and value != default:
                 raise SlmembedError(f"{where}: train.{name}: {value!r} is used by train.loss: {loss} only, not "
                                     f"{tc.loss}; set train.loss: {loss}, or leave train.{name} at {default!r}")
+    if tc.loss in REFERENCE and tc.reference is None:
+        raise SlmembedError(f"{where}: train.loss: {tc.loss} learns from a reference model: set train.reference (a "
+                            "model name, a model folder, a finished training run, or a list of them)")
+    if tc.reference is not None and tc.loss not in REFERENCE:
+        raise SlmembedError(f"{where}: train.reference: {tc.loss} does not use it, only {', '.join(sorted(REFERENCE))} "
+                            "do: set train.loss to one of them, or train.reference to null")
     if tc.sharding == "fsdp" and tc.average_last != 1:
         raise SlmembedError(f"{where}: train.average_last: {tc.average_last} cannot be combined with train.sharding: "
                             "fsdp (the averaged adapter is not sharded); leave it at 1")

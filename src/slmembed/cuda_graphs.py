@@ -53,7 +53,8 @@ def bucket_of(tokens: int) -> tuple[int, int]:
     return (tokens // step + 1) * step, step
 
 
-def check(enabled: bool, *, device: torch.device, sharded: bool, grad_cache: bool, packing: bool | None) -> None:
+def check(enabled: bool, *, device: torch.device, sharded: bool, grad_cache: bool, packing: bool | None,
+          reference: bool = False) -> None:
     """Refuse, in one line and before anything loads, ``train.cuda_graphs`` where it cannot run."""
     if not enabled:
         return
@@ -69,6 +70,9 @@ def check(enabled: bool, *, device: torch.device, sharded: bool, grad_cache: boo
     if packing is False:
         raise SlmembedError("train.cuda_graphs runs packed steps: set train.packing=true (or null), "
                             "or train.cuda_graphs=false")
+    if reference:
+        raise SlmembedError("train.cuda_graphs does not record the reference's vectors that train.reference's "
+                            "objectives take: set train.cuda_graphs=false")
 
 
 def _several() -> bool:

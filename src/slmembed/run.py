@@ -16,7 +16,7 @@ from slmembed.paths import find_data_dir
 
 # What a run folder holds (docs/training.md, "Train").
 ENTRIES = ("adapter", "model", "checkpoints", "dev", "recipe.yaml", "embed.json", "train_log.jsonl", "data.json",
-           "summary.json", "tensorboard", "profile")
+           "summary.json", "tensorboard", "profile", "reference.safetensors")
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
@@ -49,12 +49,31 @@ def _check_resumable(run_dir: Path, recipe: Recipe) -> None:
                             "resume with its recipe.yaml, or start a new run in another folder")
 
 
+def _check_reference(source: str) -> None:
+    """Refuse a ``train.reference`` that names a folder which is missing, an unfinished run, or neither a run nor a
+    model folder. Other names (packaged models, hub ids) are resolved where the reference loads (reference.py)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if outputs.written_by(path) == "train" and finished(path) is None:
+            raise SlmembedError(f"train.reference: {path} is a training run that has not finished (no summary.json): "
+                                "give a finished run, or finish this one first")
+        if not any((path / name).is_file() for name in ("config.json", "embed.json", "adapter_config.json")):
+            raise SlmembedError(f"train.reference: {path} is neither a model folder (no config.json) nor a finished "
+                                "training run (no embed.json)")
+    elif path.exists() or source.startswith(("/", ".", "~")) or source.count("/") > 1:
+        raise SlmembedError(f"train.reference: {source} is not a folder; expected a model name, a model folder or a "
+                            "finished training run")
+
+
 def check(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, resume: bool | None = False,
           force: bool = False) -> bool:
     """Check before any work that a run may be written to ``run_dir`` (outputs.py) and, with ``resume``, continued;
     True if an earlier run there is to be replaced. ``resume=None``: the caller has no way to continue a run."""
     run_dir = Path(run_dir)
-    replace = outputs.check_folder(run_dir, "train", inputs=[recipe.model.name, *recipe.data.sources],
+    references = recipe.train.references
+    for source in references:
+        _check_reference(source)
+    replace = outputs.check_folder(run_dir, "train", inputs=[recipe.model.name, *recipe.data.sources, *references],
                                    around=[find_data_dir(data_dir, required=False)], force=force, resume=resume)
     if resume:
         _check_resumable(run_dir, recipe)

@@ -2,7 +2,7 @@
 
 * **checks**: the recipe and the run folder, before any work;
 * **data** (``_examples``): NLI examples (anchor, positive, hard negative, optional neutral) from data/nli.py, every
-  unique sentence tokenised once;
+  unique sentence tokenised once and, with ``train.reference``, embedded once by the reference (reference.py);
 * **model** (``_setup_model``): the backbone made trainable as ``train.finetune`` says (tuning.py: LoRA adapters or
   every weight), AdamW and the schedule, the Embedder that runs it (pooling, prompt, attention: embedder.py);
 * **run folder**: continue from the newest checkpoint (``resume=True``: exactly where it stopped), or start it;
@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from slmembed import cuda_graphs, kernels, liveness, models, outputs, profiling, run, sharding, tuning
+from slmembed import cuda_graphs, kernels, liveness, models, outputs, profiling, reference, run, sharding, tuning
 from slmembed.atomic import atomic_dir, clean_leftovers, disk_errors, write_json, write_text
 from slmembed.compile import compile_blocks
 from slmembed.config import Recipe, recipe_from_dict
@@ -186,23 +186,26 @@ class StepBatch:
     negatives: int  # rows x negative columns
     slots: torch.Tensor | None = None
     present: torch.Tensor | None = None
+    reference: torch.Tensor | None = None  # train.reference's vectors of anchors, positives, then every negative slot
 
     @classmethod
-    def of(cls, examples: list[Example], rows: np.ndarray, cols: list[int],
-           token_ids: dict[str, list[int]]) -> StepBatch:
+    def of(cls, examples: list[Example], rows: np.ndarray, cols: list[int], token_ids: dict[str, list[int]],
+           table: reference.Reference | None = None) -> StepBatch:
         texts = [[examples[i][c] for i in rows] for c in cols]
         negatives = [t for col in texts[2:] for t in col]
         ids = [token_ids[t] for col in texts[:2] for t in col] + [token_ids[t] for t in negatives if t is not None]
         present = torch.tensor([t is not None for t in negatives], dtype=torch.bool)
+        vectors = None if table is None else table.rows([t for col in texts for t in col])
         if bool(present.all()):
-            return cls(ids, len(rows), len(negatives))
-        return cls(ids, len(rows), len(negatives), present.nonzero().squeeze(1), present)
+            return cls(ids, len(rows), len(negatives), reference=vectors)
+        return cls(ids, len(rows), len(negatives), present.nonzero().squeeze(1), present, vectors)
 
 
 def batch_loss(objective: Callable, batch: StepBatch, emb: torch.Tensor, temperature: float) -> torch.Tensor:
     """Phase "loss": the objective of a step's embeddings [N, D] (in the order of ``batch.ids``). Missing negatives
     (entailment-only pairs, groups without a neutral) are masked out of the candidates. The places are computed on
-    the host (``StepBatch.of``): a boolean index on the GPU would make the host wait for it."""
+    the host (``StepBatch.of``): a boolean index on the GPU would make the host wait for it. The reference's vectors,
+    if the batch has them, go to the objective (those of losses.REFERENCE) as ``reference``."""
     b = batch.rows
     anchors, positives, negatives, mask = emb[:b], emb[b : 2 * b], None, None
     if batch.negatives and batch.slots is None:
@@ -211,7 +214,11 @@ def batch_loss(objective: Callable, batch: StepBatch, emb: torch.Tensor, tempera
         slots = batch.slots.to(emb.device, non_blocking=True)
         negatives = emb.new_zeros((batch.negatives, emb.shape[1])).index_put((slots,), emb[2 * b :])
         mask = batch.present.to(emb.device, non_blocking=True)
-    return objective(anchors, positives, negatives, temperature, negative_mask=mask)
+    extra = {}
+    if batch.reference is not None:
+        ref = batch.reference
+        extra["reference"] = (ref[:b], ref[b : 2 * b], ref[2 * b :] if batch.negatives else None)
+    return objective(anchors, positives, negatives, temperature, negative_mask=mask, **extra)
 
 
 def _setup_model(recipe: Recipe, acc: Accelerator):
@@ -281,7 +288,7 @@ def _train(recipe: Recipe, run_dir: Path, replace: bool, *, data_dir: str | None
     kernels.check(tc.kernels, tc.compile, acc.device)
     sharded = tc.sharding == "fsdp"
     cuda_graphs.check(tc.cuda_graphs, device=acc.device, sharded=sharded, grad_cache=tc.grad_cache,
-                      packing=tc.packing)
+                      packing=tc.packing, reference=tc.reference is not None)
     bf16 = tuning.uses_bf16(recipe, acc.device)
     if tc.bf16 and not bf16:
         acc.print(f"train.bf16: this {acc.device.type} has no native bf16 (AVX512-BF16 or AMX on a CPU): training in "
@@ -299,6 +306,11 @@ def _train(recipe: Recipe, run_dir: Path, replace: bool, *, data_dir: str | None
     save_every, keep = tc.save_every, tc.keep_checkpoints
     if spaced_checkpoints:
         save_every, keep = max(1, -(-total // (spaced_checkpoints + 1))), spaced_checkpoints + 1
+    texts = sorted({t for example in examples for t in example if t is not None})
+    table, encoded = None, False
+    if tc.reference is not None:  # before the model loads: only the reference's vectors stay (reference.py)
+        table, encoded = reference.vectors(recipe, texts, run_dir if resume else None, acc.device, acc.process_index,
+                                           acc.num_processes)
 
     model, tokenizer, optimizer = _setup_model(recipe, acc)
     size = getattr(acc.unwrap_model(model).config, "hidden_size", None)
@@ -317,7 +329,6 @@ def _train(recipe: Recipe, run_dir: Path, replace: bool, *, data_dir: str | None
         model, optimizer = acc.prepare(model, optimizer)
     spec = EmbedSpec.of(recipe.model)
     embedder = Embedder(model, tokenizer, spec, packed=tc.packing)
-    texts = sorted({t for example in examples for t in example if t is not None})
     token_ids = dict(zip(texts, embedder.tokenize(texts)))  # every unique sentence tokenised once
     cols = columns(recipe)
     cost = np.array([sum(len(token_ids[e[c]]) for c in cols if e[c] is not None) for e in examples])  # tokens
@@ -338,6 +349,8 @@ def _train(recipe: Recipe, run_dir: Path, replace: bool, *, data_dir: str | None
             outputs.mark(run_dir, "train", run.ENTRIES)
         write_text(run_dir / "recipe.yaml", recipe.to_yaml())
         write_json(run_dir / "data.json", data_record)
+        if encoded:
+            table.save(run_dir)
     log_path = run_dir / "train_log.jsonl"
     if acc.is_main_process:
         _trim_log(log_path, start)
@@ -371,7 +384,8 @@ def _train(recipe: Recipe, run_dir: Path, replace: bool, *, data_dir: str | None
     try:
         for step in range(start, total):
             rows = batch_indices(len(examples), global_batch, step, tc.seed)
-            batch = StepBatch.of(examples, rank_rows(rows, cost, acc.process_index, acc.num_processes), cols, token_ids)
+            batch = StepBatch.of(examples, rank_rows(rows, cost, acc.process_index, acc.num_processes), cols, token_ids,
+                                 table)
             loss = None
             if graphed is not None:  # None: a step over chunk_tokens, run the ordinary way
                 largest = None

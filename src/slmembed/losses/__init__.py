@@ -2,6 +2,8 @@
 ``f(anchors, positives, negatives | None, temperature, negative_mask=None) -> loss``, gathered across ranks.
 ``train.loss`` in a recipe names one of ``LOSSES``; a new objective is a module here and an entry below.
 An objective's keyword-only parameters named in ``OPTIONS`` are recipe fields of ``train`` of the same names.
+The objectives in ``REFERENCE`` also take a reference model's vectors of the same texts as the keyword
+``reference`` (``train.reference``; reference.py).
 ``train.matryoshka_dims`` wraps the named objective in ``matryoshka`` (summed over embedding prefixes).
 
 The registry names each objective's module and function instead of importing them: a recipe's ``train.loss`` is
@@ -18,8 +20,12 @@ LOSSES = {
     "infonce": "infonce.info_nce",  # the paper's: anchors against all positives and hard negatives
     "symmetric_infonce": "symmetric.symmetric_info_nce",  # and positives against all anchors
     "angle_infonce": "angle.angle_info_nce",  # InfoNCE plus AnglE's angle term
+    "guided_infonce": "guided.guided_info_nce",  # without the candidates the reference ranks above the positive
+    "distill_infonce": "distill.distill_info_nce",  # plus the KL to the reference's in-batch distribution
 }
-OPTIONS = {"angle_infonce": ("angle_weight", "angle_tau")}  # the train fields each objective takes as keywords
+OPTIONS = {"angle_infonce": ("angle_weight", "angle_tau"),  # the train fields each objective takes as keywords
+           "guided_infonce": ("guide_margin",), "distill_infonce": ("distill_weight", "distill_temperature")}
+REFERENCE = frozenset({"guided_infonce", "distill_infonce"})
 
 
 def objective(name: str, train: Any = None) -> Callable:

@@ -59,6 +59,37 @@ def gather(*xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return xs
 
 
+def similarities(
+    anchors: torch.Tensor,
+    positives: torch.Tensor,
+    negatives: torch.Tensor | None = None,
+    negative_mask: torch.Tensor | None = None,
+    reference: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The local anchors' cosine similarities [B, C] to all ranks' candidates (``c`` of the module docstring; missing
+    negatives -inf) and the column of each anchor's own positive [B]. With ``reference``, another model's vectors of
+    the same anchors, positives and negatives (any width), also that model's similarities of the same pairs [B, C],
+    without gradient: its candidates travel beside the trained ones, in the same collective."""
+    a = F.normalize(anchors.float(), dim=-1)
+    local = [F.normalize(x.float(), dim=-1) for x in (positives, negatives) if x is not None]
+    width = a.shape[1]
+    if reference is not None:
+        ref = [F.normalize(x.float(), dim=-1) for x in reference if x is not None]
+        local = [torch.cat([x, r], dim=1) for x, r in zip(local, ref[1:], strict=True)]
+    gathered = gather(*local)
+    candidates = torch.cat(gathered)  # all ranks' positives, then all ranks' negatives
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
+    sims = a @ (candidates if reference is None else candidates[:, :width]).T
+    guide = None if reference is None else ref[0] @ candidates[:, width:].detach().T
+    if negative_mask is not None:
+        (mask,) = gather(negative_mask.to(device=a.device, dtype=torch.uint8))
+        real = torch.cat([torch.ones(gathered[0].shape[0], dtype=torch.bool, device=a.device), mask.bool()])
+        sims = sims.masked_fill(~real, float("-inf"))
+        guide = None if guide is None else guide.masked_fill(~real, float("-inf"))
+    return sims, labels, guide
+
+
 def info_nce(
     anchors: torch.Tensor,
     positives: torch.Tensor,
@@ -67,15 +98,5 @@ def info_nce(
     negative_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean InfoNCE loss of the local anchors against all ranks' positives and hard negatives (see module doc)."""
-    a = F.normalize(anchors.float(), dim=-1)
-    local = [F.normalize(x.float(), dim=-1) for x in (positives, negatives) if x is not None]
-    gathered = gather(*local)
-    candidates = torch.cat(gathered)  # all ranks' positives, then all ranks' negatives
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]
-    logits = a @ candidates.T / temperature
-    if negative_mask is not None:
-        (mask,) = gather(negative_mask.to(device=a.device, dtype=torch.uint8))
-        real = torch.cat([torch.ones(gathered[0].shape[0], dtype=torch.bool, device=a.device), mask.bool()])
-        logits = logits.masked_fill(~real, float("-inf"))
-    return F.cross_entropy(logits, labels)
+    sims, labels, _ = similarities(anchors, positives, negatives, negative_mask)
+    return F.cross_entropy(sims / temperature, labels)

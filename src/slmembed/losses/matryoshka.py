@@ -8,7 +8,8 @@ objective (infonce, symmetric_infonce), the loss is
 
 so that the first ``d_k`` coordinates alone, renormalised, are an embedding of their own (the objectives score by
 cosine, which renormalises). It is a function of the full embeddings, so GradCache (whose cached gradients are the
-loss's with respect to them), packed batches and the cross-rank gather inside ``L`` work unchanged.
+loss's with respect to them), packed batches and the cross-rank gather inside ``L`` work unchanged. Further keywords
+(a reference model's vectors, ``reference``) reach every term whole.
 """
 
 from __future__ import annotations
@@ -23,12 +24,12 @@ def matryoshka(objective: Callable, dims: Sequence[int], weights: Sequence[float
     weights = list(weights) if weights is not None else [1.0] * len(dims)
 
     def loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None, temperature: float,
-             negative_mask: torch.Tensor | None = None) -> torch.Tensor:
-        total = objective(anchors, positives, negatives, temperature, negative_mask=negative_mask)
+             negative_mask: torch.Tensor | None = None, **extra) -> torch.Tensor:
+        total = objective(anchors, positives, negatives, temperature, negative_mask=negative_mask, **extra)
         for d, w in zip(dims, weights):
             cut = None if negatives is None else negatives[:, :d]
             total = total + w * objective(anchors[:, :d], positives[:, :d], cut, temperature,
-                                          negative_mask=negative_mask)
+                                          negative_mask=negative_mask, **extra)
         return total
 
     return loss
