@@ -15,8 +15,8 @@ for as long counts the same.
 The watcher is a process, not a thread, so that a training process holding the GIL for a while (writing a large
 checkpoint) still beats. It costs about 220 MiB and 1.5 s of CPU to start (torch's store client), nothing after. It
 ends with its training process; stopped by it (``Watcher.stop``, SIGUSR1) it first says the process finished, so the
-others do not wait for its beats. Any other end (the process killed, or its launcher stopping it) says nothing, so
-that the others stop too.
+others do not wait for its beats. Any other end (the process killed, or its launcher stopping it, or training failing:
+``Watcher.abandon``) says nothing, so that the others stop too.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 from slmembed.errors import SlmembedError
@@ -59,6 +61,26 @@ class Watcher:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+    def abandon(self) -> None:
+        """End the watcher without a word, as when this process dies: training failed, so the others stop too."""
+        self.proc.kill()
+        self.proc.wait()
+
+
+@contextmanager
+def watching(rank: int, world: int) -> Iterator[Watcher | None]:
+    """The watcher of process ``rank`` of ``world`` (``start``) while training runs: stopped when it ends, abandoned
+    when it fails."""
+    watcher = start(rank, world)
+    try:
+        yield watcher
+    except BaseException:
+        if watcher is not None:
+            watcher.abandon()
+        raise
+    if watcher is not None:
+        watcher.stop()
 
 
 def start(rank: int, world: int) -> Watcher | None:

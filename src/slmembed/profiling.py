@@ -34,7 +34,8 @@ def host_peak_gib() -> float:
 
 
 class StepProfiler:
-    """Call ``after(done)`` after every step; the profiler runs while FIRST < done <= FIRST + COUNT."""
+    """Call ``after(done)`` after every step; the profiler runs while FIRST < done <= FIRST + COUNT. A context
+    manager: leaving it stops the profiler (``close``)."""
 
     def __init__(self, folder: str | Path, first: int, count: int, rank: int, device: torch.device) -> None:
         self.folder, self.first, self.count, self.rank, self.device = Path(folder), first, count, rank, device
@@ -54,6 +55,18 @@ class StepProfiler:
             wall = time.perf_counter() - self.t0
             self.prof.__exit__(None, None, None)
             self._write(wall)
+            self.prof = None
+
+    def __enter__(self) -> StepProfiler:
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop profiling if the window is still open (the run failed or ended in it): nothing is written."""
+        if self.prof is not None:
+            self.prof.__exit__(None, None, None)
             self.prof = None
 
     def _sync(self) -> None:
