@@ -230,6 +230,61 @@ def test_the_recipe_names_the_objective(tmp_path, tiny_models, data_dir) -> None
     assert load_recipe(tmp_path / "symmetric_infonce" / "recipe.yaml").train.loss == "symmetric_infonce"
 
 
+@pytest.mark.parametrize("fails", [True, False])
+def test_what_training_opens_is_closed_when_a_step_raises_or_the_run_ends(tmp_path, tiny_models, data_dir,
+                                                                          monkeypatch, fails) -> None:
+    """A step that raises (at step 2, from a global optimizer hook) leaves nothing open: the progress bar and the
+    TensorBoard writer closed, the profiler stopped, no thread left, and the liveness watcher (a real one, over a
+    store served here) ended without saying its process finished, so that the other processes stop too. A run that
+    ends says it finished."""
+    import threading
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm.std import tqdm
+
+    from slmembed import liveness
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    monkeypatch.setenv("SLMEMBED_LOST_AFTER_S", "600")  # the peer it watches for never comes: not lost meanwhile
+    watchers, start = [], liveness.start
+    monkeypatch.setattr(liveness, "start", lambda rank, world: watchers.append(start(0, 2)) or watchers[-1])
+    closed = []
+    for cls in (SummaryWriter, tqdm):
+        monkeypatch.setattr(cls, "close", lambda self, close=cls.close: closed.append(type(self)) or close(self))
+    steps = [0]
+
+    def fault(*_) -> None:
+        steps[0] += 1
+        if fails and steps[0] == 2:
+            raise RuntimeError("the second step fails")
+
+    threads = set(threading.enumerate())
+    hook = register_optimizer_step_pre_hook(fault)
+    try:
+        recipe = _tiny_recipe(tiny_models, max_steps=4, save_every=100)
+        if fails:
+            with pytest.raises(RuntimeError, match="the second step fails"):
+                train_mod.train(recipe, tmp_path / "run", data_dir=data_dir, profile=(1, 2))
+        else:
+            train_mod.train(recipe, tmp_path / "run", data_dir=data_dir, profile=(3, 2))  # still profiling at the end
+        left = {"watchers running": [w.proc.poll() is None for w in watchers],
+                "said finished": store.add("slmembed/0/done/0", 0),
+                "writer closed": SummaryWriter in closed, "bar closed": any(issubclass(c, tqdm) for c in closed),
+                "profiling": torch.autograd._profiler_enabled(),
+                "threads": [t.name for t in threading.enumerate() if t not in threads and t.is_alive()]}
+        assert left == {"watchers running": [False], "said finished": 0 if fails else 1, "writer closed": True,
+                        "bar closed": True, "profiling": False, "threads": []}
+    finally:
+        hook.remove()
+        for watcher in watchers:
+            watcher.proc.kill()
+
+
 def test_resume_refuses_a_finished_run_and_touches_nothing(tmp_path, tiny_models, data_dir) -> None:
     run = tmp_path / "run"
     recipe = _tiny_recipe(tiny_models, max_steps=2, save_every=10)  # finished without a checkpoint

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from slmembed import packing
+from slmembed.batch import StepBatch, batch_loss
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
 
@@ -75,6 +76,12 @@ def check(enabled: bool, *, device: torch.device, sharded: bool, grad_cache: boo
                             "objectives take: set train.cuda_graphs=false")
 
 
+def replicated(enabled: bool, world: int) -> bool:
+    """Whether ``world`` processes run graphed steps as replicas without DDP's wrapper (its hooks a graph cannot
+    hold): the graph averages the gradients itself (``average_gradients``)."""
+    return enabled and world > 1
+
+
 def _several() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -112,7 +119,7 @@ class _Graph:
 
 
 class GraphedStep:
-    """``step(batch) -> loss``: the forward, loss and backward of a ``train.StepBatch`` as a replayed CUDA graph.
+    """``step(batch) -> loss``: the forward, loss and backward of a ``StepBatch`` as a replayed CUDA graph.
 
     ``objective`` is the recipe's loss (``losses``), ``params`` the trained weights. A step of more than
     ``max_tokens`` tokens is not recorded: the call returns None and the caller runs it the ordinary way.
@@ -131,11 +138,11 @@ class GraphedStep:
         self.graphs: dict[int, _Graph] = {}
         self._pool = None
 
-    def size(self, batch) -> int:
+    def size(self, batch: StepBatch) -> int:
         """The tokens of ``batch``'s step as recorded (its missing negatives filled)."""
         return sum(len(row) for row in self.layout(batch)[0])
 
-    def __call__(self, batch, largest: int | None = None) -> torch.Tensor | None:
+    def __call__(self, batch: StepBatch, largest: int | None = None) -> torch.Tensor | None:
         """The step's loss, its gradients averaged over the processes; ``largest``: the largest ``size`` of this
         step's shares over the processes (the bucket every process must replay), by default this one's."""
         ids, mask = self.layout(batch)
@@ -149,17 +156,17 @@ class GraphedStep:
             host["mask"] = mask
         entry = self.graphs.get(bucket)
         if entry is None:
-            entry = self.graphs[bucket] = self._new(host, batch.rows)
+            entry = self.graphs[bucket] = self._new(host, batch)
         else:
             self.embedder.to_device(host, into=entry.inputs)
         if entry.graph is None:  # the CPU: the same inputs, run directly
-            return self._run(entry.inputs, batch.rows).detach()
+            return self._run(entry.inputs, batch).detach()
         for param, grad in zip(self.params, entry.grads):
             param.grad = grad
         entry.graph.replay()
         return entry.loss.detach().clone()
 
-    def layout(self, batch) -> tuple[list[list[int]], torch.Tensor | None]:
+    def layout(self, batch: StepBatch) -> tuple[list[list[int]], torch.Tensor | None]:
         """The step's sequences with every negative slot filled (a missing one by a one-token sequence), and the mask
         of the real negatives (None without negatives)."""
         b = batch.rows
@@ -172,19 +179,18 @@ class GraphedStep:
             negatives[slot] = row
         return [*batch.ids[: 2 * b], *negatives], batch.present
 
-    def _run(self, inputs: dict, rows: int) -> torch.Tensor:
-        """Forward, loss and backward on ``inputs``; the loss."""
+    def _run(self, inputs: dict, batch: StepBatch) -> torch.Tensor:
+        """Forward, loss and backward on ``inputs``, ``batch`` as ``layout`` fills it; the loss."""
         device = self.embedder.device
+        filled = StepBatch([], batch.rows, batch.negatives, present=inputs.get("mask"))  # the ids are in ``inputs``
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.bf16, cache_enabled=False):
             emb = self.embedder.forward(inputs)[:-1]  # the filler's row dropped
-            mask = inputs.get("mask")
-            negatives = emb[2 * rows :] if mask is not None else None
-            loss = self.objective(emb[:rows], emb[rows : 2 * rows], negatives, self.temperature, negative_mask=mask)
+            loss = batch_loss(self.objective, filled, emb, self.temperature)
         loss.backward()
         average_gradients(self.params)
         return loss
 
-    def _new(self, host: dict, rows: int) -> _Graph:
+    def _new(self, host: dict, batch: StepBatch) -> _Graph:
         """A bucket's input tensors on the device holding this step's inputs, and (on a GPU) its recorded graph."""
         device = self.embedder.device
         inputs = self.embedder.to_device(host)
@@ -195,13 +201,13 @@ class GraphedStep:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
-            self._run(inputs, rows)
+            self._run(inputs, batch)
             for param in self.params:
                 param.grad = None
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            loss = self._run(inputs, rows)
+            loss = self._run(inputs, batch)
         self._pool = self._pool or graph.pool()
         grads = [param.grad for param in self.params]
         for param in self.params:  # set again before each replay (the next bucket's recording resets them)

@@ -1,32 +1,39 @@
 """Contrastive fine-tuning, top to bottom, in named phases.
 
 * **checks**: the recipe and the run folder, before any work;
-* **data** (``_examples``): NLI examples (anchor, positive, hard negative, optional neutral) from data/nli.py, every
-  unique sentence tokenised once and, with ``train.reference``, embedded once by the reference (reference.py);
+* **environment** (``_environment``): the accelerator (one process, or torchrun's), what the recipe asks of it
+  checked, bf16 where the device computes it, the seed; with several processes, the liveness watcher (liveness.py);
+* **data** (``_examples``): NLI examples (anchor, positive, hard negative, optional neutral) from data/nli.py;
+* **plan** (``Plan``): the global batch, the steps, the checkpoint interval;
+* **reference** (``_reference``): with ``train.reference``, every unique sentence embedded once by the reference
+  (reference.py), before the model loads;
 * **model** (``_setup_model``): the backbone made trainable as ``train.finetune`` says (tuning.py: LoRA adapters or
-  every weight), AdamW and the schedule, the Embedder that runs it (pooling, prompt, attention: embedder.py);
-* **run folder**: continue from the newest checkpoint (``resume=True``: exactly where it stopped), or start it;
+  every weight), AdamW and the schedule, the Embedder that runs it (pooling, prompt, attention: embedder.py); then
+  (``_setup_data``) every unique sentence tokenised once;
+* **run folder** (``_open_run``): continue from the newest checkpoint (``resume=True``: exactly where it stopped), or
+  start it;
 * **loop**: the step's global batch (a fixed, seeded permutation per epoch, so the order is a function of the step
-  alone), this rank's slice, embeddings in length-sorted chunks (``grad_cache``: backward chunk by chunk,
-  gradcache.py, so the batch is bounded by time, not memory; ``cuda_graphs``: the step's forward and backward
-  replayed as a CUDA graph, cuda_graphs.py), the loss (``batch_loss``: ``train.loss`` names the objective in
-  losses/), AdamW. The host reads losses every ``log_every`` steps only, so the GPU never waits for
-  Python; a logged loss is the mean over ranks. Checkpoints (weights, optimizer, schedule, RNG, step) are written
-  atomically every ``save_every`` steps, STSBenchmark dev scores every ``dev_every`` (selection.py);
-* **selection and saving**: the weights the run keeps (the last, the best on dev, or an average) into ``adapter/``
-  or ``model/``.
+  alone: batch.py), and one ``Step`` (step.py): this rank's slice, embeddings in length-sorted chunks
+  (``grad_cache``: backward chunk by chunk, gradcache.py, so the batch is bounded by time, not memory;
+  ``cuda_graphs``: the step's forward and backward replayed as a CUDA graph, cuda_graphs.py), the loss
+  (``batch_loss``: ``train.loss`` names the objective in losses/), AdamW. The log (train_log.py) reads losses every
+  ``log_every`` steps only, so the GPU never waits for Python; a logged loss is the mean over ranks. Checkpoints
+  (weights, optimizer, schedule, RNG, step) are written atomically every ``save_every`` steps, STSBenchmark dev
+  scores every ``dev_every`` (selection.py);
+* **selection and saving** (``_finish``): the weights the run keeps (the last, the best on dev, or an average) into
+  ``adapter/`` or ``model/``.
 
-A new objective is a module in losses/; a new pooling or attention is the Embedder's; both reach the loop through
-the recipe. Runs unchanged under ``torchrun`` (accelerate sets up the process group and DDP).
+Whatever a run opens (the log's bar and TensorBoard writer, the profiler, the liveness watcher, the output's lock) is
+closed when it ends or fails: one ``ExitStack`` in ``train``. A new objective is a module in losses/; a new pooling or
+attention is the Embedder's; both reach the loop through the recipe. Runs unchanged under ``torchrun`` (accelerate
+sets up the process group and DDP).
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
-import time
-from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,43 +45,20 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from slmembed import cuda_graphs, kernels, liveness, models, outputs, profiling, reference, run, sharding, tuning
-from slmembed.atomic import atomic_dir, clean_leftovers, disk_errors, write_json, write_text
-from slmembed.compile import compile_blocks
-from slmembed.config import Recipe, recipe_from_dict
+from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
+from slmembed.batch import StepBatch as StepBatch  # StepBatch, batch_loss, rank_rows: imported from here too
+from slmembed.batch import TrainData, batch_indices
+from slmembed.batch import batch_loss as batch_loss
+from slmembed.batch import rank_rows as rank_rows
+from slmembed.config import Recipe, TrainConfig, recipe_from_dict
 from slmembed.data.nli import Example, load_triplets
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
-from slmembed.gradcache import cached_backward
-from slmembed.losses import objective as named_objective
-from slmembed.losses.matryoshka import matryoshka
 from slmembed.run import checkpoints
 from slmembed.selection import DevSelection
 from slmembed.spec import EmbedSpec
-
-
-def batch_indices(n: int, global_batch: int, step: int, seed: int) -> np.ndarray:
-    """Triplet indices of the global batch at ``step``: epoch e uses permutation(seed + e), remainder dropped."""
-    epoch, k = divmod(step, n // global_batch)
-    return _permutation(n, seed + epoch)[k * global_batch : (k + 1) * global_batch]
-
-
-def rank_rows(rows: np.ndarray, cost: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """This rank's share of a global batch's ``rows``: dealt by decreasing ``cost`` (tokens) in snake order (ranks
-    0..W-1, then W-1..0, ...), so every rank gets the same number of rows and nearly the same tokens. Each step ends
-    in collectives, so the rank with the most tokens sets the pace; which rank holds a row does not change the loss
-    (every rank's candidates are gathered) and depends on the step alone."""
-    if world == 1:
-        return rows
-    order = rows[np.argsort(-cost[rows], kind="stable")]
-    lap = np.arange(len(rows)) % (2 * world)
-    return order[np.where(lap < world, lap, 2 * world - 1 - lap) == rank]
-
-
-@functools.lru_cache(maxsize=2)
-def _permutation(n: int, seed: int) -> np.ndarray:
-    order = np.random.default_rng(seed).permutation(n)
-    order.flags.writeable = False
-    return order
+from slmembed.step import Step
+from slmembed.train_log import TrainLog
 
 
 def weights_file(recipe: Recipe) -> str:
@@ -141,19 +125,6 @@ def load_checkpoint(ckpt: Path, model, recipe: Recipe, optimizer, scheduler) -> 
     return step
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Keep the log's records up to ``step``, where the run continues; later and half-written lines are dropped."""
-    kept = []
-    for line in path.read_text().splitlines() if step and path.exists() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and record.get("step", 0) <= step:
-            kept.append(line + "\n")
-    write_text(path, "".join(kept))
-
-
 def _examples(recipe: Recipe, data_dir: str | None, acc: Accelerator) -> tuple[list[Example], dict]:
     """Phase "data": the recipe's examples (a seeded subsample if asked) and what data.json records of them."""
     dc, seed = recipe.data, recipe.train.seed
@@ -176,54 +147,57 @@ def columns(recipe: Recipe) -> list[int]:
 
 
 @dataclass(frozen=True)
-class StepBatch:
-    """One step's sequences: anchors, positives, then each negative column's present texts (``ids``). Where some
-    negatives are missing, ``slots`` holds the places of the present ones among the ``rows x negative columns``
-    (column-major) and ``present`` marks them; both are None when every negative is there (or there are none)."""
+class Plan:
+    """Phase "plan": the run's global batch (over the processes), its steps, its checkpoint interval and how many
+    checkpoints it keeps."""
 
-    ids: list[list[int]]
-    rows: int
-    negatives: int  # rows x negative columns
-    slots: torch.Tensor | None = None
-    present: torch.Tensor | None = None
-    reference: torch.Tensor | None = None  # train.reference's vectors of anchors, positives, then every negative slot
+    global_batch: int
+    total: int
+    save_every: int
+    keep: int
 
     @classmethod
-    def of(cls, examples: list[Example], rows: np.ndarray, cols: list[int], token_ids: dict[str, list[int]],
-           table: reference.Reference | None = None) -> StepBatch:
-        texts = [[examples[i][c] for i in rows] for c in cols]
-        negatives = [t for col in texts[2:] for t in col]
-        ids = [token_ids[t] for col in texts[:2] for t in col] + [token_ids[t] for t in negatives if t is not None]
-        present = torch.tensor([t is not None for t in negatives], dtype=torch.bool)
-        vectors = None if table is None else table.rows([t for col in texts for t in col])
-        if bool(present.all()):
-            return cls(ids, len(rows), len(negatives), reference=vectors)
-        return cls(ids, len(rows), len(negatives), present.nonzero().squeeze(1), present, vectors)
+    def of(cls, tc: TrainConfig, triplets: int, world: int, spaced_checkpoints: int | None) -> Plan:
+        """The plan for ``triplets`` examples on ``world`` processes; ``spaced_checkpoints=k``: k evenly spaced
+        checkpoints are kept instead of the recipe's interval."""
+        global_batch = tc.batch_size * world
+        if triplets < global_batch:
+            raise SlmembedError(f"{triplets} triplets are fewer than one global batch of {global_batch}")
+        total = tc.max_steps or tc.epochs * (triplets // global_batch)
+        if spaced_checkpoints:
+            return cls(global_batch, total, max(1, -(-total // (spaced_checkpoints + 1))), spaced_checkpoints + 1)
+        return cls(global_batch, total, tc.save_every, tc.keep_checkpoints)
 
 
-def batch_loss(objective: Callable, batch: StepBatch, emb: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Phase "loss": the objective of a step's embeddings [N, D] (in the order of ``batch.ids``). Missing negatives
-    (entailment-only pairs, groups without a neutral) are masked out of the candidates. The places are computed on
-    the host (``StepBatch.of``): a boolean index on the GPU would make the host wait for it. The reference's vectors,
-    if the batch has them, go to the objective (those of losses.REFERENCE) as ``reference``."""
-    b = batch.rows
-    anchors, positives, negatives, mask = emb[:b], emb[b : 2 * b], None, None
-    if batch.negatives and batch.slots is None:
-        negatives = emb[2 * b :]
-    elif batch.negatives:
-        slots = batch.slots.to(emb.device, non_blocking=True)
-        negatives = emb.new_zeros((batch.negatives, emb.shape[1])).index_put((slots,), emb[2 * b :])
-        mask = batch.present.to(emb.device, non_blocking=True)
-    extra = {}
-    if batch.reference is not None:
-        ref = batch.reference
-        extra["reference"] = (ref[:b], ref[b : 2 * b], ref[2 * b :] if batch.negatives else None)
-    return objective(anchors, positives, negatives, temperature, negative_mask=mask, **extra)
+def _environment(recipe: Recipe, device: str) -> tuple[Accelerator, bool]:
+    """Phase "environment": the accelerator, what the recipe asks of it checked (kernels, CUDA graphs, sharding), the
+    seed; and whether to compute in bf16 (where the device computes it natively)."""
+    tc = recipe.train
+    # bf16 autocast is ours (step.py), not accelerate's, whose process-wide state would fix one precision per process.
+    # DDP without the per-forward broadcast of buffers (the rotary tables, equal everywhere: a collective per forward
+    # for nothing) and with gradients that are views of its all-reduce buckets (no copy in and out).
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
+    acc = _accelerator(models.resolve_device(device).type == "cpu", ddp)
+    kernels.check(tc.kernels, tc.compile, acc.device)
+    sharded = tc.sharding == "fsdp"
+    cuda_graphs.check(tc.cuda_graphs, device=acc.device, sharded=sharded, grad_cache=tc.grad_cache,
+                      packing=tc.packing, reference=tc.reference is not None)
+    bf16 = tuning.uses_bf16(recipe, acc.device)
+    if tc.bf16 and not bf16:
+        acc.print(f"train.bf16: this {acc.device.type} has no native bf16 (AVX512-BF16 or AMX on a CPU): training in "
+                  "float32, which is faster here")
+    if sharded and acc.num_processes == 1:
+        raise SlmembedError("train.sharding: fsdp splits the model across processes: start several with torchrun "
+                            "(e.g. torchrun --nproc_per_node=2 -m slmembed train ...), or set train.sharding=none")
+    torch.manual_seed(tc.seed)
+    return acc, bf16
 
 
-def _setup_model(recipe: Recipe, acc: Accelerator):
+def _setup_model(recipe: Recipe, acc: Accelerator,
+                 total: int) -> tuple[Embedder, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
     """Phase "model": the backbone (bf16 under LoRA, fp32 for full fine-tuning), made trainable as the recipe says,
-    its tokenizer, and AdamW over the trainable weights."""
+    AdamW over the trainable weights and the schedule of ``total`` steps; the Embedder that runs the model (wrapped
+    for the processes as the recipe says), the optimizer and the schedule."""
     tc = recipe.train
     attn = None if acc.device.type == "cuda" else "eager"  # SDPA where supported; eager trains faster on the CPU
     sharded = tc.sharding == "fsdp"
@@ -240,7 +214,67 @@ def _setup_model(recipe: Recipe, acc: Accelerator):
     # On a GPU, AdamW's fused kernel: one launch for all the adapter's tensors instead of a dozen per step.
     fused = acc.device.type == "cuda" and not sharded
     optimizer = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=fused or None)
-    return model, tokenizer, optimizer
+    size = getattr(acc.unwrap_model(model).config, "hidden_size", None)
+    if tc.matryoshka_dims and size is not None and max(tc.matryoshka_dims) >= size:
+        raise SlmembedError(f"train.matryoshka_dims: {max(tc.matryoshka_dims)} is not below the model's embedding "
+                            f"size {size}; list the smaller prefix sizes (the full size is always trained)")
+    scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
+    # Several processes: DDP through accelerate; a sharded model is already distributed (sharding.py); with CUDA
+    # graphs, no wrapper: the graph averages the gradients itself (cuda_graphs.py).
+    if cuda_graphs.replicated(tc.cuda_graphs, acc.num_processes):
+        model.to(acc.device)
+        optimizer = acc.prepare(optimizer)
+        cuda_graphs.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
+    elif not sharded:
+        model, optimizer = acc.prepare(model, optimizer)
+    return Embedder(model, tokenizer, EmbedSpec.of(recipe.model), packed=tc.packing), optimizer, scheduler
+
+
+def _reference(recipe: Recipe, texts: list[str], run_dir: Path, resume: bool,
+               acc: Accelerator) -> tuple[reference.Reference | None, bool]:
+    """Phase "reference": with ``train.reference``, its vectors of ``texts`` (the unique sentences), made before the
+    model loads, as only they stay (reference.py); and whether they were made now (a resumed run reads its own)."""
+    if recipe.train.reference is None:
+        return None, False
+    return reference.vectors(recipe, texts, run_dir if resume else None, acc.device, acc.process_index,
+                             acc.num_processes)
+
+
+def _setup_data(recipe: Recipe, examples: list[Example], texts: list[str], embedder: Embedder,
+                table: reference.Reference | None) -> TrainData:
+    """Phase "data", continued: every unique sentence (``texts``) tokenised once, each example's tokens, and the
+    reference's vectors (``table``) if the objective takes them."""
+    token_ids = dict(zip(texts, embedder.tokenize(texts), strict=True))
+    cols = columns(recipe)
+    cost = np.array([sum(len(token_ids[e[c]]) for c in cols if e[c] is not None) for e in examples])  # tokens
+    return TrainData(examples, token_ids, cols, cost, table)
+
+
+def _open_run(recipe: Recipe, run_dir: Path, replace: bool, resume: bool, acc: Accelerator, embedder: Embedder,
+              optimizer, scheduler, data_record: dict, new_table: reference.Reference | None) -> int:
+    """Phase "run folder": continue from the newest checkpoint (``resume``), or start the folder (``replace``: clear
+    the earlier run first); its recipe.yaml, data.json and the reference's vectors made now (``new_table``)
+    written. The step the run starts from."""
+    if resume and acc.is_main_process:
+        clean_leftovers(run_dir)  # half-written files of a run killed while saving
+    acc.wait_for_everyone()
+    start = 0
+    if resume and checkpoints(run_dir):
+        start = load_checkpoint(checkpoints(run_dir)[-1], acc.unwrap_model(embedder.model), recipe, optimizer,
+                                scheduler)
+        acc.print(f"resumed from step {start}")
+    if acc.is_main_process:
+        if replace:
+            outputs.clear(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / outputs.MARKER).exists():
+            outputs.mark(run_dir, "train", run.ENTRIES)
+        write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+        write_json(run_dir / "data.json", data_record)
+        if new_table is not None:
+            new_table.save(run_dir)
+    acc.wait_for_everyone()
+    return start
 
 
 def _accelerator(cpu: bool, ddp: DistributedDataParallelKwargs) -> Accelerator:
@@ -264,195 +298,72 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     the recipe's checkpoint interval: k evenly spaced checkpoints are kept. ``profile=(first, count)`` profiles
     steps first+1..first+count into ``profile/`` (profiling.py).
     """
-    # Phase "checks": everything that can be wrong with the request fails here, before any data or model loads; no
-    # other process writes the run folder meanwhile (outputs.writing).
     run_dir = Path(run_dir)
     recipe = recipe_from_dict(recipe.to_dict())  # a recipe built in code gets the checks a loaded one had
-
-    with outputs.writing(run_dir, lambda: run.check(recipe, run_dir, data_dir=data_dir, resume=resume,
-                                                     force=force)) as replace:
-        return _train(recipe, run_dir, replace, data_dir=data_dir, resume=resume, device=device, progress=progress,
-                      spaced_checkpoints=spaced_checkpoints, profile=profile)
-
-
-def _train(recipe: Recipe, run_dir: Path, replace: bool, *, data_dir: str | None, resume: bool, device: str,
-           progress: bool, spaced_checkpoints: int | None, profile: tuple[int, int] | None) -> dict:
-    """``train`` once its checks have passed: ``replace`` clears an earlier run first."""
     tc = recipe.train
-    # bf16 autocast is ours (below), not accelerate's, whose process-wide state would fix one precision per process.
-    # DDP without the per-forward broadcast of buffers (the rotary tables, equal everywhere: a collective per forward
-    # for nothing) and with gradients that are views of its all-reduce buckets (no copy in and out).
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
-    acc = _accelerator(models.resolve_device(device).type == "cpu", ddp)
-    watcher = liveness.start(acc.process_index, acc.num_processes)  # a lost machine stops the others (liveness.py)
-    kernels.check(tc.kernels, tc.compile, acc.device)
-    sharded = tc.sharding == "fsdp"
-    cuda_graphs.check(tc.cuda_graphs, device=acc.device, sharded=sharded, grad_cache=tc.grad_cache,
-                      packing=tc.packing, reference=tc.reference is not None)
-    bf16 = tuning.uses_bf16(recipe, acc.device)
-    if tc.bf16 and not bf16:
-        acc.print(f"train.bf16: this {acc.device.type} has no native bf16 (AVX512-BF16 or AMX on a CPU): training in "
-                  "float32, which is faster here")
-    if sharded and acc.num_processes == 1:
-        raise SlmembedError("train.sharding: fsdp splits the model across processes: start several with torchrun "
-                            "(e.g. torchrun --nproc_per_node=2 -m slmembed train ...), or set train.sharding=none")
-    torch.manual_seed(tc.seed)
+    with ExitStack() as stack:  # what the run opens is closed, or stopped, when it fails too
+        # Phase "checks": everything that can be wrong with the request fails here, before any data or model
+        # loads; no other process writes the run folder meanwhile (outputs.writing).
+        replace = stack.enter_context(outputs.writing(run_dir, lambda: run.check(
+            recipe, run_dir, data_dir=data_dir, resume=resume, force=force)))
+        acc, bf16 = _environment(recipe, device)
+        stack.enter_context(liveness.watching(acc.process_index, acc.num_processes))  # a lost machine stops the rest
+        examples, data_record = _examples(recipe, data_dir, acc)
+        plan = Plan.of(tc, len(examples), acc.num_processes, spaced_checkpoints)
+        texts = sorted({t for example in examples for t in example if t is not None})
+        table, encoded = _reference(recipe, texts, run_dir, resume, acc)
+        embedder, optimizer, scheduler = _setup_model(recipe, acc, plan.total)
+        data = _setup_data(recipe, examples, texts, embedder, table)
+        start = _open_run(recipe, run_dir, replace, resume, acc, embedder, optimizer, scheduler, data_record,
+                          table if encoded else None)
+        trained = acc.unwrap_model(embedder.model)
+        takes_part = acc.is_main_process or tc.sharding == "fsdp"  # a sharded model's gathers need every process
+        dev = DevSelection.open(run_dir, recipe, data_dir, start) if tc.dev_every else None
+        # Scored by the main process alone, on the model without DDP's wrapper (whose forward would wait for the
+        # others); by every process when sharded, as each forward gathers the shards.
+        dev_embedder = Embedder(trained, embedder.tokenizer, embedder.spec, packed=embedder.packed) if dev else None
+        step = Step(recipe, acc, embedder, optimizer, scheduler, data, bf16)
+        log = stack.enter_context(TrainLog(run_dir / "train_log.jsonl", run_dir / "tensorboard", acc=acc,
+                                           scheduler=scheduler, start=start, total=plan.total,
+                                           log_every=tc.log_every, global_batch=plan.global_batch, progress=progress))
+        profiler = stack.enter_context(profiling.StepProfiler(run_dir / "profile", *profile, acc.process_index,
+                                                              acc.device)) if profile else None
 
-    examples, data_record = _examples(recipe, data_dir, acc)
-    global_batch = tc.batch_size * acc.num_processes
-    if len(examples) < global_batch:
-        raise SlmembedError(f"{len(examples)} triplets are fewer than one global batch of {global_batch}")
-    total = tc.max_steps or tc.epochs * (len(examples) // global_batch)
-    save_every, keep = tc.save_every, tc.keep_checkpoints
-    if spaced_checkpoints:
-        save_every, keep = max(1, -(-total // (spaced_checkpoints + 1))), spaced_checkpoints + 1
-    texts = sorted({t for example in examples for t in example if t is not None})
-    table, encoded = None, False
-    if tc.reference is not None:  # before the model loads: only the reference's vectors stay (reference.py)
-        table, encoded = reference.vectors(recipe, texts, run_dir if resume else None, acc.device, acc.process_index,
-                                           acc.num_processes)
-
-    model, tokenizer, optimizer = _setup_model(recipe, acc)
-    size = getattr(acc.unwrap_model(model).config, "hidden_size", None)
-    if tc.matryoshka_dims and size is not None and max(tc.matryoshka_dims) >= size:
-        raise SlmembedError(f"train.matryoshka_dims: {max(tc.matryoshka_dims)} is not below the model's embedding "
-                            f"size {size}; list the smaller prefix sizes (the full size is always trained)")
-    scheduler = get_scheduler(tc.schedule, optimizer, num_warmup_steps=tc.warmup_steps, num_training_steps=total)
-    # Several processes: DDP through accelerate; a sharded model is already distributed (sharding.py); with CUDA
-    # graphs, no wrapper: the graph averages the gradients itself (cuda_graphs.py).
-    replicas = tc.cuda_graphs and acc.num_processes > 1
-    if replicas:
-        model.to(acc.device)
-        optimizer = acc.prepare(optimizer)
-        cuda_graphs.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
-    elif not sharded:
-        model, optimizer = acc.prepare(model, optimizer)
-    spec = EmbedSpec.of(recipe.model)
-    embedder = Embedder(model, tokenizer, spec, packed=tc.packing)
-    token_ids = dict(zip(texts, embedder.tokenize(texts)))  # every unique sentence tokenised once
-    cols = columns(recipe)
-    cost = np.array([sum(len(token_ids[e[c]]) for c in cols if e[c] is not None) for e in examples])  # tokens
-
-    # Phase "run folder": continue from the newest checkpoint, or start the folder.
-    if resume and acc.is_main_process:
-        clean_leftovers(run_dir)  # half-written files of a run killed while saving
-    acc.wait_for_everyone()
-    start = 0
-    if resume and checkpoints(run_dir):
-        start = load_checkpoint(checkpoints(run_dir)[-1], acc.unwrap_model(model), recipe, optimizer, scheduler)
-        acc.print(f"resumed from step {start}")
-    if acc.is_main_process:
-        if replace:
-            outputs.clear(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / outputs.MARKER).exists():
-            outputs.mark(run_dir, "train", run.ENTRIES)
-        write_text(run_dir / "recipe.yaml", recipe.to_yaml())
-        write_json(run_dir / "data.json", data_record)
-        if encoded:
-            table.save(run_dir)
-    log_path = run_dir / "train_log.jsonl"
-    if acc.is_main_process:
-        _trim_log(log_path, start)
-    acc.wait_for_everyone()
-    dev = DevSelection.open(run_dir, recipe, data_dir, start) if tc.dev_every else None
-    # Scored by the main process alone, on the model without DDP's wrapper (whose forward would wait for the others);
-    # by every process when sharded, as each forward gathers the shards.
-    dev_embedder = Embedder(acc.unwrap_model(model), tokenizer, spec, packed=embedder.packed) if dev else None
-
-    # Phase "loop": batch, embeddings, loss, update; then logging, checkpoints and dev scores when due.
-    model.train()
-    if tc.compile:
-        compile_blocks(model)
-    objective = named_objective(tc.loss, tc)
-    if tc.matryoshka_dims:
-        objective = matryoshka(objective, tc.matryoshka_dims, tc.matryoshka_weights)
-    trained = [p for p in model.parameters() if p.requires_grad]
-    graphed = (cuda_graphs.GraphedStep(embedder, objective, tc.temperature, trained, bf16, tc.chunk_tokens)
-               if tc.cuda_graphs else None)
-    no_sync = functools.partial(sharding.no_sync if sharded else acc.no_sync, model)
-    board = _tensorboard(run_dir / "tensorboard", start) if acc.is_main_process else None
-    t0, seen_t0 = time.time(), start
-    pending: list[torch.Tensor] = []  # losses not yet read on the host: reading one waits for the GPU
-    profiler = (profiling.StepProfiler(run_dir / "profile", *profile, acc.process_index, acc.device)
-                if profile else None)
-    bar = None
-    if progress and acc.is_main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, initial=start, desc="train", unit="step")
-    try:
-        for step in range(start, total):
-            rows = batch_indices(len(examples), global_batch, step, tc.seed)
-            batch = StepBatch.of(examples, rank_rows(rows, cost, acc.process_index, acc.num_processes), cols, token_ids,
-                                 table)
-            loss = None
-            if graphed is not None:  # None: a step over chunk_tokens, run the ordinary way
-                largest = None
-                if replicas:  # every process replays the bucket of the step's largest share: their collectives pair up
-                    shares = (rank_rows(rows, cost, rank, acc.num_processes) for rank in range(acc.num_processes))
-                    largest = max(graphed.size(StepBatch.of(examples, share, cols, token_ids)) for share in shares)
-                loss = graphed(batch, largest)
-            if loss is None:
-                loss_of = functools.partial(batch_loss, objective, batch, temperature=tc.temperature)
-                with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    if tc.grad_cache:
-                        loss = cached_backward(embedder, batch.ids, tc.chunk_tokens, loss_of, no_sync)
-                    else:
-                        loss = loss_of(embedder.forward_ids(batch.ids, tc.chunk_tokens))
-                        acc.backward(loss)
-                if replicas:
-                    cuda_graphs.average_gradients(trained)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            pending.append(loss.detach())
-            done = step + 1
+        # Phase "loop": the step (batch, embeddings, loss, update); then the log, checkpoints and dev scores when due.
+        for done in range(start + 1, plan.total + 1):
+            log.step(step(batch_indices(len(examples), plan.global_batch, done - 1, tc.seed)))
             if profiler is not None:
                 profiler.after(done)
-            if bar is not None:
-                bar.update(1)
-            scored = dev is not None and dev.due(done, total)
-            if done % tc.log_every and done % save_every and done != total and not scored:
+            scored = dev is not None and dev.due(done, plan.total)
+            saved = done % plan.save_every == 0 and done < plan.total
+            if not (log.due(done) or saved or scored):
                 continue
-            # Every log_every steps, before a checkpoint or dev score and at the end: read the losses, stop on the
-            # first non-finite one.
-            losses = acc.reduce(torch.stack(pending), reduction="mean").tolist()  # each rank's loss covers its anchors
-            bad = next((i for i, v in enumerate(losses) if not np.isfinite(v)), None)
-            if bad is not None:
-                raise SlmembedError(f"loss is {losses[bad]} at step {done - len(losses) + bad + 1}; the last good "
-                                    "checkpoint is kept, fix the cause and continue with --resume")
-            pending.clear()
-            record = None
-            if done % tc.log_every == 0 or done == total:
-                elapsed = time.time() - t0
-                rate = (done - seen_t0) * global_batch / max(elapsed, 1e-9)
-                record = {"step": done, "loss": round(losses[-1], 6), "lr": scheduler.get_last_lr()[0],
-                          "triplets_per_s": round(rate, 2), "elapsed_s": round(elapsed, 2)}
-                if acc.device.type == "cuda":
-                    record["peak_gib"] = round(torch.cuda.max_memory_allocated(acc.device) / 2**30, 3)
-            if scored and (acc.is_main_process or sharded):
-                value = dev.record(done, dev_embedder, acc.unwrap_model(model), write=acc.is_main_process)
+            record = log.read(done)  # the losses read on the host: the first non-finite one stops the run
+            if scored and takes_part:
+                value = dev.record(done, dev_embedder, trained, write=acc.is_main_process)
                 record = (record or {"step": done}) | {"stsb_dev": value}
-            if record is not None and acc.is_main_process:
-                _log(record, log_path, board, bar)
-            if done % save_every == 0 and done < total:
-                if acc.is_main_process or sharded:
-                    save_checkpoint(run_dir, acc.unwrap_model(model), recipe, optimizer, scheduler, done, keep,
+            log.write(record)
+            if saved:
+                if takes_part:
+                    save_checkpoint(run_dir, trained, recipe, optimizer, scheduler, done, plan.keep,
                                     write=acc.is_main_process)
                 acc.wait_for_everyone()
-    finally:
-        if bar is not None:
-            bar.close()  # before an error is printed, so that it is the last line on the terminal
-    if board is not None:
-        board.close()
+        log.close()  # the bar's last line before the final phase's
+        return _finish(recipe, run_dir, acc, embedder, dev, dev_embedder, plan, len(examples), bf16,
+                       log.elapsed())
 
-    # Phase "selection and saving": the weights the run keeps (selection.py), written atomically.
-    summary = {"steps": total, "batch_size": global_batch, "triplets": len(examples),
-               "triplets_seen": total * global_batch, "minutes": round((time.time() - t0) / 60, 3),
+
+def _finish(recipe: Recipe, run_dir: Path, acc: Accelerator, embedder: Embedder, dev: DevSelection | None,
+            dev_embedder: Embedder | None, plan: Plan, triplets: int, bf16: bool, elapsed: float) -> dict:
+    """Phase "selection and saving": the weights the run keeps (selection.py), written atomically, then embed.json
+    and the run's summary (returned)."""
+    tc = recipe.train
+    sharded = tc.sharding == "fsdp"
+    summary = {"steps": plan.total, "batch_size": plan.global_batch, "triplets": triplets,
+               "triplets_seen": plan.total * plan.global_batch, "minutes": round(elapsed / 60, 3),
                "device": models.device_name(acc.device), "world_size": acc.num_processes, "finetune": tc.finetune,
                "bf16": bf16}
-    final = acc.unwrap_model(model)
+    final = acc.unwrap_model(embedder.model)
     if dev is not None and (acc.is_main_process or sharded):
         if sharded:
             acc.wait_for_everyone()  # the main process's last snapshot is written before the others read it
@@ -462,35 +373,9 @@ def _train(recipe: Recipe, run_dir: Path, replace: bool, *, data_dir: str | None
     summary["host_peak_gib"] = [round(v, 3) for v in peaks.tolist()]
     if acc.is_main_process:
         with atomic_dir(run_dir / tuning.final_folder(recipe)) as tmp:
-            tuning.save_final(final, tokenizer, tmp, recipe, gathered)
-        write_json(run_dir / "embed.json", {"model": recipe.model.name, "spec": spec.__dict__,
+            tuning.save_final(final, embedder.tokenizer, tmp, recipe, gathered)
+        write_json(run_dir / "embed.json", {"model": recipe.model.name, "spec": embedder.spec.__dict__,
                                            "finetune": tc.finetune})
         write_json(run_dir / "summary.json", summary)
     acc.wait_for_everyone()
-    if watcher is not None:
-        watcher.stop()
     return summary
-
-
-def _log(record: dict, path: Path, board, bar) -> None:
-    """One train_log.jsonl line, its scalars in TensorBoard, the loss on the progress bar."""
-    with disk_errors(path), open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
-    if board is not None:
-        for key in ("loss", "lr", "triplets_per_s", "stsb_dev"):
-            if key in record:
-                board.add_scalar(f"train/{key}" if key != "stsb_dev" else "dev/stsb", record[key], record["step"])
-    if bar is not None and "loss" in record:
-        bar.set_postfix(loss=f"{record['loss']:.4f}")
-
-
-def _tensorboard(folder: Path, start: int):
-    """A TensorBoard writer for the logged scalars when tensorboard is installed, else None; a resumed run drops
-    the events past its checkpoint."""
-    import importlib.util
-
-    if importlib.util.find_spec("tensorboard") is None:
-        return None
-    from torch.utils.tensorboard import SummaryWriter
-
-    return SummaryWriter(str(folder), purge_step=start or None, flush_secs=10)
