@@ -46,7 +46,7 @@ from transformers import get_scheduler
 
 from slmembed import cuda_graphs, kernels, liveness, models, outputs, profiling, reference, run, sharding, tuning
 from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
-from slmembed.batch import StepBatch as StepBatch  # StepBatch, batch_loss, rank_rows: imported from here too
+from slmembed.batch import StepBatch as StepBatch  # re-exported, with batch_loss and rank_rows: tests and bench/
 from slmembed.batch import TrainData, batch_indices
 from slmembed.batch import batch_loss as batch_loss
 from slmembed.batch import rank_rows as rank_rows
