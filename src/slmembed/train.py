@@ -339,10 +339,9 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
             if not (log.due(done) or saved or scored):
                 continue
             record = log.read(done)  # the losses read on the host: the first non-finite one stops the run
-            if scored and takes_part:
-                value = dev.record(done, dev_embedder, trained, write=acc.is_main_process)
-                record = (record or {"step": done}) | {"stsb_dev": value}
-            log.write(record)
+            score = (dev.record(done, dev_embedder, trained, write=acc.is_main_process) if scored and takes_part
+                     else None)
+            log.write(done, record, stsb_dev=score)
             if saved:
                 if takes_part:
                     save_checkpoint(run_dir, trained, recipe, optimizer, scheduler, done, plan.keep,

@@ -88,8 +88,11 @@ class TrainLog:
         """Seconds since the log opened."""
         return time.time() - self.t0
 
-    def write(self, record: dict | None) -> None:
-        """One train_log.jsonl line, its scalars in TensorBoard, the loss on the progress bar (the main process)."""
+    def write(self, done: int, record: dict | None, stsb_dev: float | None = None) -> None:
+        """Step ``done``'s ``record`` (``read``'s) with its STSBenchmark dev score if it has one: one train_log.jsonl
+        line, its scalars in TensorBoard, the loss on the progress bar (the main process)."""
+        if stsb_dev is not None:
+            record = (record or {"step": done}) | {"stsb_dev": stsb_dev}
         if record is None or not self.main:
             return
         with disk_errors(self.path), open(self.path, "a") as fh:
