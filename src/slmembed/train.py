@@ -348,8 +348,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
                                     write=acc.is_main_process)
                 acc.wait_for_everyone()
         log.close()  # the bar's last line before the final phase's
-        return _finish(recipe, run_dir, acc, embedder, dev, dev_embedder, plan, len(examples), bf16,
-                       log.elapsed())
+        return _finish(recipe, run_dir, acc, embedder, dev, dev_embedder, plan, len(examples), bf16, log.elapsed())
 
 
 def _finish(recipe: Recipe, run_dir: Path, acc: Accelerator, embedder: Embedder, dev: DevSelection | None,
