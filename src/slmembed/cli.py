@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from slmembed import outputs, run
+from slmembed import outputs, train_output
 from slmembed.errors import SlmembedError
 from slmembed.paths import find_data_dir, input_file
 from slmembed.quantize import CALIBRATED, PRECISIONS
@@ -78,7 +78,7 @@ def _check_device(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe(args, args.config)  # a bad recipe or output fails before torch is imported
-    check = functools.partial(run.check, recipe, args.output, data_dir=args.data_dir, resume=args.resume,
+    check = functools.partial(train_output.check, recipe, args.output, data_dir=args.data_dir, resume=args.resume,
                               force=args.force)
     with outputs.writing(args.output, check):  # held from before the imports: train holds it on, checking again
         _check_device(args)

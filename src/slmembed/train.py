@@ -37,7 +37,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from slmembed import cuda_graphs, kernels, liveness, models, outputs, profiling, run, sharding, tuning
+from slmembed import cuda_graphs, kernels, liveness, models, outputs, profiling, run, sharding, train_output, tuning
 from slmembed.atomic import atomic_dir, clean_leftovers, disk_errors, write_json, write_text
 from slmembed.compile import compile_blocks
 from slmembed.config import Recipe, recipe_from_dict
@@ -47,7 +47,7 @@ from slmembed.errors import SlmembedError
 from slmembed.gradcache import cached_backward
 from slmembed.losses import objective as named_objective
 from slmembed.losses.matryoshka import matryoshka
-from slmembed.run import checkpoints
+from slmembed.run import RunDir
 from slmembed.selection import DevSelection
 from slmembed.spec import EmbedSpec
 
@@ -98,7 +98,7 @@ def save_checkpoint(run_dir: Path, model, recipe: Recipe, optimizer, scheduler, 
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step}))
-    for old in checkpoints(run_dir)[:-keep]:
+    for old in RunDir(run_dir).checkpoints()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -262,8 +262,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     run_dir = Path(run_dir)
     recipe = recipe_from_dict(recipe.to_dict())  # a recipe built in code gets the checks a loaded one had
 
-    with outputs.writing(run_dir, lambda: run.check(recipe, run_dir, data_dir=data_dir, resume=resume,
-                                                     force=force)) as replace:
+    with outputs.writing(run_dir, lambda: train_output.check(recipe, run_dir, data_dir=data_dir, resume=resume,
+                                                              force=force)) as replace:
         return _train(recipe, run_dir, replace, data_dir=data_dir, resume=resume, device=device, progress=progress,
                       spaced_checkpoints=spaced_checkpoints, profile=profile)
 
@@ -327,8 +327,9 @@ def _train(recipe: Recipe, run_dir: Path, replace: bool, *, data_dir: str | None
         clean_leftovers(run_dir)  # half-written files of a run killed while saving
     acc.wait_for_everyone()
     start = 0
-    if resume and checkpoints(run_dir):
-        start = load_checkpoint(checkpoints(run_dir)[-1], acc.unwrap_model(model), recipe, optimizer, scheduler)
+    kept = RunDir(run_dir).checkpoints() if resume else []
+    if kept:
+        start = load_checkpoint(kept[-1], acc.unwrap_model(model), recipe, optimizer, scheduler)
         acc.print(f"resumed from step {start}")
     if acc.is_main_process:
         if replace:
