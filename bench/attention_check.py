@@ -22,7 +22,8 @@ import torch
 
 from slmembed import models
 from slmembed.data.sts import load_sts
-from slmembed.embedder import Embedder, load_embedder
+from slmembed.embedder import Embedder
+from slmembed.loading import load_embedder
 from slmembed.spec import EmbedSpec
 
 dev = load_sts("STSBenchmark", split="dev")

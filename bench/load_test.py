@@ -86,7 +86,7 @@ def main() -> int:
 
     from slmembed.atomic import write_json
     from slmembed.data.sts import load_sts
-    from slmembed.embedder import load_embedder
+    from slmembed.loading import load_embedder
 
     sts = load_sts("STSBenchmark")
     pool = sorted(set(sts.sentences1) | set(sts.sentences2))[: args.pool]

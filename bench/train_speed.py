@@ -39,8 +39,9 @@ from slmembed.atomic import write_json
 from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.nli import load_triplets
 from slmembed.data.sts import TASKS, load_all
-from slmembed.embedder import Embedder, load_embedder
+from slmembed.embedder import Embedder
 from slmembed.evaluate import evaluate
+from slmembed.loading import load_embedder
 from slmembed.report import read_log
 from slmembed.spec import EmbedSpec
 from slmembed.train import batch_indices, train

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from slmembed import outputs
-from slmembed.embedder import load_embedder
+from slmembed.cli import main
 from slmembed.errors import SlmembedError
+from slmembed.loading import load_embedder
 from slmembed.run import ENTRIES, Checkpoint, EmbedInfo, RunDir
 from slmembed.spec import EmbedSpec
 
@@ -116,10 +117,20 @@ def test_a_run_from_before_output_markers_is_trains(old) -> None:
 
 def test_earlier_runs_and_exports_give_the_recorded_vectors(old) -> None:
     expected = json.loads((old / "expected.json").read_text())
-    got = {name: load_embedder(None, adapter=name, device=CPU, dtype=torch.float32)
-           for name in ("lora-run", "full-run", "export-adapter")}
-    got["export-st"] = load_embedder("export-st", device=CPU, dtype=torch.float32)
-    got["export-onnx"] = load_embedder("export-onnx", device=CPU, dtype=torch.float32)
-    for name, embedder in got.items():
+    loaded = {(name, f"--adapter {name}"): load_embedder(None, adapter=name, device=CPU, dtype=torch.float32)
+              for name in ("lora-run", "full-run", "export-adapter", "lora-run/adapter")}
+    # A run, its weights folder or a kept adapter given as the model loads as what it is, as exports do.
+    for name in ("lora-run", "full-run", "full-run/model", "export-adapter", "export-st", "export-onnx"):
+        loaded[name, name] = load_embedder(name, device=CPU, dtype=torch.float32)
+    for (name, how), embedder in loaded.items():
         vectors = embedder.encode(expected["texts"])
-        np.testing.assert_allclose(vectors, np.array(expected["vectors"][name]), rtol=0, atol=1e-6, err_msg=name)
+        want = np.array(expected["vectors"][Path(name).parts[0]])
+        np.testing.assert_allclose(vectors, want, rtol=0, atol=1e-6, err_msg=how)
+
+
+def test_embed_takes_a_full_fine_tuning_run(old) -> None:
+    expected = json.loads((old / "expected.json").read_text())
+    Path("texts.txt").write_text("\n".join(expected["texts"]) + "\n")
+    assert main(["embed", "texts.txt", "--output", "out.npy", "--model", "full-run", "--device", "cpu",
+                 "--dtype", "float32"]) == 0
+    np.testing.assert_allclose(np.load("out.npy"), np.array(expected["vectors"]["full-run"]), rtol=0, atol=1e-6)

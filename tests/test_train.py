@@ -19,8 +19,8 @@ from slmembed import models
 from slmembed import train as train_mod
 from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.nli import load_triplets
-from slmembed.embedder import load_embedder
 from slmembed.errors import SlmembedError
+from slmembed.loading import load_embedder
 from slmembed.losses import LOSSES
 from slmembed.losses.infonce import info_nce
 from slmembed.run import RunDir

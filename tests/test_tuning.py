@@ -16,10 +16,10 @@ from slmembed import train as train_mod
 from slmembed import tuning
 from slmembed.config import Recipe, recipe_from_dict
 from slmembed.data.sts import load_sts
-from slmembed.embedder import load_embedder
 from slmembed.errors import SlmembedError
 from slmembed.evaluate import evaluate
 from slmembed.export import export
+from slmembed.loading import load_embedder
 from slmembed.losses import objective
 from slmembed.models import load
 from slmembed.run import RunDir

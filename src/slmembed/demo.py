@@ -25,8 +25,8 @@ def demo(output: str | Path, recipe_name: str = "demo-smollm2", overrides: list[
 
 def _demo(recipe: Recipe, output: str | Path, *, data_dir: str | None, device: str, force: bool) -> dict:
     """``demo`` once its output is checked and held."""
-    from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate
+    from slmembed.loading import load_embedder
     from slmembed.train import train
 
     t0 = time.time()

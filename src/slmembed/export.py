@@ -295,7 +295,7 @@ def _write_transformers(run_dir: Path, folder: Path, base: str, spec: EmbedSpec,
     from transformers import AutoTokenizer
 
     from slmembed import models
-    from slmembed.embedder import load_embedder
+    from slmembed.loading import load_embedder
 
     reference = load_embedder(None, adapter=run_dir, device=torch.device("cpu"), dtype=torch.float32)
     if merge:
@@ -367,7 +367,7 @@ def _write_onnx(run_dir: Path, folder: Path, base: str, spec: EmbedSpec, quantiz
     from transformers import AutoTokenizer
 
     from slmembed import models, onnx_model
-    from slmembed.embedder import load_embedder
+    from slmembed.loading import load_embedder
 
     reference = load_embedder(None, adapter=run_dir, device=torch.device("cpu"), dtype=torch.float32)
     reference.model.config.save_pretrained(folder)
@@ -434,8 +434,8 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
     if card_scores is None and (run_dir / "eval.json").exists():
         card_scores = read_scores(run_dir / "eval.json")
     from slmembed import models
-    from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate
+    from slmembed.loading import load_embedder
 
     out_dtype = _out_dtype(base, dtype)
     # How slmembed loads the result: merged folders tokenise with their own (EOS-appending) tokenizer.

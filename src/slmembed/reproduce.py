@@ -29,8 +29,8 @@ def _state_scorer(recipe: Recipe, sets: dict, device: str):
     from safetensors.torch import load_file
 
     from slmembed import tuning
-    from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate
+    from slmembed.loading import load_embedder
     from slmembed.models import resolve_device
 
     embedder = load_embedder(recipe.model.name, device=resolve_device(device),
@@ -89,8 +89,8 @@ def _check(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_dir:
 def _reproduce(recipe: Recipe, output: Path, run_dir: Path, *, data_dir: str | None, device: str, curve: int,
                force: bool, resume: bool, provenance: Callable[[], dict] | None) -> dict:
     """``reproduce`` once its outputs are checked and held."""
-    from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate
+    from slmembed.loading import load_embedder
     from slmembed.models import resolve_device
     from slmembed.selection import snapshot
     from slmembed.train import train
