@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from slmembed import outputs
+from slmembed import adapters, outputs
 from slmembed.cli import main
 from slmembed.errors import SlmembedError
+from slmembed.export import export
 from slmembed.loading import load_embedder
 from slmembed.run import ENTRIES, Checkpoint, EmbedInfo, RunDir
 from slmembed.spec import EmbedSpec
@@ -134,3 +135,22 @@ def test_embed_takes_a_full_fine_tuning_run(old) -> None:
     assert main(["embed", "texts.txt", "--output", "out.npy", "--model", "full-run", "--device", "cpu",
                  "--dtype", "float32"]) == 0
     np.testing.assert_allclose(np.load("out.npy"), np.array(expected["vectors"]["full-run"]), rtol=0, atol=1e-6)
+
+
+def test_serving_adapters_takes_lora_runs_only(old) -> None:
+    run = adapters._run(Path("lora-run/adapter"), allow_pickle=False)
+    assert (run.folder, run.base, run.spec) == (Path("lora-run/adapter"), "base", RunDir("lora-run").info().spec)
+    with pytest.raises(SlmembedError, match="full-run: a full fine-tuning run has no adapter"):
+        adapters._run(Path("full-run"), allow_pickle=False)
+    with pytest.raises(SlmembedError, match="export-adapter: an exported model, not a training run folder"):
+        adapters._run(Path("export-adapter"), allow_pickle=False)
+
+
+def test_an_earlier_run_exports_with_the_one_schema(old) -> None:
+    meta = export("lora-run", "again", fmt="hf")
+    assert json.loads(Path("again/embed.json").read_text()) == meta
+    assert meta == {"kind": "export", **json.loads(Path("export-st/embed.json").read_text()), "finetune": "lora",
+                    "format": "hf"}
+    expected = json.loads(Path("expected.json").read_text())
+    vectors = load_embedder("again", device=CPU, dtype=torch.float32).encode(expected["texts"])
+    np.testing.assert_allclose(vectors, np.array(expected["vectors"]["export-st"]), rtol=0, atol=1e-6)

@@ -2,11 +2,11 @@
 
 What is loaded, by what the folder holds:
 
-* a training run (run.RunDir: its ``embed.json`` says so), or its ``adapter/`` or ``model/`` subfolder: the base
-  model it names with the LoRA adapter merged in, or, for a run that trained every weight, its own ``model/``; the
-  run's embedding spec;
-* an ``slmembed export`` folder (its ``embed.json``): the merged model with its spec, or the kept adapter over the base
-  model (``merged: false``); an ONNX export runs its ``model.onnx`` in onnxruntime (onnx_model.py);
+* a training run (run.RunDir.locate: its saved spec, run.EmbedInfo, says so), or its ``adapter/`` or ``model/``
+  subfolder: the base model it names with the LoRA adapter merged in, or, for a run that trained every weight, its
+  own ``model/``; the run's embedding spec;
+* an ``slmembed export`` folder (its saved spec says so): the merged model with its spec, or the kept adapter over the
+  base model (``merged: false``); an ONNX export runs its ``model.onnx`` in onnxruntime (onnx_model.py);
 * a sentence-transformers folder: the model with its pooling, prompt, length, head and lower-casing (st_pipeline.py),
   or a refusal naming what slmembed cannot apply;
 * any other model (packaged name, transformers folder, hub id): decoder defaults (last token + EOS);
@@ -26,10 +26,8 @@ import torch
 from slmembed import models, onnx_model, st_pipeline
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
-from slmembed.run import EmbedInfo, RunDir
+from slmembed.run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EmbedInfo, RunDir
 from slmembed.spec import EmbedSpec
-
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a PEFT adapter folder's files
 
 
 @dataclass(frozen=True)

@@ -92,7 +92,6 @@ def _reproduce(recipe: Recipe, output: Path, run_dir: Path, *, data_dir: str | N
     from slmembed.evaluate import evaluate
     from slmembed.loading import load_embedder
     from slmembed.models import resolve_device
-    from slmembed.selection import snapshot
     from slmembed.train import train
 
     name = output.name
@@ -112,7 +111,7 @@ def _reproduce(recipe: Recipe, output: Path, run_dir: Path, *, data_dir: str | N
     if "dev" in summary:  # the scores behind the run's selection (selection.py), also STSBenchmark dev only
         after["selected"] = {k: v for k, v in summary["dev"].items() if k != "scores"}
         if summary["dev"]["chosen"] != "last":  # reported beside the choice, never used for it
-            after["last_weights"] = _state_scorer(recipe, sets, device)(snapshot(run_dir, summary["steps"]))
+            after["last_weights"] = _state_scorer(recipe, sets, device)(RunDir(run_dir).snapshot(summary["steps"]))
     print(f"[reproduce] {name} after: {after['average']:.2f} (seven-set {after['average_7']:.2f})", flush=True)
     result = {"model": recipe.model.name, "recipe": recipe.to_dict(), "before": before, "after": after,
               "train": summary}

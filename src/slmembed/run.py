@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from slmembed.spec import EmbedSpec
 EMBED_JSON = "embed.json"  # in a run folder and in an exported model folder alike
 KINDS = ("run", "export")
 WEIGHTS = {"lora": "adapter", "full": "model"}  # train.finetune -> the run's entry holding the trained weights
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # in a PEFT adapter folder
 # What train writes into a run folder (outputs.mark): RunDir's entries.
 ENTRIES = (*WEIGHTS.values(), "checkpoints", "dev", "recipe.yaml", EMBED_JSON, "train_log.jsonl", "data.json",
            "summary.json", "tensorboard", "profile", "reference.safetensors")
@@ -67,12 +69,16 @@ class EmbedInfo:
                                 "a model name")
         return info
 
-    def write(self, folder: str | Path) -> None:
-        """Write it as ``folder/embed.json`` (atomically), leaving out the fields of the other kind."""
+    def to_dict(self) -> dict:
+        """As ``embed.json`` holds it: the fields of its kind."""
         data = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
         if self.format == "onnx":  # None too: float32
             data["quantize"] = self.quantize
-        write_json(Path(folder) / EMBED_JSON, data)
+        return data
+
+    def write(self, folder: str | Path) -> None:
+        """Write it as ``folder/embed.json`` (atomically)."""
+        write_json(Path(folder) / EMBED_JSON, self.to_dict())
 
 
 @dataclass(frozen=True)
@@ -263,6 +269,11 @@ class RunDir:
         except (KeyError, TypeError, ValueError):
             return None
 
+    def records(self) -> list[Path]:
+        """What the run records of itself, without its weights: those of its log, data record, summary and dev scores
+        that exist (``python -m slmembed.run RUN...`` lists them, for bench/reproduce_gpu.sh)."""
+        return [p for p in (self.log, self.data_record, self.summary_file, self.dev_scores) if p.exists()]
+
     def holds_run(self) -> bool:
         """Whether the folder holds a run's files (train's output from before output markers: outputs.written_by)."""
         return (self.recipe_file.is_file() and self.embed_file.is_file()) or self.checkpoints_dir.is_dir()
@@ -271,3 +282,9 @@ class RunDir:
     def write_info(self, model: str, spec: EmbedSpec, finetune: str) -> None:
         """Write the finished run's ``embed.json``."""
         EmbedInfo("run", model, spec, finetune).write(self.path)
+
+
+if __name__ == "__main__":  # python -m slmembed.run RUN...: each run's records, one path a line
+    for folder in sys.argv[1:]:
+        for path in RunDir(folder).records():
+            print(path)
