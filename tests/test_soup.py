@@ -21,8 +21,10 @@ from slmembed import soup as soup_mod
 from slmembed.cli import main
 from slmembed.config import Recipe
 from slmembed.data.sts import load_sts
-from slmembed.embedder import Embedder, load_embedder
+from slmembed.embedder import Embedder
 from slmembed.evaluate import evaluate
+from slmembed.loading import load_embedder
+from slmembed.run import EmbedInfo
 from slmembed.soup import choose_greedy, soup
 from slmembed.spec import EmbedSpec
 from slmembed.train import train
@@ -118,7 +120,7 @@ def test_uniform_soup_computes_with_the_mean_of_the_members_weights(tmp_path, ti
     assert summary["steps"] == 1 and summary["finetune"] == finetune
     assert json.loads((tmp_path / "soup/soup.json").read_text()) == result
     assert set(result["scores"]) == {"STS17"} and len(result["soup"]["candidates"]) == 3
-    assert json.loads((tmp_path / "soup/embed.json").read_text()) == json.loads((runs[0] / "embed.json").read_text())
+    assert EmbedInfo.read(tmp_path / "soup") == EmbedInfo.read(runs[0])
     if finetune == "lora":  # ranks 8 + 16 + 8, at the runs' scale alpha / r = 32 / 8
         config = json.loads((tmp_path / "soup/adapter/adapter_config.json").read_text())
         assert (config["r"], config["lora_alpha"]) == (32, 128)

@@ -245,10 +245,15 @@ class RunDir:
         """``lora`` or ``full``: what the finished run trained."""
         return self.info().finetune
 
+    def weights_folder(self, finetune: str) -> Path:
+        """The folder that holds the trained weights of a run that trained as ``finetune`` says: ``adapter/`` or
+        ``model/``."""
+        return self.path / WEIGHTS[finetune]
+
     @property
     def weights(self) -> Path:
         """The folder holding the finished run's trained weights: ``adapter/`` or ``model/``."""
-        return self.path / WEIGHTS[self.finetune]
+        return self.weights_folder(self.finetune)
 
     def recipe(self) -> Recipe | None:
         """The recipe the run ran with, or None if it has none."""

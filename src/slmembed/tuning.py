@@ -127,7 +127,7 @@ def read_final(folder: Path, recipe: Recipe, trust_remote_code: bool = False) ->
     """The trained state (``state``'s tensors, on the host) that ``save_final`` wrote into ``folder``."""
     if recipe.train.finetune == "full":
         return state(models.load(str(folder), trust_remote_code=trust_remote_code)[0], recipe)
-    return load_file(folder / "adapter_model.safetensors")
+    return load_file(folder / ADAPTER_WEIGHTS)
 
 
 def final_folder(recipe: Recipe) -> str:
