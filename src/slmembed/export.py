@@ -388,8 +388,8 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
            scores: str | Path | None = None, evaluate_sets: dict | None = None, force: bool = False,
            quantize: str | None = None, max_drop: float | None = None, accept_drop: bool = False) -> dict:
     """Export the training run ``run_dir`` into the folder ``output``; return its saved spec (run.EmbedInfo, as a
-    dict). An earlier export there
-    is replaced (atomically) only with ``force``; see outputs.py for what else ``output`` may not be.
+    dict). An earlier export there is replaced (atomically) only with ``force``; see outputs.py for what else
+    ``output`` may not be.
 
     Scores for the model card: ``scores`` (an eval or reproduce JSON), else the run's (``RunDir.scores``), else,
     with ``evaluate_sets``, the exported folder evaluated on those sets by slmembed (written to ``output/eval.json``).
