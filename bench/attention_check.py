@@ -16,21 +16,21 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import torch
 
 from slmembed import models
 from slmembed.data.sts import load_sts
-from slmembed.embedder import Embedder, load_embedder
+from slmembed.embedder import Embedder
+from slmembed.loading import load_embedder
+from slmembed.run import RunDir
 from slmembed.spec import EmbedSpec
 
 dev = load_sts("STSBenchmark", split="dev")
 texts = sorted({*dev.sentences1, *dev.sentences2})[::10]
 cuda = torch.device(os.environ.get("DEVICE", "cuda"))  # DEVICE=cpu: a dry run
 for name in sys.argv[1:]:
-    run = (Path(name) / "embed.json").exists()
-    if run:
+    if RunDir.locate(name):
         eager = load_embedder(None, adapter=name, device=cuda, dtype=torch.float32)  # SDPA, fp32: no mask needed
         model = load_embedder(None, adapter=name, device=cuda, dtype=torch.bfloat16).model
         eager, tokenizer, specs = eager.model, eager.tokenizer, [eager.spec]

@@ -21,6 +21,7 @@ from slmembed.cli import provenance
 from slmembed.embedder import Embedder
 from slmembed.export import export_tokenizer
 from slmembed.report import read_log
+from slmembed.run import RunDir
 from slmembed.spec import EmbedSpec
 
 
@@ -31,7 +32,7 @@ def save(path: str | Path, result: dict) -> None:
 
 def log_window(run_dir: Path, first: int, last: int) -> tuple[dict, float]:
     """A training run's log record at step ``last``, and the seconds between the records of ``first`` and ``last``."""
-    log = {r["step"]: r for r in read_log(run_dir / "train_log.jsonl")}
+    log = {r["step"]: r for r in read_log(RunDir(run_dir).log)}
     return log[last], log[last]["elapsed_s"] - log[first]["elapsed_s"]
 
 

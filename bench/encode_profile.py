@@ -17,8 +17,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from slmembed.compile import compile_blocks
 from slmembed.data.sts import TASKS, load_all
-from slmembed.embedder import PIECE, batching, load_embedder
+from slmembed.embedder import PIECE, batching
 from slmembed.evaluate import unique_sentences
+from slmembed.loading import load_embedder
 from slmembed.profiling import busy_union
 
 

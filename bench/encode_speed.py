@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import StEncoder, save, st_model
+
 from slmembed import models
 from slmembed.compile import compile_blocks
 from slmembed.data.sts import TASKS, load_all
-from slmembed.embedder import Embedder, batching, load_embedder
+from slmembed.embedder import Embedder, batching
 from slmembed.evaluate import unique_sentences
+from slmembed.loading import load_embedder
 
 REPEATS = 3  # timed calls of each variant, the fastest kept (the same for the peer)
 

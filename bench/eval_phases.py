@@ -33,8 +33,9 @@ def main() -> None:
     mark("import torch")
     from slmembed import cli  # noqa: F401 - what the command imports first
     from slmembed.data.sts import TASKS, load_all
-    from slmembed.embedder import batching, load_embedder
+    from slmembed.embedder import batching
     from slmembed.evaluate import score, unique_sentences
+    from slmembed.loading import load_embedder
 
     mark("import slmembed, transformers")
     torch.zeros(1, device="cuda" if torch.cuda.is_available() else "cpu")

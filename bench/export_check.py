@@ -45,8 +45,8 @@ def main() -> int:
 
     from slmembed.atomic import write_json
     from slmembed.data.sts import TASKS, load_all, load_sts
-    from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate
+    from slmembed.loading import load_embedder
 
     sts = load_sts("STSBenchmark")
     texts = sorted(set(sts.sentences1) | set(sts.sentences2))

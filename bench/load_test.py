@@ -86,14 +86,13 @@ def main() -> int:
 
     from slmembed.atomic import write_json
     from slmembed.data.sts import load_sts
-    from slmembed.embedder import load_embedder
+    from slmembed.loading import load_embedder
 
     sts = load_sts("STSBenchmark")
     pool = sorted(set(sts.sentences1) | set(sts.sentences2))[: args.pool]
-    runs = [Path(m) for m in args.model if Path(m).is_dir() and (Path(m) / "embed.json").exists()]
     names = [Path(m).name if Path(m).is_dir() else m for m in args.model]
-    expected = {name: (load_embedder(None, adapter=m) if Path(m) in runs else load_embedder(m)).encode(pool)
-                for name, m in zip(names, args.model)}  # the server's defaults: device and dtype "auto"
+    expected = {name: load_embedder(m).encode(pool)  # the server's defaults: device and dtype "auto"
+                for name, m in zip(names, args.model, strict=True)}
     port, log = _free_port(), Path(tempfile.gettempdir()) / "slmembed-load-test-server.log"
     extra = ["--max-adapters", str(args.max_adapters)] if args.max_adapters else []
     server = _start_server(args.model, port, log, extra)

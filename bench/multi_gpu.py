@@ -24,6 +24,8 @@ from pathlib import Path
 
 from common import log_window, save
 
+from slmembed.run import RunDir
+
 
 def train(command: list[str], run_dir: Path, batch: int, args: argparse.Namespace) -> dict:
     """Run one training command; its rate (triplets/s after warm-up), peak GPU memory and last loss from its log,
@@ -38,7 +40,7 @@ def train(command: list[str], run_dir: Path, batch: int, args: argparse.Namespac
         command += ["--profile", args.profile]
     subprocess.run(command, check=True, env={**os.environ, "NCCL_NVLS_ENABLE": "0", "TQDM_DISABLE": "1"})
     last, seconds = log_window(run_dir, args.warmup, args.steps)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = RunDir(run_dir).summary()
     result = {"command": " ".join("python" if c == sys.executable else c for c in command),
               "global_batch": summary["batch_size"],
               "triplets_per_s": round((args.steps - args.warmup) * summary["batch_size"] / seconds, 1),
@@ -46,14 +48,15 @@ def train(command: list[str], run_dir: Path, batch: int, args: argparse.Namespac
               "final_loss": last["loss"]}
     if args.profile:
         stem = Path(args.output).with_suffix("")
-        result["profile"] = [json.loads(f.read_text()) for f in sorted((run_dir / "profile").glob("rank*.json"))]
-        for table in sorted((run_dir / "profile").glob("rank*.txt")):
+        profile = RunDir(run_dir).profile
+        result["profile"] = [json.loads(f.read_text()) for f in sorted(profile.glob("rank*.json"))]
+        for table in sorted(profile.glob("rank*.txt")):
             shutil.copyfile(table, f"{stem}-profile-{run_dir.name}-{table.name}")
     return result
 
 
 def nine_set(run_dir: Path, args: argparse.Namespace) -> float:
-    out = run_dir / "eval.json"
+    out = RunDir(run_dir).scores
     command = [sys.executable, "-m", "slmembed", "eval", "--adapter", str(run_dir), "--output", str(out),
                "--device", args.device, "--tasks", *args.tasks]
     if args.data_dir:

@@ -37,7 +37,7 @@ import torch
 from common import save
 from safetensors.torch import load_file
 
-from slmembed.train import checkpoints
+from slmembed.run import ADAPTER_WEIGHTS, Checkpoint, RunDir
 
 
 def free_port() -> int:
@@ -115,7 +115,7 @@ def wait_all(procs: list[subprocess.Popen], timeout: float, what: str) -> None:
 
 
 def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(run_dir / "adapter/adapter_model.safetensors")
+    return load_file(RunDir(run_dir).adapter / ADAPTER_WEIGHTS)
 
 
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -124,7 +124,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
+    return [json.loads(line)["loss"] for line in RunDir(run_dir).log.read_text().splitlines()]
 
 
 def main() -> None:
@@ -168,13 +168,13 @@ def main() -> None:
     run = scratch / "killed"
     procs, commands = start_launchers(args, run, scratch, "killed")
     deadline = time.time() + args.timeout
-    while not checkpoints(run):
+    while not RunDir(run).checkpoints():
         if time.time() > deadline or any(p.poll() is not None for p in procs):
             raise SystemExit("no checkpoint before a launcher ended: make --steps larger than --save-every")
         time.sleep(0.02)
     kill_machine(procs[1], signal.SIGKILL if args.lose == "kill" else signal.SIGSTOP)
     killed_at = time.time()
-    logged = losses(run) if (run / "train_log.jsonl").exists() else []
+    logged = losses(run) if RunDir(run).log.exists() else []
     try:
         survivor_code = procs[0].wait(timeout=args.grace)
         survivor = {"exit_code": survivor_code, "stopped_after_s": round(time.time() - killed_at, 1)}
@@ -185,7 +185,7 @@ def main() -> None:
     survivor["said"] = said[0] if said else None  # the watcher's line, when it was the one that stopped it
     kill_machine(procs[1])  # a frozen one too, now
     procs[1].wait()
-    resumed_from = int(checkpoints(run)[-1].name.split("-")[-1])
+    resumed_from = Checkpoint(RunDir(run).checkpoints()[-1]).step
     t = time.time()
     procs, resume_commands = start_launchers(args, run, scratch, "resumed", resume=True)
     wait_all(procs, args.timeout, "the resumed two-launcher run")
@@ -194,7 +194,7 @@ def main() -> None:
               "survivor": survivor, "resumed_from_step": resumed_from, "resume_seconds": round(time.time() - t, 1)}
 
     ref, two, resumed = adapter(scratch / "single"), adapter(scratch / "nodes"), adapter(run)
-    summary = json.loads((run / "summary.json").read_text())
+    summary = RunDir(run).summary()
     save(args.output, {
         "config": args.config, "sets": args.set, "device": args.device, "launchers": 2,
         "processes_per_launcher": args.procs_per_launcher, "world_size": summary["world_size"],

@@ -22,7 +22,7 @@ from common import save
 from slmembed.data.sts import load_sts
 from slmembed.evaluate import evaluate
 from slmembed.onnx_model import FILE, OnnxEmbedder, quantize_int8
-from slmembed.spec import EmbedSpec
+from slmembed.run import EmbedInfo
 
 
 def main() -> None:
@@ -33,7 +33,7 @@ def main() -> None:
     args = p.parse_args()
 
     source = Path(args.folder)
-    spec = EmbedSpec(**json.loads((source / "embed.json").read_text())["spec"])
+    spec = EmbedInfo.read(source).spec
     inner = json.loads((source / "config.json").read_text()).get("intermediate_size")
     sets = {"STSBenchmark-dev": load_sts("STSBenchmark", args.data_dir, split="dev")}
     scratch = Path(tempfile.mkdtemp(prefix="onnx-int8-"))

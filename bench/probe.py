@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+# Where a run keeps what: the names of this tree's run.py, the same in every tree probed.
+from slmembed.run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, Checkpoint, RunDir
+
 PY = sys.executable
 DATA = os.environ.get("SLMEMBED_DATA") or str(Path(__file__).resolve().parents[2] / "shared" / "data")
 CPU = ["--device", "cpu", "--dtype", "float32"]
@@ -451,12 +454,13 @@ def case_6(p: Probe):
     second = p.train(out)
     r1 = p.finish(first, ["train"])
     refused = second.one_line(2) and str(first.pid) in second.errors[0]
-    intact = r1.rc == 0 and (out / "summary.json").is_file() and (out / "adapter" / "adapter_model.safetensors").is_file()
+    run = RunDir(out)
+    intact = r1.rc == 0 and run.summary_file.is_file() and (run.adapter / ADAPTER_WEIGHTS).is_file()
     if intact:
         from safetensors.numpy import load_file
         try:
-            load_file(out / "adapter" / "adapter_model.safetensors")
-            json.loads((out / "summary.json").read_text())
+            load_file(run.adapter / ADAPTER_WEIGHTS)
+            json.loads(run.summary_file.read_text())
         except Exception as e:  # noqa: BLE001 - any failure to read is a broken run
             intact = False
             r1.err += f" [probe: {e}]"
@@ -515,7 +519,7 @@ def _recipe_case(p: Probe, name: str, edit, word: str):
     recipe["model"].update(name=p.fx["tiny"], max_length=32)
     recipe["train"].update(max_steps=2, batch_size=4)
     recipe["data"].update(sources=["cad_snli"], max_triplets=64)
-    path = p.dir(name) / "recipe.yaml"
+    path = p.dir(name) / f"{name}.yaml"
     path.write_text(edit(yaml.safe_dump(recipe, sort_keys=False)))
     r = p.slm("train", "--config", path, "--output", p.root / name / "run", "--device", "cpu", "--data-dir", DATA)
     ok = r.one_line(2) and word in r.errors[0]
@@ -573,20 +577,20 @@ def case_12(p: Probe):
         run = disk / "run"
         r = p.train(run, "--set", "train.max_steps=4", "--set", "train.save_every=1", "--set",
                     "train.keep_checkpoints=2")
-        kept = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
+        kept = RunDir(run).checkpoints()
         ckpt_ok = bool(kept)
         for c in kept[-1:]:
             try:
-                json.loads((c / "state.json").read_text())
+                json.loads(Checkpoint(c).state.read_text())
                 load_file(next(c.glob("*.safetensors")))
             except Exception:  # noqa: BLE001
                 ckpt_ok = False
-        adapter = run / "adapter"
+        adapter = RunDir(run).adapter
         adapter_ok = True
         if adapter.exists():
             try:
-                load_file(adapter / "adapter_model.safetensors")
-                json.loads((adapter / "adapter_config.json").read_text())
+                load_file(adapter / ADAPTER_WEIGHTS)
+                json.loads((adapter / ADAPTER_CONFIG).read_text())
             except Exception:  # noqa: BLE001
                 adapter_ok = False
         good = _disk_full_ok(r) and ckpt_ok and adapter_ok
@@ -641,11 +645,11 @@ def case_15(p: Probe):
     args = ["train", "--config", "smollm2-135m", "--output", run, "--set", f"model.name={p.fx['tiny']}",
             *TINY_RECIPE, *extra, "--device", "cpu", "--data-dir", DATA]
     proc = p.popen(args)  # killed once its second checkpoint is on disk: an unfinished run to --resume
-    caught = wait_for(lambda: (run / "checkpoints" / "step-0000002" / "state.json").exists(), proc, timeout=200)
+    caught = wait_for(lambda: Checkpoint(RunDir(run).checkpoint(2)).state.exists(), proc, timeout=200)
     proc.kill()
     r = p.finish(proc, args)
-    ckpts = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
-    if not caught or not ckpts or (run / "summary.json").exists():
+    ckpts = RunDir(run).checkpoints()
+    if not caught or not ckpts or RunDir(run).summary_file.exists():
         not_run(f"could not kill a run after its checkpoints: {r.describe()}, checkpoints {[c.name for c in ckpts]}")
     import collections
 
@@ -719,7 +723,7 @@ def case_19(p: Probe):
     r = p.train(run)
     if r.rc != 0:
         not_run(f"could not train: {r.describe()}")
-    shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    shutil.rmtree(RunDir(run).checkpoints_dir, ignore_errors=True)
     rep = p.slm("report", run)
     if not (run / "report.md").exists():
         not_run(f"report failed: {rep.describe()}")
@@ -733,13 +737,14 @@ def case_19(p: Probe):
 
 def case_20(p: Probe):
     run = p.run_folder("tiny")
-    before = snapshot(run / "adapter")
-    r = p.slm("report", run, "--output", run / "adapter")
-    after = snapshot(run / "adapter")
+    adapter = RunDir(run).adapter
+    before = snapshot(adapter)
+    r = p.slm("report", run, "--output", adapter)
+    after = snapshot(adapter)
     changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
     for k in changed:  # leave the shared run as it was for later cases
         if k not in before:
-            path = run / "adapter" / k
+            path = adapter / k
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     ok = r.one_line(2) and not changed
     (held if ok else broken)(f"{r.describe()}; adapter folder changes: {changed or 'none'}")
@@ -818,7 +823,7 @@ def case_26(p: Probe):
     r = p.slm("export", "--adapter", run, "--output", out)
     if r.rc != 0:
         not_run(f"export failed: {r.describe()}")
-    files = sorted(list((run / "adapter").glob("*.safetensors")) + list(out.rglob("*.safetensors")))
+    files = sorted(list(RunDir(run).adapter.glob("*.safetensors")) + list(out.rglob("*.safetensors")))
     modes = {str(f.relative_to(p.root)): oct(f.stat().st_mode & 0o777) for f in files}
     ok = bool(files) and all(m == "0o644" for m in modes.values())
     (held if ok else broken)(f"modes under umask 022: {modes}")

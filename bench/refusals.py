@@ -12,7 +12,6 @@ before/after on one machine:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -22,8 +21,11 @@ import time
 from pathlib import Path
 
 import yaml
-
 from common import save
+
+from slmembed import outputs
+from slmembed.run import ADAPTER_CONFIG, ENTRIES, RunDir
+from slmembed.spec import EmbedSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_validation import BAD  # noqa: E402 - the tests' table of bad values, kept complete by a test
@@ -32,15 +34,14 @@ from test_validation import BAD  # noqa: E402 - the tests' table of bad values, 
 def _fake_run(root: Path) -> Path:
     """A folder that reads as a finished LoRA run (recipe, spec, adapter config, marker), with no weights: every
     refusal below comes before anything would load them."""
-    run = root / "runs" / "run"
-    (run / "adapter").mkdir(parents=True)
-    (run / "checkpoints").mkdir()
-    (run / "recipe.yaml").write_text(yaml.safe_dump({"name": "fake"}))
-    (run / "embed.json").write_text(json.dumps({"model": "smollm2-135m", "spec": {}}))
-    (run / "adapter" / "adapter_config.json").write_text("{}")
-    (run / ".slmembed-output.json").write_text(json.dumps({"command": "train", "entries": [
-        "adapter", "checkpoints", "recipe.yaml", "embed.json"], "added": {}}))
-    return run
+    run = RunDir(root / "runs" / "run")
+    run.adapter.mkdir(parents=True)
+    run.checkpoints_dir.mkdir()
+    run.recipe_file.write_text(yaml.safe_dump({"name": "fake"}))
+    run.write_info("smollm2-135m", EmbedSpec(), "lora")
+    (run.adapter / ADAPTER_CONFIG).write_text("{}")
+    outputs.mark(run.path, "train", ENTRIES)
+    return run.path
 
 
 def cases(root: Path) -> dict[str, list[list[str]]]:
@@ -73,14 +74,14 @@ def cases(root: Path) -> dict[str, list[list[str]]]:
             ["train", "--config", "smollm2-135m", "--output", str(foreign), "--force", "--data-dir", data],
             ["export", "--adapter", str(run), "--output", str(run)],
             ["export", "--adapter", str(run), "--output", str(run.parent)],
-            ["export", "--adapter", str(run), "--output", str(run / "adapter" / "x")],
+            ["export", "--adapter", str(run), "--output", str(RunDir(run).adapter / "x")],
             ["export", "--adapter", str(run), "--output", str(foreign), "--force"],
             ["eval", "--model", "all-minilm-l6-v2", "--data-dir", data, "--output", str(root)],
-            ["eval", "--model", "all-minilm-l6-v2", "--data-dir", data, "--output", str(run / "embed.json")],
+            ["eval", "--model", "all-minilm-l6-v2", "--data-dir", data, "--output", str(RunDir(run).embed_file)],
             ["eval", "--model", "all-minilm-l6-v2", "--data-dir", data, "--output", str(root / "scores.txt")],
             ["embed", str(texts), "--model", "all-minilm-l6-v2", "--output", str(texts)],
             ["embed", str(texts), "--model", "all-minilm-l6-v2", "--output", str(foreign / "notes.npy.x")],
-            ["report", str(run), "--output", str(run / "adapter")],
+            ["report", str(run), "--output", str(RunDir(run).adapter)],
             ["reproduce", "--model", "smollm2-135m", "--data-dir", data, "--output", str(foreign)],
             ["demo", "--data-dir", data, "--output", str(foreign)],
         ],

@@ -42,4 +42,4 @@ for name in "${names[@]}"; do
     "$OUT/logs/$name.log" | tail -n 6
 done
 tar czf "$OUT/reproduce.tgz" -C "$OUT" logs -C "$PWD" results/reproduce \
-  $(for n in "${names[@]}"; do ls -d runs/reproduce/$n/{train_log.jsonl,summary.json,data.json,dev/scores.json} 2>/dev/null; done)
+  $(python3 -m slmembed.run "${names[@]/#/runs/reproduce/}")  # each run's records (run.RunDir.records)

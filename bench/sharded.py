@@ -20,6 +20,7 @@ from common import save
 from multi_gpu import arguments, nine_set, parse, train
 
 from slmembed.report import read_log
+from slmembed.run import RunDir
 
 
 def main() -> None:
@@ -34,7 +35,7 @@ def main() -> None:
         run_args.set = [*args.set, f"train.sharding={mode}"]
         runs[mode] = train(launcher, scratch / mode, args.per_device_batch, run_args)
         runs[mode]["nine_set_average"] = nine_set(scratch / mode, args)
-        curves[mode] = [r["loss"] for r in read_log(scratch / mode / "train_log.jsonl") if "loss" in r]
+        curves[mode] = [r["loss"] for r in read_log(RunDir(scratch / mode).log) if "loss" in r]
     ddp, fsdp = runs["none"], runs["fsdp"]
     save(args.output, {
         "config": args.config, "per_device_batch": args.per_device_batch, "gpus": args.gpus, "steps": args.steps,

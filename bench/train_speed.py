@@ -35,13 +35,14 @@ from torch.utils.data import BatchSampler, SequentialSampler
 from transformers import AutoConfig, TrainerCallback
 
 from slmembed import models
-from slmembed.atomic import write_json
 from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.nli import load_triplets
 from slmembed.data.sts import TASKS, load_all
-from slmembed.embedder import Embedder, load_embedder
+from slmembed.embedder import Embedder
 from slmembed.evaluate import evaluate
+from slmembed.loading import load_embedder
 from slmembed.report import read_log
+from slmembed.run import RunDir
 from slmembed.spec import EmbedSpec
 from slmembed.train import batch_indices, train
 
@@ -283,11 +284,11 @@ def step_profiled(recipe: Recipe, args, run_dir: Path, path: str) -> dict:
     """``run_ours`` with ten steps after the warm-up under slmembed's step profiler (profiling.py): its per-step
     summary (wall, host busy, GPU busy, kernels) in the result, its operator tables copied to ``path``."""
     result = run_ours(recipe, args.warmup, args.steps, args.data_dir, run_dir, profile=(args.warmup, 10))
-    summary = run_dir / "profile" / "rank0.json"
+    summary = RunDir(run_dir).profile / "rank0.json"
     if summary.exists():
         result["profile"] = json.loads(summary.read_text())
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(run_dir / "profile" / "rank0.txt", path)
+        shutil.copyfile(summary.with_suffix(".txt"), path)
         result["profile_tables"] = path
     return result
 
@@ -336,7 +337,7 @@ def quality(base: Recipe, triplets, embedder: Embedder, args, scratch: Path) -> 
                                    "train.warmup_steps=20", *VARIANTS[args.quality_variant]])
     steps = args.quality_steps
     ours = run_ours(recipe, steps // 2, steps - steps // 2, args.data_dir, scratch / "quality-ours", log_every=1)
-    ours_losses = [r["loss"] for r in read_log(scratch / "quality-ours/train_log.jsonl")]
+    ours_losses = [r["loss"] for r in read_log(RunDir(scratch / "quality-ours").log)]
     sets = load_all(args.quality_tasks, args.data_dir)
     ours["nine_set"] = evaluate(load_embedder(None, scratch / "quality-ours"), sets)
     peer, model = run_peer(recipe, triplets, steps // 2, steps - steps // 2, embedder, scratch / "quality-peer")
@@ -344,11 +345,11 @@ def quality(base: Recipe, triplets, embedder: Embedder, args, scratch: Path) -> 
     peer["nine_set"] = evaluate(StEncoder(model, embedder), sets)
     # Each tool's trained adapter scored by the other tool's encoder too, so that training and inference differences
     # can be told apart.
-    peer_dir = scratch / "quality-peer-adapter"
+    peer_run = RunDir(scratch / "quality-peer-adapter")  # laid out as a LoRA run of slmembed's
     backbone = model[0]
-    (getattr(backbone, "auto_model", None) or backbone.model).save_pretrained(peer_dir)  # the adapter only
-    write_json(peer_dir / "embed.json", {"model": recipe.model.name, "spec": EmbedSpec.of(recipe.model).__dict__})
-    peer["nine_set_by_slmembed_encoder"] = evaluate(load_embedder(None, peer_dir), sets)
+    (getattr(backbone, "auto_model", None) or backbone.model).save_pretrained(peer_run.adapter)  # the adapter only
+    peer_run.write_info(recipe.model.name, EmbedSpec.of(recipe.model), "lora")
+    peer["nine_set_by_slmembed_encoder"] = evaluate(load_embedder(None, peer_run.path), sets)
     del model
     _reset()
     ours_in_peer = st_model(models.resolve(recipe.model.name), EmbedSpec.of(recipe.model))

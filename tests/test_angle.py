@@ -12,8 +12,8 @@ import torch
 
 from slmembed.cli import main
 from slmembed.config import Recipe, load_recipe, recipe_from_dict, with_overrides
-from slmembed.embedder import load_embedder
 from slmembed.errors import SlmembedError
+from slmembed.loading import load_embedder
 from slmembed.losses import objective
 from slmembed.losses.angle import angle_info_nce, angle_similarity
 from slmembed.losses.infonce import info_nce

@@ -159,11 +159,11 @@ def test_a_model_folder_given_as_dot_goes_by_its_folder_name(tmp_path, monkeypat
     """``slmembed serve .`` serves the model under its folder's name, not under an empty id."""
     import argparse
 
-    from slmembed import cli, embedder
+    from slmembed import cli, loading
 
     folder = tmp_path / "my-model"
     folder.mkdir()
     monkeypatch.chdir(folder)
-    monkeypatch.setattr(embedder, "load_embedder", lambda *a, **k: "the embedder")
+    monkeypatch.setattr(loading, "load_embedder", lambda *a, **k: "the embedder")
     args = argparse.Namespace(device="cpu", dtype="auto", trust_remote_code=False, allow_pickle=False, compile=False)
     assert cli._load_model(".", args) == ("the embedder", "my-model")

@@ -19,8 +19,8 @@ from slmembed import atomic, cli
 from slmembed import embed_file as ef
 from slmembed.cli import main
 from slmembed.data.texts import text_problem
-from slmembed.embedder import load_embedder
 from slmembed.errors import DataError, SlmembedError
+from slmembed.loading import load_embedder
 
 TEXTS = [f"sentence {i}: {'a cat sleeps on the mat' if i % 3 else 'rain falls over the quiet town'}" for i in range(11)]
 

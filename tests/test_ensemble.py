@@ -13,9 +13,9 @@ from test_soup import TEXTS, make_run
 
 from slmembed.cli import main
 from slmembed.data.sts import load_all
-from slmembed.embedder import load_embedder
 from slmembed.ensemble import Ensemble
 from slmembed.evaluate import evaluate
+from slmembed.loading import load_embedder
 
 CPU = torch.device("cpu")
 

@@ -11,8 +11,8 @@ import torch
 from scipy.stats import spearmanr
 
 from slmembed.data.sts import SEVEN, TASKS, StsSet
-from slmembed.embedder import load_embedder
 from slmembed.evaluate import evaluate, score
+from slmembed.loading import load_embedder
 from slmembed.tables import table
 
 REFERENCE = json.loads((Path(__file__).parents[1] / "src/slmembed/data/mteb_reference.json").read_text())

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from slmembed.config import Recipe
-from slmembed.train import checkpoints
+from slmembed.run import RunDir
 
 STEPS, SAVE_EVERY, KILLS = 10, 2, 5
 
@@ -122,14 +122,14 @@ def test_killed_runs_resume_to_the_uninterrupted_result(tmp_path, tiny_models, d
     rng.shuffle(kinds)
     survived = []
     for i, kind in enumerate(kinds):
-        start = int(checkpoints(run)[-1].name.split("-")[1]) if checkpoints(run) else 0
+        start = int(RunDir(run).checkpoints()[-1].name.split("-")[1]) if RunDir(run).checkpoints() else 0
         kill, where = _kill_point(rng, kind, start)
         proc = _train(killer, config, run, data_dir, kill, resume=i > 0)
         context = f"seed {seed}, kill {i + 1} ({kill}: {where}), after {survived}"
         assert proc.returncode == -signal.SIGKILL, f"{context}: {proc.stderr[-3000:]}"
         if not kill.startswith("step"):  # the kill left a half-written file behind a temporary name
             assert [p for p in run.rglob(".*.tmp") if p.is_dir()], context
-        for ckpt in checkpoints(run):  # every checkpoint under its final name is complete
+        for ckpt in RunDir(run).checkpoints():  # every checkpoint under its final name is complete
             assert {p.name for p in ckpt.iterdir()} == {"adapter.safetensors", "optim.pt", "rng.pt", "state.json"}
             assert load_file(ckpt / "adapter.safetensors") and torch.load(ckpt / "optim.pt", weights_only=True)
         survived.append(f"{kill} ({where})")

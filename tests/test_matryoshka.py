@@ -14,8 +14,8 @@ from slmembed import train as train_mod
 from slmembed.cli import main
 from slmembed.config import Recipe
 from slmembed.data.sts import load_sts
-from slmembed.embedder import load_embedder
 from slmembed.evaluate import evaluate, score, unique_sentences
+from slmembed.loading import load_embedder
 from slmembed.losses.infonce import info_nce
 from slmembed.losses.matryoshka import matryoshka
 from slmembed.losses.symmetric import symmetric_info_nce

@@ -14,8 +14,8 @@ from sentence_transformers.util.quantization import quantize_embeddings
 from slmembed import quantize
 from slmembed.cli import main
 from slmembed.data.sts import load_sts
-from slmembed.embedder import load_embedder
 from slmembed.evaluate import evaluate, unique_sentences
+from slmembed.loading import load_embedder
 
 RNG = np.random.default_rng(0)
 EMB = RNG.standard_normal((50, 20)).astype(np.float32)

@@ -21,7 +21,7 @@ from slmembed import train as train_mod
 from slmembed.cli import main
 from slmembed.config import Recipe
 from slmembed.digest import weights_sha256
-from slmembed.embedder import load_embedder
+from slmembed.loading import load_embedder
 from slmembed.errors import SlmembedError
 from slmembed.losses import objective
 from slmembed.losses.distill import distill_info_nce

@@ -27,10 +27,10 @@ import pytest
 from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI, RateLimitError
 
 from slmembed.config import Recipe
-from slmembed.embedder import load_embedder
 from slmembed.endpoint import address
 from slmembed.errors import SlmembedError
 from slmembed.export import export
+from slmembed.loading import load_embedder
 from slmembed.serve import Limits
 from slmembed.train import train
 

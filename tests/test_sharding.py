@@ -21,8 +21,8 @@ from slmembed.cli import main
 from slmembed.config import Recipe, recipe_from_dict
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
+from slmembed.run import RunDir
 from slmembed.spec import EmbedSpec
-from slmembed.train import checkpoints
 
 
 def _recipe(tiny_models, **train) -> Recipe:
@@ -73,14 +73,14 @@ def test_fsdp_lora_equals_ddp_and_resumes_exactly(tmp_path, tiny_models, data_di
     _assert_same(load_file(ddp / "adapter/adapter_model.safetensors"), final)
     assert len(final) == 8 and max(v.abs().max() for v in final.values()) > 0.01  # trained, in peft's layout
     # checkpoints and dev snapshots hold the whole state in the unsharded layout, the same in both runs
-    for a, b in zip(checkpoints(ddp), checkpoints(fsdp), strict=True):
+    for a, b in zip(RunDir(ddp).checkpoints(), RunDir(fsdp).checkpoints(), strict=True):
         _assert_same(load_file(a / "adapter.safetensors"), load_file(b / "adapter.safetensors"))
 
     # interrupted after its step-4 checkpoint, the sharded run resumes to the same adapter and log
     for name in ("adapter", "summary.json", "embed.json"):
         target = fsdp / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
-    assert [p.name for p in checkpoints(fsdp)] == ["step-0000002", "step-0000004"]
+    assert [p.name for p in RunDir(fsdp).checkpoints()] == ["step-0000002", "step-0000004"]
     _torchrun(recipe, fsdp, tmp_path, data_dir, "--resume")
     _assert_same(final, load_file(fsdp / "adapter/adapter_model.safetensors"))
     assert [r["loss"] for r in _log(fsdp)] == pytest.approx([r["loss"] for r in logs[1]], rel=1e-5)

@@ -21,8 +21,10 @@ from slmembed import soup as soup_mod
 from slmembed.cli import main
 from slmembed.config import Recipe
 from slmembed.data.sts import load_sts
-from slmembed.embedder import Embedder, load_embedder
+from slmembed.embedder import Embedder
 from slmembed.evaluate import evaluate
+from slmembed.loading import load_embedder
+from slmembed.run import EmbedInfo, RunDir
 from slmembed.soup import choose_greedy, soup
 from slmembed.spec import EmbedSpec
 from slmembed.train import train
@@ -49,7 +51,7 @@ def make_run(folder: Path, base: Path, *, finetune: str = "lora", seed: int = 0,
     states = [{k: v + scale * torch.randn(v.shape, generator=generator) for k, v in tuning.state(net, recipe).items()}
               for _ in range(average_of)]
     tuning.average(net, states, recipe) if average_of > 1 else tuning.load_state(net, states[0], recipe)
-    final = folder / tuning.final_folder(recipe)
+    final = RunDir(folder).weights_folder(recipe.train.finetune)
     final.mkdir(parents=True)
     tuning.save_final(net, tokenizer, final, recipe)
     (folder / "recipe.yaml").write_text(recipe.to_yaml())
@@ -118,7 +120,7 @@ def test_uniform_soup_computes_with_the_mean_of_the_members_weights(tmp_path, ti
     assert summary["steps"] == 1 and summary["finetune"] == finetune
     assert json.loads((tmp_path / "soup/soup.json").read_text()) == result
     assert set(result["scores"]) == {"STS17"} and len(result["soup"]["candidates"]) == 3
-    assert json.loads((tmp_path / "soup/embed.json").read_text()) == json.loads((runs[0] / "embed.json").read_text())
+    assert EmbedInfo.read(tmp_path / "soup") == EmbedInfo.read(runs[0])
     if finetune == "lora":  # ranks 8 + 16 + 8, at the runs' scale alpha / r = 32 / 8
         config = json.loads((tmp_path / "soup/adapter/adapter_config.json").read_text())
         assert (config["r"], config["lora_alpha"]) == (32, 128)

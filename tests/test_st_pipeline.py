@@ -14,7 +14,8 @@ from sentence_transformers.sentence_transformer.modules import Dense, Dropout, N
 
 from slmembed import models
 from slmembed.cli import main
-from slmembed.embedder import Embedder, load_embedder
+from slmembed.embedder import Embedder
+from slmembed.loading import load_embedder
 
 CPU = torch.device("cpu")
 TEXTS = ["A man is playing a guitar.", "Hi", "THE Quick Brown Fox jumps over the lazy dog near the river bank today, "

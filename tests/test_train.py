@@ -19,10 +19,11 @@ from slmembed import models
 from slmembed import train as train_mod
 from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.nli import load_triplets
-from slmembed.embedder import load_embedder
 from slmembed.errors import SlmembedError
+from slmembed.loading import load_embedder
 from slmembed.losses import LOSSES, REFERENCE
 from slmembed.losses.infonce import info_nce
+from slmembed.run import RunDir
 
 
 def _heldout_loss(model: str | None, adapter, triplets) -> float:
@@ -79,7 +80,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, tiny_models, data_dir)
     for name in ("adapter", "summary.json", "embed.json"):
         target = tmp_path / "b" / name
         train_mod.shutil.rmtree(target) if target.is_dir() else target.unlink()
-    assert [p.name for p in train_mod.checkpoints(tmp_path / "b")] == ["step-0000002", "step-0000004"]
+    assert [p.name for p in RunDir(tmp_path / "b").checkpoints()] == ["step-0000002", "step-0000004"]
     train_mod.train(recipe, tmp_path / "b", data_dir=data_dir, resume=True, progress=False)
     a = load_file(tmp_path / "a/adapter/adapter_model.safetensors")
     b = load_file(tmp_path / "b/adapter/adapter_model.safetensors")
@@ -135,8 +136,8 @@ def test_nan_loss_stops_naming_its_step_keeps_the_checkpoint_before_and_resumes(
     err = capsys.readouterr().err.rstrip("\n").split("\n")[-1]
     assert err.startswith("slmembed: error: ") and re.search(r"\bstep 5\b", err) and "--resume" in err, err
     clean, faulty = tmp_path / "clean", tmp_path / "faulty"
-    assert [p.name for p in train_mod.checkpoints(faulty)] == ["step-0000002", "step-0000004"]
-    for ckpt in train_mod.checkpoints(faulty):
+    assert [p.name for p in RunDir(faulty).checkpoints()] == ["step-0000002", "step-0000004"]
+    for ckpt in RunDir(faulty).checkpoints():
         kept, want = (load_file(d / "checkpoints" / ckpt.name / "adapter.safetensors") for d in (faulty, clean))
         assert all(torch.equal(kept[k], want[k]) for k in want)
     assert not (faulty / "adapter").exists()
@@ -413,9 +414,9 @@ def test_a_full_disk_stops_train_in_one_line_and_keeps_its_checkpoints(disk, tin
     args = ["train", "--config", str(config), "--output", str(run), "--data-dir", str(data_dir), "--device", "cpu"]
     _no_space(slmembed(args, full), run / target)
     assert not list(run.rglob(".*.tmp")) and not (run / "adapter").exists() and not (run / target).exists()
-    for ckpt in train_mod.checkpoints(run):
+    for ckpt in RunDir(run).checkpoints():
         assert load_file(ckpt / "adapter.safetensors") and torch.load(ckpt / "optim.pt", weights_only=True)
-    assert len(train_mod.checkpoints(run)) == int(target.split("-")[-1]) // 2 - 1 if "step" in target else 2
+    assert len(RunDir(run).checkpoints()) == int(target.split("-")[-1]) // 2 - 1 if "step" in target else 2
     (folder / "filler").unlink(missing_ok=True)
     proc = slmembed([*args, "--resume"], "none:0")
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -16,12 +16,13 @@ from slmembed import train as train_mod
 from slmembed import tuning
 from slmembed.config import Recipe, recipe_from_dict
 from slmembed.data.sts import load_sts
-from slmembed.embedder import load_embedder
 from slmembed.errors import SlmembedError
 from slmembed.evaluate import evaluate
 from slmembed.export import export
+from slmembed.loading import load_embedder
 from slmembed.losses import objective
 from slmembed.models import load
+from slmembed.run import RunDir
 
 CPU = torch.device("cpu")
 
@@ -51,7 +52,7 @@ def test_full_finetuning_trains_every_weight_resumes_exactly_and_exports(tmp_pat
     for name in ("model", "summary.json", "embed.json"):
         target = tmp_path / "b" / name
         train_mod.shutil.rmtree(target) if target.is_dir() else target.unlink()
-    assert (train_mod.checkpoints(tmp_path / "b")[-1] / "model.safetensors").exists()
+    assert (RunDir(tmp_path / "b").checkpoints()[-1] / "model.safetensors").exists()
     train_mod.train(recipe, tmp_path / "b", data_dir=data_dir, resume=True, progress=False)
     again = load_file(tmp_path / "b/model/model.safetensors")
     for key in tuned:

@@ -9,7 +9,6 @@ the least recently used one and loads the asked one from its folder again. Only 
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from slmembed import models
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
+from slmembed.run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunDir
 from slmembed.spec import EmbedSpec
 
 
@@ -47,13 +47,14 @@ class _Run:
 
 def _run(path: Path, allow_pickle: bool) -> _Run:
     """A training run folder's adapter, embedding spec and base model; full fine-tuning runs have no adapter."""
-    if (path / "model" / "config.json").exists():
+    run = RunDir.find(path)
+    info = run.info()
+    if info.finetune == "full":
         raise SlmembedError(f"{path}: a full fine-tuning run has no adapter to share a base model with; serve it alone")
-    if not (path / "adapter" / "adapter_config.json").exists() or not (path / "embed.json").exists():
-        raise SlmembedError(f"{path}: not a training run folder (expected adapter/ and embed.json)")
-    models.refuse_pickle(path / "adapter", "adapter_model.safetensors", allow_pickle)
-    saved = json.loads((path / "embed.json").read_text())
-    return _Run(path / "adapter", EmbedSpec(**saved["spec"]), saved["model"])
+    if not (run.adapter / ADAPTER_CONFIG).exists():
+        raise SlmembedError(f"{run.adapter}: no {ADAPTER_CONFIG}: the run's adapter is missing")
+    models.refuse_pickle(run.adapter, ADAPTER_WEIGHTS, allow_pickle)
+    return _Run(run.adapter, info.spec, info.model)
 
 
 class AdapterPool:

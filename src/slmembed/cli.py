@@ -15,7 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from slmembed import outputs, run
+from slmembed import outputs, train_output
 from slmembed.errors import SlmembedError
 from slmembed.paths import find_data_dir, input_file
 from slmembed.quantize import CALIBRATED, PRECISIONS
@@ -78,7 +78,7 @@ def _check_device(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     recipe = _recipe(args, args.config)  # a bad recipe or output fails before torch is imported
-    check = functools.partial(run.check, recipe, args.output, data_dir=args.data_dir, resume=args.resume,
+    check = functools.partial(train_output.check, recipe, args.output, data_dir=args.data_dir, resume=args.resume,
                               force=args.force)
     with outputs.writing(args.output, check):  # held from before the imports: train holds it on, checking again
         _check_device(args)
@@ -102,8 +102,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            around=[*adapters, find_data_dir(args.data_dir, required=False)], force=args.force,
                            ours=outputs.json_by("eval"), suffixes=(".json",))
     sets = load_all(args.tasks, args.data_dir)  # bad task names and data fail before the model loads
-    from slmembed.embedder import load_embedder  # torch and transformers: after the checks
     from slmembed.evaluate import evaluate, unique_sentences
+    from slmembed.loading import load_embedder  # torch and transformers: after the checks
     from slmembed.tables import table
     precisions = tuple(dict.fromkeys(args.precision or ()))
     calibration, calibrated = None, {}
@@ -176,12 +176,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _load_model(name: str, args: argparse.Namespace):
     """An Embedder for a packaged model name, a model folder, an exported folder or a training run folder, and the
     id it goes by (the name, or the folder's name)."""
-    from slmembed.embedder import load_embedder
+    from slmembed.loading import load_embedder
 
     path = Path(name)
-    is_run = path.is_dir() and ((path / "adapter").is_dir() or (path / "adapter_config.json").exists())
-    kwargs = {**_loading(args), "trust_remote_code": args.trust_remote_code, "allow_pickle": args.allow_pickle}
-    embedder = load_embedder(None, adapter=path, **kwargs) if is_run else load_embedder(name, **kwargs)
+    embedder = load_embedder(name, **_loading(args), trust_remote_code=args.trust_remote_code,
+                             allow_pickle=args.allow_pickle)
     _compile(embedder, args)
     return embedder, path.resolve().name if path.is_dir() else name  # "." is served under its folder's name
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
-from slmembed import outputs, run
+from slmembed import outputs, train_output
 from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.sts import load_all
 from slmembed.spec import EmbedSpec
@@ -17,14 +18,15 @@ def demo(output: str | Path, recipe_name: str = "demo-smollm2", overrides: list[
     with ``force``), evaluate again; return and print the figures. The output is checked and held (outputs.writing)
     before torch is imported."""
     recipe = with_overrides(load_recipe(recipe_name), overrides or [])
-    with outputs.writing(output, lambda: run.check(recipe, output, data_dir=data_dir, resume=None, force=force)):
+    check = functools.partial(train_output.check, recipe, output, data_dir=data_dir, resume=None, force=force)
+    with outputs.writing(output, check):
         return _demo(recipe, output, data_dir=data_dir, device=device, force=force)
 
 
 def _demo(recipe: Recipe, output: str | Path, *, data_dir: str | None, device: str, force: bool) -> dict:
     """``demo`` once its output is checked and held."""
-    from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate
+    from slmembed.loading import load_embedder
     from slmembed.train import train
 
     t0 = time.time()

@@ -24,11 +24,8 @@ right, both exact with the mask and the position ids above).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +33,6 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmembed import attention, models, packing, st_pipeline
-from slmembed.errors import SlmembedError
 from slmembed.spec import EmbedSpec
 
 PIECE = 4096  # texts ``encode`` tokenises at a time
@@ -75,7 +71,8 @@ class Embedder:
     sentence-transformers folder's Dense layers (st_pipeline.py). ``include_prompt=False`` leaves the prompt's tokens
     (before ``{}`` in the spec's template) out of pooling, as sentence-transformers' Pooling of that name does.
 
-    ``sources``: the model folders (or hub ids) its weights were read from, adapter last; ``load_embedder`` sets them.
+    ``sources``: the model folders (or hub ids) its weights were read from, adapter last; ``loading.load_embedder``
+    sets them.
     """
 
     sources: tuple[str, ...] = ()
@@ -291,77 +288,3 @@ def _fast_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], room: i
     # tokenizers >= 0.21 can skip the character offsets, which are half of Gemma-3's tokenising time
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
     return [encoding.ids for encoding in encode(texts, add_special_tokens=True)]
-
-
-def _exported_spec(folder: Path) -> EmbedSpec | None:
-    """The spec an ``slmembed export`` folder records in its embed.json, if it is one."""
-    saved = folder / "embed.json"
-    return EmbedSpec(**json.loads(saved.read_text())["spec"]) if saved.exists() else None
-
-
-def load_embedder(
-    model: str | None,
-    adapter: str | Path | None = None,
-    *,
-    device: torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    trust_remote_code: bool = False,
-    allow_pickle: bool = False,
-    **spec_overrides: object,
-) -> Embedder:
-    """Build an Embedder from a model name/folder and optionally a training run folder (or adapter folder).
-
-    ``model`` may be None when ``adapter`` is a run folder, which names its base model; a run that trained every
-    weight (``model/`` instead of ``adapter/``) is loaded from its own folder. The embedding spec comes from
-    the run (``embed.json``), else from an exported folder's ``embed.json``, else from a sentence-transformers
-    folder's modules (st_pipeline.py: its head and lower-casing too, or a refusal naming what slmembed cannot
-    apply), else decoder defaults (last token + EOS); ``spec_overrides`` win over all of them. Only an export's own
-    folder (with ``embed.json``) runs its ``model.onnx``.
-    """
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = dtype or models.best_dtype(device)
-    spec = EmbedSpec()
-    adapter_dir, pipeline, exported = None, None, None
-    if adapter is not None:
-        adapter = Path(adapter)
-        run_spec = adapter / "embed.json"
-        if run_spec.exists():
-            saved = json.loads(run_spec.read_text())
-            spec, model = EmbedSpec(**saved["spec"]), model or saved["model"]
-        if (adapter / "model" / "config.json").exists():  # a run that trained every weight (tuning.py)
-            model = str(adapter / "model")
-        else:
-            adapter_dir = adapter / "adapter" if (adapter / "adapter").is_dir() else adapter
-            if not (adapter_dir / "adapter_config.json").exists():
-                raise SlmembedError(f"{adapter}: no adapter_config.json (expected a training run or adapter folder)")
-            models.refuse_pickle(adapter_dir, "adapter_model.safetensors", allow_pickle)
-    if model is None:
-        raise SlmembedError("no model given: pass --model, or --adapter with a training run folder")
-    if adapter is None:
-        folder = Path(models.resolve(model))
-        exported = _exported_spec(folder)
-        pipeline = None if exported else st_pipeline.read(folder)
-        if exported or pipeline:  # the tokenizer adds the special tokens sentence-transformers gets: no EOS appended
-            spec = exported or EmbedSpec(pooling=pipeline.pooling, prompt=pipeline.prompt,
-                                         max_length=pipeline.max_length, append_eos=False)
-    spec = dataclasses.replace(spec, **spec_overrides) if spec_overrides else spec
-    sources = (models.resolve(model), *([str(adapter_dir)] if adapter_dir is not None else []))
-    if exported and (folder / "model.onnx").exists():  # an ONNX export (onnx_model.py)
-        from slmembed.onnx_model import OnnxEmbedder, require
-
-        require()
-        embedder = OnnxEmbedder(folder, spec)
-    else:
-        head = pipeline.head(allow_pickle) if pipeline else None  # its refusals before the model loads
-        net, tokenizer = models.load(model, dtype=dtype, trust_remote_code=trust_remote_code,
-                                     allow_pickle=allow_pickle, device=device)
-        if adapter_dir is not None:
-            from peft import PeftModel  # here: a plain model's evaluation does not pay peft's import
-
-            net = PeftModel.from_pretrained(net, str(adapter_dir)).merge_and_unload()
-        if pipeline is not None and pipeline.lower_case:
-            st_pipeline.lowercase(tokenizer)
-        embedder = Embedder(net.to(device).eval(), tokenizer, spec, head=head,
-                            include_prompt=pipeline.include_prompt if pipeline else True)
-    embedder.sources = sources
-    return embedder

@@ -13,7 +13,8 @@ The LoRA adapter is merged into the base weights (safetensors) unless ``merge=Fa
 (its ``base_model_name_or_path`` points at the base model's local folder or hub id). The exported tokenizer appends
 EOS itself (its post-processor) and pads on the right, so ``SentenceTransformer(OUT).encode`` feeds the model the
 very token ids of slmembed's ``Embedder.tokenize``; the export checks this before it is renamed into place.
-``embed.json`` tells slmembed how to load the folder back, and ``README.md`` is a model card with the STS scores.
+Its saved spec (run.EmbedInfo) tells slmembed how to load the folder back, and ``README.md`` is a model card with the
+STS scores.
 
 A run trained with bidirectional attention (attention.py) is saved with the config flags that make it so
 (``is_causal: false``; Gemma's ``use_bidirectional_attention: true``, for Gemma-3 alone): plain
@@ -40,6 +41,7 @@ import yaml
 from slmembed import outputs
 from slmembed.atomic import atomic_dir
 from slmembed.errors import SlmembedError
+from slmembed.run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EmbedInfo, RunDir
 from slmembed.spec import EmbedSpec
 
 if TYPE_CHECKING:
@@ -205,7 +207,7 @@ def _gate_card(gate: dict) -> str:
         f"{gate['onnx']['sentences_per_s']:.1f} with onnxruntime ({gate['threads']} CPU threads)."])
 
 
-def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run_dir: Path,
+def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run: RunDir,
                scores: dict | None, gate: dict | None = None) -> str:
     """README.md for the exported folder: what it is, how to load it, how it was trained, and its STS scores."""
     from slmembed import models
@@ -213,12 +215,11 @@ def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run
     hub_id = models.PACKAGED[base].hub_id if base in models.PACKAGED else base
     on_hub = hub_id.count("/") == 1 and not Path(hub_id).exists()
     about = f"[{hub_id}](https://huggingface.co/{hub_id})" if on_hub else f"`{hub_id}`"
-    recipe = yaml.safe_load((run_dir / "recipe.yaml").read_text()) if (run_dir / "recipe.yaml").exists() else None
-    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else None
+    recipe, summary = run.recipe(), run.summary()
     prefix, suffix = prompt_parts(spec)
     pooling = {"last": "the last layer's hidden state at the EOS token the tokenizer appends",
                "mean": "the mean of the last layer's hidden states", "cls": "the first token's hidden state"}
-    full = bool(recipe) and recipe["train"].get("finetune") == "full"
+    full = run.finetune == "full"
     tags = ["slmembed", "sentence-similarity", "feature-extraction", *([] if full else ["lora"])]
     library = {"st": "sentence-transformers", "hf": "transformers", "onnx": "onnx"}[fmt]
     meta = {"library_name": library,
@@ -255,13 +256,13 @@ def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run
                   f'model = AutoModel.from_pretrained("{name}")', "```",
                   "", f"then pool as above; or `slmembed serve {name}`."]
     if recipe:
-        lora, train = recipe["lora"], recipe["train"]
-        tuned = ("every weight" if full else f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout "
-                 f"{lora['dropout']} on {', '.join(lora['targets'])}")
+        lora, train = recipe.lora, recipe.train
+        tuned = ("every weight" if full else f"LoRA r={lora.r}, alpha={lora.alpha}, dropout "
+                 f"{lora.dropout} on {', '.join(lora.targets)}")
         lines += ["", "## Training", "",
-                  f"{tuned}; lr {train['lr']} ({train['schedule']}, {train['warmup_steps']} "
-                  f"warm-up steps), temperature {train['temperature']}, "
-                  + ("hard negatives" if train["hard_negatives"] else "in-batch negatives only")
+                  f"{tuned}; lr {train.lr} ({train.schedule}, {train.warmup_steps} "
+                  f"warm-up steps), temperature {train.temperature}, "
+                  + ("hard negatives" if train.hard_negatives else "in-batch negatives only")
                   + (f"; {summary['steps']} steps of {summary['batch_size']} triplets on {summary['device']} in "
                      f"{summary['minutes']:.1f} min." if summary else ".")]
     lines += ["", "## STS scores", ""]
@@ -288,25 +289,24 @@ def _out_dtype(base: str, dtype: str) -> torch.dtype:
     return getattr(torch, dtype) if dtype in DTYPES else torch.float32
 
 
-def _write_transformers(run_dir: Path, folder: Path, base: str, spec: EmbedSpec, merge: bool,
+def _write_transformers(run: RunDir, folder: Path, base: str, spec: EmbedSpec, merge: bool,
                         dtype: torch.dtype) -> Embedder:
     """The merged model (or the adapter) and the export tokenizer into ``folder``; returns the run's Embedder."""
     import torch
     from transformers import AutoTokenizer
 
     from slmembed import models
-    from slmembed.embedder import load_embedder
+    from slmembed.loading import load_embedder
 
-    reference = load_embedder(None, adapter=run_dir, device=torch.device("cpu"), dtype=torch.float32)
+    reference = load_embedder(None, adapter=run.path, device=torch.device("cpu"), dtype=torch.float32)
     if merge:
         reference.model.to(dtype).save_pretrained(folder, safe_serialization=True)
     else:
-        adapter = run_dir / "adapter" if (run_dir / "adapter").is_dir() else run_dir
-        for f in ("adapter_config.json", "adapter_model.safetensors"):
-            shutil.copy(adapter / f, folder / f)
-        config = json.loads((folder / "adapter_config.json").read_text())
+        for f in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copy(run.adapter / f, folder / f)
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
         config["base_model_name_or_path"] = models.resolve(base)
-        (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(base))
     export_tokenizer(tokenizer, spec)
     tokenizer.save_pretrained(folder)
@@ -360,16 +360,16 @@ def _onnx_gate(reference: Embedder, exported: Embedder, sets: dict, quantize: st
     return gate
 
 
-def _write_onnx(run_dir: Path, folder: Path, base: str, spec: EmbedSpec, quantize: str | None) -> Embedder:
+def _write_onnx(run: RunDir, folder: Path, base: str, spec: EmbedSpec, quantize: str | None) -> Embedder:
     """The run's model as ``folder/model.onnx`` (int8 if asked) with its config and export tokenizer; returns the
     run's Embedder (float32, CPU), the gate's reference."""
     import torch
     from transformers import AutoTokenizer
 
     from slmembed import models, onnx_model
-    from slmembed.embedder import load_embedder
+    from slmembed.loading import load_embedder
 
-    reference = load_embedder(None, adapter=run_dir, device=torch.device("cpu"), dtype=torch.float32)
+    reference = load_embedder(None, adapter=run.path, device=torch.device("cpu"), dtype=torch.float32)
     reference.model.config.save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(models.resolve(base))
     export_tokenizer(tokenizer, spec)
@@ -387,10 +387,11 @@ def _write_onnx(run_dir: Path, folder: Path, base: str, spec: EmbedSpec, quantiz
 def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: bool = True, dtype: str = "float32",
            scores: str | Path | None = None, evaluate_sets: dict | None = None, force: bool = False,
            quantize: str | None = None, max_drop: float | None = None, accept_drop: bool = False) -> dict:
-    """Export the training run ``run_dir`` into the folder ``output``; return its embed.json. An earlier export there
-    is replaced (atomically) only with ``force``; see outputs.py for what else ``output`` may not be.
+    """Export the training run ``run_dir`` into the folder ``output``; return its saved spec (run.EmbedInfo, as a
+    dict). An earlier export there is replaced (atomically) only with ``force``; see outputs.py for what else
+    ``output`` may not be.
 
-    Scores for the model card: ``scores`` (an eval or reproduce JSON), else ``run_dir/eval.json`` if present, else,
+    Scores for the model card: ``scores`` (an eval or reproduce JSON), else the run's (``RunDir.scores``), else,
     with ``evaluate_sets``, the exported folder evaluated on those sets by slmembed (written to ``output/eval.json``).
     ``onnx``: ``evaluate_sets`` are the quality gate's sets (required); ``quantize="int8"``, ``max_drop`` and
     ``accept_drop`` as the module docstring says.
@@ -414,14 +415,13 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
         if max_drop is not None and max_drop < 0:
             raise SlmembedError(f"--max-drop: expected points >= 0, got {max_drop}")
         max_drop = MAX_DROP[quantize] if max_drop is None else max_drop
-    if not (run_dir / "embed.json").exists():
-        raise SlmembedError(f"{run_dir}: not a training run folder (no embed.json)")
-    saved = json.loads((run_dir / "embed.json").read_text())
-    base, spec = saved["model"], EmbedSpec(**saved["spec"])
-    if saved.get("finetune") == "full" and not merge:
+    run = RunDir.find(run_dir)
+    info = run.info()
+    base, spec = info.model, info.spec
+    if info.finetune == "full" and not merge:
         raise SlmembedError(f"{run_dir} trained every weight: it has no adapter to keep; export it merged (without "
                             "--no-merge)")
-    check = functools.partial(outputs.check_folder, output, "export", inputs=[run_dir, base, scores], force=force)
+    check = functools.partial(outputs.check_folder, output, "export", inputs=[run.path, base, scores], force=force)
     check()
     if fmt == "st" and not merge and spec.attention == "bidirectional":
         raise SlmembedError("a bidirectional run cannot be exported unmerged for sentence-transformers: it would load "
@@ -431,23 +431,23 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
         raise SlmembedError(f"prompt {spec.template!r} has text after '{{}}': sentence-transformers prompts are "
                             "prefixes only; export with --format hf (slmembed applies the whole template)")
     card_scores = read_scores(Path(scores)) if scores else None
-    if card_scores is None and (run_dir / "eval.json").exists():
-        card_scores = read_scores(run_dir / "eval.json")
+    if card_scores is None and run.scores.exists():
+        card_scores = read_scores(run.scores)
     from slmembed import models
-    from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate
+    from slmembed.loading import load_embedder
 
     out_dtype = _out_dtype(base, dtype)
     # How slmembed loads the result: merged folders tokenise with their own (EOS-appending) tokenizer.
     out_spec = dataclasses.replace(spec, append_eos=False) if merge else spec
-    meta = {"model": base, "spec": out_spec.__dict__, "merged": merge, "format": fmt, "source_run": str(run_dir),
-            "dtype": str(out_dtype).removeprefix("torch."), **({"quantize": quantize} if fmt == "onnx" else {})}
+    meta = EmbedInfo("export", base, out_spec, info.finetune, merged=merge, format=fmt, source_run=str(run_dir),
+                     dtype=str(out_dtype).removeprefix("torch."), quantize=quantize)
     gate = None
     with outputs.writing(output, check), atomic_dir(output) as tmp:  # checked again, now that it is ours
         if fmt == "onnx":
             from slmembed.onnx_model import OnnxEmbedder
 
-            reference = _write_onnx(run_dir, tmp, base, spec, quantize)
+            reference = _write_onnx(run, tmp, base, spec, quantize)
             check_token_ids(tmp, reference)
             gate = _onnx_gate(reference, OnnxEmbedder(tmp, out_spec), evaluate_sets, quantize, max_drop)
             if gate["drop"] > max_drop and not accept_drop:
@@ -460,23 +460,23 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
                                                       indent=2) + "\n")
         elif fmt == "st":
             with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{output.name}.stage.") as staging:
-                reference = _write_transformers(run_dir, Path(staging), base, spec, merge, out_dtype)
+                reference = _write_transformers(run, Path(staging), base, spec, merge, out_dtype)
                 _write_sentence_transformers(Path(staging), tmp, spec, out_dtype,
                                              None if merge else models.resolve(base))
         else:
-            reference = _write_transformers(run_dir, tmp, base, spec, merge, out_dtype)
+            reference = _write_transformers(run, tmp, base, spec, merge, out_dtype)
         if fmt != "onnx":
             check_token_ids(tmp, reference)
         if merge and spec.attention == "bidirectional" and fmt != "onnx":
             check_bidirectional(tmp, reference)
         del reference
+        meta.write(tmp)
         # Plain writes: the folder as a whole is fsynced and renamed into place.
-        (tmp / "embed.json").write_text(json.dumps(meta, indent=2) + "\n")
         if card_scores is None and evaluate_sets and fmt != "onnx":
             exported = load_embedder(None, adapter=tmp) if not merge else load_embedder(str(tmp))
             card_scores = {"after": evaluate(exported, evaluate_sets, progress=True),
                            "source": f"slmembed eval of this folder ({len(evaluate_sets)} sets)"}
             (tmp / "eval.json").write_text(json.dumps({"model": str(output), **card_scores["after"]}, indent=2) + "\n")
-        (tmp / "README.md").write_text(model_card(output.name, base, spec, fmt, merge, run_dir, card_scores, gate))
+        (tmp / "README.md").write_text(model_card(output.name, base, spec, fmt, merge, run, card_scores, gate))
         outputs.mark(tmp, "export", [e.name for e in tmp.iterdir()])
-    return meta
+    return meta.to_dict()

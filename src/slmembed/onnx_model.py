@@ -9,8 +9,8 @@ batch and tokens dynamic; optimum's exporter is not used because its ONNX packag
 the MLP's down projection, activations quantised at run time), for the CPU.
 
 ``OnnxEmbedder`` is an Embedder (same tokenisation, length-sorted batches, input order) whose forward runs the graph
-in an onnxruntime session on the CPU, so ``load_embedder`` gives one for an ONNX export folder and eval, embed and
-serve use it like any other model.
+in an onnxruntime session on the CPU, so ``loading.load_embedder`` gives one for an ONNX export folder and eval, embed
+and serve use it like any other model.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from transformers import AutoTokenizer
 from slmembed import models
 from slmembed.embedder import Embedder, pool
 from slmembed.errors import SlmembedError
+from slmembed.run import EmbedInfo
 from slmembed.spec import EmbedSpec
 
 FILE = "model.onnx"
@@ -83,7 +84,8 @@ def quantize_int8(source: Path, target: Path, inner: int | None = None) -> None:
 
 
 class OnnxEmbedder(Embedder):
-    """An Embedder over an ONNX export folder (its tokenizer, embed.json's spec and ``model.onnx``), on the CPU."""
+    """An Embedder over an ONNX export folder (its tokenizer, ``model.onnx`` and ``spec``, which the folder's saved
+    spec gives: run.EmbedInfo), on the CPU."""
 
     def __init__(self, folder: str | Path, spec: EmbedSpec, threads: int | None = None) -> None:
         import onnxruntime as ort
@@ -100,8 +102,8 @@ class OnnxEmbedder(Embedder):
         self.tokenizer.padding_side = "right"  # the graph's positions start at 0: no left padding
         self.eos = self.tokenizer.eos_token_id if spec.append_eos else None
         self.causal, self.packed = False, False  # collate keeps the mask, which the graph always takes
-        saved = json.loads((folder / "embed.json").read_text()) if (folder / "embed.json").exists() else {}
-        self._weights = f"onnx {saved.get('quantize') or 'float32'}"
+        info = EmbedInfo.read(folder)  # none yet while the export checks it
+        self._weights = f"onnx {(info and info.quantize) or 'float32'}"
         self._vocab = min(len(self.tokenizer), json.loads((folder / "config.json").read_text())["vocab_size"])
 
     @property

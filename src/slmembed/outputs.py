@@ -29,6 +29,7 @@ from typing import TypeVar
 
 from slmembed.atomic import clean_temporaries, write_json
 from slmembed.errors import SlmembedError
+from slmembed.run import RunDir
 
 MARKER = ".slmembed-output.json"
 _T = TypeVar("_T")
@@ -48,7 +49,7 @@ def written_by(folder: Path) -> str | None:
     marker = _marker(folder)
     if marker:
         return marker["command"]
-    if ((folder / "recipe.yaml").is_file() and (folder / "embed.json").is_file()) or (folder / "checkpoints").is_dir():
+    if RunDir(folder).holds_run():
         return "train"
     return None
 

@@ -7,9 +7,9 @@ training sentence is embedded once by it, the model is freed, and the unit vecto
 table (float16) whose row ``k`` is the ``k``-th of the sorted unique sentences; a step takes the rows of its texts
 (``Reference.rows``). Under several processes each encodes every W-th sentence and the shares are gathered.
 
-The table is cached in the run folder (``CACHE``) with what it was made from: the digest of the reference's weight
-files (digest.py), its embedding spec, and the digest of the sentences. A resumed run reads it instead of encoding
-again, and refuses one made from another reference or other sentences.
+The table is cached in the run folder (``RunDir.reference``) with what it was made from: the digest of the
+reference's weight files (digest.py), its embedding spec, and the digest of the sentences. A resumed run reads it
+instead of encoding again, and refuses one made from another reference or other sentences.
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ from safetensors.torch import save_file
 from slmembed.atomic import atomic_path
 from slmembed.config import Recipe
 from slmembed.digest import weights_sha256
-from slmembed.embedder import Embedder, batching, load_embedder
+from slmembed.embedder import Embedder, batching
 from slmembed.ensemble import Ensemble
 from slmembed.errors import SlmembedError
+from slmembed.loading import load_embedder
 from slmembed.losses.infonce import gather
-
-CACHE = "reference.safetensors"
+from slmembed.run import RunDir
 
 
 @dataclass
@@ -54,8 +54,8 @@ class Reference:
         return self.vectors[rows.to(self.vectors.device, non_blocking=True)]
 
     def save(self, run_dir: Path) -> None:
-        """Write the table into the run folder (``CACHE``), atomically."""
-        with atomic_path(run_dir / CACHE) as tmp:
+        """Write the table into the run folder (``RunDir.reference``), atomically."""
+        with atomic_path(RunDir(run_dir).reference) as tmp:
             save_file({"vectors": self.vectors.cpu().contiguous()}, tmp, metadata=self.made_from)
 
 
@@ -108,8 +108,9 @@ def vectors(recipe: Recipe, texts: list[str], run_dir: Path | None, device: torc
     encode, made_from = _encoder(recipe, device)
     made_from = {"reference": json.dumps(recipe.train.reference), **made_from, "sentences": _digest(texts)}
     index = {text: k for k, text in enumerate(texts)}
-    if run_dir is not None and (run_dir / CACHE).is_file():
-        return Reference(_read(run_dir / CACHE, made_from, device), index, made_from), False
+    cache = RunDir(run_dir).reference if run_dir is not None else None
+    if cache is not None and cache.is_file():
+        return Reference(_read(cache, made_from, device), index, made_from), False
     table = _encode(encode, texts, rank, world, device)
     del encode  # the reference model: only its vectors are kept
     if device.type == "cuda":

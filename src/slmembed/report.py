@@ -2,8 +2,8 @@
 
 What a folder holds decides what the report shows:
 
-* ``train_log.jsonl``: training loss and learning rate against step (``train.png``), and the STSBenchmark dev
-  scores logged on the way, if any.
+* a training run's log (``run.RunDir.log``): training loss and learning rate against step (``train.png``), and the
+  STSBenchmark dev scores logged on the way, if any.
 * a reproduce JSON (``NAME.json`` with ``before`` and ``after``): the nine-set scores before and after as grouped
   bars (``scores.png``) and a table; or an ``eval.json``: the scores as a table.
 * subfolders with reproduce JSONs (e.g. ``results/reproduce``): the ablation table (one row per run: recipe
@@ -27,6 +27,7 @@ from slmembed.config import NOT_RESULT, Recipe, flat
 from slmembed.data.jsonl import json_lines
 from slmembed.errors import DataError, SlmembedError
 from slmembed.plots import before_after_bars, pyplot, save
+from slmembed.run import RunDir
 from slmembed.tables import averages, table
 
 FILES = ("report.md", "train.png", "scores.png", "ablation.png", "losses.png", "dims.png")  # all a report may write
@@ -46,7 +47,7 @@ class Run:
 
 
 def read_log(path: Path) -> list[dict]:
-    """The records of a train_log.jsonl: each has a step and the loss and lr, or an STSBenchmark dev score
+    """The records of a training run's log: each has a step and the loss and lr, or an STSBenchmark dev score
     (``stsb_dev``, train.dev_every), or both; any other line is a DataError."""
     records = []
     for line_no, record in json_lines(path, path.read_text().splitlines()):
@@ -59,7 +60,8 @@ def read_log(path: Path) -> list[dict]:
 
 def find_run(folder: Path) -> Run | None:
     """The run in ``folder``, or None if it holds neither a training log nor scores."""
-    records = read_log(folder / "train_log.jsonl") if (folder / "train_log.jsonl").exists() else None
+    log_file = RunDir(folder).log
+    records = read_log(log_file) if log_file.exists() else None
     log = [r for r in records if "loss" in r] if records is not None else None
     dev = [r for r in records if "stsb_dev" in r] if records is not None else []
     result = scores = None
@@ -219,8 +221,9 @@ def report(folder: str | Path, output: str | Path | None = None, force: bool = F
     ablation = ablation if len(ablation) >= 2 else []
     sized = [r for r in [run, *subruns] if r and r.scores and "dims" in r.scores]
     if run is None and not ablation and not sized:
-        raise SlmembedError(f"nothing to report in {folder}: expected train_log.jsonl, a reproduce or eval JSON, "
-                            "two or more subfolders holding reproduce JSONs, or subfolders with eval.json by --dims")
+        raise SlmembedError(f"nothing to report in {folder}: expected {RunDir(folder).log.name}, a reproduce or eval "
+                            "JSON, two or more subfolders holding reproduce JSONs, or subfolders with eval.json by "
+                            "--dims")
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# Report: {folder.name}", ""]
     if run:

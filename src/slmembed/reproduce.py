@@ -10,11 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from slmembed import outputs, plots, run
+from slmembed import outputs, plots, train_output
 from slmembed.atomic import write_json, write_text
 from slmembed.config import Recipe
 from slmembed.data.sts import TASKS, load_all, load_sts
 from slmembed.paths import find_data_dir
+from slmembed.run import Checkpoint, RunDir
 from slmembed.spec import EmbedSpec
 from slmembed.tables import table
 
@@ -28,8 +29,8 @@ def _state_scorer(recipe: Recipe, sets: dict, device: str):
     from safetensors.torch import load_file
 
     from slmembed import tuning
-    from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate
+    from slmembed.loading import load_embedder
     from slmembed.models import resolve_device
 
     embedder = load_embedder(recipe.model.name, device=resolve_device(device),
@@ -46,14 +47,11 @@ def _state_scorer(recipe: Recipe, sets: dict, device: str):
 
 def _curve(recipe: Recipe, run_dir: Path, sets: dict, device: str, final: dict) -> list[dict]:
     """Nine-set average of every kept checkpoint, plus the final adapter."""
-    from slmembed.train import weights_file
-
     score = _state_scorer(recipe, sets, device)
     points = []
-    for ckpt in run.checkpoints(run_dir):
-        step = int(ckpt.name.split("-")[1])
-        points.append({"step": step, "triplets_seen": step * final["batch_size"],
-                       "average": score(ckpt / weights_file(recipe))["average"]})
+    for ckpt in map(Checkpoint, RunDir(run_dir).checkpoints()):
+        points.append({"step": ckpt.step, "triplets_seen": ckpt.step * final["batch_size"],
+                       "average": score(ckpt.weights(recipe.train.finetune))["average"]})
     points.append({"step": final["steps"], "triplets_seen": final["triplets_seen"], "average": None})
     return points
 
@@ -75,7 +73,8 @@ def reproduce(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_d
 
 def _resumes(run_dir: Path, force: bool) -> bool:
     """Whether ``reproduce`` continues the run in ``run_dir``: an unfinished one with checkpoints, without force."""
-    return (run_dir / "checkpoints").exists() and run.finished(run_dir) is None and not force
+    run = RunDir(run_dir)
+    return run.checkpoints_dir.exists() and run.finished() is None and not force
 
 
 def _check(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_dir: str | None = None,
@@ -84,16 +83,15 @@ def _check(recipe: Recipe, output: str | Path, run_dir: str | Path, *, data_dir:
     output, run_dir = Path(output), Path(run_dir)
     outputs.check_folder(output, "reproduce", inputs=[recipe.model.name, run_dir],
                          around=[find_data_dir(data_dir, required=False)], force=force)
-    run.check(recipe, run_dir, data_dir=data_dir, resume=_resumes(run_dir, force) or None, force=force)
+    train_output.check(recipe, run_dir, data_dir=data_dir, resume=_resumes(run_dir, force) or None, force=force)
 
 
 def _reproduce(recipe: Recipe, output: Path, run_dir: Path, *, data_dir: str | None, device: str, curve: int,
                force: bool, resume: bool, provenance: Callable[[], dict] | None) -> dict:
     """``reproduce`` once its outputs are checked and held."""
-    from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate
+    from slmembed.loading import load_embedder
     from slmembed.models import resolve_device
-    from slmembed.selection import snapshot
     from slmembed.train import train
 
     name = output.name
@@ -113,7 +111,7 @@ def _reproduce(recipe: Recipe, output: Path, run_dir: Path, *, data_dir: str | N
     if "dev" in summary:  # the scores behind the run's selection (selection.py), also STSBenchmark dev only
         after["selected"] = {k: v for k, v in summary["dev"].items() if k != "scores"}
         if summary["dev"]["chosen"] != "last":  # reported beside the choice, never used for it
-            after["last_weights"] = _state_scorer(recipe, sets, device)(snapshot(run_dir, summary["steps"]))
+            after["last_weights"] = _state_scorer(recipe, sets, device)(RunDir(run_dir).snapshot(summary["steps"]))
     print(f"[reproduce] {name} after: {after['average']:.2f} (seven-set {after['average_7']:.2f})", flush=True)
     result = {"model": recipe.model.name, "recipe": recipe.to_dict(), "before": before, "after": after,
               "train": summary}

@@ -2,9 +2,9 @@
 ``average_last``).
 
 Every ``dev_every`` steps and at the end, the model is scored on STSBenchmark dev (Spearman x100 of cosine) and the
-scored weights are kept as a snapshot in ``RUN/dev/`` (the best one and the last ``average_last``; older ones are
-deleted), with the scores in ``RUN/dev/scores.json``. Both are written atomically, so a resumed run continues with
-them. At the end the run keeps, by ``select``:
+scored weights are kept as a snapshot in the run folder (``RunDir.snapshot``: the best one and the last
+``average_last``; older ones are deleted), with the scores beside them (``RunDir.dev_scores``). Both are written
+atomically, so a resumed run continues with them. At the end the run keeps, by ``select``:
 
 * ``last``: the last weights, or the mean of the last ``average_last`` snapshots when that is above 1;
 * ``best_dev``: the best-scoring of the snapshots and (when ``average_last`` > 1) that mean, scored too.
@@ -25,20 +25,14 @@ from slmembed.config import Recipe
 from slmembed.data.sts import StsSet, load_sts
 from slmembed.embedder import Embedder
 from slmembed.evaluate import evaluate
-
-FOLDER = "dev"
-
-
-def snapshot(run_dir: Path, step: int) -> Path:
-    """Where a run keeps the weights it scored at ``step``."""
-    return run_dir / FOLDER / f"step-{step:07d}.safetensors"
+from slmembed.run import RunDir
 
 
 @dataclass
 class DevSelection:
     """Scores and snapshots of one run (see the module docstring)."""
 
-    folder: Path
+    run: RunDir
     recipe: Recipe
     sets: dict[str, StsSet]
     scores: list[dict] = field(default_factory=list)  # {"step", "stsb_dev"} in step order
@@ -46,10 +40,10 @@ class DevSelection:
     @classmethod
     def open(cls, run_dir: Path, recipe: Recipe, data_dir: str | None, start: int) -> DevSelection:
         """Load STSBenchmark dev; keep the scores (and snapshots) of steps up to ``start``, where the run continues."""
-        folder = run_dir / FOLDER
+        run = RunDir(run_dir)
         sets = {"STSBenchmark dev": load_sts("STSBenchmark", data_dir, split="dev")}
-        saved = json.loads((folder / "scores.json").read_text()) if start and (folder / "scores.json").exists() else []
-        return cls(folder, recipe, sets, [s for s in saved if s["step"] <= start])
+        saved = json.loads(run.dev_scores.read_text()) if start and run.dev_scores.exists() else []
+        return cls(run, recipe, sets, [s for s in saved if s["step"] <= start])
 
     def due(self, step: int, total: int) -> bool:
         every = self.recipe.train.dev_every
@@ -72,11 +66,11 @@ class DevSelection:
         weights = tuning.state(model, self.recipe)
         if not write:
             return value
-        with atomic_path(self._snapshot(step)) as tmp:
+        with atomic_path(self.run.snapshot(step)) as tmp:
             save_file(weights, tmp)
-        write_json(self.folder / "scores.json", self.scores)
-        keep = {self._snapshot(s["step"]) for s in [self.best(), *self.scores[-self.recipe.train.average_last:]]}
-        for old in self.folder.glob("step-*.safetensors"):
+        write_json(self.run.dev_scores, self.scores)
+        keep = {self.run.snapshot(s["step"]) for s in [self.best(), *self.scores[-self.recipe.train.average_last:]]}
+        for old in self.run.snapshots():
             if old not in keep:
                 old.unlink()
         return value
@@ -92,15 +86,12 @@ class DevSelection:
         if tc.select == "best_dev":
             candidates["best"] = self.best()
         if len(last) > 1:
-            tuning.average(model, [load_file(self._snapshot(s["step"])) for s in last], self.recipe)
+            tuning.average(model, [load_file(self.run.snapshot(s["step"])) for s in last], self.recipe)
             candidates["average"] = {"steps": [s["step"] for s in last], "stsb_dev": self.score(embedder)}
         chosen = "average" if "average" in candidates and tc.select == "last" else max(
             candidates, key=lambda k: candidates[k]["stsb_dev"])
         if chosen != "average":
             tuning.use_trained(model, self.recipe)
-            tuning.load_state(model, load_file(self._snapshot(candidates[chosen]["step"])), self.recipe)
+            tuning.load_state(model, load_file(self.run.snapshot(candidates[chosen]["step"])), self.recipe)
         return {"chosen": chosen, **candidates[chosen], "scores": self.scores,
                 "average": candidates.get("average")}
-
-    def _snapshot(self, step: int) -> Path:
-        return snapshot(self.folder.parent, step)

@@ -15,10 +15,10 @@ Scores on the way (members, candidate soups) are computed on the model as traini
 ``tuning.weights_dtype``, the averaged adapter unmerged), as train's dev selection scores it; the soup's own scores
 are those of the written folder, loaded as ``slmembed eval --adapter SOUP`` loads it.
 
-The output is a run folder that every command loads like a training run: the averaged ``adapter/`` or ``model/``,
-the first member's ``embed.json`` and ``recipe.yaml``, ``summary.json`` (the members' training as the first
-member's summary records it, and ``soup``: the members, the choice and the dev scores) and ``soup.json`` (the
-result, an eval JSON: the soup's scores on the test sets, plus the choice).
+The output is a run folder (run.RunDir) that every command loads like a training run: the averaged ``adapter/`` or
+``model/``, the first member's saved spec and recipe, a summary (the members' training as the first member's summary
+records it, and ``soup``: the members, the choice and the dev scores) and ``soup.json`` (the result, an eval JSON:
+the soup's scores on the test sets, plus the choice).
 
 No torch at import: ``cli.py`` checks the members and the output before the heavy libraries load.
 """
@@ -33,12 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from slmembed import outputs, run
+from slmembed import outputs
 from slmembed.atomic import atomic_dir
-from slmembed.config import Recipe, load_recipe
+from slmembed.config import Recipe
 from slmembed.data.sts import TASKS, StsSet, load_all, load_sts
 from slmembed.errors import SlmembedError
 from slmembed.paths import find_data_dir
+from slmembed.run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EmbedInfo, RunDir
 from slmembed.spec import EmbedSpec
 from slmembed.tables import table
 
@@ -47,13 +48,9 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 COMMAND = "soup"
-# The run folder's names read and written here, in one place: what train.py and tuning.save_final write, and the
-# soup's result. FINAL is tuning.final_folder's, without the torch that tuning.py imports.
-EMBED, RECIPE, SUMMARY, RESULT = "embed.json", "recipe.yaml", "summary.json", "soup.json"
-FINAL = {"lora": "adapter", "full": "model"}
-ADAPTER_CONFIG, ADAPTER_WEIGHTS, MODEL_CONFIG = "adapter_config.json", "adapter_model.safetensors", "config.json"
-# The first member's summary.json fields a soup's summary.json repeats: how each member trained (export's model card
-# reads them).
+RESULT, MODEL_CONFIG = "soup.json", "config.json"  # the soup's result beside the run's files; a full model's config
+# The first member's summary fields a soup's summary repeats: how each member trained (export's model card reads
+# them).
 TRAINING = ("steps", "batch_size", "triplets", "triplets_seen", "minutes", "device", "world_size", "finetune", "bf16")
 DEV = "STSBenchmark dev"
 
@@ -64,16 +61,16 @@ class Member:
 
     run: Path
     recipe: Recipe
-    model: str  # the base model, as embed.json names it
+    model: str  # the base model, as the run's saved spec names it
     spec: EmbedSpec
-    embed: dict  # embed.json
+    info: EmbedInfo  # the run's saved spec
     summary: dict
     adapter: dict | None  # adapter_config.json (LoRA)
 
     @property
     def final(self) -> Path:
         """The folder of the run's trained weights."""
-        return self.run / FINAL[self.recipe.train.finetune]
+        return RunDir(self.run).weights_folder(self.recipe.train.finetune)
 
     def shape(self) -> dict[str, object]:
         """What every member of a soup must share, field -> value."""
@@ -105,30 +102,27 @@ def read_member(path: Path) -> Member:
     """The finished training run in ``path``; a folder that is not one is a one-line error naming what is missing."""
     if not path.is_dir():
         raise SlmembedError(f"--run {path}: no such run folder")
-    if run.finished(path) is None:
-        raise SlmembedError(f"{path}: not a finished training run (no {SUMMARY} with its steps); a soup averages "
-                            "finished runs")
-    summary = _json(path / SUMMARY, "a run summary")
+    run = RunDir(path)
+    if run.finished() is None:
+        raise SlmembedError(f"{path}: not a finished training run (no {run.summary_file.name} with its steps); a soup "
+                            "averages finished runs")
+    summary = run.summary()
     if COMMAND in summary:
-        raise SlmembedError(f"{path} is a soup, not a training run: give its members (summary.json lists them)")
-    if not (path / RECIPE).is_file():
-        raise SlmembedError(f"{path}: no {RECIPE}; expected a finished training run folder")
-    recipe = load_recipe(path / RECIPE)
-    embed = _json(path / EMBED, "the run's embedding spec")
-    try:
-        model, spec = str(embed["model"]), EmbedSpec(**embed["spec"])
-    except (KeyError, TypeError) as exc:
-        raise SlmembedError(f"{path / EMBED}: expected {{\"model\": ..., \"spec\": {{...}}}} as training writes it "
-                            f"({exc})") from None
-    final = path / FINAL[recipe.train.finetune]
+        raise SlmembedError(f"{path} is a soup, not a training run: give its members ({run.summary_file.name} lists "
+                            "them)")
+    recipe = run.recipe()
+    if recipe is None:
+        raise SlmembedError(f"{path}: no {run.recipe_file.name}; expected a finished training run folder")
+    info = run.info()
+    final = run.weights_folder(recipe.train.finetune)
     adapter = None
     if recipe.train.finetune == "lora":
         if not (final / ADAPTER_WEIGHTS).is_file():
-            raise SlmembedError(f"{path}: no {FINAL['lora']}/{ADAPTER_WEIGHTS} (the trained LoRA weights)")
+            raise SlmembedError(f"{path}: no {final.name}/{ADAPTER_WEIGHTS} (the trained LoRA weights)")
         adapter = _json(final / ADAPTER_CONFIG, "a PEFT adapter config")
     elif not (final / MODEL_CONFIG).is_file():
-        raise SlmembedError(f"{path}: no {FINAL['full']}/{MODEL_CONFIG} (the fully fine-tuned model)")
-    return Member(path, recipe, model, spec, embed, summary, adapter)
+        raise SlmembedError(f"{path}: no {final.name}/{MODEL_CONFIG} (the fully fine-tuned model)")
+    return Member(path, recipe, info.model, info.spec, info, summary, adapter)
 
 
 def check_members(runs: Sequence[str | Path]) -> list[Member]:
@@ -200,18 +194,20 @@ def _soup(members: list[Member], output: Path, *, greedy: bool, dev: dict[str, S
     """``soup`` once the members and the output are checked and held."""
     # torch and the modules built on it: here, so that the checks above answer before they load.
     from slmembed import models, tuning
-    from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate
+    from slmembed.loading import load_embedder
 
     where = models.resolve_device(device)
     loading = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     first, names = members[0], [str(m.run) for m in members]
     model, tokenizer, member_dev, chosen, steps = _choose(members, greedy, dev, where, loading)
     with atomic_dir(output) as tmp:
-        tuning.save_final(model, tokenizer, tmp / first.final.name, first.recipe)
+        written_run = RunDir(tmp)
+        tuning.save_final(model, tokenizer, written_run.weights_folder(first.recipe.train.finetune), first.recipe)
         del model  # before the written soup loads
-        (tmp / EMBED).write_text(json.dumps(first.embed, indent=2) + "\n")  # plain writes: atomic_dir fsyncs them
-        (tmp / RECIPE).write_text((first.run / RECIPE).read_text())
+        first.info.write(tmp)
+        # Plain writes: atomic_dir fsyncs them.
+        written_run.recipe_file.write_text(RunDir(first.run).recipe_file.read_text())
         written = load_embedder(None, adapter=tmp, device=where, **loading)
         record = {"members": [names[i] for i in chosen], "greedy": greedy,
                   "candidates": [{"run": n, "stsb_dev": s} for n, s in zip(names, member_dev, strict=True)],
@@ -221,7 +217,7 @@ def _soup(members: list[Member], output: Path, *, greedy: bool, dev: dict[str, S
         if provenance is not None:
             result["run"] = provenance()
         summary = {k: first.summary[k] for k in TRAINING if k in first.summary}
-        (tmp / SUMMARY).write_text(json.dumps({**summary, COMMAND: record}, indent=2) + "\n")
+        written_run.summary_file.write_text(json.dumps({**summary, COMMAND: record}, indent=2) + "\n")
         (tmp / RESULT).write_text(json.dumps(result, indent=2) + "\n")
         outputs.mark(tmp, COMMAND, [e.name for e in tmp.iterdir()])
     return result

@@ -56,7 +56,7 @@ class EmbedSpec:
     prompt: str | None = None
     max_length: int = 150
     append_eos: bool = True
-    attention: str = "causal"  # or bidirectional (attention.py); embed.json files from before it are causal
+    attention: str = "causal"  # or bidirectional (attention.py); specs saved before it are causal
 
     def __post_init__(self) -> None:
         for name, check in RULES.items():

@@ -44,7 +44,19 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
-from slmembed import cuda_graphs, kernels, liveness, models, outputs, profiling, reference, run, sharding, tuning
+from slmembed import (
+    cuda_graphs,
+    kernels,
+    liveness,
+    models,
+    outputs,
+    profiling,
+    reference,
+    run,
+    sharding,
+    train_output,
+    tuning,
+)
 from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
 from slmembed.batch import StepBatch as StepBatch  # re-exported, with batch_loss and rank_rows: tests and bench/
 from slmembed.batch import TrainData, batch_indices
@@ -54,16 +66,11 @@ from slmembed.config import Recipe, TrainConfig, recipe_from_dict
 from slmembed.data.nli import Example, load_triplets
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
-from slmembed.run import checkpoints
+from slmembed.run import Checkpoint, RunDir
 from slmembed.selection import DevSelection
 from slmembed.spec import EmbedSpec
 from slmembed.step import Step
 from slmembed.train_log import TrainLog
-
-
-def weights_file(recipe: Recipe) -> str:
-    """A checkpoint's file of trained weights: ``adapter.safetensors`` or ``model.safetensors``."""
-    return f"{tuning.final_folder(recipe)}.safetensors"
 
 
 def save_checkpoint(run_dir: Path, model, recipe: Recipe, optimizer, scheduler, step: int, keep: int,
@@ -74,15 +81,16 @@ def save_checkpoint(run_dir: Path, model, recipe: Recipe, optimizer, scheduler, 
     optim = sharding.gather_optimizer(model, optimizer) if sharding.is_sharded(model) else optimizer.state_dict()
     if not write:
         return
-    with atomic_dir(run_dir / "checkpoints" / f"step-{step:07d}") as tmp:
-        save_file(weights, tmp / weights_file(recipe))
-        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, tmp / "optim.pt")
+    with atomic_dir(RunDir(run_dir).checkpoint(step)) as tmp:
+        files = Checkpoint(tmp)
+        save_file(weights, files.weights(recipe.train.finetune))
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict()}, files.optimizer)
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step}))
-    for old in checkpoints(run_dir)[:-keep]:
+        torch.save(rng, files.rng)
+        files.state.write_text(json.dumps({"step": step}))
+    for old in RunDir(run_dir).checkpoints()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -104,15 +112,16 @@ def _read(path: Path, keys: tuple[str, ...], expected: str) -> dict:
 
 def load_checkpoint(ckpt: Path, model, recipe: Recipe, optimizer, scheduler) -> int:
     """Load the checkpoint folder ``ckpt`` into the model, optimizer, schedule and RNG; return its step."""
-    optim = _read(ckpt / "optim.pt", ("optimizer", "scheduler"),
+    files = Checkpoint(ckpt)
+    optim = _read(files.optimizer, ("optimizer", "scheduler"),
                   "the optimizer and schedule states slmembed saves (tensors, numbers and dicts only)")
-    rng = _read(ckpt / "rng.pt", ("cpu",), "the random states slmembed saves (tensors only)")
-    step = _read(ckpt / "state.json", ("step",), 'JSON like {"step": 4}')["step"]
+    rng = _read(files.rng, ("cpu",), "the random states slmembed saves (tensors only)")
+    step = _read(files.state, ("step",), 'JSON like {"step": 4}')["step"]
     try:
-        weights = load_file(ckpt / weights_file(recipe))
+        weights = load_file(files.weights(recipe.train.finetune))
     except (OSError, SafetensorError) as exc:
-        raise SlmembedError(f"{ckpt / weights_file(recipe)}: expected a safetensors file of the trained weights "
-                            f"({exc}); delete this checkpoint folder to resume from the one before") from None
+        raise SlmembedError(f"{files.weights(recipe.train.finetune)}: expected a safetensors file of the trained "
+                            f"weights ({exc}); delete this checkpoint folder to resume from the one before") from None
     tuning.load_state(model, weights, recipe)
     if sharding.is_sharded(model):
         sharding.scatter_optimizer(model, optimizer, optim["optimizer"])
@@ -253,15 +262,14 @@ def _setup_data(recipe: Recipe, examples: list[Example], texts: list[str], embed
 def _open_run(recipe: Recipe, run_dir: Path, replace: bool, resume: bool, acc: Accelerator, embedder: Embedder,
               optimizer, scheduler, data_record: dict, new_table: reference.Reference | None) -> int:
     """Phase "run folder": continue from the newest checkpoint (``resume``), or start the folder (``replace``: clear
-    the earlier run first); its recipe.yaml, data.json and the reference's vectors made now (``new_table``)
+    the earlier run first); its recipe, data record and the reference's vectors made now (``new_table``)
     written. The step the run starts from."""
     if resume and acc.is_main_process:
         clean_leftovers(run_dir)  # half-written files of a run killed while saving
     acc.wait_for_everyone()
-    start = 0
-    if resume and checkpoints(run_dir):
-        start = load_checkpoint(checkpoints(run_dir)[-1], acc.unwrap_model(embedder.model), recipe, optimizer,
-                                scheduler)
+    start, kept = 0, RunDir(run_dir).checkpoints() if resume else []
+    if kept:
+        start = load_checkpoint(kept[-1], acc.unwrap_model(embedder.model), recipe, optimizer, scheduler)
         acc.print(f"resumed from step {start}")
     if acc.is_main_process:
         if replace:
@@ -269,8 +277,8 @@ def _open_run(recipe: Recipe, run_dir: Path, replace: bool, resume: bool, acc: A
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / outputs.MARKER).exists():
             outputs.mark(run_dir, "train", run.ENTRIES)
-        write_text(run_dir / "recipe.yaml", recipe.to_yaml())
-        write_json(run_dir / "data.json", data_record)
+        write_text(RunDir(run_dir).recipe_file, recipe.to_yaml())
+        write_json(RunDir(run_dir).data_record, data_record)
         if new_table is not None:
             new_table.save(run_dir)
     acc.wait_for_everyone()
@@ -292,7 +300,7 @@ def _accelerator(cpu: bool, ddp: DistributedDataParallelKwargs) -> Accelerator:
 def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, resume: bool = False,
           force: bool = False, device: str = "auto", progress: bool = True,
           spaced_checkpoints: int | None = None, profile: tuple[int, int] | None = None) -> dict:
-    """Train the recipe's model into ``run_dir``; return the run summary (also written as summary.json).
+    """Train the recipe's model into ``run_dir``; return the run summary (also written into the run folder).
 
     ``force`` replaces an earlier run in ``run_dir`` (once the model has loaded); ``spaced_checkpoints=k`` replaces
     the recipe's checkpoint interval: k evenly spaced checkpoints are kept. ``profile=(first, count)`` profiles
@@ -304,7 +312,7 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     with ExitStack() as stack:  # what the run opens is closed, or stopped, when it fails too
         # Phase "checks": everything that can be wrong with the request fails here, before any data or model
         # loads; no other process writes the run folder meanwhile (outputs.writing).
-        replace = stack.enter_context(outputs.writing(run_dir, lambda: run.check(
+        replace = stack.enter_context(outputs.writing(run_dir, lambda: train_output.check(
             recipe, run_dir, data_dir=data_dir, resume=resume, force=force)))
         acc, bf16 = _environment(recipe, device)
         stack.enter_context(liveness.watching(acc.process_index, acc.num_processes))  # a lost machine stops the rest
@@ -323,10 +331,10 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         # others); by every process when sharded, as each forward gathers the shards.
         dev_embedder = Embedder(trained, embedder.tokenizer, embedder.spec, packed=embedder.packed) if dev else None
         step = Step(recipe, acc, embedder, optimizer, scheduler, data, bf16)
-        log = stack.enter_context(TrainLog(run_dir / "train_log.jsonl", run_dir / "tensorboard", acc=acc,
+        log = stack.enter_context(TrainLog(RunDir(run_dir).log, RunDir(run_dir).tensorboard, acc=acc,
                                            scheduler=scheduler, start=start, total=plan.total,
                                            log_every=tc.log_every, global_batch=plan.global_batch, progress=progress))
-        profiler = stack.enter_context(profiling.StepProfiler(run_dir / "profile", *profile, acc.process_index,
+        profiler = stack.enter_context(profiling.StepProfiler(RunDir(run_dir).profile, *profile, acc.process_index,
                                                               acc.device)) if profile else None
 
         # Phase "loop": the step (batch, embeddings, loss, update); then the log, checkpoints and dev scores when due.
@@ -353,8 +361,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
 
 def _finish(recipe: Recipe, run_dir: Path, acc: Accelerator, embedder: Embedder, dev: DevSelection | None,
             dev_embedder: Embedder | None, plan: Plan, triplets: int, bf16: bool, elapsed: float) -> dict:
-    """Phase "selection and saving": the weights the run keeps (selection.py), written atomically, then embed.json
-    and the run's summary (returned)."""
+    """Phase "selection and saving": the weights the run keeps (selection.py), written atomically, then how to load
+    them (``RunDir.write_info``) and the run's summary (returned)."""
     tc = recipe.train
     sharded = tc.sharding == "fsdp"
     summary = {"steps": plan.total, "batch_size": plan.global_batch, "triplets": triplets,
@@ -370,10 +378,10 @@ def _finish(recipe: Recipe, run_dir: Path, acc: Accelerator, embedder: Embedder,
     peaks = acc.gather(torch.tensor([profiling.host_peak_gib()], device=acc.device))  # in rank order
     summary["host_peak_gib"] = [round(v, 3) for v in peaks.tolist()]
     if acc.is_main_process:
-        with atomic_dir(run_dir / tuning.final_folder(recipe)) as tmp:
+        run = RunDir(run_dir)
+        with atomic_dir(run.weights_folder(tc.finetune)) as tmp:
             tuning.save_final(final, embedder.tokenizer, tmp, recipe, gathered)
-        write_json(run_dir / "embed.json", {"model": recipe.model.name, "spec": embedder.spec.__dict__,
-                                           "finetune": tc.finetune})
-        write_json(run_dir / "summary.json", summary)
+        run.write_info(recipe.model.name, embedder.spec, tc.finetune)
+        write_json(run.summary_file, summary)
     acc.wait_for_everyone()
     return summary

@@ -1,4 +1,4 @@
-"""What a training run says while it runs: the progress bar, ``train_log.jsonl`` and TensorBoard.
+"""What a training run says while it runs: the progress bar, the run's log (``RunDir.log``) and TensorBoard.
 
 The steps' losses stay on the device until they are read (``read``), every ``log_every`` steps and before a
 checkpoint or a dev score: reading one makes the host wait for the GPU. A read loss is the mean over the processes,
@@ -89,7 +89,7 @@ class TrainLog:
         return time.time() - self.t0
 
     def write(self, done: int, record: dict | None, stsb_dev: float | None = None) -> None:
-        """Step ``done``'s ``record`` (``read``'s) with its STSBenchmark dev score if it has one: one train_log.jsonl
+        """Step ``done``'s ``record`` (``read``'s) with its STSBenchmark dev score if it has one: one log
         line, its scalars in TensorBoard, the loss on the progress bar (the main process)."""
         if stsb_dev is not None:
             record = (record or {"step": done}) | {"stsb_dev": stsb_dev}

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from slmembed import models, sharding
 from slmembed.config import Recipe
 from slmembed.errors import SlmembedError
+from slmembed.run import ADAPTER_WEIGHTS
 
 AVERAGE = "average"  # the name of the adapter that holds an averaged LoRA state
 
@@ -118,7 +119,7 @@ def save_final(model: torch.nn.Module, tokenizer, folder: Path, recipe: Recipe,
     config = dataclasses.replace(model.peft_config[name], inference_mode=True)
     config.save_pretrained(str(folder))
     tensors = tensors if tensors is not None else get_peft_model_state_dict(model, adapter_name=name)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "adapter_model.safetensors",
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / ADAPTER_WEIGHTS,
               metadata={"format": "pt"})
 
 
@@ -126,9 +127,4 @@ def read_final(folder: Path, recipe: Recipe, trust_remote_code: bool = False) ->
     """The trained state (``state``'s tensors, on the host) that ``save_final`` wrote into ``folder``."""
     if recipe.train.finetune == "full":
         return state(models.load(str(folder), trust_remote_code=trust_remote_code)[0], recipe)
-    return load_file(folder / "adapter_model.safetensors")
-
-
-def final_folder(recipe: Recipe) -> str:
-    """The run folder's entry that holds the trained weights."""
-    return "model" if recipe.train.finetune == "full" else "adapter"
+    return load_file(folder / ADAPTER_WEIGHTS)
