@@ -44,11 +44,12 @@ def phases(args: argparse.Namespace) -> dict:
     mark("import slmembed.cli")
     sets = load_all(args.tasks or TASKS, args.data_dir)
     mark("read the sets")
+    loading = cli._loading(argparse.Namespace(device="auto", dtype="auto"))
+    mark("resolve the device")
     from slmembed.embedder import batching, load_embedder
     from slmembed.evaluate import score, unique_sentences
 
     mark("import slmembed.embedder, transformers")
-    loading = cli._loading(argparse.Namespace(device="auto", dtype="auto"))
     embedder = load_embedder(args.model, **loading)
     mark("load model")
     texts = unique_sentences(sets)
