@@ -25,13 +25,16 @@ DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def _loading(args: argparse.Namespace) -> dict:
-    """The device and dtype that --device and --dtype ask for (auto: None, the device's best)."""
+    """The device and dtype that --device and --dtype ask for (auto: None, the device's best); a GPU starts getting
+    ready in the background (``models.start``)."""
     import torch
 
-    from slmembed.models import resolve_device
+    from slmembed.models import resolve_device, start
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    return {"device": resolve_device(args.device), "dtype": dtype}
+    device = resolve_device(args.device)
+    start(device)
+    return {"device": device, "dtype": dtype}
 
 
 def provenance(command: str) -> dict:
@@ -99,7 +102,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            around=[args.adapter, find_data_dir(args.data_dir, required=False)], force=args.force,
                            ours=outputs.json_by("eval"), suffixes=(".json",))
     sets = load_all(args.tasks, args.data_dir)  # bad task names and data fail before the model loads
-    from slmembed.embedder import load_embedder  # torch and transformers: after the checks
+    loading = _loading(args)  # torch, then transformers while a GPU gets ready: after the checks
+    from slmembed.embedder import load_embedder
     from slmembed.evaluate import evaluate, unique_sentences
     from slmembed.tables import table
     precisions = tuple(dict.fromkeys(args.precision or ()))
@@ -109,7 +113,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         calibration = unique_sentences({"dev": dev})
         calibrated = {"calibration": f"STSBenchmark dev ({len(calibration)} sentences)"}
     overrides = {k: v for k, v in (("pooling", args.pooling), ("prompt", args.prompt)) if v is not None}
-    embedder = load_embedder(args.model, args.adapter, **_loading(args), trust_remote_code=args.trust_remote_code,
+    embedder = load_embedder(args.model, args.adapter, **loading, trust_remote_code=args.trust_remote_code,
                              allow_pickle=args.allow_pickle, **overrides)
     _compile(embedder, args)
     if args.dims and max(args.dims) > (size := embedder.encode(["size"]).shape[1]):  # before the long encode
