@@ -26,8 +26,10 @@ from slmembed.atomic import atomic_dir, write_json
 from slmembed.errors import SlmembedError
 from slmembed.paths import cache_dir
 
-if TYPE_CHECKING:  # imported where a model or tokenizer loads: transformers takes seconds, during which ``start``
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase  # has a GPU get ready (``eval``)
+# transformers is imported where a model or tokenizer loads, not with this module: its import takes seconds, which
+# ``eval`` has a GPU spend getting ready (``start``), the device resolved first.
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -282,8 +284,9 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def start(device: torch.device) -> None:
     """Have CUDA set up ``device`` (its context, the memory allocator) in a background thread, which overlaps what
-    the caller does next (importing transformers, reading the tokenizer) instead of delaying the model's load; the
-    first CUDA call after it waits for it. Nothing for other devices."""
+    the caller does next (importing transformers, reading the tokenizer) instead of delaying the model's load: torch
+    leaves Python's lock while it allocates, and the first CUDA call after it waits for it. Nothing for other
+    devices."""
     if device.type == "cuda":
         threading.Thread(target=_start_cuda, args=(device,), name="slmembed-cuda-start").start()
 
