@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import torch
 from scipy.stats import spearmanr
 
 from slmembed.data.sts import SEVEN, TASKS, StsSet
-from slmembed.evaluate import evaluate, score
+from slmembed.evaluate import evaluate, score, spearman
 from slmembed.loading import load_embedder
 from slmembed.tables import table
 
@@ -25,6 +26,28 @@ def test_score_is_spearman_of_cosine() -> None:
     sts = StsSet("toy", texts[:10], texts[10:], list(rng.uniform(0, 5, 10)))
     cos = [float(vecs[a] @ vecs[b]) for a, b in zip(sts.sentences1, sts.sentences2)]
     assert score({"toy": sts}, vecs)["toy"] == pytest.approx(spearmanr(cos, sts.scores).statistic * 100, abs=0.005)
+
+
+@pytest.mark.parametrize("case", ["float32 ties", "gold ties", "many ties", "two", "one", "constant", "nan"])
+def test_spearman_is_scipys_to_the_bit(case: str) -> None:
+    """The hand-written Spearman gives scipy.stats.spearmanr's statistic exactly, ties, NaN and constant inputs
+    included (scipy warns for a constant input and returns NaN; ours returns NaN quietly)."""
+    rng = np.random.default_rng(len(case))
+    x = rng.normal(size=500).astype(np.float32).round(1)  # float32 similarities with ties, as ``score`` passes them
+    y = list(rng.integers(0, 6, 500) / 1.0 if case != "float32 ties" else rng.uniform(0, 5, 500))
+    if case == "many ties":
+        x = rng.integers(0, 3, 500).astype(np.float32)
+    elif case in ("two", "one"):
+        x, y = x[: 2 if case == "two" else 1], y[: 2 if case == "two" else 1]
+    elif case == "constant":
+        x = np.full(500, 0.5, dtype=np.float32)
+    elif case == "nan":
+        x[7] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = spearmanr(x, y).statistic
+    np.testing.assert_equal(spearman(x, y), expected)
+    assert (np.isnan(expected)) == (case in ("one", "constant", "nan"))
 
 
 def test_table_has_average_and_diff() -> None:

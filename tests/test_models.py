@@ -56,7 +56,7 @@ def test_a_converted_folder_reads_its_tokenizer_fast_once_checked(tmp_path, smol
         shutil.copy(smollm2_dir / name, folder / name)
     calls = []
     auto = AutoTokenizer.from_pretrained
-    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: calls.append(a) or auto(*a, **k))
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **k: calls.append(a) or auto(*a, **k))
     first = models._load_tokenizer(str(folder), trust_remote_code=False)  # AutoTokenizer's, then checked
     check = folder / models.TOKENIZER_CHECK
     assert len(calls) == 1 and json.loads(check.read_text()) == {"transformers": transformers.__version__}
@@ -110,6 +110,19 @@ def test_concurrent_resolves_build_a_packaged_model_once(tmp_path, tiny_models, 
     assert len(joined) == 1 and len(folders) == 3 and len(set(folders)) == 1
     assert folders[0] == str(tmp_path / "cache" / "models" / "tiny-zip")
     assert json.loads((Path(folders[0]) / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_a_gpu_started_in_the_background_never_raises_there(monkeypatch) -> None:
+    """``start`` asks CUDA to set up in a thread of its own, and only for a CUDA device; a failure there (here, on a
+    machine without CUDA, every time) is left to the model's load to report, not printed from the thread."""
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)
+    models.start(torch.device("cpu"))
+    assert not [t for t in threading.enumerate() if t.name == "slmembed-cuda-start"]
+    models.start(torch.device("cuda"))
+    for thread in [t for t in threading.enumerate() if t.name == "slmembed-cuda-start"]:
+        thread.join()
+    assert raised == []
 
 
 def test_lora_layers_out_of_range_are_refused(tiny_models) -> None:

@@ -9,13 +9,18 @@ import sys
 import pytest
 
 HEAVY = ("torch", "transformers", "peft", "accelerate")
+# What an evaluation of a plain model has no use for: adapters (peft), scipy.stats (evaluate.spearman), plots,
+# sentence-transformers (compact vectors only), onnxruntime (ONNX exports only), the hub's datasets (no data folder),
+# gguf (converting a packaged model, done once) and what transformers may import but does not need to.
+EVAL_UNUSED = ("peft", "scipy.stats", "matplotlib", "sentence_transformers", "onnxruntime", "datasets", "gguf",
+               "pandas", "sklearn")
 
 
-def _loaded_after(code: str) -> set[str]:
-    probe = f"{code}\nimport sys\nprint(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+def _loaded_after(code: str, modules: tuple[str, ...] = HEAVY) -> set[str]:
+    probe = f"{code}\nimport sys\nprint(' '.join(m for m in {modules!r} if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    return set(done.stdout.split())
+    return set(done.stdout.splitlines()[-1].split())  # the last line: a command prints its own output first
 
 
 @pytest.mark.parametrize("module", ["slmembed.report", "slmembed.config", "slmembed.cli", "slmembed.tables",
@@ -49,3 +54,11 @@ def test_an_output_that_is_refused_loads_no_torch(command: list[str], tmp_path) 
     (foreign / "notes.txt").write_text("keep me")
     code = f"from slmembed.cli import main\nassert main({[*command, '--output', str(foreign)]!r}) == 2"
     assert _loaded_after(code) == set()
+
+
+def test_eval_of_a_model_imports_nothing_it_does_not_use(tiny_models) -> None:
+    code = ("from slmembed.cli import main\n"
+            f"assert main(['eval', '--model', {str(tiny_models['llama'])!r}, '--tasks', 'BIOSSES', '--device', 'cpu']) "
+            "== 0")
+    loaded = _loaded_after(code, ("torch", "transformers", *EVAL_UNUSED))
+    assert loaded == {"torch", "transformers"}  # the model was loaded and scored, with none of the others

@@ -25,13 +25,16 @@ DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def _loading(args: argparse.Namespace) -> dict:
-    """The device and dtype that --device and --dtype ask for (auto: None, the device's best)."""
+    """The device and dtype that --device and --dtype ask for (auto: None, the device's best); a GPU starts getting
+    ready in the background (``models.start``)."""
     import torch
 
-    from slmembed.models import resolve_device
+    from slmembed.models import resolve_device, start
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    return {"device": resolve_device(args.device), "dtype": dtype}
+    device = resolve_device(args.device)
+    start(device)
+    return {"device": device, "dtype": dtype}
 
 
 def provenance(command: str) -> dict:
@@ -102,8 +105,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                            around=[*adapters, find_data_dir(args.data_dir, required=False)], force=args.force,
                            ours=outputs.json_by("eval"), suffixes=(".json",))
     sets = load_all(args.tasks, args.data_dir)  # bad task names and data fail before the model loads
+    loading = _loading(args)  # torch, then transformers while a GPU gets ready: after the checks
     from slmembed.evaluate import evaluate, unique_sentences
-    from slmembed.loading import load_embedder  # torch and transformers: after the checks
+    from slmembed.loading import load_embedder
     from slmembed.tables import table
     precisions = tuple(dict.fromkeys(args.precision or ()))
     calibration, calibrated = None, {}
@@ -112,7 +116,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         calibration = unique_sentences({"dev": dev})
         calibrated = {"calibration": f"STSBenchmark dev ({len(calibration)} sentences)"}
     overrides = {k: v for k, v in (("pooling", args.pooling), ("prompt", args.prompt)) if v is not None}
-    members = [load_embedder(args.model, adapter, **_loading(args), trust_remote_code=args.trust_remote_code,
+    members = [load_embedder(args.model, adapter, **loading, trust_remote_code=args.trust_remote_code,
                              allow_pickle=args.allow_pickle, **overrides) for adapter in adapters]
     for member in members:
         _compile(member, args)

