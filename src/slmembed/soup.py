@@ -70,11 +70,11 @@ class Member:
     @property
     def final(self) -> Path:
         """The folder of the run's trained weights."""
-        return RunDir(self.run).weights_folder(self.recipe.train.finetune)
+        return RunDir(self.run).weights_folder(self.info.finetune)
 
     def shape(self) -> dict[str, object]:
         """What every member of a soup must share, field -> value."""
-        fields = {"model": self.model, "train.finetune": self.recipe.train.finetune,
+        fields = {"model": self.model, "train.finetune": self.info.finetune,
                   **{f"spec.{k}": v for k, v in self.spec.__dict__.items()}}
         if self.adapter is not None:  # as trained (the recipe's rank), and as kept: an average of dev snapshots
             # (selection.py) is of a multiple of that rank at the same scale, and soups with the others
@@ -114,9 +114,9 @@ def read_member(path: Path) -> Member:
     if recipe is None:
         raise SlmembedError(f"{path}: no {run.recipe_file.name}; expected a finished training run folder")
     info = run.info()
-    final = run.weights_folder(recipe.train.finetune)
+    final = run.weights
     adapter = None
-    if recipe.train.finetune == "lora":
+    if info.finetune == "lora":
         if not (final / ADAPTER_WEIGHTS).is_file():
             raise SlmembedError(f"{path}: no {final.name}/{ADAPTER_WEIGHTS} (the trained LoRA weights)")
         adapter = _json(final / ADAPTER_CONFIG, "a PEFT adapter config")
@@ -203,7 +203,7 @@ def _soup(members: list[Member], output: Path, *, greedy: bool, dev: dict[str, S
     model, tokenizer, member_dev, chosen, steps = _choose(members, greedy, dev, where, loading)
     with atomic_dir(output) as tmp:
         written_run = RunDir(tmp)
-        tuning.save_final(model, tokenizer, written_run.weights_folder(first.recipe.train.finetune), first.recipe)
+        tuning.save_final(model, tokenizer, written_run.weights_folder(first.info.finetune), first.recipe)
         del model  # before the written soup loads
         first.info.write(tmp)
         # Plain writes: atomic_dir fsyncs them.
