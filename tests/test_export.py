@@ -74,7 +74,8 @@ def _reference(run):
 
 def _st_token_ids(model: SentenceTransformer, texts: list[str]) -> list[list[int]]:
     features = model.preprocess(texts, prompt=model.prompts.get(model.default_prompt_name or "", None))
-    return [row[mask.bool()].tolist() for row, mask in zip(features["input_ids"], features["attention_mask"])]
+    rows = zip(features["input_ids"], features["attention_mask"], strict=True)
+    return [row[mask.bool()].tolist() for row, mask in rows]
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:

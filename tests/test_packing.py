@@ -146,7 +146,7 @@ def test_reference_attends_within_each_sequence(causal: bool) -> None:
     q, k, v = (torch.randn(9, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     want = torch.cat([F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=causal,
                                                      scale=0.3).transpose(0, 1)
-                      for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+                      for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)])
     torch.testing.assert_close(packing._reference(q, k, v, cu, 0.3, causal), want)
     if not causal:
         assert not torch.allclose(packing._reference(q, k, v, cu, 0.3), want)

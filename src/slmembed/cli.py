@@ -48,7 +48,7 @@ def provenance(command: str) -> dict:
     from slmembed.models import device_name, resolve_device
 
     return {"command": command, "device": device_name(resolve_device()),
-            "host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
@@ -254,7 +254,8 @@ def _served(args: argparse.Namespace):
     if len(set(names)) < len(names):
         raise SlmembedError(f"two runs share a folder name ({', '.join(names)}): each adapter is served under its "
                             "folder's name")
-    return AdapterPool(dict(zip(names, map(Path, args.model))), max_loaded=args.max_adapters, **_loading(args),
+    runs = dict(zip(names, map(Path, args.model), strict=True))
+    return AdapterPool(runs, max_loaded=args.max_adapters, **_loading(args),
                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
 
 

@@ -45,10 +45,7 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
         m = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
     rows = torch.arange(hidden.shape[0], device=hidden.device)
-    if pooling == "last":
-        idx = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
-    else:
-        idx = mask.int().argmax(1)
+    idx = mask.shape[1] - 1 - mask.flip(1).int().argmax(1) if pooling == "last" else mask.int().argmax(1)
     return hidden[rows, idx]
 
 

@@ -121,7 +121,7 @@ def check_token_ids(folder: Path, reference: Embedder) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     got = tokenizer([reference.spec.template.format(t) for t in PROBES], truncation=True)["input_ids"]
     want = reference.tokenize(PROBES)
-    for text, a, b in zip(PROBES, got, want):
+    for text, a, b in zip(PROBES, got, want, strict=True):
         if a != b:
             raise SlmembedError(f"exported tokenizer gives {a[:8]}... for {text[:30]!r}, slmembed gives {b[:8]}...: "
                                 "this tokenizer cannot be made to append EOS on its own")

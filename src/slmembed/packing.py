@@ -171,10 +171,7 @@ def _adapt(varlen_attn, causal: bool = True):
     (``is_causal`` became ``window_size``, -1 meaning unbounded; without a ``scale`` argument the query is scaled
     instead)."""
     params = inspect.signature(varlen_attn).parameters
-    if "is_causal" in params:
-        mask = {"is_causal": causal}
-    else:
-        mask = {"window_size": (-1, 0) if causal else (-1, -1)}
+    mask = {"is_causal": causal} if "is_causal" in params else {"window_size": (-1, 0) if causal else (-1, -1)}
     takes_scale = "scale" in params
 
     def call(q, k, v, cu, max_length, scale):
@@ -197,7 +194,7 @@ def _agrees(call, causal: bool = True) -> bool:
         warnings.warn(f"variable-length attention fails here ({exc}); batches stay padded", stacklevel=3)
         return False
     want = torch.autograd.grad(_reference(q, k, v, cu, 0.1, causal).float().square().sum(), (q, k, v))
-    if all(torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05) for a, b in zip(got, want)):
+    if all(torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05) for a, b in zip(got, want, strict=True)):
         return True
     warnings.warn("variable-length attention disagrees with the reference here; batches stay padded", stacklevel=3)
     return False

@@ -119,7 +119,8 @@ def read(folder: Path) -> Pipeline | None:
         raise SlmembedError(f"{folder}: the Transformer is in {listing[0]['path']}/: slmembed loads the backbone from "
                             "the folder itself")
     lower_case, max_length = _transformer(folder)
-    steps = tuple(_step(folder, module, kind) for module, kind in zip(listing[2:], kinds[2:]) if kind != "Dropout")
+    modules = zip(listing[2:], kinds[2:], strict=True)
+    steps = tuple(_step(folder, module, kind) for module, kind in modules if kind != "Dropout")
     pooling, include_prompt, width = _pooling(folder / listing[1]["path"],
                                               any(isinstance(s, Dense) for s in steps))
     _check_dims(width, steps)
