@@ -17,11 +17,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from slmembed.cli import main
 from slmembed.config import Recipe
 from slmembed.data.sts import load_all, load_sts
-from slmembed.embedder import pool
 from slmembed.errors import SlmembedError
 from slmembed.evaluate import evaluate
 from slmembed.export import check_bidirectional, export
 from slmembed.loading import load_embedder
+from slmembed.pooling import padded as pool
 from slmembed.train import train
 
 CPU = torch.device("cpu")

@@ -19,6 +19,7 @@ from slmembed import outputs, train_output
 from slmembed.errors import SlmembedError
 from slmembed.paths import find_data_dir, input_file
 from slmembed.quantize import CALIBRATED, PRECISIONS
+from slmembed.spec import POOLINGS
 
 DTYPES = ("auto", "float32", "bfloat16")  # --dtype of eval, embed, serve
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
@@ -397,7 +398,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", nargs="+", help="default: all nine")
     e.add_argument("--output", help="write the scores to this JSON file")
     force(e, "an earlier eval JSON at --output")
-    e.add_argument("--pooling", choices=["last", "mean", "cls"])
+    e.add_argument("--pooling", choices=POOLINGS)
     e.add_argument("--prompt", type=template, help="prompt template with {} or P1/P2/P3/PromptEOL/AnglE")
     e.add_argument("--batch-size", type=positive,
                    help="sentences per batch (default: 1024 on a GPU, or any number up to 32,768 tokens where batches "

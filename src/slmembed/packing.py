@@ -96,23 +96,6 @@ def hidden_states(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return out.last_hidden_state[0]
 
 
-def pool(hidden: torch.Tensor, cu: torch.Tensor, pooling: str, skip: int = 0) -> torch.Tensor:
-    """Pool packed hidden states [T, D] into [N, D]: each sequence's last token, first token or mean, leaving out
-    its first ``skip`` tokens (a prompt's: embedder.Embedder) where it has more."""
-    cu = cu.long()
-    if pooling == "last":
-        return hidden[cu[1:] - 1]
-    lengths = cu.diff()
-    if pooling == "cls":
-        return hidden[cu[:-1] + skip * (lengths > skip)]
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
-                                      output_size=hidden.shape[0])
-    sums = hidden.new_zeros((len(lengths), hidden.shape[1]), dtype=torch.float32)
-    values = hidden.float()
-    if skip:
-        values = values * (torch.arange(hidden.shape[0], device=hidden.device) - cu[segment] >= skip)[:, None]
-    return sums.index_add_(0, segment, values) / (lengths - skip).clamp(min=1)[:, None]
-
 
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
