@@ -56,7 +56,8 @@ def main() -> int:
         st = SentenceTransformer(args.export, device=str(run.device), local_files_only=True,
                                  model_kwargs={"dtype": dtype} if dtype else None)
         features = st.preprocess(texts, prompt=st.prompts.get(st.default_prompt_name or "", None))
-        st_ids = [row[m.bool()].tolist() for row, m in zip(features["input_ids"], features["attention_mask"])]
+        pairs = zip(features["input_ids"], features["attention_mask"], strict=True)
+        st_ids = [row[m.bool()].tolist() for row, m in pairs]
         a, b = st.encode(texts, batch_size=64), run.encode(texts)
         out[label] = {"token_ids_equal": st_ids == run.tokenize(texts), **_cosines(a, b),
                       "st_dtype": str(next(st.parameters()).dtype), "slmembed_dtype": str(run.model.dtype)}
@@ -76,7 +77,7 @@ def main() -> int:
           and out["float32"]["min_cosine"] >= 0.999 and out["scores"]["max_abs_diff"] <= 0.1)
     out.update(passed=ok, command=" ".join(["python", "bench/export_check.py", *sys.argv[1:]]),
                machine=f"{platform.node()}, cpu ({torch.get_num_threads()} threads)",
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+               date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
     target = args.output or ROOT / "results" / "export" / f"{Path(args.export).name}.json"
     write_json(target, out)
     print(json.dumps(out["scores"], indent=2), f"\npassed: {ok}; written to {target}")

@@ -162,7 +162,7 @@ def main() -> int:
         "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                     "note": "server and clients share the machine"},
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     write_json(args.output, result)
     print(json.dumps(result, indent=2))

@@ -22,6 +22,7 @@ GPUs (CUDA_VISIBLE_DEVICES), so its local ranks start at 0 as on a real node; on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -101,10 +102,8 @@ def kill_machine(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     except psutil.NoSuchProcess:
         return
     for pid in family:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float, what: str) -> None:

@@ -330,7 +330,7 @@ def _many(p: Probe, n: int = 600) -> Path:
     """``n`` texts of 20 words."""
     many = p.root / f"many-{n}.txt" if n != 600 else p.root / "many.txt"
     if not many.exists():
-        words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
+        words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
         rng = np.random.default_rng(0)
         many.write_text("".join(" ".join(rng.choice(words, 20)) + "\n" for _ in range(n)))
     return many
@@ -876,7 +876,7 @@ def main() -> None:
         if only and number not in only:
             continue
         row = f"{f'{number}. {name}':<56} {cls:<24} {severity:<7}"
-        for i, t in enumerate(trees):
+        for t in trees:
             res = t["cases"][str(number)]["result"]
             row += f" {res:<15}"
             c = counts.setdefault(t["src"], {}).setdefault(severity, {"tried": 0, "held": 0, "broken": 0,

@@ -42,7 +42,7 @@ def main() -> None:
         "timed_steps": args.steps - args.warmup, "ddp": ddp, "fsdp": fsdp,
         "losses": {"ddp": curves["none"], "fsdp": curves["fsdp"], "every": args.warmup},
         "max_relative_loss_difference": round(max(abs(a - b) / abs(a) for a, b in zip(curves["none"],
-                                                                                      curves["fsdp"])), 5),
+                                                                                      curves["fsdp"], strict=True)), 5),
         "speed_fsdp_over_ddp": round(fsdp["triplets_per_s"] / ddp["triplets_per_s"], 3),
         "quality_difference": round(fsdp["nine_set_average"] - ddp["nine_set_average"], 2),
     })

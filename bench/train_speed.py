@@ -231,7 +231,8 @@ def main() -> None:
         flops = model_flops(config, lengths) / args.steps
         row = {"tokens_per_step": int(lengths.sum()) // args.steps, "padded_tokens_per_step": padded // args.steps,
                "model_tflop_per_step": round(flops / 1e12, 3)}
-        def first_variant(name: str) -> tuple:  # the first variant again, as a run_ours argument tuple
+        def first_variant(name: str, recipe=recipe, batch=batch) -> tuple:
+            """The first variant again, as a run_ours argument tuple (this iteration's recipe and batch bound)."""
             return (with_overrides(recipe, VARIANTS[args.variants[0]]), args.warmup, args.steps, args.data_dir,
                     scratch / f"{name}-{batch}")
 

@@ -138,7 +138,7 @@ def _nli_plan(data: st.DataObject, name: str) -> list[tuple[NliRow, ...]]:
         rows = []
         for label in labels:
             third = data.draw(text) if fmt.triplets else label
-            values = dict(zip(fmt.columns, (premise, data.draw(text, label="hypothesis"), third)))
+            values = dict(zip(fmt.columns, (premise, data.draw(text, label="hypothesis"), third), strict=True))
             rows.append(_nli_row(data, name, {c: values.get(c, ids.get(c)) for c in LAYOUT[name]}, label))
         groups.append(tuple(sorted(rows, key=lambda r: r.label not in ("entailment", "contradiction", "triplet"))))
     return groups
@@ -201,7 +201,8 @@ def test_nli_formats(name: str, data: st.DataObject) -> None:
         rows = [flat[i] for i in order]
         position = {id(flat[i]): pos for pos, i in enumerate(order)}
         read = [[position[id(r)] for r in g if r.defect in GOOD and r.label != "-"] for g in groups]
-        groups = [g for _, g in sorted(zip(read, groups), key=lambda pair: min(pair[0], default=len(flat)))]
+        ordered = sorted(zip(read, groups, strict=True), key=lambda pair: min(pair[0], default=len(flat)))
+        groups = [g for _, g in ordered]
     broken = data.draw(st.sampled_from([None] * 6 + ["empty_file"] + ["wrong_delimiter"] * (not fmt.jsonl)),
                        label="broken file")
     delimiter = fmt.delimiter
@@ -221,7 +222,7 @@ def test_nli_formats(name: str, data: st.DataObject) -> None:
             expected_error = (None, True)  # no line at all: an empty file
         elif fmt.jsonl and rows[0].defect in ("missing_column", "wrong_delimiter", "not_object"):
             expected_error = (first, True)  # the first JSON line decides the format
-        elif bad := [n for n, row in zip(starts, rows) if row.defect not in GOOD]:
+        elif bad := [n for n, row in zip(starts, rows, strict=True) if row.defect not in GOOD]:
             expected_error = (bad[0], False)
 
     for kind in sorted({f"row: {row.defect or 'good'}" for row in rows} | {f"file: {broken or 'intact'}"}):
@@ -268,7 +269,7 @@ def _check_sts(task: str, root: Path, expect: Expect) -> None:
     with mock.patch.dict(sts.EXPECTED_COUNTS, {task: len(expect.pairs)}):
         if expect.error is None:
             got = sts.load_sts(task, root)
-            assert list(zip(got.sentences1, got.sentences2, got.scores)) == expect.pairs
+            assert list(zip(got.sentences1, got.sentences2, got.scores, strict=True)) == expect.pairs
             return
         with pytest.raises(DataError) as info:
             sts.load_sts(task, root)

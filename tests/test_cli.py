@@ -85,7 +85,8 @@ def test_bad_recipe_files_are_one_line_errors(yaml_text, message, capsys, tmp_pa
 @pytest.mark.parametrize("fixture, extra, message", [
     ("pickle_model", [], "pytorch_model.bin is a pickle checkpoint, which can run code when loaded"),
     ("remote_code_model", [], "--trust-remote-code"),
-    ("pickle_model", ["--set", "model.allow_pickle=true"], "loads pickle weights, which can run code: pass --allow-pickle"),
+    ("pickle_model", ["--set", "model.allow_pickle=true"],
+     "loads pickle weights, which can run code: pass --allow-pickle"),
 ])
 def test_unsafe_models_are_refused(fixture, extra, message, request, capsys, tmp_path) -> None:
     """Pickle weights and a model's own code are refused by eval and train unless the user allows them."""

@@ -48,7 +48,7 @@ def _embedder_of(folder: str) -> Embedder:
 def _batch(embedder: Embedder, rows: np.ndarray, missing: set[int]) -> StepBatch:
     """Triplets of SENTENCES (anchor i, positive i+1, negative i+2), the negatives of rows in ``missing`` absent."""
     examples = [(SENTENCES[i], SENTENCES[i + 1], None if i in missing else SENTENCES[i + 2]) for i in range(30)]
-    token_ids = dict(zip(SENTENCES, embedder.tokenize(SENTENCES)))
+    token_ids = dict(zip(SENTENCES, embedder.tokenize(SENTENCES), strict=True))
     return StepBatch.of(examples, rows, [0, 1, 2], token_ids)
 
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from slmembed import embedder as embedder_module
-from slmembed.embedder import Embedder, pool
+from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
 from slmembed.loading import load_embedder
+from slmembed.pooling import padded as pool
 from slmembed.spec import PROMPTS, EmbedSpec
 
 TEXTS = ["A man is playing a guitar.", "Hi", "The quick brown fox jumps over the lazy dog near the river bank today."]

@@ -22,9 +22,9 @@ REFERENCE = json.loads((Path(__file__).parents[1] / "src/slmembed/data/mteb_refe
 def test_score_is_spearman_of_cosine() -> None:
     rng = np.random.default_rng(0)
     texts = [f"t{i}" for i in range(20)]
-    vecs = {t: v / np.linalg.norm(v) for t, v in zip(texts, rng.normal(size=(20, 4)))}
+    vecs = {t: v / np.linalg.norm(v) for t, v in zip(texts, rng.normal(size=(20, 4)), strict=True)}
     sts = StsSet("toy", texts[:10], texts[10:], list(rng.uniform(0, 5, 10)))
-    cos = [float(vecs[a] @ vecs[b]) for a, b in zip(sts.sentences1, sts.sentences2)]
+    cos = [float(vecs[a] @ vecs[b]) for a, b in zip(sts.sentences1, sts.sentences2, strict=True)]
     assert score({"toy": sts}, vecs)["toy"] == pytest.approx(spearmanr(cos, sts.scores).statistic * 100, abs=0.005)
 
 

@@ -17,11 +17,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokeni
 from slmembed.cli import main
 from slmembed.config import Recipe
 from slmembed.data.sts import load_all, load_sts
-from slmembed.embedder import pool
 from slmembed.errors import SlmembedError
 from slmembed.evaluate import evaluate
 from slmembed.export import check_bidirectional, export
 from slmembed.loading import load_embedder
+from slmembed.pooling import padded as pool
 from slmembed.train import train
 
 CPU = torch.device("cpu")
@@ -74,7 +74,8 @@ def _reference(run):
 
 def _st_token_ids(model: SentenceTransformer, texts: list[str]) -> list[list[int]]:
     features = model.preprocess(texts, prompt=model.prompts.get(model.default_prompt_name or "", None))
-    return [row[mask.bool()].tolist() for row, mask in zip(features["input_ids"], features["attention_mask"])]
+    rows = zip(features["input_ids"], features["attention_mask"], strict=True)
+    return [row[mask.bool()].tolist() for row, mask in rows]
 
 
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -85,7 +85,7 @@ def test_eval_dims_and_the_report_plot(tmp_path, tiny_models, data_dir) -> None:
     texts = unique_sentences(sets)
     cut = embedder.encode(texts)[:, :8]
     cut = cut / np.linalg.norm(cut, axis=1, keepdims=True)
-    assert result["dims"]["8"]["scores"] == score(sets, dict(zip(texts, cut)))
+    assert result["dims"]["8"]["scores"] == score(sets, dict(zip(texts, cut, strict=True)))
     for name in ("matryoshka", "plain"):  # two runs' eval.json, as `slmembed eval --dims --output RUN/eval.json`
         (tmp_path / name).mkdir()
         (tmp_path / name / "eval.json").write_text(json.dumps(result))

@@ -350,7 +350,8 @@ def test_pairing_options_by_hand(groups_file):
     assert read_triplets(groups_file, neutral_negatives=True) == [("P1", "E1", "C1", "N1"), ("P1", "E2", "C2", "N2"),
                                                                   ("P3", "E5", "C3", None)]
     assert read_triplets(groups_file, pairing="all", neutral_negatives=True, entailment_pairs=True) == [
-        *[(*t, n) for t, n in zip(ALL_P1, ["N1", "N2"] * 3)], ("P2", "E4", None, "N3"), ("P3", "E5", "C3", None)]
+        *[(*t, n) for t, n in zip(ALL_P1, ["N1", "N2"] * 3, strict=True)], ("P2", "E4", None, "N3"),
+        ("P3", "E5", "C3", None)]
     assert read_triplets(groups_file, neutral_negatives=True, entailment_pairs=True)[:3] == [
         ("P1", "E1", "C1", "N1"), ("P1", "E2", "C2", "N2"), ("P1", "E3", None, "N1")]  # neutrals cycle over pairs too
     with pytest.raises(SlmembedError, match="unknown pairing 'every'"):

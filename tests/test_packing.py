@@ -10,7 +10,7 @@ from peft import LoraConfig, get_peft_model
 from test_gradcache import TEXTS, _loss
 from transformers import AutoModel, AutoTokenizer, Gemma2Config, Gemma3TextConfig, MistralConfig, Qwen2Config
 
-from slmembed import packing
+from slmembed import packing, pooling
 from slmembed.embedder import PACKED_TOKENS, Embedder, batching
 from slmembed.gradcache import cached_backward
 from slmembed.spec import EmbedSpec
@@ -51,9 +51,9 @@ def test_collate_packs_without_padding() -> None:
 def test_pool_of_packed_rows() -> None:
     hidden = torch.arange(6 * 2, dtype=torch.float32).view(6, 2)
     cu = torch.tensor([0, 3, 4, 6], dtype=torch.int32)
-    torch.testing.assert_close(packing.pool(hidden, cu, "last"), hidden[[2, 3, 5]])
-    torch.testing.assert_close(packing.pool(hidden, cu, "cls"), hidden[[0, 3, 4]])
-    torch.testing.assert_close(packing.pool(hidden, cu, "mean"),
+    torch.testing.assert_close(pooling.packed(hidden, cu, "last"), hidden[[2, 3, 5]])
+    torch.testing.assert_close(pooling.packed(hidden, cu, "cls"), hidden[[0, 3, 4]])
+    torch.testing.assert_close(pooling.packed(hidden, cu, "mean"),
                                torch.stack([hidden[:3].mean(0), hidden[3], hidden[4:].mean(0)]))
 
 
@@ -146,7 +146,7 @@ def test_reference_attends_within_each_sequence(causal: bool) -> None:
     q, k, v = (torch.randn(9, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
     want = torch.cat([F.scaled_dot_product_attention(*(x[a:b].transpose(0, 1) for x in (q, k, v)), is_causal=causal,
                                                      scale=0.3).transpose(0, 1)
-                      for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+                      for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True)])
     torch.testing.assert_close(packing._reference(q, k, v, cu, 0.3, causal), want)
     if not causal:
         assert not torch.allclose(packing._reference(q, k, v, cu, 0.3), want)

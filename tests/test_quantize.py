@@ -44,7 +44,7 @@ def test_pair_similarity_is_cosine_of_the_integers_or_minus_hamming() -> None:
     a, b = EMB[:25], EMB[25:]
     qa, qb = (quantize.quantize(x, "int8", quantize.ranges(CAL)) for x in (a, b))
     fa, fb = qa.astype(np.float64), qb.astype(np.float64)
-    expected = [x @ y / np.linalg.norm(x) / np.linalg.norm(y) for x, y in zip(fa, fb)]
+    expected = [x @ y / np.linalg.norm(x) / np.linalg.norm(y) for x, y in zip(fa, fb, strict=True)]
     np.testing.assert_allclose(quantize.pair_similarity(qa, qb, "int8"), expected, rtol=1e-5)
     for precision in ("binary", "ubinary"):
         got = quantize.pair_similarity(quantize.quantize(a, precision), quantize.quantize(b, precision), precision)
@@ -59,7 +59,8 @@ def test_eval_scores_each_precision_from_one_encoding(tiny_models, data_dir, tmp
     assert list(result["precisions"]) == ["int8", "binary"]  # float32 is the main score
     texts = unique_sentences(sets)
     vectors = embedder.encode(texts)
-    int8 = dict(zip(texts, quantize_embeddings(vectors, "int8", calibration_embeddings=embedder.encode(calibration))))
+    quantized = quantize_embeddings(vectors, "int8", calibration_embeddings=embedder.encode(calibration))
+    int8 = dict(zip(texts, quantized, strict=True))
     sick = sets["SICK-R"]
     a = np.stack([int8[s] for s in sick.sentences1]).astype(np.float64)
     b = np.stack([int8[s] for s in sick.sentences2]).astype(np.float64)

@@ -21,8 +21,8 @@ from slmembed import train as train_mod
 from slmembed.cli import main
 from slmembed.config import Recipe
 from slmembed.digest import weights_sha256
-from slmembed.loading import load_embedder
 from slmembed.errors import SlmembedError
+from slmembed.loading import load_embedder
 from slmembed.losses import objective
 from slmembed.losses.distill import distill_info_nce
 from slmembed.losses.guided import guided_info_nce

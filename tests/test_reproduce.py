@@ -20,7 +20,8 @@ def test_reproduce_writes_json_table_plot_and_curve(tmp_path, tiny_models, data_
     saved = json.loads((out / "tiny.json").read_text())
     assert saved["before"]["scores"].keys() == saved["after"]["scores"].keys() == set(TASKS)
     assert saved["train"]["steps"] == 6 and saved["train"]["batch_size"] == 8 and saved["recipe"]["train"]["lr"] == 5e-5
-    assert [p["step"] for p in saved["curve"]] == [2, 4, 6] and saved["curve"][-1]["average"] == result["after"]["average"]
+    assert [p["step"] for p in saved["curve"]] == [2, 4, 6]
+    assert saved["curve"][-1]["average"] == result["after"]["average"]
     assert -100 <= saved["after"]["stsb_dev"] <= 100
     assert (out / "tiny.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| STSBenchmark |" in (out / "tiny.md").read_text()

@@ -567,7 +567,7 @@ def test_many_adapters_over_one_base_answer_each_under_mixed_load(run_dir, tiny_
             t.start()
         for t in threads:
             t.join()
-        for (name, texts), resp in zip(jobs, results):
+        for (name, texts), resp in zip(jobs, results, strict=True):
             assert resp.model == name
             got = [d.embedding for d in resp.data]
             own = _cosines(got, direct[name][TEXTS.index(texts[0]) :])

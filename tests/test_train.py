@@ -153,7 +153,8 @@ def test_nan_loss_stops_naming_its_step_keeps_the_checkpoint_before_and_resumes(
 
 def test_batches_are_a_function_of_the_step() -> None:
     first = [train_mod.batch_indices(50, 8, s, seed=1) for s in range(12)]
-    assert all((a == b).all() for a, b in zip(first, [train_mod.batch_indices(50, 8, s, seed=1) for s in range(12)]))
+    again = [train_mod.batch_indices(50, 8, s, seed=1) for s in range(12)]
+    assert all((a == b).all() for a, b in zip(first, again, strict=True))
     epoch0 = sorted(int(i) for b in first[:6] for i in b)
     assert len(set(epoch0)) == 48  # one epoch: 6 disjoint batches of 8, remainder dropped
 
@@ -179,7 +180,7 @@ def test_profile_writes_each_steps_time_per_process(tmp_path, tiny_models, data_
     train_mod.train(recipe, tmp_path / "run", data_dir=data_dir, progress=False, profile=(2, 2))
     summary = json.loads((tmp_path / "run/profile/rank0.json").read_text())
     assert summary["steps"] == "3..4" and summary["rank"] == 0
-    assert 0 < summary["host_busy_ms_per_step"] and 0 < summary["wall_ms_per_step"] < 60_000
+    assert summary["host_busy_ms_per_step"] > 0 and 0 < summary["wall_ms_per_step"] < 60_000
     assert summary["gpu_busy_ms_per_step"] == 0 and summary["kernels_per_step"] == 0  # on the CPU
     assert "aten::mm" in (tmp_path / "run/profile/rank0.txt").read_text()
 

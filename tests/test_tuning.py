@@ -159,7 +159,7 @@ def test_batch_loss_leaves_out_missing_negatives(width) -> None:
     vectors = torch.nn.functional.normalize(torch.randn(len(texts), 8, generator=torch.Generator().manual_seed(1),
                                                         dtype=torch.float64), dim=-1)
     emb = vectors[[ids[0] for ids in batch.ids]]
-    by_text = dict(zip(texts, vectors.numpy()))
+    by_text = dict(zip(texts, vectors.numpy(), strict=True))
     rows = lambda c: np.stack([by_text[e[c]] for e in examples])  # noqa: E731
     negatives = [by_text.get(e[c]) if e[c] is not None else None for c in cols[2:] for e in examples]
     got = train_mod.batch_loss(objective("infonce"), batch, emb, 0.05)

@@ -19,6 +19,7 @@ from slmembed import outputs, train_output
 from slmembed.errors import SlmembedError
 from slmembed.paths import find_data_dir, input_file
 from slmembed.quantize import CALIBRATED, PRECISIONS
+from slmembed.spec import POOLINGS
 
 DTYPES = ("auto", "float32", "bfloat16")  # --dtype of eval, embed, serve
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
@@ -48,7 +49,7 @@ def provenance(command: str) -> dict:
     from slmembed.models import device_name, resolve_device
 
     return {"command": command, "device": device_name(resolve_device()),
-            "host": platform.node(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "torch": torch.__version__, "transformers": transformers.__version__}
 
 
@@ -254,7 +255,8 @@ def _served(args: argparse.Namespace):
     if len(set(names)) < len(names):
         raise SlmembedError(f"two runs share a folder name ({', '.join(names)}): each adapter is served under its "
                             "folder's name")
-    return AdapterPool(dict(zip(names, map(Path, args.model))), max_loaded=args.max_adapters, **_loading(args),
+    runs = dict(zip(names, map(Path, args.model), strict=True))
+    return AdapterPool(runs, max_loaded=args.max_adapters, **_loading(args),
                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
 
 
@@ -396,7 +398,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--tasks", nargs="+", help="default: all nine")
     e.add_argument("--output", help="write the scores to this JSON file")
     force(e, "an earlier eval JSON at --output")
-    e.add_argument("--pooling", choices=["last", "mean", "cls"])
+    e.add_argument("--pooling", choices=POOLINGS)
     e.add_argument("--prompt", type=template, help="prompt template with {} or P1/P2/P3/PromptEOL/AnglE")
     e.add_argument("--batch-size", type=positive,
                    help="sentences per batch (default: 1024 on a GPU, or any number up to 32,768 tokens where batches "

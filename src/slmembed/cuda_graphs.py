@@ -104,7 +104,7 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
     flat = torch.cat([param.grad.reshape(-1) for param in params])
     dist.all_reduce(flat)
     flat.div_(dist.get_world_size())
-    for param, part in zip(params, flat.split([param.numel() for param in params])):
+    for param, part in zip(params, flat.split([param.numel() for param in params]), strict=True):
         param.grad.copy_(part.view_as(param.grad))
 
 
@@ -161,7 +161,7 @@ class GraphedStep:
             self.embedder.to_device(host, into=entry.inputs)
         if entry.graph is None:  # the CPU: the same inputs, run directly
             return self._run(entry.inputs, batch).detach()
-        for param, grad in zip(self.params, entry.grads):
+        for param, grad in zip(self.params, entry.grads, strict=True):
             param.grad = grad
         entry.graph.replay()
         return entry.loss.detach().clone()
@@ -175,7 +175,7 @@ class GraphedStep:
         if batch.slots is None:
             return list(batch.ids), torch.ones(batch.negatives, dtype=torch.bool)
         negatives = [[self.pad]] * batch.negatives
-        for slot, row in zip(batch.slots.tolist(), batch.ids[2 * b :]):
+        for slot, row in zip(batch.slots.tolist(), batch.ids[2 * b :], strict=True):
             negatives[slot] = row
         return [*batch.ids[: 2 * b], *negatives], batch.present
 

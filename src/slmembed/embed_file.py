@@ -24,6 +24,7 @@ the input's own embeddings. The chunks stay float32, so a resumed run may change
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -172,10 +173,8 @@ def _clear(parts: Path) -> None:
     for path in parts.iterdir():
         if path.is_file() and _OURS.fullmatch(path.name):
             path.unlink(missing_ok=True)
-    try:
+    with contextlib.suppress(OSError):  # someone put a file there meanwhile: it stays, and the next run names it
         parts.rmdir()
-    except OSError:  # someone put a file there meanwhile: it stays, and the next run names it
-        pass
 
 
 def _differences(parts: Path, manifest: dict) -> list[str]:
@@ -253,14 +252,13 @@ def embed_file(embedder: Embedder, model_id: str, input_path: str | Path, output
     rows, tokens = batching(embedder, batch_size)
     bar = tqdm(total=n, desc="embed", unit="text", disable=not progress)
     reused = 0
-    for name, chunk in zip(names, _chunks(input_path, column, chunk_size)):
+    for name, chunk in zip(names, _chunks(input_path, column, chunk_size), strict=False):
         if name.exists():
             reused += 1
         else:
             vectors = embedder.encode(chunk, batch_size=rows, max_tokens=tokens)
-            with atomic_path(name) as tmp:
-                with open(tmp, "wb") as fh:
-                    np.save(fh, vectors)
+            with atomic_path(name) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, vectors)
         bar.update(len(chunk))
     bar.close()
     dim = int(np.load(names[0], mmap_mode="r").shape[1])
@@ -311,7 +309,8 @@ def _join(names: list[Path], output: Path, n: int, input_path: Path, column: str
         schema = pa.schema([("text", pa.string()), ("embedding", pa.list_(kind, dim))],
                            metadata={METADATA_KEY: b"slmembed embed"})
         with pq.ParquetWriter(tmp, schema) as writer:
-            for block, chunk in zip(itertools.chain([first], blocks), _chunks(input_path, column, chunk_size)):
+            chunks = _chunks(input_path, column, chunk_size)
+            for block, chunk in zip(itertools.chain([first], blocks), chunks, strict=True):
                 flat = pa.array(block.reshape(-1), type=kind)
                 writer.write_table(pa.table({"text": chunk, "embedding": pa.FixedSizeListArray.from_arrays(flat, dim)},
                                             schema=schema))

@@ -1,12 +1,7 @@
 """Text -> L2-normalised vectors.
 
 Each text is wrapped in the optional prompt template, tokenised (truncated to ``max_length`` tokens, EOS included), and
-given an appended EOS token for last-token pooling. Pooling:
-
-* ``last``: the last layer's hidden state at the last real token, ``h[i, L_i]`` with ``L_i`` the index of the last
-  position whose attention mask is 1. This is correct for left and right padding alike.
-* ``mean``: ``sum_t m_it h_it / sum_t m_it`` over real tokens.
-* ``cls``: the first real token.
+given an appended EOS token for last-token pooling. Pooling (last token, mean or first token) is pooling.py's.
 
 With left padding, position ids are ``cumsum(mask) - 1`` so that every sequence starts at position 0 whatever its
 padding. ``encode`` sorts texts by length (within pieces of ``PIECE``) to keep padding small and returns
@@ -32,24 +27,12 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from slmembed import attention, models, packing, st_pipeline
+from slmembed import attention, models, packing, pooling, st_pipeline
 from slmembed.spec import EmbedSpec
 
 PIECE = 4096  # texts ``encode`` tokenises at a time
 PACKED_TOKENS = 32_768  # real tokens in a packed batch (``batching``), as in a padded batch of 1,024 texts
 
-
-def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
-    """Pool hidden states [B, T, D] with attention mask [B, T] into [B, D] (see the module docstring)."""
-    if pooling == "mean":
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * m).sum(1) / m.sum(1).clamp(min=1)
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
-    if pooling == "last":
-        idx = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)
-    else:
-        idx = mask.int().argmax(1)
-    return hidden[rows, idx]
 
 
 def is_causal(model: torch.nn.Module) -> bool:
@@ -145,14 +128,14 @@ class Embedder:
         """Normalised embeddings [B, D] for a collated batch, with gradients if enabled."""
         batch = self.to_device(batch)
         if self.packed:
-            pooled = packing.pool(packing.hidden_states(self.model, batch), batch["cu_seq_lens"], self.spec.pooling,
-                                  self.skip)
+            pooled = pooling.packed(packing.hidden_states(self.model, batch), batch["cu_seq_lens"], self.spec.pooling,
+                                    self.skip)
         else:
             inputs = {k: v for k, v in batch.items() if not (self.causal and k == "attention_mask")}
             mask = batch["attention_mask"]
             if self.skip:
                 mask = mask * (mask.cumsum(1) > self.skip)
-            pooled = pool(self.model(**inputs).last_hidden_state, mask, self.spec.pooling)
+            pooled = pooling.padded(self.model(**inputs).last_hidden_state, mask, self.spec.pooling)
         pooled = pooled.float()
         return F.normalize(pooled if self.head is None else self.head(pooled), dim=-1)
 

@@ -72,7 +72,7 @@ def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_si
     texts = unique_sentences(sets)
     batch_size, max_tokens = batching(embedder, batch_size)
     vecs = embedder.encode(texts, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
-    scores = score(sets, dict(zip(texts, vecs)))
+    scores = score(sets, dict(zip(texts, vecs, strict=True)))
     result = {"scores": scores, **averages(scores), "sentences": len(texts)}
     if dims:
         size = vecs.shape[1]
@@ -80,7 +80,7 @@ def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_si
             raise ValueError(f"--dims {max(dims)} is above the model's embedding size {size}")
         result["dims"] = {}
         for d in sorted({*dims, size}):
-            d_scores = score(sets, dict(zip(texts, quantize.prefix(vecs, d))))
+            d_scores = score(sets, dict(zip(texts, quantize.prefix(vecs, d), strict=True)))
             result["dims"][str(d)] = {"scores": d_scores, **averages(d_scores)}
     compact = [p for p in precisions if p != "float32"]
     if not compact:
@@ -92,7 +92,7 @@ def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_si
         bounds = quantize.ranges(embedder.encode(calibration, batch_size=batch_size, max_tokens=max_tokens))
     result["precisions"] = {}
     for precision in compact:
-        p_scores = score(sets, dict(zip(texts, quantize.quantize(vecs, precision, bounds))), precision)
+        p_scores = score(sets, dict(zip(texts, quantize.quantize(vecs, precision, bounds), strict=True)), precision)
         result["precisions"][precision] = {"scores": p_scores, **averages(p_scores),
                                            "drop": round(result["average"] - average(p_scores), 2)}
     return result

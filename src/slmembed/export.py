@@ -55,7 +55,6 @@ if TYPE_CHECKING:
 
 FORMATS = ("st", "hf", "onnx")
 MAX_DROP = {None: 0.2, "int8": 1.0}  # the ONNX gate's default margin (nine-set average points) per quantisation
-ST_POOLING = {"last": "lasttoken", "mean": "mean", "cls": "cls"}
 DTYPES = ("float32", "bfloat16", "float16")  # --dtype besides auto, as torch names them
 # Texts whose token ids the export compares with the Embedder's: short, punctuated, and one past max_length.
 PROBES = ["A man is playing a guitar.", "Hi", "Zwei Hunde rennen über die Wiese!", "word " * 400]
@@ -121,7 +120,7 @@ def check_token_ids(folder: Path, reference: Embedder) -> None:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     got = tokenizer([reference.spec.template.format(t) for t in PROBES], truncation=True)["input_ids"]
     want = reference.tokenize(PROBES)
-    for text, a, b in zip(PROBES, got, want):
+    for text, a, b in zip(PROBES, got, want, strict=True):
         if a != b:
             raise SlmembedError(f"exported tokenizer gives {a[:8]}... for {text[:30]!r}, slmembed gives {b[:8]}...: "
                                 "this tokenizer cannot be made to append EOS on its own")
@@ -210,15 +209,13 @@ def _gate_card(gate: dict) -> str:
 def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run: RunDir,
                scores: dict | None, gate: dict | None = None) -> str:
     """README.md for the exported folder: what it is, how to load it, how it was trained, and its STS scores."""
-    from slmembed import models
+    from slmembed import models, pooling
 
     hub_id = models.PACKAGED[base].hub_id if base in models.PACKAGED else base
     on_hub = hub_id.count("/") == 1 and not Path(hub_id).exists()
     about = f"[{hub_id}](https://huggingface.co/{hub_id})" if on_hub else f"`{hub_id}`"
     recipe, summary = run.recipe(), run.summary()
     prefix, suffix = prompt_parts(spec)
-    pooling = {"last": "the last layer's hidden state at the EOS token the tokenizer appends",
-               "mean": "the mean of the last layer's hidden states", "cls": "the first token's hidden state"}
     full = run.finetune == "full"
     tags = ["slmembed", "sentence-similarity", "feature-extraction", *([] if full else ["lora"])]
     library = {"st": "sentence-transformers", "hf": "transformers", "onnx": "onnx"}[fmt]
@@ -229,8 +226,8 @@ def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run
              f"fine-tuning with slmembed ({'every weight' if full else 'LoRA'}, InfoNCE over in-batch and hard "
              "negatives on NLI triplets)" + ("." if full else ", with the LoRA weights merged into the model." if merge
                                              else ", kept as a PEFT adapter."),
-             "", f"Embedding: {pooling[spec.pooling]}, L2-normalised; inputs are truncated to {spec.max_length} "
-             "tokens."]
+             "", f"Embedding: {pooling.PHRASES[spec.pooling]}, L2-normalised; inputs are truncated to "
+             f"{spec.max_length} tokens."]
     if prefix or suffix:
         lines.append(f"Each text is wrapped in the prompt `{spec.template}`"
                      + (" (the model's default prompt)." if fmt == "st" else "; apply it yourself."))
@@ -324,6 +321,8 @@ def _write_sentence_transformers(staging: Path, folder: Path, spec: EmbedSpec, d
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
     from transformers import AutoTokenizer
 
+    from slmembed import pooling
+
     # Text only: with the message modality, sentence-transformers would wrap texts in the chat template.
     text_only = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
     transformer = Transformer(adapter_base or str(staging), max_seq_length=spec.max_length,
@@ -337,7 +336,7 @@ def _write_sentence_transformers(staging: Path, folder: Path, spec: EmbedSpec, d
         transformer.processor = AutoTokenizer.from_pretrained(staging)
     prefix, _ = prompt_parts(spec)
     model = SentenceTransformer(
-        modules=[transformer, Pooling(transformer.get_embedding_dimension(), ST_POOLING[spec.pooling]), Normalize()],
+        modules=[transformer, Pooling(transformer.get_embedding_dimension(), pooling.TO_ST[spec.pooling]), Normalize()],
         prompts={"default": prefix} if prefix else None, default_prompt_name="default" if prefix else None,
         device="cpu", similarity_fn_name="cosine")
     model.save(str(folder), create_model_card=False)

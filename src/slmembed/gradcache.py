@@ -66,7 +66,7 @@ def cached_backward(
     loss = loss_fn(embeddings)
     (grad,) = torch.autograd.grad(loss, embeddings)
     grads = grad[order].split([len(chunk) for chunk in chunks])
-    for k, (batch, state) in enumerate(zip(batches, states)):
+    for k, (batch, state) in enumerate(zip(batches, states, strict=True)):
         with (no_sync() if k < len(chunks) - 1 else nullcontext()), state.restored():
             embedder.forward(batch).backward(grads[k])
     return loss.detach()

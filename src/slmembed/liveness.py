@@ -21,6 +21,7 @@ others do not wait for its beats. Any other end (the process killed, or its laun
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -161,10 +162,8 @@ def watch(host: str, port: int, rank: int, world: int, parent: int, attempt: str
             time.sleep(silence / 10)
     except _Finished:  # training ended: say so (connecting first if it ended before the watcher had)
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        try:
+        with contextlib.suppress(Exception):  # the others end by themselves, once they no longer hear from this one
             (store or _connect(host, port, silence)).add(done.format(rank), 1)
-        except Exception:
-            pass  # the others end by themselves, once they no longer hear from this one
 
 
 if __name__ == "__main__":

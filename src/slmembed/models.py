@@ -224,10 +224,8 @@ def _load_tokenizer(source: str, trust_remote_code: bool) -> PreTrainedTokenizer
     if converted:
         fast = _read_tokenizer(folder)
         if fast is not None and _same_when_saved(fast, tokenizer):
-            try:
+            with contextlib.suppress(OSError):  # a read-only cache: the next load checks again
                 write_json(checked, {"transformers": transformers.__version__})
-            except OSError:  # a read-only cache: the next load checks again
-                pass
     return tokenizer
 
 

@@ -1,7 +1,7 @@
 """An embedding model as one ONNX graph, run by onnxruntime (``slmembed export --format onnx``), and its int8 variant.
 
 The graph takes ``input_ids`` and ``attention_mask`` [batch, tokens] (int64, padded on the right: the export
-tokenizer's side) and returns ``sentence_embedding`` [batch, D]: the backbone, the run's pooling (embedder.pool) and
+tokenizer's side) and returns ``sentence_embedding`` [batch, D]: the backbone, the run's pooling (pooling.padded) and
 the L2 normalisation, in float32, so a consumer needs only the tokenizer and onnxruntime. It is written by torch's
 own exporter (``torch.onnx.export(dynamo=True)``: torch.export, then onnxscript's translation and optimiser) with
 batch and tokens dynamic; optimum's exporter is not used because its ONNX package pins transformers below 4.58.
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoTokenizer
 
-from slmembed import models
-from slmembed.embedder import Embedder, pool
+from slmembed import models, pooling
+from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
 from slmembed.run import EmbedInfo
 from slmembed.spec import EmbedSpec
@@ -53,7 +53,7 @@ class _Pooled(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(pool(hidden, attention_mask, self.pooling).float(), dim=-1)
+        return F.normalize(pooling.padded(hidden, attention_mask, self.pooling).float(), dim=-1)
 
 
 def export_graph(embedder: Embedder, path: Path) -> None:

@@ -96,23 +96,6 @@ def hidden_states(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     return out.last_hidden_state[0]
 
 
-def pool(hidden: torch.Tensor, cu: torch.Tensor, pooling: str, skip: int = 0) -> torch.Tensor:
-    """Pool packed hidden states [T, D] into [N, D]: each sequence's last token, first token or mean, leaving out
-    its first ``skip`` tokens (a prompt's: embedder.Embedder) where it has more."""
-    cu = cu.long()
-    if pooling == "last":
-        return hidden[cu[1:] - 1]
-    lengths = cu.diff()
-    if pooling == "cls":
-        return hidden[cu[:-1] + skip * (lengths > skip)]
-    segment = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), lengths,
-                                      output_size=hidden.shape[0])
-    sums = hidden.new_zeros((len(lengths), hidden.shape[1]), dtype=torch.float32)
-    values = hidden.float()
-    if skip:
-        values = values * (torch.arange(hidden.shape[0], device=hidden.device) - cu[segment] >= skip)[:, None]
-    return sums.index_add_(0, segment, values) / (lengths - skip).clamp(min=1)[:, None]
-
 
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
@@ -171,10 +154,7 @@ def _adapt(varlen_attn, causal: bool = True):
     (``is_causal`` became ``window_size``, -1 meaning unbounded; without a ``scale`` argument the query is scaled
     instead)."""
     params = inspect.signature(varlen_attn).parameters
-    if "is_causal" in params:
-        mask = {"is_causal": causal}
-    else:
-        mask = {"window_size": (-1, 0) if causal else (-1, -1)}
+    mask = {"is_causal": causal} if "is_causal" in params else {"window_size": (-1, 0) if causal else (-1, -1)}
     takes_scale = "scale" in params
 
     def call(q, k, v, cu, max_length, scale):
@@ -197,7 +177,7 @@ def _agrees(call, causal: bool = True) -> bool:
         warnings.warn(f"variable-length attention fails here ({exc}); batches stay padded", stacklevel=3)
         return False
     want = torch.autograd.grad(_reference(q, k, v, cu, 0.1, causal).float().square().sum(), (q, k, v))
-    if all(torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05) for a, b in zip(got, want)):
+    if all(torch.allclose(a.float(), b.float(), rtol=0.05, atol=0.05) for a, b in zip(got, want, strict=True)):
         return True
     warnings.warn("variable-length attention disagrees with the reference here; batches stay padded", stacklevel=3)
     return False

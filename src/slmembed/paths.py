@@ -33,7 +33,8 @@ def find_data_dir(option: str | Path | None = None, required: bool = True) -> Pa
         if candidate.is_dir():
             return candidate
     if required:
-        raise SlmembedError("no data directory: pass --data-dir, set SLMEMBED_DATA, or place the data in ../shared/data")
+        raise SlmembedError("no data directory: pass --data-dir, set SLMEMBED_DATA, or place the data in "
+                            "../shared/data")
     return None
 
 

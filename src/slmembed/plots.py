@@ -32,7 +32,7 @@ def before_after_bars(path: Path, labels: Sequence[str], before: Sequence[float]
     x = range(len(labels))
     ax.bar([i - 0.2 for i in x], before, width=0.4, label="before", color="#9aa5b1")
     ax.bar([i + 0.2 for i in x], after, width=0.4, label="after", color="#1f6feb")
-    for i, v in zip(x, after):
+    for i, v in zip(x, after, strict=True):
         ax.text(i + 0.2, v + 1, f"{v:.1f}", ha="center", fontsize=8)
     ax.set_xticks(list(x), labels, rotation=25, ha="right", fontsize=8)
     ax.set(ylabel=ylabel, title=title, ylim=(min(0, *before, *after) - 5, 100))

@@ -151,7 +151,7 @@ def _ablation(runs: list[Run], out: Path) -> list[str]:
     diffs = [k for k in fields[0] if len({f[k] for f in fields}) > 1 and k not in NOT_RESULT]
     head = ["run", *diffs, "steps x batch", "before", "after", "gain", "after (seven sets)", "STSB dev"]
     lines = ["## Ablation", "", "| " + " | ".join(head) + " |", "|---|" + "---|" * len(diffs) + "---:|" * 6]
-    for r, f in zip(runs, fields):
+    for r, f in zip(runs, fields, strict=True):
         b, a, t = r.result["before"], r.result["after"], r.result["train"]
         cells = [r.name, *(f"`{f[k]}`" for k in diffs), f"{t['steps']} x {t['batch_size']}",
                  f"{b['average']:.2f}", f"**{a['average']:.2f}**", f"{a['average'] - b['average']:+.2f}",

@@ -38,13 +38,9 @@ import torch.nn.functional as F
 
 from slmembed import models
 from slmembed.errors import SlmembedError
+from slmembed.pooling import FROM_ST, LEGACY_MODES
 
 APPLIED = ("Transformer", "Pooling", "Dense", "Normalize", "Dropout")
-POOLING_MODES = {"cls": "cls", "mean": "mean", "lasttoken": "last"}  # sentence-transformers' name -> slmembed's
-LEGACY_MODES = {  # sentence-transformers < 6 saved one flag per mode, in this order of precedence
-    "pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max", "pooling_mode_mean_tokens": "mean",
-    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens": "weightedmean",
-    "pooling_mode_lasttoken": "lasttoken"}
 HUB = {"trust_remote_code", "cache_dir", "revision", "local_files_only", "token", "subfolder"}  # where, not what
 PLAIN_TEXT = {"method": "forward", "method_output_name": "last_hidden_state"}  # modality_config's "text"
 # sentence_bert_config.json: the settings slmembed applies, each with the values it takes (None: any)
@@ -119,7 +115,8 @@ def read(folder: Path) -> Pipeline | None:
         raise SlmembedError(f"{folder}: the Transformer is in {listing[0]['path']}/: slmembed loads the backbone from "
                             "the folder itself")
     lower_case, max_length = _transformer(folder)
-    steps = tuple(_step(folder, module, kind) for module, kind in zip(listing[2:], kinds[2:]) if kind != "Dropout")
+    modules = zip(listing[2:], kinds[2:], strict=True)
+    steps = tuple(_step(folder, module, kind) for module, kind in modules if kind != "Dropout")
     pooling, include_prompt, width = _pooling(folder / listing[1]["path"],
                                               any(isinstance(s, Dense) for s in steps))
     _check_dims(width, steps)
@@ -282,11 +279,11 @@ def _pooling(path: Path, dense: bool) -> tuple[str, bool, int | None]:
     mode = modes[0]
     if mode == "mean_sqrt_len_tokens" and not dense:
         mode = "mean"
-    if mode not in POOLING_MODES:
+    if mode not in FROM_ST:
         raise SlmembedError(f"{path}: Pooling mode {mode}{' before a Dense' if mode == 'mean_sqrt_len_tokens' else ''}"
-                            f" is not one slmembed applies ({', '.join(POOLING_MODES)})")
+                            f" is not one slmembed applies ({', '.join(FROM_ST)})")
     width = config.get("embedding_dimension", config.get("word_embedding_dimension"))
-    return POOLING_MODES[mode], bool(config.get("include_prompt", True)), width
+    return FROM_ST[mode], bool(config.get("include_prompt", True)), width
 
 
 def _step(folder: Path, module: dict, kind: str) -> Dense | str:

@@ -30,8 +30,8 @@ class CsvRows:
         self._next = 1  # the line the next row starts on
         self._rows = self._nonblank()
         self.line, self.header = 1, []
-        for self.line, row in self._rows:
-            self.header = [_bare(c) for c in row]
+        for line, row in self._rows:
+            self.line, self.header = line, [_bare(c) for c in row]
             break
 
     def _nonblank(self) -> Iterator[tuple[int, list[str]]]:
@@ -49,4 +49,4 @@ class CsvRows:
                 yield line, (f"expected {len(self.header)} {self.sep}-separated columns ({','.join(self.header)}), "
                              f"got {len(row)}")
             else:
-                yield line, dict(zip(self.header, row))
+                yield line, dict(zip(self.header, row, strict=False))

@@ -261,7 +261,7 @@ def _group(rows: Iterable[Row], pairing: str = "kth", neutral_negatives: bool = 
             pairs: list[tuple[str, str | None]] = [(e, c) for e in ents for c in cons]
             unpaired = [] if cons else ents
         else:
-            pairs, unpaired = list(zip(ents, cons)), ents[len(cons):]
+            pairs, unpaired = list(zip(ents, cons, strict=False)), ents[len(cons):]
         if entailment_pairs:
             pairs += [(e, None) for e in unpaired]
         for k, (e, c) in enumerate(pairs):

@@ -28,9 +28,9 @@ import math
 import re
 import xml.etree.ElementTree as ET
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 from slmembed.errors import DataError, SlmembedError
 from slmembed.paths import find_data_dir
@@ -123,7 +123,7 @@ def _read_pair_files(inp: Path, gold: Path, out: _Cols) -> None:
     in_lines, gold_lines = _lines(inp), _lines(gold)
     if len(in_lines) != len(gold_lines):
         raise DataError(gold, f"{len(gold_lines)} gold lines but {len(in_lines)} lines in {inp.name}")
-    for n, (text, g) in enumerate(zip(in_lines, gold_lines), start=1):
+    for n, (text, g) in enumerate(zip(in_lines, gold_lines, strict=True), start=1):
         cols = _columns(inp, text, n)
         if g.strip():
             out[2].append(_score(gold, g.strip(), n))

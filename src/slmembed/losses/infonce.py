@@ -39,12 +39,13 @@ class _GatherWithGrad(torch.autograd.Function):
         _all_gather(out, local)
         ctx.rows = [x.shape[0] for x in xs]
         per_rank = out.view(world, *local.shape).split(ctx.rows, dim=1)
-        return tuple(part.reshape(world * rows, *local.shape[1:]) for part, rows in zip(per_rank, ctx.rows))
+        return tuple(part.reshape(world * rows, *local.shape[1:])
+                     for part, rows in zip(per_rank, ctx.rows, strict=True))
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
         world, tail = dist.get_world_size(), grads[0].shape[1:]  # unused outputs' gradients come as zeros
-        parts = [g.reshape(world, rows, *tail) for g, rows in zip(grads, ctx.rows)]
+        parts = [g.reshape(world, rows, *tail) for g, rows in zip(grads, ctx.rows, strict=True)]
         full = torch.cat(parts, dim=1).reshape(world * sum(ctx.rows), *tail).contiguous()
         local = full.new_empty((sum(ctx.rows), *tail))
         _reduce_scatter(local, full)

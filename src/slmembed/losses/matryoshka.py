@@ -26,7 +26,7 @@ def matryoshka(objective: Callable, dims: Sequence[int], weights: Sequence[float
     def loss(anchors: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor | None, temperature: float,
              negative_mask: torch.Tensor | None = None, **extra) -> torch.Tensor:
         total = objective(anchors, positives, negatives, temperature, negative_mask=negative_mask, **extra)
-        for d, w in zip(dims, weights):
+        for d, w in zip(dims, weights, strict=True):
             cut = None if negatives is None else negatives[:, :d]
             total = total + w * objective(anchors[:, :d], positives[:, :d], cut, temperature,
                                           negative_mask=negative_mask, **extra)
