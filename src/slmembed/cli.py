@@ -169,9 +169,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _is_run(name: str) -> bool:
-    """Whether ``name`` is a training run folder (or a PEFT adapter folder)."""
+    """Whether ``name`` is a training run folder (LoRA or full fine-tuning: load_embedder) or a PEFT adapter folder."""
     path = Path(name)
-    return path.is_dir() and ((path / "adapter").is_dir() or (path / "adapter_config.json").exists())
+    return path.is_dir() and any((path / part).exists() for part in ("adapter", "adapter_config.json",
+                                                                     "model/config.json"))
 
 
 def _run_as_model(model: str | None) -> bool:
