@@ -279,3 +279,49 @@ def test_demo_scores_as_eval_does(tmp_path, tiny_models) -> None:
         assert main(["eval", *args, "--tasks", "STSBenchmark", "--device", "cpu", "--output", str(scores)]) == 0
         assert demo[key] == json.loads(scores.read_text())["average"]
     assert demo["before"] != demo["after"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny random BERT (an encoder: its tokenizer has no EOS token, its layers are query/key/value/dense and it
+    cannot run packed batches), without sentence-transformers modules."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from slmembed import models
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve("all-minilm-l6-v2"))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+TINY_TRAIN = ["--set", "data.sources=[cad_snli]", "--set", "data.max_triplets=64", "--set", "train.max_steps=1",
+              "--set", "train.batch_size=8", "--set", "train.bf16=false", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--tasks", "BIOSSES"], "tiny-bert0: append_eos needs an EOS token, and its tokenizer has none: set "
+                                     "model.append_eos=false"),
+    (["train", "--set", "model.append_eos=false"], "lora.targets: none of q_proj, k_proj, v_proj, o_proj, gate_proj, "
+                                                   "up_proj, down_proj is a module of this bert model; its linear "
+                                                   "layers are dense, key, query, value"),
+    (["train", "--set", "model.append_eos=false", "--set", "lora.targets=[query,value]", "--set",
+      "train.packing=true"], "train.packing=true, but this model cannot run packed batches: its architecture 'bert' "
+                             "is not one of gemma, gemma3_text, llama, mistral, phi, qwen2; set train.packing=null"),
+])
+def test_settings_a_model_cannot_take_are_one_line_errors(args, message, tiny_bert, tmp_path, capsys) -> None:
+    """What a model cannot do with the user's settings (no EOS to append, LoRA targets it lacks, packed batches)
+    is one line naming the setting, exit code 2, no traceback."""
+    if args[0] == "eval":
+        args = [*args, "--model", str(tiny_bert), "--device", "cpu"]
+    else:
+        args = [*args, "--recipe", "demo-smollm2", "--output", str(tmp_path / "run"), "--set",
+                f"model.name={tiny_bert}", *TINY_TRAIN]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slmembed: error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
