@@ -395,6 +395,7 @@ def test_onnx_gate_refuses_a_drop_above_the_margin(outlier_run, data_dir, tmp_pa
     (["--format", "onnx", "--no-merge"], "drop --no-merge"),
     (["--format", "onnx", "--dtype", "bfloat16"], "drop --no-merge and --dtype"),
     (["--format", "onnx", "--max-drop", "-1"], "--max-drop: expected points >= 0"),
+    (["--format", "onnx", "--max-drop", "nan"], "--max-drop: expected points >= 0, got nan"),  # no drop exceeds NaN
 ])
 def test_bad_onnx_requests_are_refused_before_any_work(runs, tmp_path, capsys, extra, message) -> None:
     assert main(["export", "--run", str(runs["left-last"]), "--output", str(tmp_path / "o"), *extra]) == 2

@@ -169,7 +169,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _is_run(name: str) -> bool:
-    """Whether ``name`` is a training run folder (LoRA or full fine-tuning: load_embedder) or a PEFT adapter folder."""
+    """Whether ``name`` is a training run folder (with adapter/, or model/ if it trained every weight) or a PEFT
+    adapter folder."""
     path = Path(name)
     return path.is_dir() and any((path / part).exists() for part in ("adapter", "adapter_config.json",
                                                                      "model/config.json"))
@@ -268,12 +269,12 @@ def _served(args: argparse.Namespace, model: str | None, runs: list[tuple[str | 
     adapters over their shared base model, each under its NAME= or folder's name (adapters.py)."""
     from slmembed.adapters import AdapterPool, Single
 
-    names = [name or folder.resolve().name for name, folder in runs]
     if len(runs) == 1 and runs[0][0] and args.name:
         raise SlmembedError(f"--name and --run {runs[0][0]}=... both name the model: give one of them")
     if len(runs) <= 1:
         embedder, model_id = _load_model(args, model, runs[0][1] if runs else None)
-        return Single(embedder, args.name or (names[0] if runs else model_id))
+        return Single(embedder, args.name or (runs and runs[0][0]) or model_id)
+    names = [name or folder.resolve().name for name, folder in runs]
     for option, value in (("--name", args.name), ("--compile", args.compile), ("--calibration", args.calibration)):
         if value:
             raise SlmembedError(f"{option} applies to a server of one model; several runs are served under their "
