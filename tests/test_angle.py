@@ -137,7 +137,7 @@ def angle_run(tmp_path_factory, tiny_models, data_dir) -> tuple[int, object]:
                       "data: {sources: [cad_snli], max_triplets: 8}\n"
                       "train: {batch_size: 8, max_steps: 10, warmup_steps: 1, lr: 5.0e-3, bf16: false, log_every: 1, "
                       "save_every: 10, epochs: 10}\n")
-    code = main(["train", "--config", str(recipe), "--output", str(root / "run"), "--data-dir", str(data_dir),
+    code = main(["train", "--recipe", str(recipe), "--output", str(root / "run"), "--data-dir", str(data_dir),
                  "--device", "cpu", "--set", "train.loss=angle_infonce", "--set", "train.angle_weight=1.0"])
     return code, root / "run"
 
@@ -163,9 +163,9 @@ def test_a_promptEOL_run_exports_for_transformers_with_equal_vectors(angle_run, 
     """Text after {} is no sentence-transformers prompt: --format st is one error naming --format hf, which writes a
     folder that embeds as the run does, its card naming the template."""
     _, run = angle_run
-    assert main(["export", "--adapter", str(run), "--output", str(tmp_path / "st")]) == 2
+    assert main(["export", "--run", str(run), "--output", str(tmp_path / "st")]) == 2
     assert "--format hf" in capsys.readouterr().err and not (tmp_path / "st").exists()
-    assert main(["export", "--adapter", str(run), "--output", str(tmp_path / "hf"), "--format", "hf"]) == 0
+    assert main(["export", "--run", str(run), "--output", str(tmp_path / "hf"), "--format", "hf"]) == 0
     assert f"`{PROMPT_EOL}`" in (tmp_path / "hf/README.md").read_text()
     texts = ["A man is playing a guitar.", "Someone plays an instrument.", "Hi"]
     want = load_embedder(None, run, device=CPU, dtype=torch.float32).encode(texts)

@@ -73,7 +73,7 @@ def test_padding_either_side_and_packing_give_each_text_alone(arch_model) -> Non
     """Bidirectional: pads must be masked (no fast path), and a padded, packed or lone text gets the same vector."""
     arch, source, tokenizer = arch_model
     if arch == "gemma3_text":  # bidirectional, its 16-token window becomes |i - j| < 9: packing refuses 16 tokens
-        with pytest.raises(ValueError, match="cannot run packed"):
+        with pytest.raises(SlmembedError, match="cannot run packed batches: its sliding window"):
             Embedder(_model(source, tokenizer), tokenizer, BIDIRECTIONAL, packed=True)
         source = Gemma3TextConfig(**{**source.to_dict(), "sliding_window": 32})
     for pooling in ("mean", "last"):

@@ -242,7 +242,7 @@ def test_nli_formats(name: str, data: st.DataObject) -> None:
                 load_triplets([path], skip_bad_rows=skip)
             _assert_error(info.value, path, expected_error[0])
             output = Path(tmp) / "run"
-            _assert_cli_error(["train", "--config", "demo-smollm2", "--output", str(output), "--set",
+            _assert_cli_error(["train", "--recipe", "demo-smollm2", "--output", str(output), "--set",
                                f"data.sources=['{path}']", *(["--skip-bad-rows"] if skip else [])], info.value, output)
 
 

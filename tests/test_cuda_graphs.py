@@ -133,7 +133,7 @@ def test_steps_of_similar_size_share_a_bucket(tiny_models) -> None:
 ])
 def test_cuda_graphs_where_they_cannot_run_are_one_line(capsys, tmp_path, setting, expected) -> None:
     out = tmp_path / "run"
-    assert main(["train", "--config", "demo-smollm2", "--output", str(out), "--set", "train.cuda_graphs=true",
+    assert main(["train", "--recipe", "demo-smollm2", "--output", str(out), "--set", "train.cuda_graphs=true",
                  *setting]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"slmembed: error: {expected}", err
@@ -239,7 +239,7 @@ def test_graphed_training_on_two_gpus_equals_ddp(tmp_path, tiny_models, data_dir
         config.write_text(recipe.to_yaml())
         proc = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slmembed",
-             "train", "--config", str(config), "--output", str(out), "--data-dir", str(data_dir), "--device", "cuda"],
+             "train", "--recipe", str(config), "--output", str(out), "--data-dir", str(data_dir), "--device", "cuda"],
             capture_output=True, text=True, timeout=600, env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
         assert proc.returncode == 0, proc.stderr[-4000:]
         runs[graphs] = load_file(out / "adapter/adapter_model.safetensors")

@@ -54,7 +54,7 @@ def test_eval_of_several_runs_scores_the_mean_of_their_cosines(tmp_path, tiny_mo
             make_run(tmp_path / "gemma-full", tiny_models["gemma"], finetune="full", scale=0.01)]
     out = tmp_path / "eval.json"
     capsys.readouterr()
-    assert main(["eval", "--adapter", str(runs[0]), "--adapter", str(runs[1]), "--tasks", "STS17", "BIOSSES",
+    assert main(["eval", "--run", str(runs[0]), "--run", str(runs[1]), "--tasks", "STS17", "BIOSSES",
                  "--data-dir", str(data_dir), "--device", "cpu", "--dtype", "float32", "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     label = f"{runs[0]} + {runs[1]}"
@@ -68,6 +68,6 @@ def test_eval_of_several_runs_scores_the_mean_of_their_cosines(tmp_path, tiny_mo
 
 
 def test_eval_refuses_prefix_sizes_of_an_ensemble(tmp_path, capsys) -> None:
-    assert main(["eval", "--adapter", str(tmp_path / "a"), "--adapter", str(tmp_path / "b"), "--dims", "8"]) == 2
+    assert main(["eval", "--run", str(tmp_path / "a"), "--run", str(tmp_path / "b"), "--dims", "8"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("slmembed: error: --dims") and "\n" not in err

@@ -181,9 +181,9 @@ def test_bad_exports_are_refused(runs, tmp_path) -> None:
 
 def test_cli_export(runs, tmp_path, capsys) -> None:
     out = tmp_path / "cli"
-    assert main(["export", "--adapter", str(runs["left-mean"]), "--output", str(out), "--format", "hf"]) == 0
+    assert main(["export", "--run", str(runs["left-mean"]), "--output", str(out), "--format", "hf"]) == 0
     assert json.loads(capsys.readouterr().out)["spec"]["pooling"] == "mean" and (out / "model.safetensors").exists()
-    assert main(["export", "--adapter", str(tmp_path), "--output", str(out)]) == 2
+    assert main(["export", "--run", str(tmp_path), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a training run folder" in err
 
@@ -380,7 +380,7 @@ def test_onnx_gate_refuses_a_drop_above_the_margin(outlier_run, data_dir, tmp_pa
     """int8 costs this model about 2.5 points: a margin of 0.5 refuses the export (one line, exit 2, nothing
     written); --accept-drop writes it and says so on the card."""
     out = tmp_path / "int8"
-    args = ["export", "--adapter", str(outlier_run), "--output", str(out), "--format", "onnx", "--quantize", "int8",
+    args = ["export", "--run", str(outlier_run), "--output", str(out), "--format", "onnx", "--quantize", "int8",
             "--max-drop", "0.5", "--tasks", *GATE_SETS, "--data-dir", str(data_dir)]
     assert main(args) == 2
     err = capsys.readouterr().err  # the check's progress bars, then one line
@@ -397,8 +397,9 @@ def test_onnx_gate_refuses_a_drop_above_the_margin(outlier_run, data_dir, tmp_pa
     (["--format", "onnx", "--no-merge"], "drop --no-merge"),
     (["--format", "onnx", "--dtype", "bfloat16"], "drop --no-merge and --dtype"),
     (["--format", "onnx", "--max-drop", "-1"], "--max-drop: expected points >= 0"),
+    (["--format", "onnx", "--max-drop", "nan"], "--max-drop: expected points >= 0, got nan"),  # no drop exceeds NaN
 ])
 def test_bad_onnx_requests_are_refused_before_any_work(runs, tmp_path, capsys, extra, message) -> None:
-    assert main(["export", "--adapter", str(runs["left-last"]), "--output", str(tmp_path / "o"), *extra]) == 2
+    assert main(["export", "--run", str(runs["left-last"]), "--output", str(tmp_path / "o"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and not (tmp_path / "o").exists()

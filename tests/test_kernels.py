@@ -25,7 +25,7 @@ ON_GPU = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") 
 
 def test_liger_on_the_cpu_is_one_line_before_any_work(capsys, tmp_path) -> None:
     out = tmp_path / "run"
-    assert main(["train", "--config", "demo-smollm2", "--output", str(out), "--set", "train.kernels=liger",
+    assert main(["train", "--recipe", "demo-smollm2", "--output", str(out), "--set", "train.kernels=liger",
                  "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == ("slmembed: error: train.kernels: liger runs Triton kernels on a GPU; this run is on the cpu: "
@@ -34,7 +34,7 @@ def test_liger_on_the_cpu_is_one_line_before_any_work(capsys, tmp_path) -> None:
 
 
 def test_liger_compiled_is_one_line(capsys, tmp_path) -> None:
-    assert main(["train", "--config", "demo-smollm2", "--output", str(tmp_path / "run"), "--set", "train.kernels=liger",
+    assert main(["train", "--recipe", "demo-smollm2", "--output", str(tmp_path / "run"), "--set", "train.kernels=liger",
                  "--set", "train.compile=true"]) == 2
     err = capsys.readouterr().err.strip()
     assert "train.kernels: liger cannot run compiled yet" in err and "\n" not in err, err
@@ -42,7 +42,7 @@ def test_liger_compiled_is_one_line(capsys, tmp_path) -> None:
 
 
 def test_unknown_kernels_name_the_field(capsys, tmp_path) -> None:
-    assert main(["train", "--config", "demo-smollm2", "--output", str(tmp_path / "run"),
+    assert main(["train", "--recipe", "demo-smollm2", "--output", str(tmp_path / "run"),
                  "--set", "train.kernels=fast"]) == 2
     err = capsys.readouterr().err.strip()
     assert "train.kernels" in err and "one of none, liger" in err and "\n" not in err, err

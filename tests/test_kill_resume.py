@@ -77,7 +77,7 @@ sys.exit(main())
 
 def _train(killer: Path, config: Path, run: Path, data_dir: Path, kill: str = "",
            resume: bool = False) -> subprocess.CompletedProcess:
-    args = [sys.executable, str(killer), "train", "--config", str(config), "--output", str(run),
+    args = [sys.executable, str(killer), "train", "--recipe", str(config), "--output", str(run),
             "--data-dir", str(data_dir), "--device", "cpu", *(["--resume"] if resume else [])]
     return subprocess.run(args, env={**os.environ, "SLMEMBED_KILL": kill}, capture_output=True, text=True,
                           timeout=300)

@@ -69,7 +69,7 @@ def test_training_with_gradcache_equals_without(tmp_path, tiny_models, data_dir)
 
 def test_dims_above_the_model_size_are_refused(tmp_path, tiny_models, data_dir, capsys) -> None:
     (tmp_path / "r.yaml").write_text(_recipe(tiny_models, matryoshka_dims=[8, 32]).to_yaml())
-    assert main(["train", "--config", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "run"),
+    assert main(["train", "--recipe", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "run"),
                  "--data-dir", str(data_dir), "--device", "cpu"]) == 2
     assert "32 is not below the model's embedding size 32" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_models["llama"]), "--tasks", "SICK-R", "--dims", "64", "--device", "cpu",

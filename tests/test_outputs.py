@@ -50,37 +50,37 @@ def _refused(args: list[str], capsys, *watch: Path, message: str) -> None:
 
 def test_export_refuses_its_run_its_parent_and_foreign_folders(run, capsys, tmp_path) -> None:
     parent = run.parent
-    _refused(["export", "--adapter", str(run), "--output", str(run)], capsys, parent, message="is the input")
-    _refused(["export", "--adapter", str(run), "--output", str(parent)], capsys, parent, message="contains the input")
-    _refused(["export", "--adapter", str(run), "--output", str(run / "adapter" / "x")], capsys, parent,
+    _refused(["export", "--run", str(run), "--output", str(run)], capsys, parent, message="is the input")
+    _refused(["export", "--run", str(run), "--output", str(parent)], capsys, parent, message="contains the input")
+    _refused(["export", "--run", str(run), "--output", str(run / "adapter" / "x")], capsys, parent,
              message="lies inside the input")
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
     for force in ([], ["--force"]):
-        _refused(["export", "--adapter", str(run), "--output", str(foreign), *force], capsys, foreign,
+        _refused(["export", "--run", str(run), "--output", str(foreign), *force], capsys, foreign,
                  message="did not write and is not empty")
     (tmp_path / "file").write_text("x")
-    _refused(["export", "--adapter", str(run), "--output", str(tmp_path / "file" / "model")], capsys, tmp_path,
+    _refused(["export", "--run", str(run), "--output", str(tmp_path / "file" / "model")], capsys, tmp_path,
              message="is a file, not a folder")
 
 
 def test_export_replaces_an_earlier_export_only_with_force(run, capsys, tmp_path) -> None:
     out = tmp_path / "model"
-    assert main(["export", "--adapter", str(run), "--output", str(out), "--format", "hf"]) == 0
+    assert main(["export", "--run", str(run), "--output", str(out), "--format", "hf"]) == 0
     assert outputs.written_by(out) == "export"
-    _refused(["export", "--adapter", str(run), "--output", str(out), "--format", "hf"], capsys, out,
+    _refused(["export", "--run", str(run), "--output", str(out), "--format", "hf"], capsys, out,
              message="pass --force")
     (out / "model.safetensors").write_bytes(b"stale")
-    assert main(["export", "--adapter", str(run), "--output", str(out), "--format", "hf", "--force"]) == 0
+    assert main(["export", "--run", str(run), "--output", str(out), "--format", "hf", "--force"]) == 0
     assert (out / "model.safetensors").read_bytes() != b"stale"
     (out / "mine.txt").write_text("keep me")  # something the user added: --force no longer replaces the folder
-    _refused(["export", "--adapter", str(run), "--output", str(out), "--format", "hf", "--force"], capsys, out,
+    _refused(["export", "--run", str(run), "--output", str(out), "--format", "hf", "--force"], capsys, out,
              message="'mine.txt', which slmembed did not write")
 
 
 def test_train_refuses_inputs_foreign_folders_and_earlier_runs(run, tiny_models, data_dir, capsys, tmp_path) -> None:
-    base = ["train", "--config", "smollm2-135m", "--data-dir", str(data_dir),
+    base = ["train", "--recipe", "smollm2-135m", "--data-dir", str(data_dir),
             "--set", f"model.name={tiny_models['llama']}"]
     _refused([*base, "--output", str(tiny_models["llama"])], capsys, tiny_models["llama"], message="is the input")
     _refused([*base, "--output", str(data_dir.parent)], capsys, data_dir, message="contains the input")
@@ -162,7 +162,7 @@ def test_report_keeps_foreign_files_and_replaces_its_own_with_force(run, capsys,
 
 
 def test_eval_output_may_sit_beside_a_run_but_not_inside_its_work(run, data_dir, capsys, tmp_path) -> None:
-    args = ["eval", "--adapter", str(run), "--tasks", "BIOSSES", "--data-dir", str(data_dir), "--output"]
+    args = ["eval", "--run", str(run), "--tasks", "BIOSSES", "--data-dir", str(data_dir), "--output"]
     _refused([*args, str(run / "adapter" / "eval.json")], capsys, run, message="lies inside the input")
 
 
@@ -173,7 +173,7 @@ def test_reproduce_and_demo_check_outputs_first(run, data_dir, capsys, tmp_path)
     _refused(["reproduce", "--model", "smollm2-135m", "--data-dir", str(data_dir), "--output", str(foreign)], capsys,
              foreign, message="did not write and is not empty")
     _refused(["reproduce", "--model", "smollm2-135m", "--data-dir", str(data_dir), "--output", str(run),
-              "--run-dir", str(run)], capsys, run.parent, message="is the input")
+              "--run", str(run)], capsys, run.parent, message="is the input")
     _refused(["demo", "--data-dir", str(data_dir), "--output", str(run)], capsys, run,
              message="pass --force to replace it")
     _refused(["demo", "--data-dir", str(data_dir), "--output", str(foreign), "--force"], capsys, foreign,
@@ -217,14 +217,14 @@ def test_a_second_writer_is_refused_naming_the_holder(run, tiny_models, data_dir
     texts.write_text("A man is playing a guitar.\n")
     new, model, vectors, results = tmp_path / "new" / "run", tmp_path / "model", tmp_path / "v.npy", tmp_path / "res"
     commands = {
-        new: ["train", "--config", "smollm2-135m", "--data-dir", str(data_dir), "--set",
+        new: ["train", "--recipe", "smollm2-135m", "--data-dir", str(data_dir), "--set",
               f"model.name={tiny_models['llama']}", "--output", str(new)],
-        run: ["train", "--config", "smollm2-135m", "--data-dir", str(data_dir), "--set",
+        run: ["train", "--recipe", "smollm2-135m", "--data-dir", str(data_dir), "--set",
               f"model.name={tiny_models['llama']}", "--output", str(run), "--force"],
-        model: ["export", "--adapter", str(run), "--output", str(model), "--format", "hf"],
+        model: ["export", "--run", str(run), "--output", str(model), "--format", "hf"],
         vectors: ["embed", str(texts), "--model", "all-minilm-l6-v2", "--output", str(vectors)],
         results: ["reproduce", "--model", "smollm2-135m", "--data-dir", str(data_dir), "--output", str(results),
-                  "--run-dir", str(tmp_path / "rrun")],
+                  "--run", str(tmp_path / "rrun")],
     }
     for output, args in commands.items():
         pid = held(output)
@@ -245,7 +245,7 @@ def test_a_second_writer_is_refused_naming_the_holder(run, tiny_models, data_dir
 
 def test_the_lock_is_released_and_leaves_nothing(run, capsys, tmp_path, held) -> None:
     out = tmp_path / "a" / "model"
-    assert main(["export", "--adapter", str(run), "--output", str(out), "--format", "hf"]) == 0
+    assert main(["export", "--run", str(run), "--output", str(out), "--format", "hf"]) == 0
     assert sorted(p.name for p in out.parent.iterdir()) == ["model"]  # no lock file beside it
     held(tmp_path / "b" / "model")
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [".model.lock"]
@@ -264,12 +264,12 @@ def killed(folder, reference):
     os.kill(os.getpid(), signal.SIGKILL)
 export.check_token_ids = killed
 from slmembed.cli import main
-sys.exit(main(["export", "--adapter", {str(run)!r}, "--output", {str(out)!r}, "--format", "hf"]))
+sys.exit(main(["export", "--run", {str(run)!r}, "--output", {str(out)!r}, "--format", "hf"]))
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     left = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert len(left) == 1 and sum(f.stat().st_size for f in left[0].rglob("*") if f.is_file()) > 10_000
     (tmp_path / ".model.mine.tmp").mkdir()
-    assert main(["export", "--adapter", str(run), "--output", str(out), "--format", "hf"]) == 0
+    assert main(["export", "--run", str(run), "--output", str(out), "--format", "hf"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.mine.tmp", "model"]

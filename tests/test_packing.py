@@ -12,6 +12,7 @@ from transformers import AutoModel, AutoTokenizer, Gemma2Config, Gemma3TextConfi
 
 from slmembed import packing, pooling
 from slmembed.embedder import PACKED_TOKENS, Embedder, batching
+from slmembed.errors import SlmembedError
 from slmembed.gradcache import cached_backward
 from slmembed.spec import EmbedSpec
 
@@ -113,7 +114,10 @@ def test_packing_is_refused_where_it_would_be_wrong(tiny_models) -> None:
     windowed = _model(MORE["gemma3_text"], tokenizer)  # a 16-token sliding window
     assert not packing.supported(capped, 16) and not packing.supported(windowed, 17)
     assert packing.supported(windowed, 16)
-    with pytest.raises(ValueError, match="cannot run packed"):
+    assert packing.unsupported(capped, 16) == ("its architecture 'gemma2' is not one of gemma, gemma3_text, llama, "
+                                               "mistral, phi, qwen2")
+    with pytest.raises(SlmembedError, match=r"train.packing=true, but this model cannot run packed batches: its "
+                                            r"sliding window \(16 tokens\) is shorter than max_length \(32\)"):
         Embedder(windowed, tokenizer, EmbedSpec(max_length=32), packed=True)
     cpu = Embedder(_model(MORE["qwen2"], tokenizer), tokenizer, EmbedSpec())
     assert not cpu.packed  # by default only where it is fast: on a GPU

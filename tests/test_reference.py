@@ -328,7 +328,7 @@ def test_a_bad_reference_is_one_line_before_any_work(case: str, expected: str, t
         (folder / "config.json").write_text("{}")
     before = sorted(tmp_path.rglob("*"))
     output = folder if case == "output" else tmp_path / "run"
-    assert main(["train", "--config", "smollm2-135m", "--output", str(output), "--set", "train.loss=guided_infonce",
+    assert main(["train", "--recipe", "smollm2-135m", "--output", str(output), "--set", "train.loss=guided_infonce",
                  "--set", f"train.reference={folder}"]) == 2
     err = _one_error_line(capsys)
     assert expected in err and str(folder) in err, err

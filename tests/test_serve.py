@@ -87,7 +87,8 @@ def serving(model: str | Path | list[Path], *args: str, env: dict | None = None,
     """Start `slmembed serve` (of one model, or a list of runs; on --host ``host`` if given) and wait until /health
     answers; stop it (SIGTERM) afterwards."""
     port = _free_port(host or "127.0.0.1")
-    served = [str(m) for m in model] if isinstance(model, list) else [str(model)]
+    runs = model if isinstance(model, list) else [model] if (Path(model) / "adapter").is_dir() else []
+    served = [a for run in runs for a in ("--run", str(run))] if runs else ["--model", str(model)]
     where = ["--host", host] if host else []
     with open(log, "w") as fh:
         proc = subprocess.Popen([sys.executable, "-m", "slmembed", "serve", *served, "--port", str(port), *where,
@@ -589,11 +590,12 @@ def test_several_models_refuse_one_model_options(run_dir, tmp_path, capsys) -> N
 
     for extra, message in ((["--name", "x"], "--name applies to a server of one model"),
                            (["--compile"], "--compile applies to a server of one model")):
-        assert main(["serve", str(run_dir), str(run_dir), *extra]) == 2
+        assert main(["serve", "--run", str(run_dir), "--run", f"other={run_dir}", *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
-    assert main(["serve", str(run_dir), str(run_dir)]) == 2
-    assert "share a folder name" in capsys.readouterr().err
+    assert main(["serve", "--run", str(run_dir), "--run", str(run_dir)]) == 2
+    assert capsys.readouterr().err == ("slmembed: error: two runs would be served under one name (run, run): name "
+                                       "them with --run NAME=RUN\n")
 
 
 @pytest.fixture
@@ -602,7 +604,7 @@ def no_model(monkeypatch):
     environment unless a test sets one."""
     from slmembed import cli
 
-    def loaded(args):
+    def loaded(*args):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(cli, "_served", loaded)
@@ -610,11 +612,12 @@ def no_model(monkeypatch):
 
 
 def _refusal(capsys, *args: str) -> str:
-    """stderr of an in-process `slmembed serve smollm2-135m ARGS`, checked to be one line with exit status 2."""
+    """stderr of an in-process `slmembed serve --model smollm2-135m ARGS`, checked to be one line with exit status
+    2."""
     from slmembed.cli import main
 
     try:
-        status = main(["serve", "smollm2-135m", *args])
+        status = main(["serve", "--model", "smollm2-135m", *args])
     except SystemExit as exc:  # argparse's refusals
         status = exc.code
     err = capsys.readouterr().err
@@ -681,8 +684,8 @@ def test_port_in_use_exits_2_with_one_line(tmp_path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        done = subprocess.run([sys.executable, "-m", "slmembed", "serve", "smollm2-135m", "--port", str(port)],
-                              capture_output=True, text=True, timeout=300)
+        done = subprocess.run([sys.executable, "-m", "slmembed", "serve", "--model", "smollm2-135m", "--port",
+                               str(port)], capture_output=True, text=True, timeout=300)
     assert (done.returncode, done.stdout) == (2, "")
     assert done.stderr == f"slmembed: error: cannot listen on 127.0.0.1:{port}: the port is in use (another server?)\n"
 

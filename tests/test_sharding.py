@@ -41,7 +41,7 @@ def _torchrun(recipe: Recipe, run, tmp_path, data_dir, *extra: str) -> None:
     config.write_text(recipe.to_yaml())
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slmembed",
-         "train", "--config", str(config), "--output", str(run), "--data-dir", str(data_dir), "--device", "cpu",
+         "train", "--recipe", str(config), "--output", str(run), "--data-dir", str(data_dir), "--device", "cpu",
          *extra], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -101,7 +101,7 @@ def test_fsdp_full_fine_tuning_equals_ddp(tmp_path, tiny_models, data_dir) -> No
 def test_fsdp_needs_several_processes_and_no_average(tmp_path, tiny_models, data_dir, capsys) -> None:
     recipe = _recipe(tiny_models, sharding="fsdp")
     (tmp_path / "r.yaml").write_text(recipe.to_yaml())
-    assert main(["train", "--config", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "run"),
+    assert main(["train", "--recipe", str(tmp_path / "r.yaml"), "--output", str(tmp_path / "run"),
                  "--data-dir", str(data_dir), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "start several with torchrun" in err and len(err.strip().splitlines()) == 1

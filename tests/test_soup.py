@@ -248,10 +248,10 @@ def test_soup_of_trained_runs_loads_like_a_run_in_eval_and_export(tmp_path, data
     assert f"member {runs[0]}: {result['soup']['candidates'][0]['stsb_dev']:.2f}" in printed and "| STS17 |" in printed
     assert result["run"]["command"].startswith("slmembed soup --run")
     # eval scores it as the soup scored itself; export writes it as a model.
-    assert main(["eval", "--adapter", str(out), "--tasks", "STS17", "--data-dir", str(data_dir), "--device", "cpu",
+    assert main(["eval", "--run", str(out), "--tasks", "STS17", "--data-dir", str(data_dir), "--device", "cpu",
                  "--output", str(out / "eval.json")]) == 0
     assert json.loads((out / "eval.json").read_text())["scores"] == result["scores"]
-    assert main(["export", "--adapter", str(out), "--output", str(tmp_path / "export"), "--format", "hf"]) == 0
+    assert main(["export", "--run", str(out), "--output", str(tmp_path / "export"), "--format", "hf"]) == 0
     expected = reference(runs).encode(TEXTS)
     exported = load_embedder(str(tmp_path / "export"), device=CPU, dtype=torch.float32).encode(TEXTS)
     assert float((exported * expected).sum(1).min()) > 0.9999

@@ -33,19 +33,19 @@ def test_light_modules_import_no_torch(module: str) -> None:
 
 def test_a_bad_recipe_is_refused_without_loading_torch(tmp_path) -> None:
     code = ("from slmembed.cli import main\n"
-            f"assert main(['train', '--config', 'smollm2-135m', '--output', {str(tmp_path / 'run')!r}, "
+            f"assert main(['train', '--recipe', 'smollm2-135m', '--output', {str(tmp_path / 'run')!r}, "
             "'--set', 'train.temperature=-0.05', '--set', 'model.pooling=mean']) == 2")
     assert _loaded_after(code) == set()
 
 
 def test_a_bad_reference_is_refused_without_loading_torch(tmp_path) -> None:
     code = ("from slmembed.cli import main\n"
-            f"assert main(['train', '--config', 'smollm2-135m', '--output', {str(tmp_path / 'run')!r}, "
+            f"assert main(['train', '--recipe', 'smollm2-135m', '--output', {str(tmp_path / 'run')!r}, "
             f"'--set', 'train.loss=guided_infonce', '--set', 'train.reference={tmp_path / 'missing'}']) == 2")
     assert _loaded_after(code) == set()
 
 
-@pytest.mark.parametrize("command", [["train", "--config", "smollm2-135m"], ["demo"],
+@pytest.mark.parametrize("command", [["train", "--recipe", "smollm2-135m"], ["demo"],
                                      ["reproduce", "--model", "smollm2-135m"]])
 def test_an_output_that_is_refused_loads_no_torch(command: list[str], tmp_path) -> None:
     """The output checks of the commands that train run before the heavy imports."""

@@ -115,7 +115,7 @@ def test_nan_loss_stops_naming_its_step_keeps_the_checkpoint_before_and_resumes(
     config.write_text(_tiny_recipe(tiny_models, max_steps=8, log_every=4, keep_checkpoints=3).to_yaml())
 
     def run(name: str, *extra: str) -> int:
-        return main(["train", "--config", str(config), "--output", str(tmp_path / name), "--data-dir", str(data_dir),
+        return main(["train", "--recipe", str(config), "--output", str(tmp_path / name), "--data-dir", str(data_dir),
                      "--device", "cpu", *extra])
 
     assert run("clean") == 0
@@ -204,7 +204,7 @@ def test_torchrun_two_cpu_ranks_equal_one_process_at_twice_the_batch(tmp_path, t
     train_mod.train(load_recipe(single), tmp_path / "one", data_dir=data_dir, progress=False)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slmembed",
-         "train", "--config", str(double), "--output", str(tmp_path / "two"), "--data-dir", str(data_dir),
+         "train", "--recipe", str(double), "--output", str(tmp_path / "two"), "--data-dir", str(data_dir),
          "--device", "cpu"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "two/summary.json").read_text())
@@ -412,7 +412,7 @@ def test_a_full_disk_stops_train_in_one_line_and_keeps_its_checkpoints(disk, tin
     folder, slmembed = disk
     config, run = folder.parent / "recipe.yaml", folder / "run"
     config.write_text(_tiny_recipe(tiny_models, max_steps=6, save_every=2, keep_checkpoints=5).to_yaml())
-    args = ["train", "--config", str(config), "--output", str(run), "--data-dir", str(data_dir), "--device", "cpu"]
+    args = ["train", "--recipe", str(config), "--output", str(run), "--data-dir", str(data_dir), "--device", "cpu"]
     _no_space(slmembed(args, full), run / target)
     assert not list(run.rglob(".*.tmp")) and not (run / "adapter").exists() and not (run / target).exists()
     for ckpt in RunDir(run).checkpoints():
@@ -432,10 +432,10 @@ def test_a_full_disk_stops_embed_and_export_in_one_line(disk, tiny_models, data_
     texts = tmp_path / "texts.txt"
     texts.write_text("".join(f"sentence number {i}\n" for i in range(10)))
     out = folder / "v.npy"
-    args = ["embed", str(texts), "--model", str(run), "--output", str(out), "--chunk-size", "4", "--device", "cpu"]
+    args = ["embed", str(texts), "--run", str(run), "--output", str(out), "--chunk-size", "4", "--device", "cpu"]
     _no_space(slmembed(args, "numpy.save:2"), folder / "v.npy.parts" / "00000001.npy")
     assert sorted(p.name for p in (folder / "v.npy.parts").iterdir()) == ["00000000.npy", "manifest.json"]
     model = folder / "model"
-    _no_space(slmembed(["export", "--adapter", str(run), "--output", str(model), "--format", "hf"], "save_file:1"),
+    _no_space(slmembed(["export", "--run", str(run), "--output", str(model), "--format", "hf"], "save_file:1"),
               model)
     assert sorted(p.name for p in folder.iterdir()) in (["v.npy.parts"], ["filler", "v.npy.parts"])

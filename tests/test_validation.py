@@ -117,7 +117,7 @@ def test_bad_value_is_one_line_exit_2_and_no_files(path: str, value: str, via: s
         tree = {key: yaml.safe_load(value)}
         Path(config).write_text(yaml.safe_dump({section[0]: tree} if section else tree))
         extra = []
-    assert main(["train", "--config", config, "--output", str(tmp_path / "run"), *extra]) == 2
+    assert main(["train", "--recipe", config, "--output", str(tmp_path / "run"), *extra]) == 2
     assert _one_error_line(capsys).startswith(f"slmembed: error: {where}: {path}")
     assert _files(tmp_path) == ([Path(config)] if via == "file" else [])
 
@@ -145,7 +145,7 @@ def test_good_values_pass_the_cli_and_reach_the_data(tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SLMEMBED_DATA", str(tmp_path / "no-data"))
     args = [item for path, value, _ in GOOD for item in ("--set", f"{path}={value}")]
-    assert main(["train", "--config", "smollm2-135m", "--output", str(tmp_path / "run"), *args]) == 2
+    assert main(["train", "--recipe", "smollm2-135m", "--output", str(tmp_path / "run"), *args]) == 2
     assert "no-data is not a directory" in _one_error_line(capsys) and _files(tmp_path) == []
 
 
@@ -162,7 +162,7 @@ def test_every_accepted_schedule_runs_as_train_calls_it_and_warms_up(name: str) 
 
 
 def _run(tmp_path: Path, data_dir: Path, *extra: str) -> int:
-    return main(["train", "--config", str(tmp_path / "recipe.yaml"), "--output", str(tmp_path / "run"),
+    return main(["train", "--recipe", str(tmp_path / "recipe.yaml"), "--output", str(tmp_path / "run"),
                  "--data-dir", str(data_dir), "--device", "cpu", *extra])
 
 

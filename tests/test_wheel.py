@@ -27,7 +27,7 @@ names = shipped_recipes()
 for name in names:
     assert load_recipe(name).name, name
 print(" ".join(names))
-sys.exit(main(["train", "--config", "no-such-recipe", "--output", "x"]))
+sys.exit(main(["train", "--recipe", "no-such-recipe", "--output", "x"]))
 """
 
 

@@ -6,19 +6,23 @@ the checks that come before any work answer at once."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import json
 import math
 import os
+import re
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from slmembed import outputs, train_output
 from slmembed.errors import SlmembedError
 from slmembed.paths import find_data_dir, input_file
 from slmembed.quantize import CALIBRATED, PRECISIONS
+from slmembed.run import ADAPTER_CONFIG, RunDir
 from slmembed.spec import POOLINGS
 
 DTYPES = ("auto", "float32", "bfloat16")  # --dtype of eval, embed, serve
@@ -26,7 +30,8 @@ DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 
 
 def _loading(args: argparse.Namespace) -> dict:
-    """The device and dtype that --device and --dtype ask for (auto: None, the device's best); a GPU starts getting
+    """How every command loads a model (load_embedder's keywords): the device and dtype that --device and --dtype ask
+    for (auto: None, the device's best), and what --trust-remote-code and --allow-pickle allow; a GPU starts getting
     ready in the background (``models.start``)."""
     import torch
 
@@ -35,7 +40,8 @@ def _loading(args: argparse.Namespace) -> dict:
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     device = resolve_device(args.device)
     start(device)
-    return {"device": device, "dtype": dtype}
+    return {"device": device, "dtype": dtype, "trust_remote_code": args.trust_remote_code,
+            "allow_pickle": args.allow_pickle}
 
 
 def provenance(command: str) -> dict:
@@ -80,12 +86,20 @@ def _check_device(args: argparse.Namespace) -> None:
         resolve_device(args.device)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    recipe = _recipe(args, args.config)  # a bad recipe or output fails before torch is imported
-    check = functools.partial(train_output.check, recipe, args.output, data_dir=args.data_dir, resume=args.resume,
+@contextlib.contextmanager
+def _holding_run(args: argparse.Namespace, recipe, resume: bool | None) -> Iterator[None]:
+    """Hold --output, a run folder a recipe trains into, from before the heavy imports (train holds it on, checking
+    again), once train_output.check allows it; and refuse --device cuda without a GPU. ``resume=None``: no --resume."""
+    check = functools.partial(train_output.check, recipe, args.output, data_dir=args.data_dir, resume=resume,
                               force=args.force)
-    with outputs.writing(args.output, check):  # held from before the imports: train holds it on, checking again
+    with outputs.writing(args.output, check):
         _check_device(args)
+        yield
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    recipe = _recipe(args, args.recipe)  # a bad recipe or output fails before torch is imported
+    with _holding_run(args, recipe, args.resume):
         from slmembed.train import train
 
         summary = train(recipe, args.output, data_dir=args.data_dir, resume=args.resume, force=args.force,
@@ -98,9 +112,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from slmembed.atomic import write_json
     from slmembed.data.sts import load_all, load_sts
 
-    adapters = args.adapter or [None]  # several: their ensemble (ensemble.py)
+    if not (args.model or args.run):
+        raise SlmembedError("eval needs --model, --run or both (a run folder names its base model)")
+    adapters = args.run or [None]  # several: their ensemble (ensemble.py)
     if args.dims and len(adapters) > 1:
-        raise SlmembedError("--dims scores prefixes of one model's vectors: give one --adapter")
+        raise SlmembedError("--dims scores prefixes of one model's vectors: give one --run")
     if args.output:  # a JSON beside a run's own files is fine (RUN/eval.json is what export reads)
         outputs.check_file(args.output, "eval", inputs=[args.model],
                            around=[*adapters, find_data_dir(args.data_dir, required=False)], force=args.force,
@@ -117,8 +133,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         calibration = unique_sentences({"dev": dev})
         calibrated = {"calibration": f"STSBenchmark dev ({len(calibration)} sentences)"}
     overrides = {k: v for k, v in (("pooling", args.pooling), ("prompt", args.prompt)) if v is not None}
-    members = [load_embedder(args.model, adapter, **loading, trust_remote_code=args.trust_remote_code,
-                             allow_pickle=args.allow_pickle, **overrides) for adapter in adapters]
+    members = [load_embedder(args.model, adapter, **loading, **overrides) for adapter in adapters]
     for member in members:
         _compile(member, args)
     if len(members) > 1:
@@ -130,8 +145,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         embedder = members[0]
         label = args.model or str(adapters[0])
         described = {"adapter": adapters[0], "spec": embedder.spec.__dict__, "dtype": embedder.weights}
-    if args.dims and max(args.dims) > (size := embedder.encode(["size"]).shape[1]):  # before the long encode
-        raise SlmembedError(f"--dims {max(args.dims)} is above the model's embedding size {size}")
     result = evaluate(embedder, sets, batch_size=args.batch_size, progress=True, precisions=precisions,
                       calibration=calibration, dims=tuple(args.dims or ()))
     compact = {f"{p}": r["scores"] for p, r in result.get("precisions", {}).items()}
@@ -150,7 +163,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     recipe = _recipe(args, args.recipe or args.model, args.model if args.recipe else None)
     name = Path(args.output).name
     _check_device(args)
-    reproduce(recipe, args.output, args.run_dir or Path("runs/reproduce") / name, data_dir=args.data_dir,
+    reproduce(recipe, args.output, args.run or Path("runs/reproduce") / name, data_dir=args.data_dir,
               device=args.device, curve=args.curve, force=args.force,
               provenance=functools.partial(provenance, args.command_line))
     print(Path(args.output, f"{name}.md").read_text())
@@ -168,26 +181,41 @@ def cmd_soup(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from slmembed.atomic import write_json
-    from slmembed.demo import demo  # torch comes once its output is checked and held
+    recipe = _recipe(args, args.recipe)  # as train's, with its checks before torch is imported
+    with _holding_run(args, recipe, resume=None):
+        from slmembed.atomic import write_json
+        from slmembed.demo import demo
 
-    _check_device(args)
-    result = demo(args.output, args.recipe, args.set, data_dir=args.data_dir, device=args.device, force=args.force)
-    write_json(Path(args.output) / "demo.json", {**result, "run": provenance(args.command_line)})
-    outputs.record_added(args.output, "demo.json", "demo")
+        result = demo(recipe, args.output, _loading(args), data_dir=args.data_dir, device=args.device,
+                      force=args.force)
+        write_json(Path(args.output) / "demo.json", {**result, "run": provenance(args.command_line)})
+        outputs.record_added(args.output, "demo.json", "demo")
     return 0
 
 
-def _load_model(name: str, args: argparse.Namespace):
-    """An Embedder for a packaged model name, a model folder, an exported folder or a training run folder, and the
-    id it goes by (the name, or the folder's name)."""
+def _is_run(name: str) -> bool:
+    """Whether ``name`` is a training run folder (with adapter/, or model/ if it trained every weight) or a PEFT
+    adapter folder."""
+    return RunDir.locate(name) is not None or (Path(name) / ADAPTER_CONFIG).is_file()
+
+
+def _run_as_model(model: str | None) -> bool:
+    """Whether --model names a training run folder, as it did before --run (which it still does, with a note)."""
+    if model is not None and _is_run(model):
+        _note("--model with a training run folder is deprecated; use --run")
+        return True
+    return False
+
+
+def _load_model(args: argparse.Namespace, model: str | None = None, run_dir: str | Path | None = None):
+    """An Embedder for ``model`` (a packaged model name, a model folder or an exported folder) or the training run
+    ``run_dir``, and the id it goes by (the name, or the folder's name)."""
     from slmembed.loading import load_embedder
 
-    path = Path(name)
-    embedder = load_embedder(name, **_loading(args), trust_remote_code=args.trust_remote_code,
-                             allow_pickle=args.allow_pickle)
+    embedder = load_embedder(model, run_dir, **_loading(args))
     _compile(embedder, args)
-    return embedder, path.resolve().name if path.is_dir() else name  # "." is served under its folder's name
+    path = Path(run_dir or model)
+    return embedder, path.resolve().name if path.is_dir() else model  # "." goes by its folder's name
 
 
 def _compile(embedder, args: argparse.Namespace) -> None:
@@ -205,7 +233,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from slmembed.export import export
 
     sets = load_all(args.tasks, args.data_dir) if args.eval or args.format == "onnx" else None
-    meta = export(args.adapter, args.output, fmt=args.format, merge=not args.no_merge, dtype=args.dtype,
+    meta = export(args.run, args.output, fmt=args.format, merge=not args.no_merge, dtype=args.dtype,
                   scores=args.scores, evaluate_sets=sets, force=args.force, quantize=args.quantize,
                   max_drop=args.max_drop, accept_drop=args.accept_drop)
     print(json.dumps({"output": args.output, **meta}, indent=2))
@@ -225,12 +253,13 @@ def _check_calibration(args: argparse.Namespace, precision: str | None = None) -
 def cmd_embed(args: argparse.Namespace) -> int:
     from slmembed.embed_file import check_output, count_texts, embed_file, load_calibration
 
-    check = functools.partial(check_output, args.input, args.output, reads=[args.model, args.calibration],
+    model, run_dir = (None, args.model) if _run_as_model(args.model) else (args.model, args.run)
+    check = functools.partial(check_output, args.input, args.output, reads=[model, run_dir, args.calibration],
                               force=args.force)
     with outputs.writing(args.output, check):
         _check_calibration(args, args.precision)
         texts = count_texts(args.input, args.column)  # every row checked before the model loads
-        embedder, model_id = _load_model(args.model, args)
+        embedder, model_id = _load_model(args, model, run_dir)
         calibration = load_calibration(args.calibration, embedder, args.batch_size) if args.calibration else None
         summary = embed_file(embedder, model_id, args.input, args.output, column=args.column,
                              chunk_size=args.chunk_size, batch_size=args.batch_size, force=args.force,
@@ -239,30 +268,51 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
-def _served(args: argparse.Namespace):
-    """One model (a name or folder) under its name or --name, or several training runs' adapters over their shared
-    base model, each under its folder's name (adapters.py)."""
+def _serve_what(args: argparse.Namespace) -> tuple[str | None, list[tuple[str | None, Path]]]:
+    """The model or the training runs (each with the name asked for it, if any) that serve was given; the
+    positional MODEL of before keeps working, with a note."""
+    model, runs = args.model, args.run or []
+    if args.models:
+        _note("serve MODEL is deprecated; use --model MODEL, or --run RUN for a training run (repeatable)")
+        if model or runs:
+            raise SlmembedError("serve: give --model or --run, not MODEL as well")
+        if len(args.models) == 1 and not _is_run(args.models[0]):
+            model = args.models[0]
+        else:
+            runs = [(None, Path(m)) for m in args.models]
+    elif _run_as_model(model):
+        model, runs = None, [(None, Path(model))]
+    if not (model or runs):
+        raise SlmembedError("serve needs --model MODEL, or --run RUN (repeatable for several LoRA runs)")
+    return model, runs
+
+
+def _served(args: argparse.Namespace, model: str | None, runs: list[tuple[str | None, Path]]):
+    """One ``model`` (a name or folder) or one training run, under its name or --name; or several training ``runs``'
+    adapters over their shared base model, each under its NAME= or folder's name (adapters.py)."""
     from slmembed.adapters import AdapterPool, Single
 
-    if len(args.model) == 1:
-        embedder, model_id = _load_model(args.model[0], args)
-        return Single(embedder, args.name or model_id)
-    names = [Path(m).name for m in args.model]
+    if len(runs) == 1 and runs[0][0] and args.name:
+        raise SlmembedError(f"--name and --run {runs[0][0]}=... both name the model: give one of them")
+    if len(runs) <= 1:
+        embedder, model_id = _load_model(args, model, runs[0][1] if runs else None)
+        return Single(embedder, args.name or (runs and runs[0][0]) or model_id)
+    names = [name or folder.resolve().name for name, folder in runs]
     for option, value in (("--name", args.name), ("--compile", args.compile), ("--calibration", args.calibration)):
         if value:
-            raise SlmembedError(f"{option} applies to a server of one model; several are served under their folders' "
+            raise SlmembedError(f"{option} applies to a server of one model; several runs are served under their "
                                 "names")
     if len(set(names)) < len(names):
-        raise SlmembedError(f"two runs share a folder name ({', '.join(names)}): each adapter is served under its "
-                            "folder's name")
-    runs = dict(zip(names, map(Path, args.model), strict=True))
-    return AdapterPool(runs, max_loaded=args.max_adapters, **_loading(args),
-                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+        raise SlmembedError(f"two runs would be served under one name ({', '.join(names)}): name them with "
+                            "--run NAME=RUN")
+    folders = [folder for _, folder in runs]
+    return AdapterPool(dict(zip(names, folders, strict=True)), max_loaded=args.max_adapters, **_loading(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from slmembed.endpoint import api_key, listening
 
+    model, runs = _serve_what(args)
     key = api_key(args.api_key)
     _check_calibration(args)
     with listening(args.host, args.port) as sockets:  # bound before the model loads: a taken port fails at once
@@ -271,7 +321,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits = Limits(max_inputs=args.max_inputs, max_chars=args.max_chars, max_batch=args.max_batch,
                         max_queue=args.max_queue, max_connections=args.max_connections,
                         read_timeout=args.read_timeout, request_timeout=args.request_timeout)
-        served = _served(args)
+        served = _served(args, model, runs)
         calibration = None
         if args.calibration:
             from slmembed.embed_file import load_calibration
@@ -344,11 +394,54 @@ def template(text: str) -> str:
     return text
 
 
+def served_run(text: str) -> tuple[str | None, Path]:
+    """An argparse type: ``[NAME=]RUN``, a training run folder and the name it is served under (None: the folder's
+    name). A folder that exists is taken whole, '=' in its name or not."""
+    name, sep, folder = text.partition("=")
+    if not sep or Path(text).exists():
+        return None, Path(text)
+    if not folder:
+        raise argparse.ArgumentTypeError(f"expected [NAME=]RUN, a training run folder after '=', got {text!r}")
+    return served_name(name), Path(folder)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (like every other user error) instead of the usage text."""
 
     def error(self, message: str):
+        # A required option with its old spelling beside it (_option) is a group of one shown option.
+        message = re.sub(r"^one of the arguments (\S+) is required$", r"the following arguments are required: \1",
+                         message)
         self.exit(2, f"slmembed: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _note(message: str) -> None:
+    print(f"slmembed: note: {message}", file=sys.stderr)
+
+
+class _Renamed(argparse.Action):
+    """An option's old spelling: it does what the new one does, after one note on stderr; hidden from --help."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: argparse.Action, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=new.nargs, type=new.type, metavar=new.metavar,
+                         default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        self.new, self.noted = new, False
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        if not self.noted:
+            _note(f"{option_string} is deprecated; use {self.new.option_strings[0]}")
+            self.noted = True
+        self.new(parser, namespace, values, self.new.option_strings[0])
+
+
+def _option(sp: argparse.ArgumentParser, name: str, old: str | None = None, required: bool = False,
+            **kwargs) -> None:
+    """Add the option ``name``; ``old``, its spelling before, keeps working for one release (``_Renamed``)."""
+    group = sp.add_mutually_exclusive_group(required=required) if old else sp
+    new = group.add_argument(name, required=required and not old, **kwargs)
+    if old:
+        group.add_argument(old, action=_Renamed, new=new, dest=new.dest)
 
 
 def force(sp: argparse.ArgumentParser, what: str) -> None:
@@ -356,75 +449,88 @@ def force(sp: argparse.ArgumentParser, what: str) -> None:
                     help=f"replace {what} (only ever what slmembed wrote there)")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="slmembed", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+def _model_safety(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    sp.add_argument("--allow-pickle", action="store_true",
+                    help="allow pickle weights (pytorch_model.bin, .pt), which can run code when loaded")
 
-    def model_safety(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-        sp.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
-        sp.add_argument("--allow-pickle", action="store_true",
-                        help="allow pickle weights (pytorch_model.bin, .pt), which can run code when loaded")
 
-    def encoding(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="auto: bf16 where the device computes it natively, else fp32")
-        sp.add_argument("--compile", action="store_true",
-                        help="compile the model's blocks first: faster encoding on a GPU after a one-off compile "
-                             "of 10-12 s (docs/performance.md); pays for large inputs")
+def _encoding(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--dtype", default="auto", choices=DTYPES,
+                    help="auto: bf16 where the device computes it natively, else fp32")
+    sp.add_argument("--compile", action="store_true",
+                    help="compile the model's blocks first: faster encoding on a GPU after a one-off compile "
+                         "of 10-12 s (docs/performance.md); pays for large inputs")
 
-    def common(sp: argparse.ArgumentParser, recipe: bool = False) -> None:
-        if recipe:
-            sp.add_argument("--set", action="append", metavar="KEY=VALUE",
-                            help="override a recipe field, e.g. train.lr=5e-4 (repeatable)")
-        sp.add_argument("--data-dir", help="data folder (default: $SLMEMBED_DATA, then ../shared/data)")
-        model_safety(sp)
 
+def _data_dir(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--data-dir", help="data folder (default: $SLMEMBED_DATA, then ../shared/data)")
+
+
+def _training(sp: argparse.ArgumentParser) -> None:
+    """The options of the commands that train a recipe (train, reproduce, demo), but the recipe itself."""
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a recipe field, e.g. train.lr=5e-4 (repeatable)")
+    sp.add_argument("--skip-bad-rows", action="store_true",
+                    help="skip malformed training-data rows (counted in data.json) instead of stopping")
+    _data_dir(sp)
+    _model_safety(sp)
+
+
+RECIPE = "recipe YAML file or the name of a shipped recipe (e.g. gemma-2b)"
+BATCH = ("{} per batch (default: 1024 on a GPU, or any number up to 32,768 tokens where batches are packed; 64 on "
+         "the CPU)")
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
     t = sub.add_parser("train", help="fine-tune a LoRA adapter with a recipe")
-    t.add_argument("--config", required=True, help="recipe YAML file or the name of a shipped recipe (e.g. gemma-2b)")
+    _option(t, "--recipe", "--config", required=True, help=RECIPE)
     t.add_argument("--output", required=True, help="run folder")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's newest checkpoint")
     t.add_argument("--profile", nargs="?", const=(20, 10), type=steps_window, metavar="FIRST:COUNT",
                    help="profile steps FIRST+1..FIRST+COUNT (default 20:10) into the run folder's profile/")
     force(t, "an earlier run in --output")
-    common(t, recipe=True)
+    _training(t)
     t.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="Spearman x100 on the STS sets (MTEB conventions)")
-    e.add_argument("--model", help="model name, folder or hub id (optional with a run folder as --adapter)")
-    e.add_argument("--adapter", action="append",
-                   help="training run folder or PEFT adapter folder; repeat it to score the ensemble of several runs "
-                        "(the mean of their cosine similarities)")
+    e.add_argument("--model", help="model name, folder or hub id (optional with --run, whose folder names it)")
+    _option(e, "--run", "--adapter", action="append",
+            help="training run folder or PEFT adapter folder; repeat it to score the ensemble of several runs (the "
+                 "mean of their cosine similarities)")
     e.add_argument("--tasks", nargs="+", help="default: all nine")
     e.add_argument("--output", help="write the scores to this JSON file")
     force(e, "an earlier eval JSON at --output")
     e.add_argument("--pooling", choices=POOLINGS)
     e.add_argument("--prompt", type=template, help="prompt template with {} or P1/P2/P3/PromptEOL/AnglE")
-    e.add_argument("--batch-size", type=positive,
-                   help="sentences per batch (default: 1024 on a GPU, or any number up to 32,768 tokens where batches "
-                        "are packed; 64 on the CPU)")
+    e.add_argument("--batch-size", type=positive, help=BATCH.format("sentences"))
     e.add_argument("--precision", nargs="+", choices=PRECISIONS, metavar="P",
                    help="also score compact vectors at these precisions (int8, uint8, binary, ubinary): cosine for "
                         "int8/uint8 (ranges from STSBenchmark dev), Hamming for binary/ubinary")
     e.add_argument("--dims", nargs="+", type=positive, metavar="D",
                    help="also score the first D coordinates of each embedding, renormalised (Matryoshka sizes)")
-    encoding(e)
-    common(e)
+    _encoding(e)
+    _data_dir(e)
+    _model_safety(e)
     e.set_defaults(func=cmd_eval)
 
+
+def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("reproduce", help="the paper's experiment: nine STS sets before, train, nine sets after")
     r.add_argument("--model", required=True, help="model; also the shipped recipe's name unless --recipe is given")
     r.add_argument("--recipe", help="recipe YAML or shipped recipe name (default: the recipe named MODEL)")
     r.add_argument("--output", required=True, help="results folder results/reproduce/NAME; files are NAME.*")
-    r.add_argument("--run-dir", help="training run folder (default: runs/reproduce/NAME)")
+    _option(r, "--run", "--run-dir", help="training run folder (default: runs/reproduce/NAME)")
     r.add_argument("--curve", type=count, default=0, help="also score this many evenly spaced checkpoints")
-    force(r, "earlier reproduce results in --output and an earlier run in --run-dir")
-    common(r, recipe=True)
+    force(r, "earlier reproduce results in --output and an earlier run in --run")
+    _training(r)
     r.set_defaults(func=cmd_reproduce)
-    for sp in (t, r):
-        sp.add_argument("--skip-bad-rows", action="store_true",
-                        help="skip malformed training-data rows (counted in data.json) instead of stopping")
 
+
+def _add_soup(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("soup", help="average the weights of several training runs of one recipe (a model soup)")
     s.add_argument("--run", action="append", required=True, help="finished training run folder (two or more)")
     s.add_argument("--output", required=True, help="run folder to write the soup to")
@@ -433,22 +539,23 @@ def parser() -> argparse.ArgumentParser:
                         "(only STSBenchmark dev chooses)")
     s.add_argument("--tasks", nargs="+", help="sets the soup is scored on once chosen (default: all nine)")
     force(s, "an earlier soup in --output")
-    common(s)
+    _data_dir(s)
+    _model_safety(s)
     s.set_defaults(func=cmd_soup)
 
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="fine-tune an offline model on the CPU; STSBenchmark before/after")
-    d.add_argument("--recipe", default="demo-smollm2")
-    d.add_argument("--output", default="runs/demo")
+    d.add_argument("--recipe", default="demo-smollm2", help=f"{RECIPE}; default demo-smollm2")
+    d.add_argument("--output", default="runs/demo", help="run folder (default runs/demo)")
     force(d, "an earlier demo run in --output")
-    common(d, recipe=True)
-    d.set_defaults(func=cmd_demo)
+    _training(d)
+    d.set_defaults(func=cmd_demo, dtype="auto")  # "before" and "after" are scored as eval scores by default
 
-    def loading(sp: argparse.ArgumentParser) -> None:
-        model_safety(sp)
-        encoding(sp)
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
     x = sub.add_parser("export", help="a training run as a sentence-transformers (or transformers) model folder")
-    x.add_argument("--adapter", required=True, help="training run folder")
+    _option(x, "--run", "--adapter", required=True, help="training run folder")
     x.add_argument("--output", required=True, help="model folder to write")
     force(x, "an earlier export in --output")
     x.add_argument("--format", default="st", choices=["st", "hf", "onnx"],
@@ -465,31 +572,39 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--scores", help="eval or reproduce JSON for the model card (default: RUN/eval.json if present)")
     x.add_argument("--eval", action="store_true", help="score the exported folder for the model card")
     x.add_argument("--tasks", nargs="+", help="with --eval and for the onnx check; default: all nine")
-    x.add_argument("--data-dir", help="data folder (default: $SLMEMBED_DATA, then ../shared/data)")
+    _data_dir(x)
     x.set_defaults(func=cmd_export)
 
+
+def _add_embed(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("embed", help="embed a text (one per line), CSV or JSONL file into .npy or .parquet")
     m.add_argument("input", help="input file: .csv, .jsonl/.ndjson, or text with one text a line")
     m.add_argument("--output", required=True, help="OUT.npy or OUT.parquet; chunks go to OUT.parts/ meanwhile")
-    m.add_argument("--model", required=True, help="model name or folder, exported folder, or training run folder")
+    which = m.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="model name or folder, or exported folder")
+    which.add_argument("--run", help="training run folder")
     m.add_argument("--column", help="CSV column or JSONL field holding the text (default: text)")
     m.add_argument("--chunk-size", type=positive, default=4096, help="texts per resumable chunk")
-    m.add_argument("--batch-size", type=positive,
-                   help="texts per batch (default: 1024 on a GPU, or any number up to 32,768 tokens where batches are "
-                        "packed; 64 on the CPU)")
+    m.add_argument("--batch-size", type=positive, help=BATCH.format("texts"))
     m.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="compact vectors (sentence-transformers' quantize_embeddings): int8/uint8 [N, D], "
                         "binary/ubinary packed bits [N, D/8]")
     m.add_argument("--calibration", help="int8/uint8 ranges from these embeddings: an earlier float32 .npy output, "
                                          "or a text/CSV/JSONL file of texts (default: the input's own)")
     force(m, "an earlier embed output at --output")
-    loading(m)
+    _model_safety(m)
+    _encoding(m)
     m.set_defaults(func=cmd_embed)
 
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
     v = sub.add_parser("serve", help="an OpenAI-compatible embeddings API (POST /v1/embeddings)")
-    v.add_argument("model", nargs="+",
-                   help="model name or folder, exported folder, or training run folder; or several LoRA training "
-                        "runs over one base model, each served under its folder's name without merging")
+    v.add_argument("models", nargs="*", metavar="MODEL", help=argparse.SUPPRESS)  # before --model and --run
+    which = v.add_mutually_exclusive_group()
+    which.add_argument("--model", help="model name or folder, or exported folder")
+    which.add_argument("--run", action="append", type=served_run, metavar="[NAME=]RUN",
+                       help="training run folder, served under NAME (default: the folder's name); repeat it for "
+                            "several LoRA runs over one base model, served without merging")
     v.add_argument("--host", default="127.0.0.1", help="interface to bind (default: loopback only)")
     v.add_argument("--port", type=port, default=8000)
     v.add_argument("--name", type=served_name, help="model id in the API (default: the model name or folder name)")
@@ -510,14 +625,25 @@ def parser() -> argparse.ArgumentParser:
                                          "with precision int8/uint8 (without it, those get 400)")
     v.add_argument("--request-timeout", type=seconds, default=60.0,
                    help="seconds a request may wait for its embeddings (else 503)")
-    loading(v)
+    _model_safety(v)
+    _encoding(v)
     v.set_defaults(func=cmd_serve)
 
+
+def _add_report(sub: argparse._SubParsersAction) -> None:
     o = sub.add_parser("report", help="markdown report with plots of a run, a reproduce result, or an ablation folder")
     o.add_argument("folder", help="training run folder, results/reproduce/NAME, or results/reproduce")
     o.add_argument("--output", help="folder for report.md and the PNGs (default: the folder itself)")
     force(o, "an earlier report.md and its PNGs")
     o.set_defaults(func=cmd_report)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="slmembed", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for add in (_add_train, _add_eval, _add_reproduce, _add_soup, _add_demo, _add_export, _add_embed, _add_serve,
+                _add_report):
+        add(sub)
     return p
 
 

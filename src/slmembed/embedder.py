@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmembed import attention, models, packing, pooling, st_pipeline
+from slmembed.errors import SlmembedError
 from slmembed.spec import EmbedSpec
 
 PIECE = 4096  # texts ``encode`` tokenises at a time
@@ -68,11 +69,14 @@ class Embedder:
         self.eos = tokenizer.eos_token_id if spec.append_eos else None
         models.give_pad_token(tokenizer)  # a tokenizer given directly, not through models.load, may name none
         if spec.append_eos and self.eos is None:
-            raise ValueError("append_eos needs a tokenizer with an EOS token")
-        can_pack = packing.supported(model, spec.max_length)
-        if packed and not can_pack:
-            raise ValueError(f"{type(model).__name__} cannot run packed batches (packing.py says which models can)")
-        self.packed = can_pack and packing.fast(model) if packed is None else packed
+            raise SlmembedError(f"{tokenizer.name_or_path}: append_eos needs an EOS token, and its tokenizer has none: "
+                                "set model.append_eos=false (a model folder without sentence-transformers modules is "
+                                "read as a decoder's, last token + EOS)")
+        why_not = packing.unsupported(model, spec.max_length)
+        if packed and why_not:
+            raise SlmembedError(f"train.packing=true, but this model cannot run packed batches: {why_not}; set "
+                                "train.packing=null (packed where supported) or false")
+        self.packed = why_not is None and packing.fast(model) if packed is None else packed
         packing.use(model, self.packed)
         self.head = None if head is None else head.to(self.device)
         self.skip = 0  # leading tokens of every text that pooling leaves out: the prompt's, if not included

@@ -13,6 +13,7 @@ import numpy as np
 from slmembed import quantize
 from slmembed.data.sts import TASKS, StsSet, load_all
 from slmembed.embedder import Embedder, batching
+from slmembed.errors import SlmembedError
 from slmembed.tables import average, averages
 
 
@@ -69,17 +70,16 @@ def evaluate(embedder: Embedder, sets: dict[str, StsSet] | None = None, batch_si
     model would be used.
     """
     sets = sets if sets is not None else load_all(TASKS)
+    if dims and max(dims) > (size := embedder.encode(["size"]).shape[1]):  # before the long encode
+        raise SlmembedError(f"--dims {max(dims)} is above the model's embedding size {size}")
     texts = unique_sentences(sets)
     batch_size, max_tokens = batching(embedder, batch_size)
     vecs = embedder.encode(texts, batch_size=batch_size, max_tokens=max_tokens, progress=progress)
     scores = score(sets, dict(zip(texts, vecs, strict=True)))
     result = {"scores": scores, **averages(scores), "sentences": len(texts)}
     if dims:
-        size = vecs.shape[1]
-        if max(dims) > size:
-            raise ValueError(f"--dims {max(dims)} is above the model's embedding size {size}")
         result["dims"] = {}
-        for d in sorted({*dims, size}):
+        for d in sorted({*dims, vecs.shape[1]}):
             d_scores = score(sets, dict(zip(texts, quantize.prefix(vecs, d), strict=True)))
             result["dims"][str(d)] = {"scores": d_scores, **averages(d_scores)}
     compact = [p for p in precisions if p != "float32"]

@@ -383,6 +383,90 @@ def _write_onnx(run: RunDir, folder: Path, base: str, spec: EmbedSpec, quantize:
     return reference
 
 
+def _check_options(fmt: str, merge: bool, dtype: str, quantize: str | None, max_drop: float | None,
+                   accept_drop: bool, evaluate_sets: dict | None) -> float | None:
+    """Refuse options that do not go together (before any work); return the ONNX gate's largest drop (None for the
+    other formats)."""
+    if fmt not in FORMATS:
+        raise SlmembedError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    if fmt != "onnx":
+        if quantize or max_drop is not None or accept_drop:
+            raise SlmembedError("--quantize, --max-drop and --accept-drop are for --format onnx")
+        return None
+    from slmembed.onnx_model import require
+
+    require()
+    if not merge or dtype != "float32":
+        raise SlmembedError("--format onnx exports the merged model in float32 (--quantize int8 makes it "
+                            "smaller): drop --no-merge and --dtype")
+    if quantize not in MAX_DROP:
+        raise SlmembedError(f"--quantize: expected int8, got {quantize!r}")
+    if not evaluate_sets:
+        raise SlmembedError("--format onnx scores the exported model before it finishes: give it STS sets")
+    if max_drop is not None and not max_drop >= 0:  # NaN too, which no drop would exceed
+        raise SlmembedError(f"--max-drop: expected points >= 0, got {max_drop}")
+    return MAX_DROP[quantize] if max_drop is None else max_drop
+
+
+def _check_format(spec: EmbedSpec, fmt: str, merge: bool) -> None:
+    """Refuse a run that ``fmt`` (unmerged if not ``merge``) cannot carry as it was trained."""
+    if fmt == "st" and not merge and spec.attention == "bidirectional":
+        raise SlmembedError("a bidirectional run cannot be exported unmerged for sentence-transformers: it would load "
+                            "the adapter over the base model's causal config and run causally; export it merged, or "
+                            "with --format hf --no-merge (for slmembed, and PEFT with the keywords its card names)")
+    if fmt == "st" and prompt_parts(spec)[1]:
+        raise SlmembedError(f"prompt {spec.template!r} has text after '{{}}': sentence-transformers prompts are "
+                            "prefixes only; export with --format hf (slmembed applies the whole template)")
+
+
+def _write_checked_onnx(run: RunDir, tmp: Path, output: Path, base: str, spec: EmbedSpec, out_spec: EmbedSpec,
+                        quantize: str | None, sets: dict, max_drop: float, accept_drop: bool) -> dict:
+    """Write the ONNX export into ``tmp`` and its ``eval.json``, once its token ids match and its quality gate passes
+    (else nothing is written); return the gate."""
+    from slmembed.onnx_model import OnnxEmbedder
+
+    reference = _write_onnx(run, tmp, base, spec, quantize)
+    check_token_ids(tmp, reference)
+    gate = _onnx_gate(reference, OnnxEmbedder(tmp, out_spec), sets, quantize, max_drop)
+    if gate["drop"] > max_drop and not accept_drop:
+        raise SlmembedError(
+            f"the ONNX model scores {gate['onnx']['average']:.2f} on {len(sets)} STS sets against "
+            f"{gate['pytorch']['average']:.2f} for the PyTorch model: a drop of {gate['drop']:.2f}, above "
+            f"--max-drop {max_drop}; nothing was written (--accept-drop exports it anyway)")
+    (tmp / "eval.json").write_text(json.dumps({"model": str(output), **gate["onnx"], "onnx_check": gate},
+                                              indent=2) + "\n")
+    return gate
+
+
+def _write_checked_model(run: RunDir, tmp: Path, output: Path, base: str, spec: EmbedSpec, fmt: str, merge: bool,
+                         dtype: torch.dtype) -> None:
+    """Write the ``st`` or ``hf`` export of ``output`` into ``tmp`` and check that it tokenises (and, bidirectional,
+    attends) as the run does."""
+    from slmembed import models
+
+    if fmt == "st":
+        with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{output.name}.stage.") as staging:
+            reference = _write_transformers(run, Path(staging), base, spec, merge, dtype)
+            _write_sentence_transformers(Path(staging), tmp, spec, dtype, None if merge else models.resolve(base))
+    else:
+        reference = _write_transformers(run, tmp, base, spec, merge, dtype)
+    check_token_ids(tmp, reference)
+    if merge and spec.attention == "bidirectional":
+        check_bidirectional(tmp, reference)
+
+
+def _score_export(tmp: Path, output: Path, merge: bool, sets: dict) -> dict:
+    """The model card's scores of the export in ``tmp``, scored by slmembed on ``sets`` (also its ``eval.json``)."""
+    from slmembed.evaluate import evaluate
+    from slmembed.loading import load_embedder
+
+    exported = load_embedder(None, adapter=tmp) if not merge else load_embedder(str(tmp))
+    card_scores = {"after": evaluate(exported, sets, progress=True),
+                   "source": f"slmembed eval of this folder ({len(sets)} sets)"}
+    (tmp / "eval.json").write_text(json.dumps({"model": str(output), **card_scores["after"]}, indent=2) + "\n")
+    return card_scores
+
+
 def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: bool = True, dtype: str = "float32",
            scores: str | Path | None = None, evaluate_sets: dict | None = None, force: bool = False,
            quantize: str | None = None, max_drop: float | None = None, accept_drop: bool = False) -> dict:
@@ -396,24 +480,7 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
     ``accept_drop`` as the module docstring says.
     """
     run_dir, output = Path(run_dir), Path(output)
-    if fmt not in FORMATS:
-        raise SlmembedError(f"--format must be one of {FORMATS}, got {fmt!r}")
-    if fmt != "onnx" and (quantize or max_drop is not None or accept_drop):
-        raise SlmembedError("--quantize, --max-drop and --accept-drop are for --format onnx")
-    if fmt == "onnx":
-        from slmembed.onnx_model import require
-
-        require()
-        if not merge or dtype != "float32":
-            raise SlmembedError("--format onnx exports the merged model in float32 (--quantize int8 makes it "
-                                "smaller): drop --no-merge and --dtype")
-        if quantize not in MAX_DROP:
-            raise SlmembedError(f"--quantize: expected int8, got {quantize!r}")
-        if not evaluate_sets:
-            raise SlmembedError("--format onnx scores the exported model before it finishes: give it STS sets")
-        if max_drop is not None and max_drop < 0:
-            raise SlmembedError(f"--max-drop: expected points >= 0, got {max_drop}")
-        max_drop = MAX_DROP[quantize] if max_drop is None else max_drop
+    max_drop = _check_options(fmt, merge, dtype, quantize, max_drop, accept_drop, evaluate_sets)
     run = RunDir.find(run_dir)
     info = run.info()
     base, spec = info.model, info.spec
@@ -422,19 +489,10 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
                             "--no-merge)")
     check = functools.partial(outputs.check_folder, output, "export", inputs=[run.path, base, scores], force=force)
     check()
-    if fmt == "st" and not merge and spec.attention == "bidirectional":
-        raise SlmembedError("a bidirectional run cannot be exported unmerged for sentence-transformers: it would load "
-                            "the adapter over the base model's causal config and run causally; export it merged, or "
-                            "with --format hf --no-merge (for slmembed, and PEFT with the keywords its card names)")
-    if fmt == "st" and prompt_parts(spec)[1]:
-        raise SlmembedError(f"prompt {spec.template!r} has text after '{{}}': sentence-transformers prompts are "
-                            "prefixes only; export with --format hf (slmembed applies the whole template)")
+    _check_format(spec, fmt, merge)
     card_scores = read_scores(Path(scores)) if scores else None
     if card_scores is None and run.scores.exists():
         card_scores = read_scores(run.scores)
-    from slmembed import models
-    from slmembed.evaluate import evaluate
-    from slmembed.loading import load_embedder
 
     out_dtype = _out_dtype(base, dtype)
     # How slmembed loads the result: merged folders tokenise with their own (EOS-appending) tokenizer.
@@ -444,38 +502,15 @@ def export(run_dir: str | Path, output: str | Path, *, fmt: str = "st", merge: b
     gate = None
     with outputs.writing(output, check), atomic_dir(output) as tmp:  # checked again, now that it is ours
         if fmt == "onnx":
-            from slmembed.onnx_model import OnnxEmbedder
-
-            reference = _write_onnx(run, tmp, base, spec, quantize)
-            check_token_ids(tmp, reference)
-            gate = _onnx_gate(reference, OnnxEmbedder(tmp, out_spec), evaluate_sets, quantize, max_drop)
-            if gate["drop"] > max_drop and not accept_drop:
-                raise SlmembedError(
-                    f"the ONNX model scores {gate['onnx']['average']:.2f} on {len(evaluate_sets)} STS sets against "
-                    f"{gate['pytorch']['average']:.2f} for the PyTorch model: a drop of {gate['drop']:.2f}, above "
-                    f"--max-drop {max_drop}; nothing was written (--accept-drop exports it anyway)")
+            gate = _write_checked_onnx(run, tmp, output, base, spec, out_spec, quantize, evaluate_sets, max_drop,
+                                       accept_drop)
             card_scores = {"after": gate["onnx"], "source": "the export's own check"}
-            (tmp / "eval.json").write_text(json.dumps({"model": str(output), **gate["onnx"], "onnx_check": gate},
-                                                      indent=2) + "\n")
-        elif fmt == "st":
-            with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{output.name}.stage.") as staging:
-                reference = _write_transformers(run, Path(staging), base, spec, merge, out_dtype)
-                _write_sentence_transformers(Path(staging), tmp, spec, out_dtype,
-                                             None if merge else models.resolve(base))
         else:
-            reference = _write_transformers(run, tmp, base, spec, merge, out_dtype)
-        if fmt != "onnx":
-            check_token_ids(tmp, reference)
-        if merge and spec.attention == "bidirectional" and fmt != "onnx":
-            check_bidirectional(tmp, reference)
-        del reference
+            _write_checked_model(run, tmp, output, base, spec, fmt, merge, out_dtype)
+            if card_scores is None and evaluate_sets:
+                card_scores = _score_export(tmp, output, merge, evaluate_sets)
         meta.write(tmp)
         # Plain writes: the folder as a whole is fsynced and renamed into place.
-        if card_scores is None and evaluate_sets and fmt != "onnx":
-            exported = load_embedder(None, adapter=tmp) if not merge else load_embedder(str(tmp))
-            card_scores = {"after": evaluate(exported, evaluate_sets, progress=True),
-                           "source": f"slmembed eval of this folder ({len(evaluate_sets)} sets)"}
-            (tmp / "eval.json").write_text(json.dumps({"model": str(output), **card_scores["after"]}, indent=2) + "\n")
         (tmp / "README.md").write_text(model_card(output.name, base, spec, fmt, merge, run, card_scores, gate))
         outputs.mark(tmp, "export", [e.name for e in tmp.iterdir()])
     return meta.to_dict()

@@ -44,13 +44,25 @@ def _pretrained(model: torch.nn.Module) -> PreTrainedModel | None:
 
 def supported(model: torch.nn.Module, max_length: int) -> bool:
     """Whether ``model`` can run packed batches of sequences up to ``max_length`` tokens (see the module doc)."""
+    return unsupported(model, max_length) is None
+
+
+def unsupported(model: torch.nn.Module, max_length: int) -> str | None:
+    """Why ``model`` cannot run packed batches of sequences up to ``max_length`` tokens, or None if it can."""
     base = _pretrained(model)
     if base is None:
-        return False
+        return f"{type(model).__name__} is not a transformers model"
     config = base.config
     window = getattr(config, "sliding_window", None)
-    return (config.model_type in ARCHITECTURES and not getattr(config, "attn_logit_softcapping", None)
-            and not getattr(config, "attention_dropout", 0.0) and (window is None or window >= max_length))
+    if config.model_type not in ARCHITECTURES:
+        return f"its architecture {config.model_type!r} is not one of {', '.join(sorted(ARCHITECTURES))}"
+    if getattr(config, "attn_logit_softcapping", None):
+        return "it soft-caps its attention logits"
+    if getattr(config, "attention_dropout", 0.0):
+        return f"it has attention dropout ({config.attention_dropout})"
+    if window is not None and window < max_length:
+        return f"its sliding window ({window} tokens) is shorter than max_length ({max_length})"
+    return None
 
 
 def fast(model: torch.nn.Module) -> bool:

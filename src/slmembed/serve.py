@@ -29,7 +29,7 @@ import math
 import socket
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -251,16 +251,11 @@ def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = 
     """The FastAPI app serving ``served``'s models (adapters.py: one model, or adapters over one base) under their
     names; ``calibration`` (embeddings [N, D], one model only) gives int8 and uint8 requests their ranges."""
     batcher = Batcher(served, limits)
-    bounds: dict[int, np.ndarray] = {}  # ranges by requested dimensions, computed once each
     embedder = served.embedder(served.names[0])
     dim = int(embedder.encode(["warm-up"]).shape[1])  # also compiles the first forward before requests arrive
     if calibration is not None and (calibration.shape[1] != dim or len(served.names) > 1):
         raise SlmembedError(f"the calibration embeddings have {calibration.shape[1]} dimensions, the model {dim}"
                             if len(served.names) == 1 else "--calibration applies to a server of one model")
-    vocab = embedder.vocab_size
-    created = int(time.time())
-    cards = {name: {"id": name, "object": "model", "created": created, "owned_by": "slmembed"}
-             for name in served.names}
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -274,6 +269,14 @@ def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = 
     app.add_middleware(HeadAsGet)
     if api_key:
         app.add_middleware(KeyGuard, api_key=api_key)
+    _add_error_handlers(app)
+    _add_model_routes(app, served, batcher)
+    _add_embeddings_route(app, served, batcher, limits, Answers(dim, embedder.vocab_size, calibration))
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: ours, FastAPI's (404, 405, ...) and, logged, any failure (500)."""
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -288,6 +291,13 @@ def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = 
     async def server_error(_: Request, exc: Exception) -> JSONResponse:
         log.exception("request failed")
         return ApiError(500, "the server failed to embed the input", kind="server_error").response()
+
+
+def _add_model_routes(app: FastAPI, served: Served, batcher: Batcher) -> None:
+    """``GET /health``, ``GET /v1/models`` and ``GET /v1/models/{id}``."""
+    created = int(time.time())
+    cards = {name: {"id": name, "object": "model", "created": created, "owned_by": "slmembed"}
+             for name in served.names}
 
     @app.get("/health")
     async def health() -> dict:
@@ -304,6 +314,32 @@ def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = 
             raise _not_served(name, served.names)
         return cards[name]
 
+
+@dataclass
+class Answers:
+    """What ``POST /v1/embeddings`` answers with needs of the model: its embedding size and vocabulary, and the
+    calibration embeddings with the int8/uint8 ranges cut from them per requested size, computed once each."""
+
+    dim: int
+    vocab: int
+    calibration: np.ndarray | None
+    bounds: dict[int, np.ndarray] = field(default_factory=dict)
+
+    async def vectors(self, req: EmbeddingRequest, vectors: np.ndarray) -> np.ndarray:
+        """``vectors`` as ``req`` asks for them: cut to its ``dimensions``, at its ``precision``."""
+        dims = req.dimensions or self.dim
+        if dims < self.dim:
+            vectors = quantize.prefix(vectors, dims)
+        if req.precision in quantize.CALIBRATED and dims not in self.bounds:
+            self.bounds[dims] = quantize.ranges(quantize.prefix(self.calibration, dims))
+        if req.precision != "float32":  # off the event loop: the first call imports sentence-transformers
+            vectors = await asyncio.to_thread(quantize.quantize, vectors, req.precision, self.bounds.get(dims))
+        return vectors
+
+
+def _add_embeddings_route(app: FastAPI, served: Served, batcher: Batcher, limits: Limits, answers: Answers) -> None:
+    """``POST /v1/embeddings``."""
+
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict:
         try:
@@ -311,24 +347,16 @@ def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = 
         except TimeoutError:
             raise ApiError(408, f"the request body did not arrive within {limits.read_timeout:g} s",
                            code="request_timeout", headers=CLOSE) from None
-        req = _parse(body, limits, served, dim, vocab)
-        if req.precision in quantize.CALIBRATED and calibration is None:
+        req = _parse(body, limits, served, answers.dim, answers.vocab)
+        if req.precision in quantize.CALIBRATED and answers.calibration is None:
             raise ApiError(400, f"precision {req.precision!r} needs calibration ranges, and this server has none: "
                            "start it with --calibration", param="precision")
         vectors, tokens = await batcher.embed(req.model, req.inputs)
-        dims = req.dimensions or dim
-        if dims < dim:
-            vectors = quantize.prefix(vectors, dims)
-        if req.precision in quantize.CALIBRATED and dims not in bounds:
-            bounds[dims] = quantize.ranges(quantize.prefix(calibration, dims))
-        if req.precision != "float32":  # off the event loop: the first call imports sentence-transformers
-            vectors = await asyncio.to_thread(quantize.quantize, vectors, req.precision, bounds.get(dims))
+        vectors = await answers.vectors(req, vectors)
         data = [{"object": "embedding", "index": i, "embedding": _encode_vector(v, req.encoding_format)}
                 for i, v in enumerate(vectors)]
         return {"object": "list", "data": data, "model": req.model,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-    return app
 
 
 def _not_served(name: str, names: list[str]) -> ApiError:
@@ -359,21 +387,34 @@ def _parse(body: bytes, limits: Limits, served: Served, dim: int, vocab: int) ->
     try:
         req = EmbeddingRequest.model_validate_json(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        if err["type"] == "json_invalid":
-            raise ApiError(400, f"the body is not valid JSON: {err['msg']}") from None
-        param = str(err["loc"][0]) if err["loc"] else None
-        if err["type"] == "missing":
-            raise ApiError(400, f"missing required field {param!r}", param=param) from None
-        if param is None:
-            raise ApiError(400, f"the body must be a JSON object: {err['msg']}") from None
-        if param == "input":  # the union's own errors (one per alternative) would not help
-            raise ApiError(400, "'input' must be a string, a list of strings, a list of token ids (integers) or a "
-                           "list of token-id lists", param=param) from None
-        raise ApiError(400, f"invalid {param!r}: {err['msg']}", param=param) from None
+        raise _invalid(exc) from None
     if req.model not in served.names:
         raise _not_served(req.model, served.names)
-    token_ids = served.spec(req.model).prompt is None
+    _check_inputs(req, limits, vocab, token_ids=served.spec(req.model).prompt is None)
+    if req.dimensions is not None and not 1 <= req.dimensions <= dim:
+        raise ApiError(400, f"'dimensions' must be between 1 and {dim}, got {req.dimensions}", param="dimensions")
+    return req
+
+
+def _invalid(exc: ValidationError) -> ApiError:
+    """The 400 for a body that does not fit the schema, naming its first problem."""
+    err = exc.errors()[0]
+    if err["type"] == "json_invalid":
+        return ApiError(400, f"the body is not valid JSON: {err['msg']}")
+    param = str(err["loc"][0]) if err["loc"] else None
+    if err["type"] == "missing":
+        return ApiError(400, f"missing required field {param!r}", param=param)
+    if param is None:
+        return ApiError(400, f"the body must be a JSON object: {err['msg']}")
+    if param == "input":  # the union's own errors (one per alternative) would not help
+        return ApiError(400, "'input' must be a string, a list of strings, a list of token ids (integers) or a "
+                        "list of token-id lists", param=param)
+    return ApiError(400, f"invalid {param!r}: {err['msg']}", param=param)
+
+
+def _check_inputs(req: EmbeddingRequest, limits: Limits, vocab: int, token_ids: bool) -> None:
+    """Refuse (400) an empty or too long ``input``, an input that is not a text as slmembed takes texts, or too
+    long, or token ids outside the vocabulary or, unless ``token_ids``, at all."""
     inputs = req.inputs
     if not inputs:
         raise ApiError(400, "'input' is an empty list", param="input")
@@ -397,9 +438,6 @@ def _parse(body: bytes, limits: Limits, served: Served, dim: int, vocab: int) ->
                 j = next(j for j, t in enumerate(item) if not 0 <= t < vocab)
                 raise ApiError(400, f"{where}[{j}] is {item[j]}, not a token id of this model (0 to {vocab - 1})",
                                param="input")
-    if req.dimensions is not None and not 1 <= req.dimensions <= dim:
-        raise ApiError(400, f"'dimensions' must be between 1 and {dim}, got {req.dimensions}", param="dimensions")
-    return req
 
 
 def _protocol(read_timeout: float) -> type[H11Protocol]:

@@ -53,7 +53,18 @@ def prepare(model: torch.nn.Module, recipe: Recipe) -> torch.nn.Module:
     """The model to train: wrapped with LoRA adapters, or with every weight trainable."""
     if recipe.train.finetune == "full":
         return model.requires_grad_(True)
+    _check_targets(model, recipe.lora.targets)
     return get_peft_model(model, lora_config(recipe, model.config.num_hidden_layers))
+
+
+def _check_targets(model: torch.nn.Module, targets: list[str]) -> None:
+    """Refuse ``lora.targets`` that match no module of ``model`` in one line, where peft's refusal is a traceback
+    that names no recipe field; matched as peft matches a list: a module's name is a target or ends in ``.target``."""
+    modules = dict(model.named_modules())
+    if not any(name == t or name.endswith(f".{t}") for name in modules for t in targets):
+        linear = sorted({name.rpartition(".")[2] for name, m in modules.items() if isinstance(m, torch.nn.Linear)})
+        raise SlmembedError(f"lora.targets: none of {', '.join(targets)} is a module of this "
+                            f"{model.config.model_type} model; its linear layers are {', '.join(linear)}")
 
 
 def state(model: torch.nn.Module, recipe: Recipe) -> dict[str, torch.Tensor]:
