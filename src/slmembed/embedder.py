@@ -339,7 +339,7 @@ def load_embedder(
                 raise SlmembedError(f"{adapter}: no adapter_config.json (expected a training run or adapter folder)")
             models.refuse_pickle(adapter_dir, "adapter_model.safetensors", allow_pickle)
     if model is None:
-        raise SlmembedError("no model given: pass --model, or --adapter with a training run folder")
+        raise SlmembedError("no model given: pass --model, or --run with a training run folder")
     if adapter is None:
         folder = Path(models.resolve(model))
         exported = _exported_spec(folder)
