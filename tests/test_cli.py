@@ -252,7 +252,7 @@ def test_serve_run_names_are_given_or_the_folders(tmp_path, monkeypatch) -> None
     folders = [_fake_run(tmp_path / name) for name in ("a", "lr=1e-4")]
     pools = []
     monkeypatch.setattr(adapters, "AdapterPool", lambda runs, **kwargs: pools.append(runs))
-    monkeypatch.setattr(cli, "_load_model", lambda args, model=None, run_dir=None: ("embedder", "folder-name"))
+    monkeypatch.setattr(cli, "_load_model", lambda args, model=None, run_dir=None: ("embedder", Path(run_dir).name))
     monkeypatch.setattr(cli, "_loading", lambda args: {})
 
     def served(*runs: str):

@@ -28,6 +28,7 @@ from slmembed.losses.distill import distill_info_nce
 from slmembed.losses.guided import guided_info_nce
 from slmembed.losses.infonce import info_nce
 from slmembed.losses.matryoshka import matryoshka
+from slmembed.run import RunDir
 
 B, D, R = 6, 8, 5
 
@@ -211,7 +212,7 @@ def _texts(recipe: Recipe, data_dir: Path) -> list[str]:
 
 
 def _cache(run: Path) -> tuple[torch.Tensor, dict]:
-    with safe_open(run / reference_mod.CACHE, framework="pt") as fh:
+    with safe_open(RunDir(run).reference, framework="pt") as fh:
         return fh.get_tensor("vectors"), fh.metadata()
 
 
@@ -252,7 +253,7 @@ def test_guided_run_caches_the_vectors_resumes_without_encoding_and_refuses_anot
     save_file({k: v + 0.01 for k, v in weights.items()}, guide / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(SlmembedError, match=r"reference.safetensors was made from other weight files than"):
         train_mod.train(recipe, tmp_path / "b", data_dir=data_dir, resume=True, progress=False)
-    (tmp_path / "b" / reference_mod.CACHE).write_bytes(b"not safetensors")  # and one that is damaged
+    RunDir(tmp_path / "b").reference.write_bytes(b"not safetensors")  # and one that is damaged
     with pytest.raises(SlmembedError, match=r"reference.safetensors: cannot be read as the reference's vectors \("):
         train_mod.train(recipe, tmp_path / "b", data_dir=data_dir, resume=True, progress=False)
 

@@ -196,7 +196,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _is_run(name: str) -> bool:
     """Whether ``name`` is a training run folder (with adapter/, or model/ if it trained every weight) or a PEFT
     adapter folder."""
-    return RunDir.locate(name) is not None or (Path(name) / ADAPTER_CONFIG).is_file()
+    run = RunDir(name)
+    return run.path.is_dir() and (run.adapter.exists() or (run.path / ADAPTER_CONFIG).exists()
+                                  or (run.model / "config.json").exists())
 
 
 def _run_as_model(model: str | None) -> bool:

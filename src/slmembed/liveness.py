@@ -58,10 +58,11 @@ class Watcher:
     def stop(self) -> None:
         """End the watcher, which first marks this process finished, so the others stop waiting for its beats."""
         self.proc.send_signal(signal.SIGUSR1)
-        try:
-            self.proc.wait(timeout=30)
+        try:  # a watcher still starting (importing torch to reach the store) on a busy machine takes tens of seconds
+            self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
 
     def abandon(self) -> None:
         """End the watcher without a word, as when this process dies: training failed, so the others stop too."""

@@ -58,7 +58,7 @@ def _with_adapter(model: str | None, folder: Path, allow_pickle: bool) -> _Sourc
         raise SlmembedError(f"{folder}: no {ADAPTER_CONFIG} (expected a training run or adapter folder)")
     models.refuse_pickle(adapter, ADAPTER_WEIGHTS, allow_pickle)
     if model is None:
-        raise SlmembedError("no model given: pass --model, or --adapter with a training run folder")
+        raise SlmembedError("no model given: pass --model, or --run with a training run folder")
     return _Source(model, info.spec if info else EmbedSpec(), adapter=adapter)
 
 
@@ -67,7 +67,7 @@ def _source(model: str | None, adapter: str | Path | None = None, allow_pickle: 
     if adapter is not None:
         return _with_adapter(model, Path(adapter), allow_pickle)
     if model is None:
-        raise SlmembedError("no model given: pass --model, or --adapter with a training run folder")
+        raise SlmembedError("no model given: pass --model, or --run with a training run folder")
     local = Path(model).expanduser()
     if RunDir.locate(local) or (local / ADAPTER_CONFIG).exists():  # a run, or an export that kept its adapter
         return _with_adapter(None, local, allow_pickle)
