@@ -22,7 +22,7 @@ from slmembed import outputs, train_output
 from slmembed.errors import SlmembedError
 from slmembed.paths import find_data_dir, input_file
 from slmembed.quantize import CALIBRATED, PRECISIONS
-from slmembed.run import ADAPTER_CONFIG, RunDir
+from slmembed.run import RunDir
 from slmembed.spec import POOLINGS
 
 DTYPES = ("auto", "float32", "bfloat16")  # --dtype of eval, embed, serve
@@ -193,17 +193,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_run(name: str) -> bool:
-    """Whether ``name`` is a training run folder (with adapter/, or model/ if it trained every weight) or a PEFT
-    adapter folder."""
-    run = RunDir(name)
-    return run.path.is_dir() and (run.adapter.exists() or (run.path / ADAPTER_CONFIG).exists()
-                                  or (run.model / "config.json").exists())
-
-
 def _run_as_model(model: str | None) -> bool:
     """Whether --model names a training run folder, as it did before --run (which it still does, with a note)."""
-    if model is not None and _is_run(model):
+    if model is not None and RunDir(model).holds_weights():
         _note("--model with a training run folder is deprecated; use --run")
         return True
     return False
@@ -278,7 +270,7 @@ def _serve_what(args: argparse.Namespace) -> tuple[str | None, list[tuple[str | 
         _note("serve MODEL is deprecated; use --model MODEL, or --run RUN for a training run (repeatable)")
         if model or runs:
             raise SlmembedError("serve: give --model or --run, not MODEL as well")
-        if len(args.models) == 1 and not _is_run(args.models[0]):
+        if len(args.models) == 1 and not RunDir(args.models[0]).holds_weights():
             model = args.models[0]
         else:
             runs = [(None, Path(m)) for m in args.models]

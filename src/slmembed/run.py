@@ -279,6 +279,12 @@ class RunDir:
         that exist (``python -m slmembed.run RUN...`` lists them, for bench/reproduce_gpu.sh)."""
         return [p for p in (self.log, self.data_record, self.summary_file, self.dev_scores) if p.exists()]
 
+    def holds_weights(self) -> bool:
+        """Whether the folder holds a run's trained weights, finished or not (``adapter/``, or ``model/`` with its
+        config), or is a PEFT adapter folder itself: what the command line takes for a run where a model may stand."""
+        return self.path.is_dir() and (self.adapter.exists() or (self.model / "config.json").exists()
+                                       or (self.path / ADAPTER_CONFIG).exists())
+
     def holds_run(self) -> bool:
         """Whether the folder holds a run's files (train's output from before output markers: outputs.written_by)."""
         return (self.recipe_file.is_file() and self.embed_file.is_file()) or self.checkpoints_dir.is_dir()
