@@ -1,6 +1,6 @@
 """Recipes: dataclasses that round-trip through the YAML files shipped in the package (``slmembed/recipes/``).
 
-A recipe has four sections, each a dataclass below. Every field declares its rule beside its default (``checked``),
+A recipe has five sections, each a dataclass below. Every field declares its rule beside its default (``checked``),
 and a recipe is checked whole when it is built from YAML or from overrides, before any data or model is loaded: an
 unknown key, a wrongly typed value or one outside its rule is one error naming the file and the field.
 """
@@ -142,12 +142,36 @@ class DataConfig:
 
 
 @dataclass
+class AdaptConfig:
+    """LLM2Vec's adaptation of a decoder before supervised training (adapt.py): masked next-token prediction, then
+    unsupervised SimCSE, each a LoRA (``r``, ``alpha``, on ``lora.targets``) merged into the weights, on the unique
+    sentences of the recipe's NLI data. 0 steps: the stage is off. The learning rates are LLM2Vec's."""
+
+    mntp_steps: int = checked(at_least(0), default=0)
+    mntp_mask: float = checked(rule("a number in (0, 1)", lambda v: 0 < v < 1), default=0.2)  # of the tokens
+    mntp_batch: int = checked(at_least(1), default=128)  # sentences per step, over all processes
+    mntp_lr: float = checked(POSITIVE, default=5e-5)
+    simcse_steps: int = checked(at_least(0), default=0)
+    simcse_batch: int = checked(at_least(2), default=128)  # sentences per step, over all processes
+    simcse_lr: float = checked(POSITIVE, default=3e-5)
+    simcse_dropout: float = checked(rule("a number in [0, 1)", lambda v: 0 <= v < 1), default=0.3)  # attention's
+    r: int = checked(at_least(1), default=16)
+    alpha: int = checked(at_least(1), default=32)
+
+    @property
+    def on(self) -> bool:
+        """Whether any stage runs."""
+        return self.mntp_steps > 0 or self.simcse_steps > 0
+
+
+@dataclass
 class Recipe:
     name: str = checked(TEXT, default="custom")
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -271,6 +295,10 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
     if tc.reference is not None and tc.loss not in REFERENCE:
         raise SlmembedError(f"{where}: train.reference: {tc.loss} does not use it, only {', '.join(sorted(REFERENCE))} "
                             "do: set train.loss to one of them, or train.reference to null")
+    if recipe.adapt.on and recipe.model.attention != "bidirectional":
+        raise SlmembedError(f"{where}: model.attention: {recipe.model.attention!r}; the adapt stages (LLM2Vec's) train "
+                            "a bidirectional model: set model.attention: bidirectional, or adapt.mntp_steps and "
+                            "adapt.simcse_steps to 0")
     if tc.sharding == "fsdp" and tc.average_last != 1:
         raise SlmembedError(f"{where}: train.average_last: {tc.average_last} cannot be combined with train.sharding: "
                             "fsdp (the averaged adapter is not sharded); leave it at 1")

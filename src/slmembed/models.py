@@ -333,8 +333,10 @@ def load(
     allow_pickle: bool = False,
     attn_implementation: str | None = None,
     device: torch.device | None = None,
+    lm_head: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load the backbone (no LM head) and its tokenizer; set a pad token if the tokenizer has none.
+    """Load the backbone (no LM head; with ``lm_head``, the causal LM) and its tokenizer; set a pad token if the
+    tokenizer has none.
 
     With a CUDA ``device`` the weights are read straight into GPU memory (no copy through host memory). With the
     meta ``device`` none are read: the model is built from its config without storage (``sharding.shard`` fills it).
@@ -342,8 +344,9 @@ def load(
     Weights come from safetensors; pickle weights (``pytorch_model.bin``) only with ``allow_pickle``, and even then
     safetensors are preferred where both exist.
     """
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+    auto = AutoModelForCausalLM if lm_head else AutoModel
     source = resolve(name_or_path)
     # cuDNN's attention builds a graph per input shape, milliseconds of CPU each: with batches of ever-changing
     # shapes it dominated a training step on a GPU. PyTorch's own flash / memory-efficient kernels do not.
@@ -354,10 +357,10 @@ def load(
         if device is not None and device.type == "meta":
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
             with device:
-                model = AutoModel.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                model = auto.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
                                               attn_implementation=attn_implementation)
         else:
-            model = AutoModel.from_pretrained(
+            model = auto.from_pretrained(
                 source, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation,
                 use_safetensors=None if allow_pickle else True,
                 device_map=str(device) if device is not None and device.type == "cuda" else None,

@@ -22,7 +22,11 @@ KINDS = ("run", "export")
 WEIGHTS = {"lora": "adapter", "full": "model"}  # train.finetune -> the run's entry holding the trained weights
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # in a PEFT adapter folder
 # What train writes into a run folder (outputs.mark): RunDir's entries.
-ENTRIES = (*WEIGHTS.values(), "checkpoints", "dev", "recipe.yaml", EMBED_JSON, "train_log.jsonl", "data.json",
+ADAPTED = "adapted"  # the base model after the recipe's adapt stages (adapt.py), when it has some
+# A run's embed.json names a base model inside the run folder as a path relative to it, starting "./" (which no
+# packaged name or hub id does), so that the folder can be moved; RunDir.info() resolves it.
+IN_RUN = "./"
+ENTRIES = (*WEIGHTS.values(), ADAPTED, "checkpoints", "dev", "recipe.yaml", EMBED_JSON, "train_log.jsonl", "data.json",
            "summary.json", "tensorboard", "profile", "reference.safetensors")
 
 
@@ -124,7 +128,9 @@ class RunDir:
     * ``checkpoints/``: ``step-NNNNNNN/`` folders written atomically (``Checkpoint``);
     * ``tensorboard/``: TensorBoard events, when tensorboard is installed; ``profile/``: ``--profile``'s traces;
     * ``reference.safetensors``: the vectors of a reference model, cached for a resumed run;
-    * ``eval.json``: where ``slmembed eval --output`` may put the run's scores, for export's model card.
+    * ``eval.json``: where ``slmembed eval --output`` may put the run's scores, for export's model card;
+    * ``adapted/``: with the recipe's adapt stages, the base model they adapted (a transformers folder with its
+      tokenizer), which the run trained from and its ``embed.json`` names (``adapted``).
 
     A run is a folder whose ``embed.json`` says ``kind: run`` (``find``); it trained a LoRA adapter or every weight as
     that file's ``finetune`` says (``finetune``).
@@ -168,6 +174,10 @@ class RunDir:
     @property
     def model(self) -> Path:
         return self.path / WEIGHTS["full"]
+
+    @property
+    def adapted(self) -> Path:
+        return self.path / ADAPTED
 
     @property
     def recipe_file(self) -> Path:
@@ -234,10 +244,13 @@ class RunDir:
 
     # Reading them back.
     def info(self) -> EmbedInfo:
-        """The run's ``embed.json`` (written when training finished)."""
+        """The run's ``embed.json`` (written when training finished), a base model inside the run folder (``IN_RUN``)
+        given as its path where the folder is now."""
         info = EmbedInfo.read(self.path)
         if info is None:
             raise SlmembedError(f"{self.path}: not a finished training run (no {EMBED_JSON})")
+        if info.model.startswith(IN_RUN):
+            return dataclasses.replace(info, model=str(self.path / info.model.removeprefix(IN_RUN)))
         return info
 
     @property
@@ -290,9 +303,9 @@ class RunDir:
         return (self.recipe_file.is_file() and self.embed_file.is_file()) or self.checkpoints_dir.is_dir()
 
     # Writing.
-    def write_info(self, model: str, spec: EmbedSpec, finetune: str) -> None:
-        """Write the finished run's ``embed.json``."""
-        EmbedInfo("run", model, spec, finetune).write(self.path)
+    def write_info(self, model: str, spec: EmbedSpec, finetune: str, adapted: bool = False) -> None:
+        """Write the finished run's ``embed.json``; its base model is ``model``, or the run's ``adapted/``."""
+        EmbedInfo("run", IN_RUN + ADAPTED if adapted else model, spec, finetune).write(self.path)
 
 
 if __name__ == "__main__":  # python -m slmembed.run RUN...: each run's records, one path a line

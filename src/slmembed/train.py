@@ -7,6 +7,8 @@
 * **plan** (``Plan``): the global batch, the steps, the checkpoint interval;
 * **reference** (``_reference``): with ``train.reference``, every unique sentence embedded once by the reference
   (reference.py), before the model loads;
+* **adapt** (``_adapt``): with the recipe's ``adapt`` stages, LLM2Vec's MNTP and unsupervised SimCSE on the unique
+  sentences (adapt.py), the adapted model saved into the run folder, from which the next phase loads the backbone;
 * **model** (``_setup_model``): the backbone made trainable as ``train.finetune`` says (tuning.py: LoRA adapters or
   every weight), AdamW and the schedule, the Embedder that runs it (pooling, prompt, attention: embedder.py); then
   (``_setup_data``) every unique sentence tokenised once;
@@ -45,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from transformers import get_scheduler
 
 from slmembed import (
+    adapt,
     cuda_graphs,
     kernels,
     liveness,
@@ -202,16 +205,17 @@ def _environment(recipe: Recipe, device: str) -> tuple[Accelerator, bool]:
     return acc, bf16
 
 
-def _setup_model(recipe: Recipe, acc: Accelerator,
-                 total: int) -> tuple[Embedder, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """Phase "model": the backbone (bf16 under LoRA, fp32 for full fine-tuning), made trainable as the recipe says,
-    AdamW over the trainable weights and the schedule of ``total`` steps; the Embedder that runs the model (wrapped
-    for the processes as the recipe says), the optimizer and the schedule."""
+def _setup_model(recipe: Recipe, acc: Accelerator, total: int, base: Path | None = None,
+                 ) -> tuple[Embedder, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """Phase "model": the backbone (the recipe's model, or the adapted ``base``; bf16 under LoRA, fp32 for full
+    fine-tuning), made trainable as the recipe says, AdamW over the trainable weights and the schedule of ``total``
+    steps; the Embedder that runs the model (wrapped for the processes as the recipe says), the optimizer and the
+    schedule."""
     tc = recipe.train
     attn = None if acc.device.type == "cuda" else "eager"  # SDPA where supported; eager trains faster on the CPU
     sharded = tc.sharding == "fsdp"
     empty = sharded and not acc.is_main_process  # sharded, the first process alone reads the weights
-    base, tokenizer = models.load(recipe.model.name, dtype=tuning.weights_dtype(recipe, acc.device),
+    base, tokenizer = models.load(str(base or recipe.model.name), dtype=tuning.weights_dtype(recipe, acc.device),
                                   trust_remote_code=recipe.model.trust_remote_code,
                                   allow_pickle=recipe.model.allow_pickle, attn_implementation=attn,
                                   device=torch.device("meta") if empty else None)
@@ -247,6 +251,23 @@ def _reference(recipe: Recipe, texts: list[str], run_dir: Path, resume: bool,
         return None, False
     return reference.vectors(recipe, texts, run_dir if resume else None, acc.device, acc.process_index,
                              acc.num_processes)
+
+
+def _adapt(recipe: Recipe, texts: list[str], run_dir: Path, replace: bool, acc: Accelerator,
+           bf16: bool) -> tuple[dict | None, bool]:
+    """Phase "adapt": with the recipe's ``adapt`` stages, the run folder started (an earlier run cleared if
+    ``replace``) and the adapted model written into it, or reused (adapt.py). The stages' record (None without
+    stages) and whether an earlier run is still to be cleared."""
+    if not recipe.adapt.on:
+        return None, replace
+    if acc.is_main_process:
+        if replace:
+            outputs.clear(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / outputs.MARKER).exists():
+            outputs.mark(run_dir, "train", run.ENTRIES)
+    acc.wait_for_everyone()
+    return adapt.adapt(recipe, texts, RunDir(run_dir), acc, bf16), False
 
 
 def _setup_data(recipe: Recipe, examples: list[Example], texts: list[str], embedder: Embedder,
@@ -320,7 +341,9 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         plan = Plan.of(tc, len(examples), acc.num_processes, spaced_checkpoints)
         texts = sorted({t for example in examples for t in example if t is not None})
         table, encoded = _reference(recipe, texts, run_dir, resume, acc)
-        embedder, optimizer, scheduler = _setup_model(recipe, acc, plan.total)
+        adapted, replace = _adapt(recipe, texts, run_dir, replace, acc, bf16)
+        embedder, optimizer, scheduler = _setup_model(recipe, acc, plan.total,
+                                                      RunDir(run_dir).adapted if adapted is not None else None)
         data = _setup_data(recipe, examples, texts, embedder, table)
         start = _open_run(recipe, run_dir, replace, resume, acc, embedder, optimizer, scheduler, data_record,
                           table if encoded else None)
@@ -356,19 +379,22 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
                                     write=acc.is_main_process)
                 acc.wait_for_everyone()
         log.close()  # the bar's last line before the final phase's
-        return _finish(recipe, run_dir, acc, embedder, dev, dev_embedder, plan, len(examples), bf16, log.elapsed())
+        return _finish(recipe, run_dir, acc, embedder, dev, dev_embedder, plan, len(examples), bf16, log.elapsed(),
+                       adapted)
 
 
 def _finish(recipe: Recipe, run_dir: Path, acc: Accelerator, embedder: Embedder, dev: DevSelection | None,
-            dev_embedder: Embedder | None, plan: Plan, triplets: int, bf16: bool, elapsed: float) -> dict:
+            dev_embedder: Embedder | None, plan: Plan, triplets: int, bf16: bool, elapsed: float,
+            adapted: dict | None = None) -> dict:
     """Phase "selection and saving": the weights the run keeps (selection.py), written atomically, then how to load
-    them (``RunDir.write_info``) and the run's summary (returned)."""
+    them (``RunDir.write_info``: over the adapted model if the run has one) and the run's summary (returned; with the
+    adapt stages' record, ``adapted``)."""
     tc = recipe.train
     sharded = tc.sharding == "fsdp"
     summary = {"steps": plan.total, "batch_size": plan.global_batch, "triplets": triplets,
                "triplets_seen": plan.total * plan.global_batch, "minutes": round(elapsed / 60, 3),
                "device": models.device_name(acc.device), "world_size": acc.num_processes, "finetune": tc.finetune,
-               "bf16": bf16}
+               "bf16": bf16, **({"adapt": adapted} if adapted is not None else {})}
     final = acc.unwrap_model(embedder.model)
     if dev is not None and (acc.is_main_process or sharded):
         if sharded:
@@ -381,7 +407,7 @@ def _finish(recipe: Recipe, run_dir: Path, acc: Accelerator, embedder: Embedder,
         run = RunDir(run_dir)
         with atomic_dir(run.weights_folder(tc.finetune)) as tmp:
             tuning.save_final(final, embedder.tokenizer, tmp, recipe, gathered)
-        run.write_info(recipe.model.name, embedder.spec, tc.finetune)
+        run.write_info(recipe.model.name, embedder.spec, tc.finetune, adapted=adapted is not None)
         write_json(run.summary_file, summary)
     acc.wait_for_everyone()
     return summary

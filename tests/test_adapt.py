@@ -1,0 +1,172 @@
+"""LLM2Vec's adaptation stages (adapt.py): the MNTP and SimCSE objectives against plain-PyTorch formulas, the MLM
+collator's masking, and a run that adapts, trains and loads back from its (moved) folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from slmembed import adapt, models
+from slmembed import train as train_mod
+from slmembed.cli import main
+from slmembed.config import Recipe
+from slmembed.embedder import Embedder
+from slmembed.loading import load_embedder
+from slmembed.losses.mntp import mntp_loss
+from slmembed.losses.simcse import simcse_loss
+from slmembed.run import RunDir
+from slmembed.spec import EmbedSpec
+
+TEXTS = ["A man is playing a guitar.", "Two dogs run across a snowy field.", "The market fell sharply today.",
+         "A woman slices an onion in the kitchen.", "Children are playing football in the park."]
+
+
+def test_mntp_loss_is_the_cross_entropy_of_the_previous_positions_logits_at_the_masked_tokens() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11, dtype=torch.float64)
+    labels = torch.full((2, 6), -100)
+    masked = [(0, 2), (0, 5), (1, 1), (1, 3)]  # (row, position): predicted from position - 1
+    for b, i in masked:
+        labels[b, i] = (3 * b + i) % 11
+    labels[1, 0] = 4  # position 0 has no position before it: left out
+    expected = torch.stack([F.cross_entropy(logits[b, i - 1], labels[b, i]) for b, i in masked]).mean()
+    assert mntp_loss(logits, labels).item() == pytest.approx(expected.item(), abs=1e-6)
+    other = logits.clone()
+    used = {(b, i - 1) for b, i in masked}
+    for b in range(2):
+        for i in range(6):
+            if (b, i) not in used:  # logits that predict no masked token: changing them changes nothing
+                other[b, i] = torch.randn(11, dtype=torch.float64) * 5
+    assert mntp_loss(other, labels).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_simcse_loss_is_info_nce_of_the_two_views() -> None:
+    torch.manual_seed(1)
+    first, second = torch.randn(6, 8, dtype=torch.float64), torch.randn(6, 8, dtype=torch.float64)
+    a, b = first / first.norm(dim=1, keepdim=True), second / second.norm(dim=1, keepdim=True)
+    logits = (a @ b.T / 0.05).numpy()
+    expected = np.mean([np.log(np.exp(row).sum()) - row[i] for i, row in enumerate(logits)])
+    assert simcse_loss(first, second, 0.05).item() == pytest.approx(expected, abs=1e-6)
+
+
+def _embedder(tiny_models) -> tuple[torch.nn.Module, Embedder]:
+    lm, tokenizer = models.load(str(tiny_models["llama"]), lm_head=True, attn_implementation="eager")
+    spec = EmbedSpec(pooling="mean", attention="bidirectional", max_length=32)
+    return lm, Embedder(lm.get_decoder(), tokenizer, spec, packed=False)
+
+
+def test_the_two_views_are_equal_without_dropout_and_differ_with_it(tiny_models) -> None:
+    lm, embedder = _embedder(tiny_models)
+    ids = embedder.tokenize(TEXTS)
+    first, second = adapt.views(embedder, ids, 4096)
+    torch.testing.assert_close(first, second, rtol=0, atol=1e-6)
+    adapt.set_attention_dropout(lm, 0.3)
+    lm.train()
+    first, second = adapt.views(embedder, ids, 4096)
+    assert (first - second).abs().max() > 1e-3
+
+
+def test_the_collator_masks_about_the_asked_fraction_never_padding_and_is_seeded(tiny_models) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    models.give_pad_token(tokenizer)
+    texts = [" ".join(TEXTS[: 1 + i % 5]) for i in range(200)]
+    encoded = tokenizer(texts, truncation=True, max_length=64, return_special_tokens_mask=True)
+    features = [{"input_ids": i, "special_tokens_mask": s}
+                for i, s in zip(encoded["input_ids"], encoded["special_tokens_mask"], strict=True)]
+    batch = adapt.collator(tokenizer, 0.2, seed=3)(features)
+    again = adapt.collator(tokenizer, 0.2, seed=3)(features)
+    assert torch.equal(batch["input_ids"], again["input_ids"]) and torch.equal(batch["labels"], again["labels"])
+    assert tokenizer.mask_token is None  # the collator's copy got one, not the tokenizer the run keeps
+    real = batch["attention_mask"].bool()
+    lengths = torch.tensor([len(i) for i in encoded["input_ids"]])
+    assert torch.equal(real.sum(1), lengths) and not real.all()  # there is padding, on the right
+    chosen = batch["labels"] != -100
+    assert not (chosen & ~real).any()  # padding is never chosen
+    fraction = (chosen.sum() / real.sum()).item()
+    assert abs(fraction - 0.2) < 0.02, fraction
+    originals = torch.nn.utils.rnn.pad_sequence([torch.tensor(i) for i in encoded["input_ids"]], batch_first=True,
+                                                padding_value=tokenizer.pad_token_id)
+    assert torch.equal(batch["labels"][chosen], originals[chosen])  # labels: the tokens as they were
+    blank = tokenizer.convert_tokens_to_ids("_")
+    assert ((batch["input_ids"] == blank) & chosen).sum() / chosen.sum() > 0.7  # ~80% become the mask token "_"
+    assert torch.equal(batch["input_ids"][~chosen], originals[~chosen])
+
+
+def test_mntp_lowers_its_loss_on_a_fixed_batch(tmp_path, tiny_models) -> None:
+    # The tiny model's LM head scaled up: at its random init's scale no hidden state gives a logit above ~0.6, so no
+    # adapter could lower the loss much.
+    lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    with torch.no_grad():
+        lm.lm_head.weight.mul_(50)
+    lm.save_pretrained(tmp_path / "model")
+    AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(tmp_path / "model")
+    recipe = _recipe(tiny_models, mntp_steps=20, simcse_steps=0, mntp_batch=16, mntp_lr=1e-2)
+    recipe.model.name = str(tmp_path / "model")
+    texts = sorted({" ".join(TEXTS[i: i + 2]) + f" {i}" for i in range(16)})  # one batch: every step takes them all
+    torch.manual_seed(0)
+    record = adapt.adapt(recipe, texts, RunDir(tmp_path / "run"), Accelerator(cpu=True), bf16=False)
+    mntp = record["mntp"]
+    assert mntp["steps"] == 20 and mntp["final_loss"] < mntp["first_loss"] - 1.0, mntp
+    assert adapt.reuse(RunDir(tmp_path / "run")) == record  # a complete folder is reused
+
+
+def _recipe(tiny_models, **adapt_fields) -> Recipe:
+    recipe = Recipe()
+    recipe.model.name = str(tiny_models["llama"])
+    recipe.model.max_length, recipe.model.attention, recipe.model.pooling = 32, "bidirectional", "mean"
+    recipe.data.sources, recipe.data.max_triplets = ["cad_snli"], 64
+    for key, value in {"batch_size": 8, "max_steps": 3, "warmup_steps": 1, "lr": 1e-3, "save_every": 100,
+                       "bf16": False, "log_every": 1}.items():
+        setattr(recipe.train, key, value)
+    for key, value in {"mntp_batch": 16, "simcse_batch": 16, "mntp_lr": 1e-3, "simcse_lr": 1e-3,
+                       **adapt_fields}.items():
+        setattr(recipe.adapt, key, value)
+    return recipe
+
+
+def test_a_run_adapts_trains_and_loads_back_from_its_moved_folder(tmp_path, tiny_models, data_dir,
+                                                                  monkeypatch) -> None:
+    recipe = _recipe(tiny_models, mntp_steps=3, simcse_steps=3)
+    kept = {}
+    finish = train_mod._finish
+    monkeypatch.setattr(train_mod, "_finish", lambda *a, **k: kept.setdefault("embedder", a[3]) and finish(*a, **k))
+    summary = train_mod.train(recipe, tmp_path / "run", data_dir=data_dir, progress=False)
+    run = RunDir(tmp_path / "run")
+    assert summary["adapt"]["mntp"]["steps"] == 3 and summary["adapt"]["simcse"]["steps"] == 3
+    assert json.loads(run.embed_file.read_text())["model"] == "./adapted"
+    base, adapted = load_file(tiny_models["llama"] / "model.safetensors"), load_file(run.adapted / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert base.keys() == adapted.keys() and not torch.equal(base[name], adapted[name].to(base[name].dtype))
+    trained = kept["embedder"]
+    trained.model.eval()
+    expected = trained.encode(TEXTS)
+    torch.testing.assert_close(load_embedder(None, run.path, device=torch.device("cpu"),
+                                             dtype=torch.float32).encode(TEXTS), expected, rtol=0, atol=1e-5)
+    moved = shutil.move(run.path, tmp_path / "elsewhere")
+    assert RunDir(moved).info().model == str(tmp_path / "elsewhere" / "adapted")
+    torch.testing.assert_close(load_embedder(str(moved), device=torch.device("cpu"),
+                                             dtype=torch.float32).encode(TEXTS), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (["adapt.mntp_steps=-1", "model.attention=bidirectional"], "adapt.mntp_steps: expected an integer >= 0"),
+    (["adapt.simcse_steps=3"], "model.attention: 'causal'; the adapt stages"),
+])
+def test_bad_adapt_settings_are_one_line_before_any_model_loads(tmp_path, tiny_models, monkeypatch, capsys,
+                                                                settings: list[str], message: str) -> None:
+    monkeypatch.setattr(models, "load", lambda *a, **k: pytest.fail("a model loaded"))
+    args = ["train", "--recipe", "smollm2-135m", "--set", f"model.name={tiny_models['llama']}", "--output",
+            str(tmp_path / "run")]
+    for setting in settings:
+        args += ["--set", setting]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slmembed: error:") and message in err and err.count("\n") == 1, err
