@@ -170,3 +170,26 @@ def test_bad_adapt_settings_are_one_line_before_any_model_loads(tmp_path, tiny_m
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("slmembed: error:") and message in err and err.count("\n") == 1, err
+
+
+def test_a_resumed_run_reuses_a_complete_adapted_model_and_redoes_a_missing_one(tmp_path, tiny_models, data_dir,
+                                                                                 monkeypatch) -> None:
+    recipe = _recipe(tiny_models, mntp_steps=2, simcse_steps=2)
+    recipe.train.max_steps, recipe.train.save_every = 4, 2
+    run = RunDir(tmp_path / "run")
+    first = train_mod.train(recipe, run.path, data_dir=data_dir, progress=False)
+    finished = load_file(run.adapter / "adapter_model.safetensors")
+    stages = []
+    stage = adapt._stage
+    monkeypatch.setattr(adapt, "_stage", lambda *a, **k: stages.append(a[4]) or stage(*a, **k))
+    for redo in (False, True):
+        # The run as if interrupted after its step-2 checkpoint; redo: before its adapted model was written whole.
+        for target in (run.adapter, run.summary_file, run.embed_file,
+                       *([run.adapted] if redo else [])):
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        stages.clear()
+        summary = train_mod.train(recipe, run.path, data_dir=data_dir, resume=True, progress=False)
+        assert stages == (["mntp", "simcse"] if redo else []) and summary["adapt"] == first["adapt"]
+        resumed = load_file(run.adapter / "adapter_model.safetensors")
+        for key in finished:
+            torch.testing.assert_close(resumed[key], finished[key], rtol=0, atol=1e-5)

@@ -60,7 +60,7 @@ from slmembed import (
     train_output,
     tuning,
 )
-from slmembed.atomic import atomic_dir, clean_leftovers, write_json, write_text
+from slmembed.atomic import atomic_dir, clean_leftovers, clean_temporaries, write_json, write_text
 from slmembed.batch import StepBatch as StepBatch  # re-exported, with batch_loss and rank_rows: tests and bench/
 from slmembed.batch import TrainData, batch_indices
 from slmembed.batch import batch_loss as batch_loss
@@ -266,6 +266,7 @@ def _adapt(recipe: Recipe, texts: list[str], run_dir: Path, replace: bool, acc: 
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / outputs.MARKER).exists():
             outputs.mark(run_dir, "train", run.ENTRIES)
+        clean_temporaries(RunDir(run_dir).adapted)  # the adapted model as it was, if a run was killed replacing it
     acc.wait_for_everyone()
     return adapt.adapt(recipe, texts, RunDir(run_dir), acc, bf16), False
 
