@@ -193,3 +193,26 @@ def test_a_resumed_run_reuses_a_complete_adapted_model_and_redoes_a_missing_one(
         resumed = load_file(run.adapter / "adapter_model.safetensors")
         for key in finished:
             torch.testing.assert_close(resumed[key], finished[key], rtol=0, atol=1e-5)
+
+
+def test_two_processes_adapt_on_their_shares_and_the_first_writes_the_model(tmp_path, tiny_models, data_dir) -> None:
+    """Under torchrun (gloo, 2 CPU processes) the stages run on each process's share of every step, the gradients
+    averaged (the SimCSE loss gathers both shares' views), and the run loads back over the adapted model."""
+    import subprocess
+    import sys
+
+    recipe = _recipe(tiny_models, mntp_steps=2, simcse_steps=2)
+    recipe.train.batch_size = 4
+    (tmp_path / "recipe.yaml").write_text(recipe.to_yaml())
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "slmembed",
+         "train", "--recipe", str(tmp_path / "recipe.yaml"), "--output", str(tmp_path / "run"), "--data-dir",
+         str(data_dir), "--device", "cpu"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = RunDir(tmp_path / "run")
+    summary = run.summary()
+    assert summary["world_size"] == 2 and summary["adapt"] == json.loads((run.adapted / adapt.RECORD).read_text())
+    assert all(np.isfinite(stage["last_loss"]) for stage in summary["adapt"].values())
+    assert "adapt simcse step 2/2" in proc.stdout and proc.stdout.count("adapt simcse step 2/2") == 1  # the first
+    vectors = load_embedder(str(run.path), device=torch.device("cpu"), dtype=torch.float32).encode(TEXTS)
+    assert np.isfinite(vectors).all() and vectors.shape[0] == len(TEXTS)

@@ -42,7 +42,7 @@ from slmembed.batch import batch_indices
 from slmembed.config import Recipe
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
-from slmembed.losses.mntp import mntp_loss
+from slmembed.losses.mntp import IGNORE, mntp_loss
 from slmembed.losses.simcse import simcse_loss
 from slmembed.run import RunDir
 from slmembed.spec import EmbedSpec
@@ -85,8 +85,8 @@ def reuse(run: RunDir) -> dict | None:
 
 def adapt(recipe: Recipe, texts: list[str], run: RunDir, acc: Accelerator, bf16: bool) -> dict:
     """Run the recipe's stages on ``texts`` and save the adapted model into ``run.adapted`` (every process calls it);
-    reuse the folder if it is complete. The stages' record: per stage its steps, batch, learning rate and first and
-    last loss."""
+    reuse the folder if it is complete. The stages' record: per stage its steps, batch, learning rate, first and last
+    loss, and final loss (the mean over the last ``train.log_every`` steps)."""
     done = reuse(run)
     if done is not None:
         acc.print(f"adapt: reusing {run.adapted} ({', '.join(done)})")
@@ -105,10 +105,9 @@ def adapt(recipe: Recipe, texts: list[str], run: RunDir, acc: Accelerator, bf16:
     attention.use(lm, "bidirectional")
     record = {}
     if ac.mntp_steps:
-        lm, record["mntp"] = _stage(lm, recipe, acc, bf16, "mntp", _mntp(recipe, texts, tokenizer, acc), len(texts))
+        record["mntp"] = _stage(lm, recipe, acc, bf16, "mntp", _mntp(recipe, texts, lm, tokenizer, acc), len(texts))
     if ac.simcse_steps:
-        lm, record["simcse"] = _stage(lm, recipe, acc, bf16, "simcse", _simcse(recipe, texts, lm, tokenizer),
-                                      len(texts))
+        record["simcse"] = _stage(lm, recipe, acc, bf16, "simcse", _simcse(recipe, texts, lm, tokenizer), len(texts))
     attention.use(lm, "causal")  # saved as the base model was: the run's spec makes it bidirectional where it runs
     if acc.is_main_process:
         with atomic_dir(run.adapted) as tmp:
@@ -119,14 +118,14 @@ def adapt(recipe: Recipe, texts: list[str], run: RunDir, acc: Accelerator, bf16:
     return record
 
 
-Step = Callable[[np.ndarray], torch.Tensor]  # this process's rows of a step -> the loss, its backward done
+# This process's rows of a step -> their loss, its backward done; it runs ``lm``, whose layers the stage's LoRA adapter
+# wraps in place while the stage lasts.
+Step = Callable[[np.ndarray], torch.Tensor]
 
 
-def _stage(lm, recipe: Recipe, acc: Accelerator, bf16: bool, name: str,
-           make_step: Callable[[torch.nn.Module], Step], n: int) -> tuple[torch.nn.Module, dict]:
-    """One stage: a fresh LoRA adapter on ``lm``, trained as the recipe's ``adapt`` section says for ``name`` with the
-    step ``make_step`` builds for the wrapped model, on batches of ``n`` sentences' indices, then merged. The merged
-    model and the stage's record."""
+def _stage(lm: torch.nn.Module, recipe: Recipe, acc: Accelerator, bf16: bool, name: str, step: Step, n: int) -> dict:
+    """One stage: a fresh LoRA adapter on ``lm``, trained by ``step`` as the recipe's ``adapt`` section says for
+    ``name``, on batches of the indices of ``n`` sentences, then merged into ``lm``. The stage's record."""
     ac = recipe.adapt
     steps, batch, lr = (getattr(ac, f"{name}_{key}") for key in ("steps", "batch", "lr"))
     lora = dataclasses.replace(recipe.lora, r=ac.r, alpha=ac.alpha, dropout=LORA_DROPOUT, layers=None)
@@ -139,13 +138,12 @@ def _stage(lm, recipe: Recipe, acc: Accelerator, bf16: bool, name: str,
             dist.broadcast(p.data, 0)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=steps // 10, num_training_steps=steps)
-    step_loss = make_step(model)
     model.train()
     losses = []
     for k in range(steps):
         rows = batch_indices(n, batch, k, recipe.train.seed)[acc.process_index::world]
         with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = step_loss(rows)
+            loss = step(rows)
         if world > 1:  # each process's gradient of its share's loss, averaged: the mean loss's gradient
             for p in params:
                 dist.all_reduce(p.grad)
@@ -161,44 +159,41 @@ def _stage(lm, recipe: Recipe, acc: Accelerator, bf16: bool, name: str,
         if (k + 1) % recipe.train.log_every == 0 or k + 1 == steps:
             acc.print(f"adapt {name} step {k + 1}/{steps}: loss {losses[-1]:.4f}")
     model.eval()
-    tail = losses[-recipe.train.log_every:]
-    return model.merge_and_unload(), {"steps": steps, "batch": batch, "lr": lr, "first_loss": round(losses[0], 5),
-                                      "last_loss": round(losses[-1], 5),
-                                      "final_loss": round(float(np.mean(tail)), 5)}
+    model.merge_and_unload()  # into lm's weights, its layers unwrapped
+    return {"steps": steps, "batch": batch, "lr": lr, "first_loss": round(losses[0], 5),
+            "last_loss": round(losses[-1], 5), "final_loss": round(float(np.mean(losses[-recipe.train.log_every:])), 5)}
 
 
-def _mntp(recipe: Recipe, texts: list[str], tokenizer, acc: Accelerator) -> Callable[[torch.nn.Module], Step]:
-    """MNTP's step: this process's sentences masked (``collator``), in pieces of at most ``train.chunk_tokens``
-    padded tokens, each piece's backward weighted by its share of the masked tokens (so the sum is the loss of the
-    whole share)."""
+def _mntp(recipe: Recipe, texts: list[str], lm: torch.nn.Module, tokenizer, acc: Accelerator) -> Step:
+    """MNTP's step: this process's sentences masked (``collator``) and run through ``lm`` in pieces of at most
+    ``train.chunk_tokens`` padded tokens, each piece's loss weighted by its share of the masked tokens (so that the
+    pieces' gradients add up to that of the whole share's loss)."""
     encoded = tokenizer(texts, truncation=True, max_length=recipe.model.max_length, return_special_tokens_mask=True)
     features = [{"input_ids": ids, "special_tokens_mask": special} for ids, special in
                 zip(encoded["input_ids"], encoded["special_tokens_mask"], strict=True)]
     collate = collator(tokenizer, recipe.adapt.mntp_mask, recipe.train.seed + acc.process_index)
 
-    def make(model: torch.nn.Module) -> Step:
-        def step(rows: np.ndarray) -> torch.Tensor:
-            rows = sorted(rows, key=lambda i: len(features[i]["input_ids"]))
-            batch = collate([features[i] for i in rows])
-            masked = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
-            pieces = max(1, math.ceil(batch["input_ids"].numel() / recipe.train.chunk_tokens))
-            total = torch.zeros((), device=acc.device)
-            for part in np.array_split(np.arange(len(rows)), pieces):
-                width = int(batch["attention_mask"][part].sum(1).max())
-                piece = {k: v[part, :width].to(acc.device) for k, v in batch.items()}
-                logits = model(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"]).logits
-                share = (piece["labels"][:, 1:] != -100).sum() / masked.to(acc.device)
-                loss = mntp_loss(logits, piece["labels"]) * share if share > 0 else logits.sum() * 0
-                loss.backward()
-                total += loss.detach()
-            return total
+    def step(rows: np.ndarray) -> torch.Tensor:
+        batch = collate([features[i] for i in sorted(rows, key=lambda i: len(features[i]["input_ids"]))])
+        predicted = (batch["labels"][:, 1:] != IGNORE).sum(1)  # per row
+        pieces = max(1, math.ceil(batch["input_ids"].numel() / recipe.train.chunk_tokens))
+        total = torch.zeros((), device=acc.device)
+        for part in np.array_split(np.arange(len(rows)), pieces):
+            share = predicted[part].sum().item() / max(1, predicted.sum().item())
+            if share == 0:
+                continue
+            width = int(batch["attention_mask"][part].sum(1).max())
+            piece = {k: v[part, :width].to(acc.device) for k, v in batch.items()}
+            logits = lm(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"]).logits
+            loss = mntp_loss(logits, piece["labels"]) * share
+            loss.backward()
+            total += loss.detach()
+        return total
 
-        return step
-
-    return make
+    return step
 
 
-def _simcse(recipe: Recipe, texts: list[str], lm: torch.nn.Module, tokenizer) -> Callable[[torch.nn.Module], Step]:
+def _simcse(recipe: Recipe, texts: list[str], lm: torch.nn.Module, tokenizer) -> Step:
     """SimCSE's step: this process's sentences embedded twice by ``lm``'s decoder (mean pooling, the recipe's prompt
     and length; attention dropout ``simcse_dropout``) and ``simcse_loss`` of the two views."""
     spec = dataclasses.replace(EmbedSpec.of(recipe.model), pooling="mean")
@@ -206,15 +201,12 @@ def _simcse(recipe: Recipe, texts: list[str], lm: torch.nn.Module, tokenizer) ->
     ids = embedder.tokenize(texts)
     set_attention_dropout(lm, recipe.adapt.simcse_dropout)
 
-    def make(model: torch.nn.Module) -> Step:
-        def step(rows: np.ndarray) -> torch.Tensor:
-            loss = simcse_loss(*views(embedder, [ids[i] for i in rows], recipe.train.chunk_tokens), TEMPERATURE)
-            loss.backward()
-            return loss.detach()
+    def step(rows: np.ndarray) -> torch.Tensor:
+        loss = simcse_loss(*views(embedder, [ids[i] for i in rows], recipe.train.chunk_tokens), TEMPERATURE)
+        loss.backward()
+        return loss.detach()
 
-        return step
-
-    return make
+    return step
 
 
 def set_attention_dropout(model: torch.nn.Module, p: float) -> None:
