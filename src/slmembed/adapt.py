@@ -102,6 +102,9 @@ def adapt(recipe: Recipe, texts: list[str], run: RunDir, acc: Accelerator, bf16:
                                 allow_pickle=mc.allow_pickle, attn_implementation=None if cuda else "eager",
                                 device=device if cuda else None)
     lm.to(device)
+    if len(tokenizer) > lm.get_input_embeddings().num_embeddings:  # the collator draws random tokens below len()
+        raise SlmembedError(f"adapt: {mc.name}'s tokenizer has {len(tokenizer)} tokens, more than its embedding table "
+                            f"({lm.get_input_embeddings().num_embeddings}): MNTP cannot mask it")
     attention.use(lm, "bidirectional")
     record = {}
     if ac.mntp_steps:
