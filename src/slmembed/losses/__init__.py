@@ -5,6 +5,8 @@ An objective's keyword-only parameters named in ``OPTIONS`` are recipe fields of
 The objectives in ``REFERENCE`` also take a reference model's vectors of the same texts as the keyword
 ``reference`` (``train.reference``; reference.py).
 ``train.matryoshka_dims`` wraps the named objective in ``matryoshka`` (summed over embedding prefixes).
+``mntp`` and ``simcse`` are the objectives of the ``adapt`` stages before training (adapt.py calls them): not
+``train.loss`` choices, and of other inputs (logits and labels; two views), so not in ``LOSSES``.
 
 The registry names each objective's module and function instead of importing them: a recipe's ``train.loss`` is
 checked (config.py) before torch is imported, and ``objective`` imports the one a run uses."""
