@@ -106,7 +106,7 @@ def test_mntp_lowers_its_loss_on_a_fixed_batch(tmp_path, tiny_models) -> None:
     lm = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
     with torch.no_grad():
         lm.lm_head.weight.mul_(50)
-    lm.save_pretrained(tmp_path / "model")
+    lm.to(torch.bfloat16).save_pretrained(tmp_path / "model")
     AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(tmp_path / "model")
     recipe = _recipe(tiny_models, mntp_steps=20, simcse_steps=0, mntp_batch=16, mntp_lr=1e-2)
     recipe.model.name = str(tmp_path / "model")
@@ -116,6 +116,8 @@ def test_mntp_lowers_its_loss_on_a_fixed_batch(tmp_path, tiny_models) -> None:
     mntp = record["mntp"]
     assert mntp["steps"] == 20 and mntp["final_loss"] < mntp["first_loss"] - 1.0, mntp
     assert adapt.reuse(RunDir(tmp_path / "run")) == record  # a complete folder is reused
+    weights = load_file(tmp_path / "run/adapted/model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}  # trained in float32, stored as the base is
 
 
 def _recipe(tiny_models, **adapt_fields) -> Recipe:
