@@ -70,7 +70,7 @@ def test_wrong_type_unknown_field_and_bad_override(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("content, message", [
-    (b"1: 2\n", "bad.yaml: unknown field(s) 1; expected adapt, data, lora, model, name, train"),
+    (b"1: 2\n", "bad.yaml: unknown field(s) 1; expected adapt, data, lora, model, name, soup, train"),
     (b"name: \xff\n", "bad.yaml: cannot read it as UTF-8 text"),
     (b"train:\n  batch_size: -8\n", "bad.yaml: train.batch_size: expected an integer >= 1, got -8"),
 ])

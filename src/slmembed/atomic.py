@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -127,8 +127,10 @@ def write_json(target: str | Path, obj: Any) -> None:
 
 
 @contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder; on clean exit its files are fsynced and it replaces ``target`` by rename."""
+def atomic_dir(target: str | Path, keep: Iterable[str] = ()) -> Iterator[Path]:
+    """Yield a temporary folder; on clean exit its files are fsynced and it replaces ``target`` by rename. The
+    folders ``keep`` of the ``target`` replaced are kept in the new one, as hard links to their files: nothing is
+    moved, so a write killed at any point leaves them where they were."""
     target = Path(target)
     with temporary_dir(target) as tmp:
         yield tmp
@@ -137,6 +139,12 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         _public(tmp)
+        for name in keep:
+            if (target / name).is_dir():
+                shutil.copytree(target / name, tmp / name, symlinks=True, copy_function=os.link)
+                for folder in [tmp / name, *(tmp / name).rglob("*")]:
+                    if folder.is_dir() and not folder.is_symlink():
+                        _fsync_dir(folder)
         if target.exists():
             os.replace(target, tmp.parent / _OLD)  # put back by clean_leftovers if killed before the next rename
         os.replace(tmp, target)

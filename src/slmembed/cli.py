@@ -160,6 +160,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from slmembed.reproduce import reproduce  # torch comes once its outputs are checked and held
 
+    if not (args.model or args.recipe):
+        raise SlmembedError("reproduce needs --recipe, --model (the recipe named after the model) or both")
     recipe = _recipe(args, args.recipe or args.model, args.model if args.recipe else None)
     name = Path(args.output).name
     _check_device(args)
@@ -514,8 +516,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _add_reproduce(sub: argparse._SubParsersAction) -> None:
     r = sub.add_parser("reproduce", help="the paper's experiment: nine STS sets before, train, nine sets after")
-    r.add_argument("--model", required=True, help="model; also the shipped recipe's name unless --recipe is given")
-    r.add_argument("--recipe", help="recipe YAML or shipped recipe name (default: the recipe named MODEL)")
+    r.add_argument("--model", help="model; also the shipped recipe's name unless --recipe is given")
+    r.add_argument("--recipe", help="recipe YAML or shipped recipe name (default: the recipe named MODEL); with "
+                   "--model, the recipe with that model")
     r.add_argument("--output", required=True, help="results folder results/reproduce/NAME; files are NAME.*")
     _option(r, "--run", "--run-dir", help="training run folder (default: runs/reproduce/NAME)")
     r.add_argument("--curve", type=count, default=0, help="also score this many evenly spaced checkpoints")

@@ -26,18 +26,40 @@ from slmembed.spec import RULES as SPEC_RULES
 
 NAMES = rule("a non-empty list of distinct, non-empty strings",
              lambda v: 0 < len(set(v)) == len(v) and all(s.strip() for s in v))
-REFERENCES = rule("a non-empty string, or a non-empty list of distinct, non-empty strings (an ensemble)",
-                  lambda v: bool(v.strip()) if isinstance(v, str) else NAMES(v) is None)
 DIMS = rule("a non-empty list of distinct integers >= 1, or null",
             lambda v: 0 < len(set(v)) == len(v) and all(d >= 1 for d in v))
 WEIGHTS = rule("a non-empty list of finite numbers > 0, or null",
                lambda v: len(v) > 0 and all(math.isfinite(w) and w > 0 for w in v))
 INDICES = rule("a non-empty list of distinct integers, or null for all", lambda v: 0 < len(set(v)) == len(v))
 SEED = rule("an integer in [0, 2**64)", lambda v: 0 <= v < 2**64)  # what torch.manual_seed and numpy accept
+SEEDS = rule("a non-empty list of distinct integers in [0, 2**64), or null",
+             lambda v: 0 < len(set(v)) == len(v) and all(SEED(s) is None for s in v))
+RECIPE = "recipe:"  # a train.reference entry that names a recipe (recipe_reference), trained by reproduce first
 # get_scheduler names that work as train.py calls them and warm up over warmup_steps; transformers' "constant" skips
 # the warm-up (constant_with_warmup with warmup_steps 0 is the same), the others need arguments train.py has no
 # field for.
 SCHEDULES = ("cosine", "linear", "constant_with_warmup", "cosine_with_restarts", "polynomial", "inverse_sqrt")
+
+
+def recipe_reference(source: str) -> tuple[str, int | None] | None:
+    """The recipe (a shipped name or a YAML path) and seed that a ``train.reference`` entry ``recipe:NAME[@SEED]``
+    names (seed None: the recipe's own ``train.seed``); None for an entry that names a model or a run instead."""
+    if not source.startswith(RECIPE):
+        return None
+    named = source.removeprefix(RECIPE).strip()
+    name, at, seed = named.rpartition("@")
+    return (name, int(seed)) if at and seed.isdigit() else (named, None)
+
+
+def _references_ok(value: str | list[str]) -> bool:
+    """REFERENCES' rule: one name, or distinct names; a ``recipe:`` entry with a recipe and a seed in SEED's range."""
+    entries = [value] if isinstance(value, str) else value
+    named = [n for n in map(recipe_reference, entries) if n is not None]
+    return (NAMES(entries) is None and all(name and (seed is None or SEED(seed) is None) for name, seed in named))
+
+
+REFERENCES = rule("a non-empty string, or a non-empty list of distinct, non-empty strings (an ensemble); an entry "
+                  f"{RECIPE}NAME or {RECIPE}NAME@SEED names the run that recipe trains", _references_ok)
 
 
 def checked(check: Check, **kwargs: Any) -> Any:
@@ -165,6 +187,15 @@ class AdaptConfig:
 
 
 @dataclass
+class SoupConfig:
+    """A model soup of the recipe (soup.py): ``slmembed reproduce`` trains the recipe once per seed and averages the
+    runs, every one (uniform) or greedily on STSBenchmark dev. ``slmembed train`` trains one run, so it refuses it."""
+
+    seeds: list[int] | None = checked(SEEDS, default=None)  # None: no soup, one run
+    greedy: bool = False
+
+
+@dataclass
 class Recipe:
     name: str = checked(TEXT, default="custom")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -172,6 +203,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    soup: SoupConfig = field(default_factory=SoupConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -299,6 +331,9 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
         raise SlmembedError(f"{where}: model.attention: {recipe.model.attention!r}; the adapt stages (LLM2Vec's) train "
                             "a bidirectional model: set model.attention: bidirectional, or adapt.mntp_steps and "
                             "adapt.simcse_steps to 0")
+    if recipe.soup.greedy and recipe.soup.seeds is None:
+        raise SlmembedError(f"{where}: soup.greedy: true needs soup.seeds (the runs to choose from); set soup.seeds, "
+                            "or leave soup.greedy at false")
     if tc.sharding == "fsdp" and tc.average_last != 1:
         raise SlmembedError(f"{where}: train.average_last: {tc.average_last} cannot be combined with train.sharding: "
                             "fsdp (the averaged adapter is not sharded); leave it at 1")

@@ -22,14 +22,14 @@ import json
 import os
 import platform
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 from slmembed.atomic import clean_temporaries, write_json
 from slmembed.errors import SlmembedError
-from slmembed.run import RunDir
+from slmembed.run import PARTS, RunDir
 
 MARKER = ".slmembed-output.json"
 _T = TypeVar("_T")
@@ -95,6 +95,11 @@ def _overlap(output: Path, inputs: Iterable[str | Path | None], around: Iterable
                                 "choose another output")
 
 
+def _inside(item: Path, folder: Path) -> bool:
+    """Whether ``item`` lies inside ``folder`` (as written, or with links resolved)."""
+    return any(f in i.parents for i in _forms(item) for f in _forms(folder))
+
+
 def _writable(path: Path) -> None:
     """Raise unless ``path`` could be created: its nearest existing ancestor is a folder we may write in."""
     ancestor = path.parent
@@ -107,14 +112,18 @@ def _writable(path: Path) -> None:
 
 
 def check_folder(path: str | Path, command: str, *, inputs: Iterable[str | Path | None] = (),
-                 around: Iterable[str | Path | None] = (), force: bool = False, resume: bool | None = None) -> bool:
+                 around: Iterable[str | Path | None] = (), force: bool = False, resume: bool | None = None,
+                 keep: Collection[str] = ()) -> bool:
     """Check, before any work, that ``command`` may write the folder ``path``; return True if it holds an earlier
-    output of ``command`` (to be replaced with ``force``, or continued with ``resume``; None: it cannot be)."""
+    output of ``command`` (to be replaced with ``force``, or continued with ``resume``; None: it cannot be).
+    ``keep``: entries of the folder that ``command`` keeps as they are (run.PARTS, for train and soup), whose
+    contents may be its inputs."""
     path = Path(path)
-    _overlap(path, inputs, around)
+    kept = [path / name for name in keep]
+    _overlap(path, [i for i in inputs if i is None or not any(_inside(Path(i), k) for k in kept)], around)
     if path.exists() and not path.is_dir():
         raise SlmembedError(f"{path} is a file; the output must be a folder")
-    if not path.exists() or not any(path.iterdir()):
+    if not path.exists() or not any(e.name not in keep for e in path.iterdir()):
         _writable(path / "x")
         return False
     if written_by(path) != command:
@@ -127,7 +136,7 @@ def check_folder(path: str | Path, command: str, *, inputs: Iterable[str | Path 
         raise SlmembedError(f"{path} holds an earlier `slmembed {command}` output: {hint}, or choose another folder")
     marker = _marker(path)
     if marker is not None:  # runs from before markers hold only what training writes
-        known = {MARKER, *marker.get("entries", []), *marker.get("added", {})}
+        known = {MARKER, *keep, *marker.get("entries", []), *marker.get("added", {})}
         foreign = sorted(e.name for e in path.iterdir() if e.name not in known)
         if foreign:
             raise SlmembedError(f"{path} holds {foreign[0]!r}, which slmembed did not write: --force replaces only "
@@ -137,8 +146,11 @@ def check_folder(path: str | Path, command: str, *, inputs: Iterable[str | Path 
 
 
 def clear(path: str | Path) -> None:
-    """Empty a folder that ``check_folder`` allowed to be replaced."""
+    """Empty a folder that ``check_folder`` allowed to be replaced, but for the runs it may hold that a reproduced
+    model is made of (run.PARTS), which the command replacing it did not write."""
     for entry in Path(path).iterdir():
+        if entry.name in PARTS:
+            continue
         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 

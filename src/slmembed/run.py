@@ -28,6 +28,9 @@ ADAPTED = "adapted"  # the base model after the recipe's adapt stages (adapt.py)
 IN_RUN = "./"
 ENTRIES = (*WEIGHTS.values(), ADAPTED, "checkpoints", "dev", "recipe.yaml", EMBED_JSON, "train_log.jsonl", "data.json",
            "summary.json", "tensorboard", "profile", "reference.safetensors")
+# Folders of the runs a reproduced model is made of (reproduce.py trains them inside its run folder): a soup's
+# members, a student's teachers. The commands that write the model beside them (train, soup) keep them.
+PARTS = ("members", "teachers")
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,9 @@ class RunDir:
     * ``reference.safetensors``: the vectors of a reference model, cached for a resumed run;
     * ``eval.json``: where ``slmembed eval --output`` may put the run's scores, for export's model card;
     * ``adapted/``: with the recipe's adapt stages, the base model they adapted (a transformers folder with its
-      tokenizer), which the run trained from and its ``embed.json`` names (``adapted``).
+      tokenizer), which the run trained from and its ``embed.json`` names (``adapted``);
+    * ``members/`` and ``teachers/`` (``PARTS``): in a run that ``slmembed reproduce`` made of several, the runs it
+      trained first: the soup's members (``member``), the reference's runs (``teacher``).
 
     A run is a folder whose ``embed.json`` says ``kind: run`` (``find``); it trained a LoRA adapter or every weight as
     that file's ``finetune`` says (``finetune``).
@@ -241,6 +246,14 @@ class RunDir:
     @property
     def scores(self) -> Path:
         return self.path / "eval.json"
+
+    def member(self, seed: int) -> Path:
+        """The run of the soup's member trained with ``seed``."""
+        return self.path / PARTS[0] / f"seed-{seed}"
+
+    def teacher(self, recipe: str, seed: int) -> Path:
+        """The run of the reference the recipe ``recipe`` (its name) trains with ``seed``."""
+        return self.path / PARTS[1] / f"{recipe}-seed{seed}"
 
     # Reading them back.
     def info(self) -> EmbedInfo:

@@ -39,7 +39,7 @@ from slmembed.config import Recipe
 from slmembed.data.sts import TASKS, StsSet, load_all, load_sts
 from slmembed.errors import SlmembedError
 from slmembed.paths import find_data_dir
-from slmembed.run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EmbedInfo, RunDir
+from slmembed.run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PARTS, EmbedInfo, RunDir
 from slmembed.spec import EmbedSpec
 from slmembed.tables import table
 
@@ -181,7 +181,7 @@ def soup(runs: Sequence[str | Path], output: str | Path, *, greedy: bool = False
     members = check_members(runs)
     check = functools.partial(outputs.check_folder, output, COMMAND, inputs=[*(m.run for m in members),
                                                                              members[0].model],
-                              around=[find_data_dir(data_dir, required=False)], force=force)
+                              around=[find_data_dir(data_dir, required=False)], force=force, keep=PARTS)
     with outputs.writing(output, check):
         dev = {DEV: load_sts("STSBenchmark", data_dir, split="dev")}
         sets = load_all(tasks or TASKS, data_dir)  # bad task names and data fail before a model loads
@@ -201,7 +201,7 @@ def _soup(members: list[Member], output: Path, *, greedy: bool, dev: dict[str, S
     loading = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     first, names = members[0], [str(m.run) for m in members]
     model, tokenizer, member_dev, chosen, steps = _choose(members, greedy, dev, where, loading)
-    with atomic_dir(output) as tmp:
+    with atomic_dir(output, keep=PARTS) as tmp:  # a reproduced soup's members/ stay
         written_run = RunDir(tmp)
         tuning.save_final(model, tokenizer, written_run.weights_folder(first.info.finetune), first.recipe)
         del model  # before the written soup loads

@@ -7,13 +7,14 @@ runs it again while it holds the output (outputs.writing), where it decides.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from slmembed import outputs
-from slmembed.config import Recipe, result_changes
+from slmembed.config import Recipe, recipe_reference, result_changes
 from slmembed.errors import SlmembedError
 from slmembed.paths import find_data_dir
-from slmembed.run import ADAPTER_CONFIG, RunDir
+from slmembed.run import ADAPTER_CONFIG, PARTS, RunDir
 
 
 def _check_resumable(run: RunDir, recipe: Recipe) -> None:
@@ -34,8 +35,12 @@ def _check_resumable(run: RunDir, recipe: Recipe) -> None:
 
 
 def _check_reference(source: str) -> None:
-    """Refuse a ``train.reference`` that names a folder which is missing, an unfinished run, or neither a run nor a
-    model folder. Other names (packaged models, hub ids) are resolved where the reference loads (reference.py)."""
+    """Refuse a ``train.reference`` that names a recipe (its run is trained by reproduce, first), or a folder which is
+    missing, an unfinished run, or neither a run nor a model folder. Other names (packaged models, hub ids) are
+    resolved where the reference loads (reference.py)."""
+    if recipe_reference(source) is not None:
+        raise SlmembedError(f"train.reference: {source} names a recipe, not a trained model: `slmembed reproduce` "
+                            "trains its run first, or train it with `slmembed train` and give its run folder")
     path = Path(source).expanduser()
     if path.is_dir():
         run = RunDir(path)
@@ -51,15 +56,21 @@ def _check_reference(source: str) -> None:
 
 
 def check(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, resume: bool | None = False,
-          force: bool = False) -> bool:
+          force: bool = False, trained_first: Collection[str] = ()) -> bool:
     """Check before any work that a run may be written to ``run_dir`` (outputs.py) and, with ``resume``, continued;
-    True if an earlier run there is to be replaced. ``resume=None``: the caller has no way to continue a run."""
+    True if an earlier run there is to be replaced. ``resume=None``: the caller has no way to continue a run.
+    ``trained_first``: references that reproduce trains before this run (checked as runs of their own)."""
     run_dir = Path(run_dir)
+    if recipe.soup.seeds is not None:
+        raise SlmembedError(f"recipe {recipe.name} is a soup of {len(recipe.soup.seeds)} runs (soup.seeds): "
+                            "`slmembed reproduce` trains and soups them; to train one run, --set soup.seeds=null")
     references = recipe.train.references
     for source in references:
-        _check_reference(source)
+        if source not in trained_first:
+            _check_reference(source)
     replace = outputs.check_folder(run_dir, "train", inputs=[recipe.model.name, *recipe.data.sources, *references],
-                                   around=[find_data_dir(data_dir, required=False)], force=force, resume=resume)
+                                   around=[find_data_dir(data_dir, required=False)], force=force, resume=resume,
+                                   keep=PARTS)
     if resume:
         _check_resumable(RunDir(run_dir), recipe)
     return replace and not resume
