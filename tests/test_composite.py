@@ -127,6 +127,18 @@ def test_student_of_a_recipe_trains_the_teacher_first_and_learns_from_its_run(
     for key, value in _adapter(tmp_path / "direct").items():
         torch.testing.assert_close(_adapter(run)[key], value)
 
+    # A finished teacher is reused only if its recipe computes what the teacher's recipe does now.
+    teacher_file.write_text(_tiny(tiny_models, lr=1e-3).to_yaml())
+    student.train.reference = [f"recipe:{teacher_file}@1"]
+    with pytest.raises(SlmembedError, match=r"teacher-seed1 \(recipe:.*@1\) finished with a recipe that computes "
+                                            r"another result: train.lr: 0.005 -> 0.001; pass --force"):
+        reproduce(student, tmp_path / "results" / "other", run, data_dir=str(data_dir), device="cpu")
+    # --force trains the teacher again (into its folder, which the student's replaced run keeps), then the student.
+    before = RunDir(teacher).log.stat().st_mtime_ns
+    reproduce(student, tmp_path / "results" / "student", run, data_dir=str(data_dir), device="cpu", force=True)
+    assert RunDir(teacher).log.stat().st_mtime_ns != before and RunDir(teacher).recipe().train.lr == 1e-3
+    assert RunDir(run).finished() == 4 and sorted(p.name for p in (run / "teachers").iterdir()) == ["teacher-seed1"]
+
 
 @pytest.mark.parametrize("change, message", [
     ({"soup": {"seeds": []}}, "soup.seeds: expected a non-empty list of distinct integers in [0, 2**64), or null, "

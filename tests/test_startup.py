@@ -45,6 +45,15 @@ def test_a_bad_reference_is_refused_without_loading_torch(tmp_path) -> None:
     assert _loaded_after(code) == set()
 
 
+@pytest.mark.parametrize("sets", [["soup.seeds=[7, 7]"], ["train.loss=distill_infonce", "train.reference=recipe:nope"]])
+def test_a_bad_soup_or_teacher_recipe_is_refused_without_loading_torch(sets: list[str], tmp_path) -> None:
+    options = [a for s in sets for a in ("--set", s)]
+    code = ("from slmembed.cli import main\n"
+            f"assert main(['reproduce', '--recipe', 'smollm2-135m', '--output', {str(tmp_path / 'out')!r}, "
+            f"'--run', {str(tmp_path / 'run')!r}, *{options!r}]) == 2")
+    assert _loaded_after(code) == set()
+
+
 @pytest.mark.parametrize("command", [["train", "--recipe", "smollm2-135m"], ["demo"],
                                      ["reproduce", "--model", "smollm2-135m"]])
 def test_an_output_that_is_refused_loads_no_torch(command: list[str], tmp_path) -> None:
