@@ -25,8 +25,8 @@ def _loaded_after(code: str, modules: tuple[str, ...] = HEAVY) -> set[str]:
 
 @pytest.mark.parametrize("module", ["slmembed.report", "slmembed.config", "slmembed.cli", "slmembed.tables",
                                     "slmembed.spec", "slmembed.losses", "slmembed.outputs", "slmembed.run",
-                                    "slmembed.train_output", "slmembed.reproduce", "slmembed.composite", "slmembed.demo",
-                                    "slmembed.export", "slmembed.embed_file", "slmembed.endpoint"])
+                                    "slmembed.train_output", "slmembed.reproduce", "slmembed.composite",
+                                    "slmembed.demo", "slmembed.export", "slmembed.embed_file", "slmembed.endpoint"])
 def test_light_modules_import_no_torch(module: str) -> None:
     assert _loaded_after(f"import {module}") == set()
 
