@@ -12,7 +12,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from slmembed import composite, soup
+from slmembed import composite, outputs, soup
 from slmembed import reproduce as reproduce_mod
 from slmembed import train as train_mod
 from slmembed.cli import main
@@ -23,7 +23,7 @@ from slmembed.errors import SlmembedError
 from slmembed.evaluate import evaluate
 from slmembed.loading import load_embedder
 from slmembed.reproduce import reproduce
-from slmembed.run import RunDir
+from slmembed.run import PARTS, RunDir
 
 RESULTS = Path(__file__).parents[1] / "results" / "reproduce"
 
@@ -141,9 +141,10 @@ def test_student_of_a_recipe_trains_the_teacher_first_and_learns_from_its_run(
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"soup": {"seeds": []}}, "soup.seeds: expected a non-empty list of distinct integers in [0, 2**64), or null, "
-                              "got []"),
-    ({"soup": {"seeds": [3, 3]}}, "soup.seeds: expected a non-empty list of distinct integers"),
+    ({"soup": {"seeds": []}}, "soup.seeds: expected a list of two or more distinct integers in [0, 2**64) (a soup "
+                              "averages two or more runs), or null, got []"),
+    ({"soup": {"seeds": [3, 3]}}, "soup.seeds: expected a list of two or more distinct integers"),
+    ({"soup": {"seeds": [3]}}, "soup.seeds: expected a list of two or more distinct integers"),
     ({"soup": {"greedy": True}}, "soup.greedy: true needs soup.seeds"),
     ({"train": {"loss": "distill_infonce", "reference": ["recipe:nope"]}}, "train.reference: recipe:nope: no recipe "
                                                                            "'nope': give a YAML file or one of "),
@@ -202,3 +203,22 @@ def test_shipped_soup_recipe_is_the_measured_members(tmp_path) -> None:
         measured = json.loads((RESULTS / f"smollm2-135m-plus-seed{seed}" / f"smollm2-135m-plus-seed{seed}.json")
                               .read_text())["recipe"]
         assert result_changes(recipe_from_dict(measured), member.recipe) == []
+
+
+def test_only_train_and_soup_keep_the_runs_a_model_is_made_of(tmp_path) -> None:
+    """A run folder that holds only members/ or teachers/ is empty to the commands that keep them (run.PARTS), and
+    the runs there may be their inputs; to any other command it is a foreign folder, which it refuses."""
+    run = tmp_path / "run"
+    member = RunDir(run).member(1)
+    member.mkdir(parents=True)
+    (member / "summary.json").write_text("{}")
+    assert outputs.check_folder(run, "soup", inputs=[member], keep=PARTS) is False
+    with pytest.raises(SlmembedError, match=r"output .*run contains the input .*seed-1"):
+        outputs.check_folder(run, "soup", inputs=[member])
+    with pytest.raises(SlmembedError, match="is a folder that `slmembed export` did not write and is not empty"):
+        outputs.check_folder(run, "export")
+    (run / outputs.MARKER).write_text(json.dumps({"command": "train", "entries": ["adapter"]}))
+    (run / "adapter").mkdir()
+    assert outputs.check_folder(run, "train", force=True, keep=PARTS) is True
+    outputs.clear(run)
+    assert [p.name for p in run.iterdir()] == ["members"] and (member / "summary.json").is_file()

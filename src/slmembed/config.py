@@ -32,8 +32,8 @@ WEIGHTS = rule("a non-empty list of finite numbers > 0, or null",
                lambda v: len(v) > 0 and all(math.isfinite(w) and w > 0 for w in v))
 INDICES = rule("a non-empty list of distinct integers, or null for all", lambda v: 0 < len(set(v)) == len(v))
 SEED = rule("an integer in [0, 2**64)", lambda v: 0 <= v < 2**64)  # what torch.manual_seed and numpy accept
-SEEDS = rule("a non-empty list of distinct integers in [0, 2**64), or null",
-             lambda v: 0 < len(set(v)) == len(v) and all(SEED(s) is None for s in v))
+SEEDS = rule("a list of two or more distinct integers in [0, 2**64) (a soup averages two or more runs), or null",
+             lambda v: 1 < len(set(v)) == len(v) and all(SEED(s) is None for s in v))
 RECIPE = "recipe:"  # a train.reference entry that names a recipe (recipe_reference), trained by reproduce first
 # get_scheduler names that work as train.py calls them and warm up over warmup_steps; transformers' "constant" skips
 # the warm-up (constant_with_warmup with warmup_steps 0 is the same), the others need arguments train.py has no

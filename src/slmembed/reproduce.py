@@ -3,6 +3,9 @@
 Writes ``NAME.json`` (before, after, train summary, optional learning curve), ``NAME.md`` (a table) and ``NAME.png``
 (grouped bars per task) into the output folder, whose name is NAME. The curve evaluates the checkpoints the run
 keeps, as the nine-set average against the number of triplets seen.
+
+A model made of several runs (composite.py) is built whole: a soup's "after" is the soup's, and the outputs also hold
+each member's nine-set and STSBenchmark dev scores and the soup's choice; a student's record names its teachers' runs.
 """
 
 from __future__ import annotations
