@@ -4,8 +4,9 @@
   the run folder's ``members/seed-S/``, then their soup (soup.py: uniform, or greedy on STSBenchmark dev) written
   into the run folder itself;
 * a student whose ``train.reference`` names recipes (``recipe:NAME`` or ``recipe:NAME@SEED``, config.py): each such
-  recipe's run (a teacher, built the same way: it may be a soup or have teachers of its own) in the run folder's
-  ``teachers/NAME-seedS/`` first, then the student with those entries replaced by the teachers' run folders.
+  recipe's run (a teacher, built the same way: it may be a soup, in ``teachers/NAME/``, or have teachers of its own)
+  in the run folder's ``teachers/NAME-seedS/`` first, then the student with those entries replaced by the teachers'
+  run folders.
 
 The folders are RunDir's (``member``, ``teacher``); train and soup keep them when they write the model beside them
 (run.PARTS). ``plan`` reads every recipe and ``check`` every output before any model loads. A part that finished is
@@ -81,10 +82,12 @@ def plan(recipe: Recipe, path: str | Path, label: str = "", within: tuple[str, .
         if teacher.model.trust_remote_code and not recipe.model.trust_remote_code:
             raise SlmembedError(f"train.reference: {source}: recipe {teacher.name} runs the model's own code: pass "
                                 "--trust-remote-code to allow it")
-        seed = teacher.train.seed if seed is None else seed
+        if teacher.soup.seeds is None:
+            seed = teacher.train.seed if seed is None else seed
         # The user's permissions, as the command line gave them to the recipe that names this one.
-        teacher = with_overrides(teacher, [f"train.seed={seed}", f"model.allow_pickle={recipe.model.allow_pickle}",
-                                           f"model.trust_remote_code={recipe.model.trust_remote_code}"])
+        teacher = with_overrides(teacher, [f"model.allow_pickle={recipe.model.allow_pickle}",
+                                           f"model.trust_remote_code={recipe.model.trust_remote_code}",
+                                           *([] if seed is None else [f"train.seed={seed}"])])
         teachers.append(plan(teacher, run.teacher(_recipe_name(name), seed), source,
                              (*within, _recipe_name(name))))
         sources.append(str(teachers[-1].path))

@@ -251,9 +251,10 @@ class RunDir:
         """The run of the soup's member trained with ``seed``."""
         return self.path / PARTS[0] / f"seed-{seed}"
 
-    def teacher(self, recipe: str, seed: int) -> Path:
-        """The run of the reference the recipe ``recipe`` (its name) trains with ``seed``."""
-        return self.path / PARTS[1] / f"{recipe}-seed{seed}"
+    def teacher(self, recipe: str, seed: int | None) -> Path:
+        """The run of the reference the recipe ``recipe`` (its name) trains with ``seed`` (None: a soup, of its own
+        seeds)."""
+        return self.path / PARTS[1] / (recipe if seed is None else f"{recipe}-seed{seed}")
 
     # Reading them back.
     def info(self) -> EmbedInfo:

@@ -63,7 +63,8 @@ def check(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
     run_dir = Path(run_dir)
     if recipe.soup.seeds is not None:
         raise SlmembedError(f"recipe {recipe.name} is a soup of {len(recipe.soup.seeds)} runs (soup.seeds): "
-                            "`slmembed reproduce` trains and soups them; to train one run, --set soup.seeds=null")
+                            "`slmembed reproduce` trains and soups them; to train one run, --set soup.seeds=null"
+                            + (" --set soup.greedy=false" if recipe.soup.greedy else ""))
     references = recipe.train.references
     for source in references:
         if source not in trained_first:
