@@ -60,7 +60,8 @@ BAD: dict[str, list[str]] = {
     "train.sharding": ["ddp", "FSDP", "''", "1", "null"],
     "train.matryoshka_dims": ["[]", "[0]", "[8, 8]", "8", "[1.5]", "[true]"],
     "train.matryoshka_weights": ["[]", "[0]", "[-1]", "[.nan]", "1", "[x]"],
-    "train.reference": ["''", "'  '", "[]", "[x, x]", "['']", "1", "[1]", "all-minilm-l6-v2"],  # last: for infonce
+    "train.reference": ["''", "'  '", "[]", "[x, x]", "['']", "1", "[1]", "recipe:", f"'recipe:x@{2**64}'",
+                        "all-minilm-l6-v2"],  # last: for infonce
     "train.guide_margin": ["-0.1", ".nan", ".inf", "x", "true", "null", "0.1"],  # 0.1: for another train.loss
     "train.distill_weight": ["-1", ".nan", ".inf", "x", "true", "null", "0.5"],
     "train.distill_temperature": ["0", "-0.05", ".nan", ".inf", "x", "true", "null", "0.1"],
@@ -77,6 +78,8 @@ BAD: dict[str, list[str]] = {
     "data.pairing": ["every", "KTH", "''", "1", "null"],
     "data.neutral_negatives": NOT_BOOL,
     "data.entailment_pairs": NOT_BOOL,
+    "soup.seeds": ["[]", "[1]", "[3, 3]", "[-1, 2]", f"[1, {2**64}]", "[1.5, 2]", "[true, 2]", "3"],
+    "soup.greedy": [*NOT_BOOL, "true"],  # true: without soup.seeds
 }
 CASES = [(path, value) for path, values in BAD.items() for value in values]
 
