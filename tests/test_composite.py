@@ -146,6 +146,9 @@ def test_student_of_a_recipe_trains_the_teacher_first_and_learns_from_its_run(
     ({"soup": {"seeds": [3, 3]}}, "soup.seeds: expected a list of two or more distinct integers"),
     ({"soup": {"seeds": [3]}}, "soup.seeds: expected a list of two or more distinct integers"),
     ({"soup": {"greedy": True}}, "soup.greedy: true needs soup.seeds"),
+    ({"soup": {"seeds": [1, 2]}, "model": {"attention": "bidirectional"}, "adapt": {"mntp_steps": 2}},
+     "soup.seeds: each seed's run would adapt its own base model (adapt stages), and a soup averages runs of one base "
+     "model"),
     ({"train": {"loss": "distill_infonce", "reference": ["recipe:nope"]}}, "train.reference: recipe:nope: no recipe "
                                                                            "'nope': give a YAML file or one of "),
     ({"train": {"loss": "distill_infonce", "reference": "recipe:SELF@7"}}, "the recipe is its own reference"),

@@ -331,6 +331,10 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
         raise SlmembedError(f"{where}: model.attention: {recipe.model.attention!r}; the adapt stages (LLM2Vec's) train "
                             "a bidirectional model: set model.attention: bidirectional, or adapt.mntp_steps and "
                             "adapt.simcse_steps to 0")
+    if recipe.soup.seeds is not None and recipe.adapt.on:
+        raise SlmembedError(f"{where}: soup.seeds: each seed's run would adapt its own base model (adapt stages), "
+                            "and a soup averages runs of one base model: set adapt.mntp_steps and adapt.simcse_steps "
+                            "to 0, or soup.seeds to null")
     if recipe.soup.greedy and recipe.soup.seeds is None:
         raise SlmembedError(f"{where}: soup.greedy: true needs soup.seeds (the runs to choose from); set soup.seeds, "
                             "or leave soup.greedy at false")
