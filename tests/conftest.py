@@ -12,7 +12,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GemmaConfig, LlamaConfig, PhiConfig
 
-from slmembed import models
+from slmembed import models, reproduce, soup
+from slmembed.data import sts
+from slmembed.data.sts import StsSet
 
 # The data directory as slmembed finds it (SLMEMBED_DATA, as on the GPU machine; else ../shared/data).
 DATA = Path(os.environ.get("SLMEMBED_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data")
@@ -123,3 +125,17 @@ def remote_code_model(tmp_path, tiny_models) -> Path:
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "modeling_custom.py").write_text("raise RuntimeError('remote code ran')\n")
     return folder
+
+
+@pytest.fixture
+def few_pairs(monkeypatch) -> None:
+    """Every STS set cut to its first 40 pairs where reproduce, soup and the tests load it: the scores compared are
+    computed alike, in a fraction of the time."""
+    full = sts.load_sts
+
+    def cut(task: str, data_dir=None, split: str = "test") -> StsSet:
+        whole = full(task, data_dir, split)
+        return StsSet(whole.name, whole.sentences1[:40], whole.sentences2[:40], whole.scores[:40])
+
+    for module in (sts, reproduce, soup):
+        monkeypatch.setattr(module, "load_sts", cut)

@@ -12,16 +12,19 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
-from slmembed import adapt, models
+from slmembed import adapt, models, tuning
 from slmembed import train as train_mod
 from slmembed.cli import main
 from slmembed.config import Recipe
+from slmembed.data.sts import TASKS, load_all
 from slmembed.embedder import Embedder
+from slmembed.evaluate import evaluate
 from slmembed.loading import load_embedder
-from slmembed.losses.mntp import mntp_loss
+from slmembed.losses.mntp import mntp_loss, predictors
 from slmembed.losses.simcse import simcse_loss
+from slmembed.reproduce import reproduce
 from slmembed.run import RunDir
 from slmembed.spec import EmbedSpec
 
@@ -46,6 +49,33 @@ def test_mntp_loss_is_the_cross_entropy_of_the_previous_positions_logits_at_the_
             if (b, i) not in used:  # logits that predict no masked token: changing them changes nothing
                 other[b, i] = torch.randn(11, dtype=torch.float64) * 5
     assert mntp_loss(other, labels).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_mntp_loss_of_the_predicting_positions_only_equals_the_full_one() -> None:
+    torch.manual_seed(1)
+    logits = torch.randn(3, 7, 13, dtype=torch.float64)
+    labels = torch.where(torch.rand(3, 7) < 0.3, torch.randint(0, 13, (3, 7)), torch.tensor(-100))
+    labels[0, 3] = 5  # at least one masked token
+    assert mntp_loss(logits[predictors(labels)], labels).item() == pytest.approx(mntp_loss(logits, labels).item(),
+                                                                                  abs=1e-12)
+
+
+@pytest.mark.parametrize("cap", [None, 5.0])
+def test_the_head_on_chosen_positions_gives_the_lms_own_logits_there(cap) -> None:
+    # Gemma 3's forward soft-caps its logits when the config asks: a tiny random one, with and without the cap.
+    config = Gemma3TextConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=8, final_logit_softcapping=cap)
+    torch.manual_seed(0)
+    lm = Gemma3ForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    labels = torch.full((2, 6), -100)
+    labels[0, 2], labels[1, 5], labels[1, 1] = 7, 9, 3
+    where = predictors(labels)
+    with torch.no_grad():
+        full = lm(input_ids=ids).logits[where]
+        chosen = adapt.logits(lm, lm.get_decoder()(input_ids=ids).last_hidden_state[where])
+    assert torch.allclose(chosen, full, atol=1e-5)
+    assert cap is None or full.abs().max() < cap
 
 
 def test_simcse_loss_is_info_nce_of_the_two_views() -> None:
@@ -218,3 +248,25 @@ def test_two_processes_adapt_on_their_shares_and_the_first_writes_the_model(tmp_
     assert "adapt simcse step 2/2" in proc.stdout and proc.stdout.count("adapt simcse step 2/2") == 1  # the first
     vectors = load_embedder(str(run.path), device=torch.device("cpu"), dtype=torch.float32).encode(TEXTS)
     assert np.isfinite(vectors).all() and vectors.shape[0] == len(TEXTS)
+
+
+def test_reproduce_scores_an_adapted_runs_last_weights_on_its_adapted_base(tmp_path, tiny_models, data_dir,
+                                                                           few_pairs) -> None:
+    # Two dev scores, the average of both kept: "last_weights" (the last step's snapshot, reported beside the choice)
+    # must be scored on the run's adapted model, not on the recipe's original one.
+    recipe = _recipe(tiny_models, mntp_steps=2, simcse_steps=0)
+    recipe.train.max_steps, recipe.train.dev_every, recipe.train.average_last = 4, 2, 2
+    result = reproduce(recipe, tmp_path / "out" / "tiny", tmp_path / "run", data_dir=str(data_dir), device="cpu")
+    assert result["after"]["selected"]["chosen"] == "average"
+    run, sets = RunDir(tmp_path / "run"), load_all(TASKS, str(data_dir))
+
+    def scored(base: str) -> dict:
+        embedder = load_embedder(base, device=torch.device("cpu"), **EmbedSpec.of(recipe.model).__dict__)
+        embedder.model = tuning.prepare(embedder.model, recipe).eval()
+        tuning.load_state(embedder.model, load_file(run.snapshot(4)), recipe)
+        return evaluate(embedder, sets)
+
+    adapted, original = scored(str(run.adapted)), scored(recipe.model.name)
+    assert result["after"]["last_weights"]["scores"] == pytest.approx(adapted["scores"], abs=1e-6)
+    assert result["after"]["last_weights"]["average"] != pytest.approx(original["average"], abs=1e-3)
+

@@ -13,12 +13,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from slmembed import composite, outputs, soup
-from slmembed import reproduce as reproduce_mod
 from slmembed import train as train_mod
 from slmembed.cli import main
 from slmembed.config import Recipe, load_recipe, recipe_from_dict, recipe_reference, result_changes
-from slmembed.data import sts
-from slmembed.data.sts import TASKS, StsSet, load_all
+from slmembed.data.sts import TASKS, load_all
 from slmembed.errors import SlmembedError
 from slmembed.evaluate import evaluate
 from slmembed.loading import load_embedder
@@ -26,20 +24,6 @@ from slmembed.reproduce import reproduce
 from slmembed.run import PARTS, RunDir
 
 RESULTS = Path(__file__).parents[1] / "results" / "reproduce"
-
-
-@pytest.fixture
-def few_pairs(monkeypatch) -> None:
-    """Every STS set cut to its first 40 pairs where reproduce, soup and the tests load it: the scores compared are
-    computed alike, in a fraction of the time."""
-    full = sts.load_sts
-
-    def cut(task: str, data_dir=None, split: str = "test") -> StsSet:
-        whole = full(task, data_dir, split)
-        return StsSet(whole.name, whole.sentences1[:40], whole.sentences2[:40], whole.scores[:40])
-
-    for module in (sts, reproduce_mod, soup):
-        monkeypatch.setattr(module, "load_sts", cut)
 
 
 def _tiny(tiny_models, **train) -> Recipe:

@@ -78,6 +78,16 @@ BAD: dict[str, list[str]] = {
     "data.pairing": ["every", "KTH", "''", "1", "null"],
     "data.neutral_negatives": NOT_BOOL,
     "data.entailment_pairs": NOT_BOOL,
+    "adapt.mntp_steps": ["-1", "1.5", "x", "true", "null"],
+    "adapt.mntp_mask": ["0", "1", "-0.2", ".nan", "x", "true"],
+    "adapt.mntp_batch": ["0", "-1", "1.5", "true"],
+    "adapt.mntp_lr": ["0", "-1e-4", ".nan", ".inf", "x", "true"],
+    "adapt.simcse_steps": ["-1", "1.5", "x", "true", "null"],
+    "adapt.simcse_batch": ["1", "0", "1.5", "true"],
+    "adapt.simcse_lr": ["0", "-3e-5", ".nan", "x", "true"],
+    "adapt.simcse_dropout": ["1", "-0.1", ".nan", "x", "true"],
+    "adapt.r": ["0", "-16", "1.5", "true"],
+    "adapt.alpha": ["0", "-32", "1.5", "true"],
     "soup.seeds": ["[]", "[1]", "[3, 3]", "[-1, 2]", f"[1, {2**64}]", "[1.5, 2]", "[true, 2]", "3"],
     "soup.greedy": [*NOT_BOOL, "true"],  # true: without soup.seeds
 }

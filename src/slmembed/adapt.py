@@ -42,7 +42,7 @@ from slmembed.batch import batch_indices
 from slmembed.config import Recipe
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
-from slmembed.losses.mntp import IGNORE, mntp_loss
+from slmembed.losses.mntp import IGNORE, mntp_loss, predictors
 from slmembed.losses.simcse import simcse_loss
 from slmembed.run import RunDir
 from slmembed.spec import EmbedSpec
@@ -193,13 +193,22 @@ def _mntp(recipe: Recipe, texts: list[str], lm: torch.nn.Module, tokenizer, acc:
                 continue
             width = int(batch["attention_mask"][part].sum(1).max())
             piece = {k: v[part, :width].to(acc.device) for k, v in batch.items()}
-            logits = lm(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"]).logits
-            loss = mntp_loss(logits, piece["labels"]) * share
+            hidden = lm.get_decoder()(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"])
+            loss = mntp_loss(logits(lm, hidden.last_hidden_state[predictors(piece["labels"])]), piece["labels"]) * share
             loss.backward()
             total += loss.detach()
         return total
 
     return step
+
+
+def logits(lm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The causal LM's logits of the hidden states ``hidden`` [M, H]: its output layer, then the final soft cap of the
+    models that have one (Gemma 2 and 3), as their forward applies it; only where MNTP predicts a token, since the
+    logits of every position of a 262k vocabulary took 8 GiB a piece."""
+    out = lm.get_output_embeddings()(hidden)
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    return out if cap is None else torch.tanh(out / cap) * cap
 
 
 def _simcse(recipe: Recipe, texts: list[str], lm: torch.nn.Module, tokenizer) -> Step:

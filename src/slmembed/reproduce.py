@@ -27,8 +27,9 @@ from slmembed.tables import table
 # checked and held before any of them loads.
 
 
-def _state_scorer(recipe: Recipe, sets: dict, device: str):
-    """``score(file)``: the nine-set result of the base model with a saved trained state (a checkpoint's or a dev
+def _state_scorer(recipe: Recipe, run_dir: Path, sets: dict, device: str):
+    """``score(file)``: the nine-set result of the finished run's base model (the one its embed.json names: the
+    adapted model in the run folder, after ``adapt`` stages) with a saved trained state (a checkpoint's or a dev
     snapshot's weights, tuning.py) put in."""
     from safetensors.torch import load_file
 
@@ -37,7 +38,7 @@ def _state_scorer(recipe: Recipe, sets: dict, device: str):
     from slmembed.loading import load_embedder
     from slmembed.models import resolve_device
 
-    embedder = load_embedder(recipe.model.name, device=resolve_device(device),
+    embedder = load_embedder(RunDir(run_dir).info().model, device=resolve_device(device),
                              trust_remote_code=recipe.model.trust_remote_code, allow_pickle=recipe.model.allow_pickle,
                              **EmbedSpec.of(recipe.model).__dict__)
     embedder.model = tuning.prepare(embedder.model, recipe).eval()
@@ -51,7 +52,7 @@ def _state_scorer(recipe: Recipe, sets: dict, device: str):
 
 def _curve(recipe: Recipe, run_dir: Path, sets: dict, device: str, final: dict) -> list[dict]:
     """Nine-set average of every kept checkpoint, plus the final adapter."""
-    score = _state_scorer(recipe, sets, device)
+    score = _state_scorer(recipe, run_dir, sets, device)
     points = []
     for ckpt in map(Checkpoint, RunDir(run_dir).checkpoints()):
         points.append({"step": ckpt.step, "triplets_seen": ckpt.step * final["batch_size"],
@@ -123,7 +124,8 @@ def _reproduce(build: composite.Build, output: Path, *, data_dir: str | None, de
     if "dev" in summary:  # the scores behind the run's selection (selection.py), also STSBenchmark dev only
         after["selected"] = {k: v for k, v in summary["dev"].items() if k != "scores"}
         if summary["dev"]["chosen"] != "last":  # reported beside the choice, never used for it
-            after["last_weights"] = _state_scorer(recipe, sets, device)(RunDir(run_dir).snapshot(summary["steps"]))
+            last = RunDir(run_dir).snapshot(summary["steps"])
+            after["last_weights"] = _state_scorer(recipe, run_dir, sets, device)(last)
     print(f"[reproduce] {name} after: {after['average']:.2f} (seven-set {after['average_7']:.2f})", flush=True)
     result = {"model": recipe.model.name, "recipe": recipe.to_dict(), "before": before, "after": after,
               "train": summary}
