@@ -29,15 +29,17 @@ def before_after_bars(path: Path, labels: Sequence[str], before: Sequence[float]
     """One pair of bars (before, after) per label, the after value written above its bar; ``marks`` (the runs an
     after of several is made of, one value per label each) as dots on the after bars."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4.2))
+    many = len(labels) > 12  # an ablation of dozens of runs: a wider figure, labels upright enough to read
+    longest = max((len(label) for label in labels), default=0)
+    fig, ax = plt.subplots(figsize=(max(10.0, 0.36 * len(labels)), 4.2 + (0.055 * longest if many else 0)))
     x = range(len(labels))
     ax.bar([i - 0.2 for i in x], before, width=0.4, label="before", color="#9aa5b1")
     ax.bar([i + 0.2 for i in x], after, width=0.4, label="after", color="#1f6feb")
     for k, values in enumerate(marks):
         ax.plot([i + 0.2 for i in x], values, "o", color="#f0883e", markersize=3, label="its runs" if k == 0 else None)
     for i, v in zip(x, after, strict=True):
-        ax.text(i + 0.2, v + 1, f"{v:.1f}", ha="center", fontsize=8)
-    ax.set_xticks(list(x), labels, rotation=25, ha="right", fontsize=8)
+        ax.text(i + 0.2, v + 1, f"{v:.1f}", ha="center", fontsize=7 if many else 8, rotation=90 if many else 0)
+    ax.set_xticks(list(x), labels, rotation=70 if many else 25, ha="right", fontsize=8)
     ax.set(ylabel=ylabel, title=title, ylim=(min(0, *before, *after) - 5, 100))
     ax.legend()
     fig.tight_layout()

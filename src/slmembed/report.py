@@ -96,13 +96,17 @@ def plot_training(path: Path, name: str, log: list[dict]) -> None:
 def plot_losses(path: Path, runs: list[Run]) -> None:
     """The training loss of several runs on one axis."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(10, 4))
+    many = len(runs) > 12  # the legend beside the axes, where it covers no line
+    fig, ax = plt.subplots(figsize=(10 + 2.4 * (1 + len(runs) // 16) * many, 4 + many))
     for i, run in enumerate(runs):  # ten colours, then the next line style
         ax.plot([r["step"] for r in run.log], [r["loss"] for r in run.log], label=run.name, linewidth=1.2,
                 color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3])
     ax.set(xlabel="step", ylabel="InfoNCE loss", title="training loss per run")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:
+        ax.legend(fontsize=7, ncol=1 + len(runs) // 16, loc="upper left", bbox_to_anchor=(1.01, 1))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     save(fig, path)
 
