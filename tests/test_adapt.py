@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
 from slmembed import adapt, models, tuning
@@ -186,6 +187,12 @@ def test_a_run_adapts_trains_and_loads_back_from_its_moved_folder(tmp_path, tiny
     assert RunDir(moved).info().model == str(tmp_path / "elsewhere" / "adapted")
     torch.testing.assert_close(load_embedder(str(moved), device=torch.device("cpu"),
                                              dtype=torch.float32).encode(TEXTS), expected, rtol=0, atol=1e-5)
+    # The way a user takes it: a sentence-transformers folder of the adapted, trained model gives the same vectors.
+    export = tmp_path / "export"
+    assert main(["export", "--run", str(moved), "--output", str(export), "--format", "st", "--dtype", "float32"]) == 0
+    st = SentenceTransformer(str(export), device="cpu", local_files_only=True)
+    vectors = torch.from_numpy(st.encode(TEXTS, normalize_embeddings=True))
+    assert float((vectors * torch.nn.functional.normalize(torch.as_tensor(expected), dim=-1)).sum(1).min()) > 0.9999
 
 
 @pytest.mark.parametrize(("settings", "message"), [
