@@ -253,6 +253,16 @@ def _reference(recipe: Recipe, texts: list[str], run_dir: Path, resume: bool,
                              acc.num_processes)
 
 
+def _start_folder(run_dir: Path, replace: bool) -> None:
+    """The run folder made ready by the main process: an earlier run cleared first (``replace``), the folder made and
+    marked as train's output (outputs.py)."""
+    if replace:
+        outputs.clear(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / outputs.MARKER).exists():
+        outputs.mark(run_dir, "train", run.ENTRIES)
+
+
 def _adapt(recipe: Recipe, texts: list[str], run_dir: Path, replace: bool, acc: Accelerator,
            bf16: bool) -> tuple[dict | None, bool]:
     """Phase "adapt": with the recipe's ``adapt`` stages, the run folder started (an earlier run cleared if
@@ -261,11 +271,7 @@ def _adapt(recipe: Recipe, texts: list[str], run_dir: Path, replace: bool, acc: 
     if not recipe.adapt.on:
         return None, replace
     if acc.is_main_process:
-        if replace:
-            outputs.clear(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / outputs.MARKER).exists():
-            outputs.mark(run_dir, "train", run.ENTRIES)
+        _start_folder(run_dir, replace)
         clean_temporaries(RunDir(run_dir).adapted)  # the adapted model as it was, if a run was killed replacing it
     acc.wait_for_everyone()
     return adapt.adapt(recipe, texts, RunDir(run_dir), acc, bf16), False
@@ -294,11 +300,7 @@ def _open_run(recipe: Recipe, run_dir: Path, replace: bool, resume: bool, acc: A
         start = load_checkpoint(kept[-1], acc.unwrap_model(embedder.model), recipe, optimizer, scheduler)
         acc.print(f"resumed from step {start}")
     if acc.is_main_process:
-        if replace:
-            outputs.clear(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / outputs.MARKER).exists():
-            outputs.mark(run_dir, "train", run.ENTRIES)
+        _start_folder(run_dir, replace)
         write_text(RunDir(run_dir).recipe_file, recipe.to_yaml())
         write_json(RunDir(run_dir).data_record, data_record)
         if new_table is not None:
