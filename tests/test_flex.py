@@ -153,7 +153,7 @@ def test_kernels_that_cannot_run_are_refused(capsys, tmp_path, tiny_models, monk
                         "false: set train.packing to true (or null), or train.packed_attention to auto"), err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
-    monkeypatch.setattr(packing, "_flex_attention", lambda: None)
+    monkeypatch.setattr(packing, "flex_attention", None)
     with pytest.raises(SlmembedError, match=r"^train.packed_attention: flex needs torch.nn.attention.flex_attention"):
         packing.check("flex", torch.device("cuda"))
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])

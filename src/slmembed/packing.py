@@ -46,6 +46,11 @@ from transformers import AttentionInterface, PreTrainedModel
 from slmembed import attention as attention_mode
 from slmembed.errors import SlmembedError
 
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # a torch without FlexAttention: ``check`` refuses flex
+    create_block_mask = flex_attention = None
+
 NAME = "slmembed_packed"
 TILE = 128  # tokens of FlexAttention's query and key blocks: the block mask's granularity and the row's padding
 _KERNELS: dict = {}  # causal (bool) -> the GPU kernel ``attention`` calls (see ``_varlen``), set by ``use``
@@ -87,7 +92,7 @@ def fast(model: torch.nn.Module, kernel: str = "auto") -> bool:
     weight = next(model.parameters())
     if not (weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)):
         return False
-    return _flex_attention() is not None if kernel == "flex" else _varlen(attention_mode.is_causal(model)) is not None
+    return flex_attention is not None if kernel == "flex" else _varlen(attention_mode.is_causal(model)) is not None
 
 
 def check(kernel: str, device: torch.device, training: bool = True) -> None:
@@ -100,7 +105,7 @@ def check(kernel: str, device: torch.device, training: bool = True) -> None:
     if kernel == "varlen" and _varlen_attn() is None:
         raise SlmembedError(f"{field} needs torch.nn.attention.varlen, which torch {torch.__version__} lacks: set "
                             "train.packed_attention=auto")
-    if kernel == "flex" and _flex_attention() is None:
+    if kernel == "flex" and flex_attention is None:
         raise SlmembedError(f"{field} needs torch.nn.attention.flex_attention, which torch {torch.__version__} lacks: "
                             "set train.packed_attention=auto")
     if kernel == "flex" and training and not _flex_trains(device.type):
@@ -118,13 +123,11 @@ def use(model: torch.nn.Module, packed: bool, kernel: str = "auto") -> None:
     if packed:  # resolved here, for the model's attention: compiled code must not trace the probe behind it
         causal = attention_mode.is_causal(model)
         _KERNELS[causal] = _varlen(causal)
-        on_gpu = next(model.parameters()).is_cuda
-        if kernel == "varlen" and not (on_gpu and _KERNELS[causal]):
-            raise SlmembedError("train.packed_attention: varlen runs on a GPU where torch.nn.attention.varlen agrees "
-                                "with the reference (packing.py), not here: set train.packed_attention=auto")
-        if kernel == "flex" and _flex_attention() is None:
-            raise SlmembedError(f"train.packed_attention: flex needs torch.nn.attention.flex_attention, which torch "
-                                f"{torch.__version__} lacks: set train.packed_attention=auto")
+        device = next(model.parameters()).device
+        check(kernel, device, training=False)
+        if kernel == "varlen" and not _KERNELS[causal]:
+            raise SlmembedError("train.packed_attention: varlen disagrees with the reference on this GPU (packing.py): "
+                                "set train.packed_attention=auto")
         setattr(base, _KERNEL, kernel)
     current = base.config._attn_implementation
     if packed and current != NAME:
@@ -172,8 +175,6 @@ def documents(cu: torch.Tensor, length: int, causal: bool) -> Documents:
     """FlexAttention's block mask of a packed row of ``length`` tokens (``cu[-1]``, a multiple of ``TILE``): a query
     sees the keys of its own sequence, the earlier ones only if ``causal``. ``create_block_mask`` builds it on
     ``cu``'s device from the mask of every (query, key) pair."""
-    from torch.nn.attention.flex_attention import create_block_mask  # lazily: flex's forwards alone need it
-
     document = torch.searchsorted(cu[1:].long(), torch.arange(length, device=cu.device), right=True)
 
     def same(b, h, q, k):
@@ -237,36 +238,23 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tens
 def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask, scale: float | None) -> torch.Tensor:
     """FlexAttention of [1, H, T, D] queries and [1, H_kv, T, D] keys and values (grouped-query attention where
     H_kv < H) under ``block_mask``: [1, T, H, D]. Compiled on the GPU, unless already inside compiled code."""
-    flex = _flex_attention()
-    if query.is_cuda and not torch.compiler.is_compiling():
-        flex = _compiled_flex()
+    flex = _compiled_flex() if query.is_cuda and not torch.compiler.is_compiling() else flex_attention
     out = flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2)
 
 
 @functools.cache
-def _flex_attention():
-    """torch's ``flex_attention``, or None where this torch has none."""
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-    except ImportError:
-        return None
-    return flex_attention
-
-
-@functools.cache
 def _compiled_flex():
     """``flex_attention`` compiled once for the process: uncompiled, it computes every query-key score."""
-    return torch.compile(_flex_attention())
+    return torch.compile(flex_attention)
 
 
 def _flex_trains(device: str) -> bool:
     """Whether FlexAttention runs forward and backward on ``device`` (torch refuses its backward on some devices):
     tried on one tile."""
-    flex = _flex_attention()
     probe = torch.zeros(1, 1, TILE, 8, device=device, requires_grad=True)
     try:
-        flex(probe, probe, probe).sum().backward()
+        flex_attention(probe, probe, probe).sum().backward()
     except NotImplementedError:
         return False
     return True
