@@ -13,16 +13,19 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.attention.flex_attention as flex_module
+from test_cuda_graphs import _batch, _embedder, _grads
 from test_gradcache import TEXTS
 from test_packing import MORE, _model
 from test_train import _tiny_recipe
 from transformers import AutoTokenizer, Gemma3TextConfig
 
-from slmembed import packing
+from slmembed import cuda_graphs, packing
 from slmembed import train as train_mod
+from slmembed.batch import batch_loss
 from slmembed.cli import main
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
+from slmembed.losses.infonce import info_nce
 from slmembed.spec import EmbedSpec
 
 LENGTHS = [1, 2, 17, 128, 129, 5]  # 282 tokens: 3 tiles, the last one padded with a filler sequence
@@ -159,3 +162,22 @@ def test_kernels_that_cannot_run_are_refused(capsys, tmp_path, tiny_models, monk
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     with pytest.raises(SlmembedError, match="flex needs torch.nn.attention.flex_attention, which torch"):
         Embedder(_model(str(tiny_models["llama"]), tokenizer), tokenizer, EmbedSpec(), packed=True, kernel="flex")
+
+
+def test_a_graphed_step_with_flex_gives_the_ordinary_steps_loss_and_gradients(tiny_models, cpu_backward) -> None:
+    """CUDA graphs' fixed-shape step (its filler sequence, the bucket's length: a multiple of the tile), run on the
+    CPU's static inputs with FlexAttention, gives the loss and LoRA gradients of the ordinary step with the explicit
+    mask."""
+    reference = _embedder(tiny_models)
+    flex = _embedder(tiny_models)
+    flex = Embedder(flex.model, flex.tokenizer, flex.spec, packed=True, kernel="flex")
+    batch = _batch(reference, np.arange(2, 12), {3, 7})
+    want = batch_loss(info_nce, batch, reference.forward_ids(batch.ids, 4096), 0.05)
+    want.backward()
+    params = [p for p in flex.model.parameters() if p.requires_grad]
+    got = cuda_graphs.GraphedStep(flex, info_nce, 0.05, params, bf16=False, max_tokens=4096)(batch)
+    torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+    want_grads, got_grads = _grads(reference), _grads(flex)
+    for name, grad in want_grads.items():
+        assert grad.abs().max() > 0, name
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
