@@ -181,3 +181,46 @@ def test_a_graphed_step_with_flex_gives_the_ordinary_steps_loss_and_gradients(ti
     for name, grad in want_grads.items():
         assert grad.abs().max() > 0, name
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel: run on the GPU machine")
+@pytest.mark.parametrize("heads,kv_heads,size", [(9, 3, 64), (4, 1, 256)])  # SmolLM2-135M's, Gemma-3-270M's
+@pytest.mark.parametrize("causal", [True, False])
+def test_compiled_flex_on_the_gpu_equals_the_reference(causal: bool, heads: int, kv_heads: int, size: int) -> None:
+    """torch's fused kernel, bf16, on the two models' head layouts: outputs and gradients within bf16's rounding of
+    the explicit mask's."""
+    tokens = sum(LENGTHS)
+    padded = -(-tokens // packing.TILE) * packing.TILE
+    cu = torch.tensor(np.cumsum([0, *LENGTHS, padded - tokens]), dtype=torch.int32, device="cuda")
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    query = torch.randn(1, heads, padded, size, generator=generator, device="cuda", dtype=torch.bfloat16)
+    key, value = (torch.randn(1, kv_heads, padded, size, generator=generator, device="cuda", dtype=torch.bfloat16)
+                  for _ in range(2))
+    query, key, value = (x.requires_grad_() for x in (query, key, value))
+    out, _ = packing.attention(torch.nn.Module(), query, key, value, None, scaling=size**-0.5, cu_seq_lens_q=cu,
+                               is_causal=causal, documents=packing.documents(cu, padded, causal))
+    got = torch.autograd.grad(out[0, :tokens].float().square().sum(), (query, key, value))
+    group = heads // kv_heads
+    q, k, v = (x[0, :, :tokens].transpose(0, 1) for x in (query, key, value))
+    want_out = packing._reference(q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), cu[:-1],
+                                  size**-0.5, causal)
+    want = torch.autograd.grad(want_out.float().square().sum(), (query, key, value))
+    torch.testing.assert_close(out[0, :tokens].float(), want_out.float(), rtol=0.02, atol=0.02)
+    for name, a, b in zip("qkv", got, want, strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05 * b.abs().max().item(), msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels and CUDA graphs: run on the GPU machine")
+@pytest.mark.parametrize("setting", [{}, {"compile": True}, {"cuda_graphs": True}])
+def test_flex_training_on_the_gpu_equals_varlen(tmp_path, tiny_models, data_dir, setting: dict) -> None:
+    """Eight bf16 steps of a tiny Llama with FlexAttention, eager, in compiled blocks or recorded in CUDA graphs:
+    the losses of variable-length FlashAttention's steps within bf16's noise."""
+    losses = {}
+    for kernel in ("varlen", "flex"):
+        recipe = _tiny_recipe(tiny_models, max_steps=8, bf16=True, packing=True, packed_attention=kernel,
+                              chunk_tokens=65536, save_every=100, **setting)
+        recipe.lora.dropout = 0.0
+        train_mod.train(recipe, tmp_path / kernel, data_dir=data_dir, device="cuda", progress=False)
+        losses[kernel] = [json.loads(line)["loss"] for line in (tmp_path / f"{kernel}/train_log.jsonl").open()]
+    assert len(losses["flex"]) == 8
+    np.testing.assert_allclose(losses["flex"], losses["varlen"], rtol=1e-2)
