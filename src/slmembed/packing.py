@@ -54,7 +54,7 @@ except ImportError:  # a torch without FlexAttention: ``check`` refuses flex
 NAME = "slmembed_packed"
 TILE = 128  # tokens of FlexAttention's query and key blocks: the block mask's granularity and the row's padding
 _KERNELS: dict = {}  # causal (bool) -> the GPU kernel ``attention`` calls (see ``_varlen``), set by ``use``
-_KERNEL = "_slmembed_packed_kernel"  # the kernel ``use`` chose, on the transformers model
+_FLEX = "_slmembed_flex_causal"  # on the transformers model, set by ``use``: None, or flex's mask's causality
 ARCHITECTURES = frozenset({"llama", "gemma", "gemma3_text", "phi", "qwen2", "mistral"})
 
 
@@ -128,7 +128,7 @@ def use(model: torch.nn.Module, packed: bool, kernel: str = "auto") -> None:
         if kernel == "varlen" and not _KERNELS[causal]:
             raise SlmembedError("train.packed_attention: varlen disagrees with the reference on this GPU (packing.py): "
                                 "set train.packed_attention=auto")
-        setattr(base, _KERNEL, kernel)
+        setattr(base, _FLEX, causal if kernel == "flex" else None)
     current = base.config._attn_implementation
     if packed and current != NAME:
         base._slmembed_unpacked_attention = current
@@ -159,13 +159,13 @@ def hidden_states(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """The last layer's hidden states [T, D] of a packed batch (already on the model's device)."""
     ids, positions, cu, longest = batch["input_ids"], batch["position_ids"], batch["cu_seq_lens"], batch["max_length"]
     tokens, extra = ids.shape[1], {}
-    base = _pretrained(model)
-    if getattr(base, _KERNEL, "auto") == "flex":
+    causal = getattr(_pretrained(model), _FLEX, None)
+    if causal is not None:
         filler = -tokens % TILE
         if filler:  # a sequence of its own, of token 0 at position 0 (any will do: its outputs are dropped)
             ids, positions = F.pad(ids, (0, filler)), F.pad(positions, (0, filler))
             cu = torch.cat([cu, cu.new_full((1,), tokens + filler)])
-        extra["documents"] = documents(cu, tokens + filler, attention_mode.is_causal(model))
+        extra["documents"] = documents(cu, tokens + filler, causal)
     out = model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
                 max_length_k=longest, **extra)
     return out.last_hidden_state[0, :tokens]
