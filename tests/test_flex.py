@@ -56,7 +56,7 @@ def test_flex_attention_equals_the_reference_with_its_gradients(cpu_backward, ca
     key, value = (torch.randn(1, 2, padded, 8, generator=generator, requires_grad=True) for _ in range(2))
     weights = torch.randn(tokens, 4, 8, generator=generator)  # a loss that weighs every output differently
 
-    documents = packing.documents(cu, padded, causal)
+    documents = packing.document_mask(cu, padded, causal)
     out, _ = packing.attention(torch.nn.Module(), query, key, value, None, scaling=0.3, cu_seq_lens_q=cu,
                                is_causal=causal, documents=documents)
     assert out.shape == (1, padded, 4, 8) and torch.isfinite(out).all()
@@ -79,7 +79,7 @@ def test_the_block_mask_skips_the_tiles_of_other_sequences() -> None:
     four diagonal tiles alone, each partly masked; bidirectional, the same four, whole."""
     cu = torch.tensor([0, 128, 256, 384, 512], dtype=torch.int32)
     for causal in (True, False):
-        block = packing.documents(cu, 512, causal).block_mask
+        block = packing.document_mask(cu, 512, causal).block_mask
         dense = block.to_dense()[0, 0]
         torch.testing.assert_close(dense, torch.eye(4, dtype=dense.dtype))
         assert int(block.full_kv_num_blocks.sum()) == (0 if causal else 4)
@@ -198,7 +198,7 @@ def test_compiled_flex_on_the_gpu_equals_the_reference(causal: bool, heads: int,
                   for _ in range(2))
     query, key, value = (x.requires_grad_() for x in (query, key, value))
     out, _ = packing.attention(torch.nn.Module(), query, key, value, None, scaling=size**-0.5, cu_seq_lens_q=cu,
-                               is_causal=causal, documents=packing.documents(cu, padded, causal))
+                               is_causal=causal, documents=packing.document_mask(cu, padded, causal))
     got = torch.autograd.grad(out[0, :tokens].float().square().sum(), (query, key, value))
     group = heads // kv_heads
     q, k, v = (x[0, :, :tokens].transpose(0, 1) for x in (query, key, value))

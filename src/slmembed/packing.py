@@ -165,13 +165,13 @@ def hidden_states(model: torch.nn.Module, batch: dict) -> torch.Tensor:
         if filler:  # a sequence of its own, of token 0 at position 0 (any will do: its outputs are dropped)
             ids, positions = F.pad(ids, (0, filler)), F.pad(positions, (0, filler))
             cu = torch.cat([cu, cu.new_full((1,), tokens + filler)])
-        extra["documents"] = documents(cu, tokens + filler, causal)
+        extra["documents"] = document_mask(cu, tokens + filler, causal)
     out = model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
                 max_length_k=longest, **extra)
     return out.last_hidden_state[0, :tokens]
 
 
-def documents(cu: torch.Tensor, length: int, causal: bool) -> Documents:
+def document_mask(cu: torch.Tensor, length: int, causal: bool) -> Documents:
     """FlexAttention's block mask of a packed row of ``length`` tokens (``cu[-1]``, a multiple of ``TILE``): a query
     sees the keys of its own sequence, the earlier ones only if ``causal``. ``create_block_mask`` builds it on
     ``cu``'s device from the mask of every (query, key) pair."""
@@ -182,7 +182,7 @@ def documents(cu: torch.Tensor, length: int, causal: bool) -> Documents:
     def same_causal(b, h, q, k):
         return (document[q] == document[k]) & (q >= k)
 
-    with torch.profiler.record_function("packing.documents"):  # its cost a step, in a profile's operator table
+    with torch.profiler.record_function("packing.document_mask"):  # its cost a step, in a profile's operator table
         document = torch.searchsorted(cu[1:].long(), torch.arange(length, device=cu.device), right=True)
         mask = create_block_mask(same_causal if causal else same, None, None, length, length, device=cu.device,
                                  BLOCK_SIZE=TILE)
