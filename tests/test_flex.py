@@ -142,8 +142,8 @@ def test_flex_training_on_the_cpu_is_one_line(capsys, tmp_path) -> None:
 
 
 def test_kernels_that_cannot_run_are_refused(capsys, tmp_path, tiny_models, monkeypatch) -> None:
-    """varlen on the CPU and a packed kernel without packing are one line; flex where torch has none is refused
-    by the check and by the Embedder."""
+    """varlen on the CPU and a packed kernel without packing are one line; flex for a model that cannot run packed
+    batches, or where torch has none, is refused by the Embedder (and the latter by the check, before loading)."""
     assert main(["train", "--recipe", "demo-smollm2", "--output", str(tmp_path / "a"), "--set",
                  "train.packed_attention=varlen", "--device", "cpu"]) == 2
     assert capsys.readouterr().err.strip() == (
@@ -156,10 +156,17 @@ def test_kernels_that_cannot_run_are_refused(capsys, tmp_path, tiny_models, monk
                         "false: set train.packing to true (or null), or train.packed_attention to auto"), err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    windowed = _model(MORE["gemma3_text"], tokenizer)  # a 16-token sliding window
+    with pytest.raises(SlmembedError, match=r"^train.packed_attention: flex is the attention of packed batches, which "
+                                            r"this model cannot run: its sliding window \(16 tokens\) is shorter than "
+                                            r"max_length \(32\); set train.packed_attention=auto$"):
+        Embedder(windowed, tokenizer, EmbedSpec(max_length=32), kernel="flex")
+    assert Embedder(windowed, tokenizer, EmbedSpec(max_length=16), kernel="flex").packed  # asked: packed on the CPU
+
     monkeypatch.setattr(packing, "flex_attention", None)
     with pytest.raises(SlmembedError, match=r"^train.packed_attention: flex needs torch.nn.attention.flex_attention"):
         packing.check("flex", torch.device("cuda"))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     with pytest.raises(SlmembedError, match="flex needs torch.nn.attention.flex_attention, which torch"):
         Embedder(_model(str(tiny_models["llama"]), tokenizer), tokenizer, EmbedSpec(), packed=True, kernel="flex")
 

@@ -47,7 +47,8 @@ class Embedder:
 
     ``packed``: run batches packed (packing.py); by default where that is supported and fast (decoders of the tested
     architectures in bf16 on a GPU). It switches the model's attention to packed attention, or back. ``kernel``: the
-    packed attention's (the recipe's ``train.packed_attention``: auto, varlen or flex; packing.py).
+    packed attention's (the recipe's ``train.packed_attention``: auto, varlen or flex; packing.py); varlen or flex
+    packs by default wherever packing is supported, and is refused where it is not.
 
     The model's self-attention is first made what ``spec.attention`` asks (``attention.use``): bidirectional, or
     causal, which undoes an earlier switch of this model to bidirectional and otherwise leaves it as loaded.
@@ -78,6 +79,11 @@ class Embedder:
         if packed and why_not:
             raise SlmembedError(f"train.packing=true, but this model cannot run packed batches: {why_not}; set "
                                 "train.packing=null (packed where supported) or false")
+        if packed is None and kernel != "auto":  # a kernel asked for packs where packing is supported
+            if why_not:
+                raise SlmembedError(f"train.packed_attention: {kernel} is the attention of packed batches, which this "
+                                    f"model cannot run: {why_not}; set train.packed_attention=auto")
+            packed = True
         self.packed = why_not is None and packing.fast(model, kernel) if packed is None else packed
         packing.use(model, self.packed, kernel)
         self.head = None if head is None else head.to(self.device)
