@@ -4,16 +4,20 @@ For each batch size: slmembed's own ``train`` in the chosen variants (eager; ``c
 ``grad_cache``: cached negatives; ``compile_grad_cache``: both; each also as ``..._padded``, with packing off) and
 the peer's SentenceTransformerTrainer with MultipleNegativesRankingLoss and/or its cached variant (which is how a
 peer user reaches large batches). Rates are triplets/s between a step after warm-up and the last step, both timed
-after the GPU finished. Model FLOPs per step are counted from the actual token lengths (see ``model_flops``); MFU
-divides them by the measured bf16 matmul ceiling. Then, if asked, GradCache's peak memory against batch size, and a
-quality check: both tools train the same number of steps on the same triplets with the same schedule, and both are
-scored on the nine STS sets.
+after the GPU finished; with ``--packed-attention``, each packed variant once per attention kernel of packed
+batches (``train.packed_attention``: varlen, flex; packing.py). Model FLOPs per step are counted from the actual
+token lengths (see ``model_flops``); MFU divides them by the measured bf16 matmul ceiling. Then, if asked,
+GradCache's peak memory against batch size, and a quality check: both tools train the same number of steps on the
+same triplets with the same schedule, and both are scored on the nine STS sets.
 
     python bench/train_speed.py --model gemma-3-270m --batches 60 --variants eager compile \
         --quality-steps 200 --output results/bench/train-gemma-3-270m-b60.json
     python bench/train_speed.py --model gemma-3-270m --batches 512 --variants grad_cache compile_grad_cache \
         --peer-losses cached --peer-warmup 2 --peer-steps 4 --cache-sweep 1024 2048 4096 \
         --output results/bench/train-gemma-3-270m-b512.json
+    python bench/train_speed.py --model gemma-3-270m --batches 512 --variants eager compile --packed-attention \
+        varlen flex --peer-losses --profile 'results/bench/profile-b512-{variant}.txt' --profile-variants compile \
+        --output results/bench/train-gemma-3-270m-b512-flex.json
 """
 
 from __future__ import annotations
@@ -94,6 +98,22 @@ VARIANTS = {"eager": [], "compile": ["train.compile=true"], "grad_cache": ["trai
             "graphs": ["train.cuda_graphs=true"], "compile_graphs": ["train.compile=true", "train.cuda_graphs=true"]}
 VARIANTS.update({f"{name}_padded": [*overrides, "train.packing=false"] for name, overrides in list(VARIANTS.items())
                  if "graphs" not in name})
+KERNELS = ("auto", "varlen", "flex")  # train.packed_attention (packing.py)
+
+
+def configurations(variants: list[str], kernels: list[str]) -> dict[str, list[str]]:
+    """Each variant's overrides with each packed-attention kernel, by name: the variant's own name where ``kernels``
+    is ``auto`` alone, else ``VARIANT_KERNEL``; padded variants (no packed attention) once, as they are."""
+    if kernels == ["auto"]:
+        return {variant: VARIANTS[variant] for variant in variants}
+    out = {}
+    for variant in variants:
+        if variant.endswith("_padded"):
+            out[variant] = VARIANTS[variant]
+            continue
+        for kernel in kernels:
+            out[f"{variant}_{kernel}"] = [*VARIANTS[variant], f"train.packed_attention={kernel}"]
+    return out
 
 
 def run_ours(recipe: Recipe, warmup: int, steps: int, data_dir: str | None, run_dir: Path,
@@ -191,6 +211,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--variants", nargs="*", default=["eager", "compile"], choices=sorted(VARIANTS))
+    p.add_argument("--packed-attention", nargs="+", default=["auto"], choices=KERNELS,
+                   help="run each packed variant with each of these kernels (train.packed_attention), named "
+                        "VARIANT_KERNEL, e.g. --packed-attention varlen flex")
     p.add_argument("--peer-losses", nargs="*", default=["mnrl"], choices=["mnrl", "cached"],
                    help="the peer's MultipleNegativesRankingLoss and/or its cached variant (mini-batch 64)")
     p.add_argument("--peer-warmup", type=int, help="the peer's warm-up steps (default: --warmup)")
@@ -202,7 +225,8 @@ def main() -> None:
     p.add_argument("--quality-tasks", nargs="+", default=list(TASKS), help="STS sets of the quality check")
     p.add_argument("--profile", help="write torch.profiler tables of slmembed's first variant at the first batch "
                    "here; with --profile-variants, of each of those, '{variant}' in the path naming it")
-    p.add_argument("--profile-variants", nargs="*", choices=sorted(VARIANTS), help="the variants to profile")
+    p.add_argument("--profile-variants", nargs="*", choices=sorted(VARIANTS),
+                   help="the variants to profile (each with each --packed-attention kernel)")
     p.add_argument("--sync-check", action="store_true",
                    help="run the first variant at the first batch again, recording where the host waits for the GPU")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -219,6 +243,7 @@ def main() -> None:
 
     tokenizer_only = Embedder(torch.nn.Linear(1, 1), AutoTokenizer.from_pretrained(folder), EmbedSpec.of(base.model))
     ceiling = matmul_ceiling_tflops() if torch.cuda.is_available() else float("nan")
+    runs = configurations(args.variants, args.packed_attention)
     result = {"model": args.model, "overrides": args.set, "matmul_ceiling_tflops": round(ceiling, 1),
               "warmup_steps": args.warmup,
               "timed_steps": args.steps, "lora": base.lora.__dict__, "batches": {}}
@@ -233,18 +258,19 @@ def main() -> None:
                "model_tflop_per_step": round(flops / 1e12, 3)}
         def first_variant(name: str, recipe=recipe, batch=batch) -> tuple:
             """The first variant again, as a run_ours argument tuple (this iteration's recipe and batch bound)."""
-            return (with_overrides(recipe, VARIANTS[args.variants[0]]), args.warmup, args.steps, args.data_dir,
+            return (with_overrides(recipe, next(iter(runs.values()))), args.warmup, args.steps, args.data_dir,
                     scratch / f"{name}-{batch}")
 
         if args.profile and args.profile_variants:  # steps warmup+1..warmup+10 under slmembed's step profiler,
             # before the timed variants: a liger variant patches the architecture for the rest of the process
-            row["profiled"] = {variant: step_profiled(with_overrides(recipe, VARIANTS[variant]), args,
-                                                      scratch / f"profile-{batch}-{variant}",
-                                                      args.profile.format(variant=variant))
-                               for variant in args.profile_variants}
+            profiles = configurations(args.profile_variants, args.packed_attention)
+            row["profiled"] = {name: step_profiled(with_overrides(recipe, overrides), args,
+                                                   scratch / f"profile-{batch}-{name}",
+                                                   args.profile.format(variant=name))
+                               for name, overrides in profiles.items()}
             args.profile = None
-        for variant in args.variants:
-            ours = run_ours(with_overrides(recipe, VARIANTS[variant]), args.warmup, args.steps, args.data_dir,
+        for variant, overrides in runs.items():
+            ours = run_ours(with_overrides(recipe, overrides), args.warmup, args.steps, args.data_dir,
                             scratch / f"ours-{batch}-{variant}")
             if "triplets_per_s" in ours:
                 ours["mfu"] = round(flops / (ours["ms_per_step"] / 1000) / (ceiling * 1e12), 4)

@@ -53,6 +53,7 @@ BAD: dict[str, list[str]] = {
     "train.bf16": NOT_BOOL,
     "train.chunk_tokens": ["0", "-1", *NOT_INT],
     "train.packing": ["auto", "1"],
+    "train.packed_attention": ["fast", "FLEX", "flash", "''", "1", "true", "null"],
     "train.grad_cache": NOT_BOOL,
     "train.compile": NOT_BOOL,
     "train.cuda_graphs": NOT_BOOL,
@@ -142,7 +143,7 @@ GOOD = [("train.lr", "1e-3", 1e-3), ("train.lr", "5e-5", 5e-5), ("train.max_step
         ("model.max_length", "2", 2), ("model.pooling", "mean", "mean"), ("model.prompt", "P1", "P1"),
         ("model.prompt", "'Query: {}'", "Query: {}"), ("model.prompt", "'{{x}} {} means'", "{{x}} {} means"),
         ("data.sources", "[nli, lingnli]", ["nli", "lingnli"]), ("data.max_triplets", "1", 1),
-        ("train.loss", "symmetric_infonce", "symmetric_infonce")]
+        ("train.loss", "symmetric_infonce", "symmetric_infonce"), ("train.packed_attention", "flex", "flex")]
 
 
 @pytest.mark.parametrize("path, value, expected", GOOD)

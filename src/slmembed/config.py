@@ -124,6 +124,10 @@ class TrainConfig:
     # Tokens per forward chunk (padded ones, or real ones when packed); a longer text gets a chunk of its own.
     chunk_tokens: int = checked(at_least(1), default=4096)
     packing: bool | None = None  # chunks as one row without padding (packing.py); None: where supported, on a GPU
+    # The packed batches' attention kernel (packing.py): auto: variable-length FlashAttention on a GPU, an explicit
+    # mask elsewhere; varlen: FlashAttention; flex: FlexAttention with a document mask. Either of the last two packs
+    # wherever packing is supported and is refused where it cannot run.
+    packed_attention: str = checked(one_of("auto", "varlen", "flex"), default="auto")
     grad_cache: bool = False  # cached negatives (GradCache): memory set by chunk_tokens, not batch_size
     compile: bool = False  # torch.compile each transformer block (compile.py): fused kernels, a one-off compile time
     # Each step's forward and backward replayed as a CUDA graph (cuda_graphs.py): for small batches, whose steps the
@@ -214,13 +218,14 @@ class Recipe:
 
 # Fields that change how a run goes but not what it computes, so a resumed run may change them (train.py): its
 # label, the safety flags that allow loading, where it logs and checkpoints, skip_bad_rows (a run started without it
-# had no bad rows to skip), and how each step's batch is cut and run: chunk_tokens, packing, grad_cache (speed,
-# memory), compile and kernels (fused kernels) leave the loss and its gradient as they are; only rounding and the
-# dropout masks drawn differ.
+# had no bad rows to skip), and how each step's batch is cut and run: chunk_tokens, packing and packed_attention,
+# grad_cache (speed, memory), compile and kernels (fused kernels) leave the loss and its gradient as they are; only
+# rounding and the dropout masks drawn differ.
 NOT_RESULT = frozenset({
     "name", "model.trust_remote_code", "model.allow_pickle", "data.skip_bad_rows",
     "train.log_every", "train.save_every", "train.keep_checkpoints",
-    "train.chunk_tokens", "train.packing", "train.grad_cache", "train.compile", "train.kernels",
+    "train.chunk_tokens", "train.packing", "train.packed_attention", "train.grad_cache", "train.compile",
+    "train.kernels",
 })
 
 
@@ -338,6 +343,10 @@ def recipe_from_dict(data: dict[str, Any], where: str = "recipe") -> Recipe:
     if recipe.soup.greedy and recipe.soup.seeds is None:
         raise SlmembedError(f"{where}: soup.greedy: true needs soup.seeds (the runs to choose from); set soup.seeds, "
                             "or leave soup.greedy at false")
+    if tc.packing is False and tc.packed_attention != "auto":
+        raise SlmembedError(f"{where}: train.packed_attention: {tc.packed_attention} is the attention of packed "
+                            "batches, and train.packing is false: set train.packing to true (or null), or "
+                            "train.packed_attention to auto")
     if tc.sharding == "fsdp" and tc.average_last != 1:
         raise SlmembedError(f"{where}: train.average_last: {tc.average_last} cannot be combined with train.sharding: "
                             "fsdp (the averaged adapter is not sharded); leave it at 1")

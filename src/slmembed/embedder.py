@@ -46,7 +46,9 @@ class Embedder:
     """Wraps a backbone and its tokenizer; ``forward`` keeps the graph (training), ``encode`` does not.
 
     ``packed``: run batches packed (packing.py); by default where that is supported and fast (decoders of the tested
-    architectures in bf16 on a GPU). It switches the model's attention to packed attention, or back.
+    architectures in bf16 on a GPU). It switches the model's attention to packed attention, or back. ``kernel``: the
+    packed attention's (the recipe's ``train.packed_attention``: auto, varlen or flex; packing.py); varlen or flex
+    packs by default wherever packing is supported, and is refused where it is not.
 
     The model's self-attention is first made what ``spec.attention`` asks (``attention.use``): bidirectional, or
     causal, which undoes an earlier switch of this model to bidirectional and otherwise leaves it as loaded.
@@ -62,8 +64,9 @@ class Embedder:
     sources: tuple[str, ...] = ()
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: EmbedSpec,
-                 packed: bool | None = None, head: torch.nn.Module | None = None, include_prompt: bool = True) -> None:
-        self.model, self.tokenizer, self.spec = model, tokenizer, spec
+                 packed: bool | None = None, head: torch.nn.Module | None = None, include_prompt: bool = True,
+                 kernel: str = "auto") -> None:
+        self.model, self.tokenizer, self.spec, self.kernel = model, tokenizer, spec, kernel
         attention.use(model, spec.attention)  # before the fast path and packing, which depend on it
         self.causal = is_causal(model)  # the fast path of the module docstring
         self.eos = tokenizer.eos_token_id if spec.append_eos else None
@@ -76,8 +79,13 @@ class Embedder:
         if packed and why_not:
             raise SlmembedError(f"train.packing=true, but this model cannot run packed batches: {why_not}; set "
                                 "train.packing=null (packed where supported) or false")
-        self.packed = why_not is None and packing.fast(model) if packed is None else packed
-        packing.use(model, self.packed)
+        if packed is None and kernel != "auto":  # a kernel asked for packs where packing is supported
+            if why_not:
+                raise SlmembedError(f"train.packed_attention: {kernel} is the attention of packed batches, which this "
+                                    f"model cannot run: {why_not}; set train.packed_attention=auto")
+            packed = True
+        self.packed = why_not is None and packing.fast(model, kernel) if packed is None else packed
+        packing.use(model, self.packed, kernel)
         self.head = None if head is None else head.to(self.device)
         self.skip = 0  # leading tokens of every text that pooling leaves out: the prompt's, if not included
         if spec.prompt and not include_prompt:

@@ -3,9 +3,21 @@
 N token-id lists of lengths L_1..L_N become ``input_ids`` [1, T] with T = sum L_i, position ids that restart at 0
 for every sequence, and cumulative lengths ``cu = [0, L_1, L_1 + L_2, ..., T]``. Every layer but attention works
 token by token, so only real tokens are computed. Attention runs per sequence, blind to its neighbours, and causal
-unless the model was made bidirectional (attention.py): variable-length FlashAttention (``torch.nn.attention.varlen``)
-on the GPU, an explicit block-diagonal mask elsewhere (the reference the tests compare against), each with or without
-the causal triangle inside a block. Sequence i's last token is row ``cu[i+1] - 1``.
+unless the model was made bidirectional (attention.py), by one of three kernels (the recipe's
+``train.packed_attention``), each with or without the causal triangle inside a sequence:
+
+* ``varlen``: variable-length FlashAttention (``torch.nn.attention.varlen``) on the GPU, one tile per sequence;
+* ``flex``: FlexAttention (``torch.nn.attention.flex_attention``) over 128-token tiles of the whole row, with a
+  document mask that the kernel reads block by block, skipping the tiles no query of which sees any key. Short
+  sequences then share a tile (about seven of batch 512's 18-token ones) instead of each filling one of their own.
+  The mask is built once per forward (``hidden_states``), for every layer, from ``cu``; the row is padded to a
+  multiple of the tile with a filler sequence that attends only to itself (no row without a key, so no NaN) and whose
+  outputs are dropped. On the GPU the kernel is compiled (``torch.compile``; inside a compiled block, the block's
+  compile takes it in), else it runs unfused;
+* the explicit block-diagonal mask (``_reference``, which the tests compare against) wherever neither is asked or
+  runs: ``auto`` is ``varlen`` where it runs, this elsewhere.
+
+Sequence i's last token is row ``cu[i+1] - 1``.
 
 transformers reaches this attention through its attention interface, under the name ``slmembed_packed``. That name
 has no mask function, so transformers builds no mask for it either: its mask builder otherwise checks the position
@@ -24,6 +36,7 @@ import inspect
 import itertools
 import warnings
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -31,9 +44,17 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
 
 from slmembed import attention as attention_mode
+from slmembed.errors import SlmembedError
+
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:  # a torch without FlexAttention: ``check`` refuses flex
+    create_block_mask = flex_attention = None
 
 NAME = "slmembed_packed"
+TILE = 128  # tokens of FlexAttention's query and key blocks: the block mask's granularity and the row's padding
 _KERNELS: dict = {}  # causal (bool) -> the GPU kernel ``attention`` calls (see ``_varlen``), set by ``use``
+_FLEX = "_slmembed_flex_causal"  # on the transformers model, set by ``use``: None, or flex's mask's causality
 ARCHITECTURES = frozenset({"llama", "gemma", "gemma3_text", "phi", "qwen2", "mistral"})
 
 
@@ -65,22 +86,49 @@ def unsupported(model: torch.nn.Module, max_length: int) -> str | None:
     return None
 
 
-def fast(model: torch.nn.Module) -> bool:
-    """Whether packing pays for ``model``: with variable-length FlashAttention, i.e. a bf16/fp16 model on a GPU."""
+def fast(model: torch.nn.Module, kernel: str = "auto") -> bool:
+    """Whether packing pays for ``model``: a bf16/fp16 model on a GPU, with variable-length FlashAttention (``auto``,
+    ``varlen``) or FlexAttention (``flex``)."""
     weight = next(model.parameters())
-    return (weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
-            and _varlen(attention_mode.is_causal(model)) is not None)
+    if not (weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)):
+        return False
+    return flex_attention is not None if kernel == "flex" else _varlen(attention_mode.is_causal(model)) is not None
 
 
-def use(model: torch.nn.Module, packed: bool) -> None:
-    """Route ``model``'s attention through ``attention`` (every forward must then be given a packed batch), or, if
-    it was, back to the implementation it had before."""
+def check(kernel: str, device: torch.device, training: bool = True) -> None:
+    """Refuse, in one line and before anything loads, a packed-attention ``kernel`` that cannot run on ``device``
+    (``training``: with its backward)."""
+    field = f"train.packed_attention: {kernel}"
+    if kernel == "varlen" and device.type != "cuda":
+        raise SlmembedError(f"{field} is variable-length FlashAttention, on a GPU; this run is on the {device.type}: "
+                            "set train.packed_attention=auto")
+    if kernel == "varlen" and _varlen_attn() is None:
+        raise SlmembedError(f"{field} needs torch.nn.attention.varlen, which torch {torch.__version__} lacks: set "
+                            "train.packed_attention=auto")
+    if kernel == "flex" and flex_attention is None:
+        raise SlmembedError(f"{field} needs torch.nn.attention.flex_attention, which torch {torch.__version__} lacks: "
+                            "set train.packed_attention=auto")
+    if kernel == "flex" and training and not _flex_trains(device.type):
+        raise SlmembedError(f"{field}: torch {torch.__version__} has no FlexAttention backward on the {device.type}: "
+                            "set train.packed_attention=auto, or train on a GPU")
+
+
+def use(model: torch.nn.Module, packed: bool, kernel: str = "auto") -> None:
+    """Route ``model``'s attention through ``attention`` (every forward must then be given a packed batch) with
+    ``kernel`` (``train.packed_attention``: auto, varlen or flex), or, if it was, back to the implementation it had
+    before."""
     base = _pretrained(model)
     if base is None:
         return
     if packed:  # resolved here, for the model's attention: compiled code must not trace the probe behind it
         causal = attention_mode.is_causal(model)
         _KERNELS[causal] = _varlen(causal)
+        device = next(model.parameters()).device
+        check(kernel, device, training=False)
+        if kernel == "varlen" and not _KERNELS[causal]:
+            raise SlmembedError("train.packed_attention: varlen disagrees with the reference on this GPU (packing.py): "
+                                "set train.packed_attention=auto")
+        setattr(base, _FLEX, causal if kernel == "flex" else None)
     current = base.config._attn_implementation
     if packed and current != NAME:
         base._slmembed_unpacked_attention = current
@@ -100,33 +148,72 @@ def collate(ids: Sequence[list[int]]) -> dict:
             "max_length": int(lengths.max())}
 
 
+class Documents(NamedTuple):
+    """FlexAttention's mask of a packed row: which tiles hold a query that sees a key, and for which causality."""
+
+    block_mask: object  # torch.nn.attention.flex_attention.BlockMask
+    causal: bool
+
+
 def hidden_states(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """The last layer's hidden states [T, D] of a packed batch (already on the model's device)."""
-    cu, longest = batch["cu_seq_lens"], batch["max_length"]
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seq_lens_q=cu,
-                cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
-    return out.last_hidden_state[0]
+    ids, positions, cu, longest = batch["input_ids"], batch["position_ids"], batch["cu_seq_lens"], batch["max_length"]
+    tokens, extra = ids.shape[1], {}
+    causal = getattr(_pretrained(model), _FLEX, None)
+    if causal is not None:
+        filler = -tokens % TILE
+        if filler:  # a sequence of its own, of token 0 at position 0 (any will do: its outputs are dropped)
+            ids, positions = F.pad(ids, (0, filler)), F.pad(positions, (0, filler))
+            cu = torch.cat([cu, cu.new_full((1,), tokens + filler)])
+        extra["documents"] = document_mask(cu, tokens + filler, causal)
+    out = model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                max_length_k=longest, **extra)
+    return out.last_hidden_state[0, :tokens]
+
+
+def document_mask(cu: torch.Tensor, length: int, causal: bool) -> Documents:
+    """FlexAttention's block mask of a packed row of ``length`` tokens (``cu[-1]``, a multiple of ``TILE``): a query
+    sees the keys of its own sequence, the earlier ones only if ``causal``. ``create_block_mask`` builds it on
+    ``cu``'s device from the mask of every (query, key) pair."""
+
+    def same(b, h, q, k):
+        return document[q] == document[k]
+
+    def same_causal(b, h, q, k):
+        return (document[q] == document[k]) & (q >= k)
+
+    with torch.profiler.record_function("packing.document_mask"):  # its cost a step, in a profile's operator table
+        document = torch.searchsorted(cu[1:].long(), torch.arange(length, device=cu.device), right=True)
+        mask = create_block_mask(same_causal if causal else same, None, None, length, length, device=cu.device,
+                                 BLOCK_SIZE=TILE)
+    return Documents(mask, causal)
 
 
 
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
               cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
-              is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+              is_causal: bool | None = None, documents: Documents | None = None,
+              **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention signature: query [1, H, T, D] and key/value [1, H_kv, T, D] -> output [1, T, H, D].
 
     Causal as transformers' own kernels decide it: the ``is_causal`` keyword (the config's, attention.py) if given,
-    else the module's flag."""
+    else the module's flag. With ``documents`` (``hidden_states`` passes them for ``flex``), FlexAttention."""
     if cu_seq_lens_q is None:
         raise RuntimeError(f"the {NAME} attention runs packed batches only (packing.collate): no cu_seq_lens_q given")
     if dropout:
         raise RuntimeError(f"the {NAME} attention has no attention dropout (got {dropout})")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if documents is not None:
+        if documents.causal != causal:
+            raise RuntimeError(f"the {NAME} attention's block mask is for causal={documents.causal}, this layer is "
+                               f"causal={causal}")
+        return _flex(query, key, value, documents.block_mask, scaling), None
     if key.shape[1] != query.shape[1]:  # grouped-query attention: each key/value head serves a group of query heads
         group = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     q, k, v = (x[0].transpose(0, 1) for x in (query, key, value))  # [T, H, D]
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     kernel = _KERNELS.get(causal) if q.is_cuda else None
     if kernel:
         out = kernel(q, k, v, cu_seq_lens_q, max_length_q, scale)
@@ -149,13 +236,46 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tens
     return out.transpose(0, 1)
 
 
+def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask, scale: float | None) -> torch.Tensor:
+    """FlexAttention of [1, H, T, D] queries and [1, H_kv, T, D] keys and values (grouped-query attention where
+    H_kv < H) under ``block_mask``: [1, T, H, D]. Compiled on the GPU, unless already inside compiled code."""
+    flex = _compiled_flex() if query.is_cuda and not torch.compiler.is_compiling() else flex_attention
+    out = flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2)
+
+
+@functools.cache
+def _compiled_flex():
+    """``flex_attention`` compiled once for the process: uncompiled, it computes every query-key score."""
+    return torch.compile(flex_attention)
+
+
+def _flex_trains(device: str) -> bool:
+    """Whether FlexAttention runs forward and backward on ``device`` (torch refuses its backward on some devices):
+    tried on one tile."""
+    probe = torch.zeros(1, 1, TILE, 8, device=device, requires_grad=True)
+    try:
+        flex_attention(probe, probe, probe).sum().backward()
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _varlen_attn():
+    """torch's ``varlen_attn``, or None where this torch has none."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
 @functools.cache
 def _varlen(causal: bool = True):
     """``_adapt(varlen_attn, causal)`` for this PyTorch, or None where ``torch.nn.attention.varlen`` is missing or
     where, on this GPU, its forward and backward do not match the reference on a small probe."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
+    varlen_attn = _varlen_attn()
+    if varlen_attn is None:
         return None
     call = _adapt(varlen_attn, causal)
     return call if torch.cuda.is_available() and _agrees(call, causal) else None

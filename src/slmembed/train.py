@@ -53,6 +53,7 @@ from slmembed import (
     liveness,
     models,
     outputs,
+    packing,
     profiling,
     reference,
     run,
@@ -191,6 +192,7 @@ def _environment(recipe: Recipe, device: str) -> tuple[Accelerator, bool]:
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
     acc = _accelerator(models.resolve_device(device).type == "cpu", ddp)
     kernels.check(tc.kernels, tc.compile, acc.device)
+    packing.check(tc.packed_attention, acc.device)
     sharded = tc.sharding == "fsdp"
     cuda_graphs.check(tc.cuda_graphs, device=acc.device, sharded=sharded, grad_cache=tc.grad_cache,
                       packing=tc.packing, reference=tc.reference is not None)
@@ -240,7 +242,8 @@ def _setup_model(recipe: Recipe, acc: Accelerator, total: int, base: Path | None
         cuda_graphs.broadcast_parameters([p for p in model.parameters() if p.requires_grad])
     elif not sharded:
         model, optimizer = acc.prepare(model, optimizer)
-    return Embedder(model, tokenizer, EmbedSpec.of(recipe.model), packed=tc.packing), optimizer, scheduler
+    return (Embedder(model, tokenizer, EmbedSpec.of(recipe.model), packed=tc.packing, kernel=tc.packed_attention),
+            optimizer, scheduler)
 
 
 def _reference(recipe: Recipe, texts: list[str], run_dir: Path, resume: bool,
@@ -355,7 +358,8 @@ def train(recipe: Recipe, run_dir: str | Path, *, data_dir: str | None = None, r
         dev = DevSelection.open(run_dir, recipe, data_dir, start) if tc.dev_every else None
         # Scored by the main process alone, on the model without DDP's wrapper (whose forward would wait for the
         # others); by every process when sharded, as each forward gathers the shards.
-        dev_embedder = Embedder(trained, embedder.tokenizer, embedder.spec, packed=embedder.packed) if dev else None
+        dev_embedder = (Embedder(trained, embedder.tokenizer, embedder.spec, packed=embedder.packed,
+                                 kernel=embedder.kernel) if dev else None)
         step = Step(recipe, acc, embedder, optimizer, scheduler, data, bf16)
         log = stack.enter_context(TrainLog(RunDir(run_dir).log, RunDir(run_dir).tensorboard, acc=acc,
                                            scheduler=scheduler, start=start, total=plan.total,
