@@ -1,4 +1,5 @@
-"""What every benchmark needs: provenance, the GPU's measured matmul ceiling, and the sentence-transformers peer.
+"""What every benchmark needs: provenance, the GPU's measured matmul ceiling, the sentence-transformers peer, and the
+load generator of the serving benchmarks (servers as processes, concurrent clients, every reply checked).
 
 The peer is built the way its users would build it for this task: Transformer -> Pooling(lasttoken) -> Normalize,
 bf16 weights, a PEFT LoRA adapter, MultipleNegativesRankingLoss with scale 20 (= temperature 0.05). Its tokenizer is
@@ -9,8 +10,17 @@ ids for about a quarter of the sentences with transformers 5.17, and left paddin
 
 from __future__ import annotations
 
+import http.client
+import json
+import random
+import signal
+import socket
+import subprocess
 import sys
+import threading
 import time
+from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -93,3 +103,135 @@ class StEncoder:
                progress: bool = False) -> np.ndarray:
         return self.model.encode(st_texts(list(texts), self.embedder), batch_size=self.batch_size,
                                  normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
+
+
+# Load generation over real sockets (load_test.py, serve_gpu.py): servers started as processes, keep-alive clients in
+# threads, every reply checked against direct embeddings of its inputs.
+
+Request = tuple[dict, np.ndarray]  # a request's JSON body and the expected (unit) vectors of its inputs, in order
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(cmd: list[str], port: int, log: Path, env: dict[str, str] | None = None,
+                 timeout: float = 600.0) -> subprocess.Popen:
+    """Start ``cmd`` (output to ``log``) and return once ``GET /health`` on ``port`` answers 200."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    sys.exit(f"server did not start: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def get_json(port: int, path: str) -> dict:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", path)
+    return json.loads(conn.getresponse().read())
+
+
+def post_json(conn: http.client.HTTPConnection, path: str, body: dict) -> tuple[int, dict]:
+    conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    return resp.status, json.loads(resp.read())
+
+
+def reply_problem(data: dict, expected: np.ndarray, min_cosine: float) -> tuple[str | None, float]:
+    """What is wrong with a 200 reply to inputs whose direct embeddings are ``expected`` ("missing": not one vector
+    per input; "reordered": indices not 0..n-1 in order; "mismatch": a cosine at or below ``min_cosine``; None: right),
+    and the least cosine of its vectors to their own inputs' (nan if it was not compared)."""
+    items = data.get("data") or []
+    if len(items) != len(expected):
+        return "missing", float("nan")
+    if [d.get("index") for d in items] != list(range(len(expected))):
+        return "reordered", float("nan")
+    got = np.array([d["embedding"] for d in items], dtype=np.float32)
+    got /= np.linalg.norm(got, axis=1, keepdims=True)
+    cos = float((got * expected).sum(1).min())
+    return (None if cos > min_cosine else "mismatch"), cos
+
+
+def latency_ms(seconds: list[float]) -> dict[str, float]:
+    """p50, p90, p99 and max of request latencies given in seconds, in milliseconds."""
+    ms = np.asarray(seconds, dtype=np.float64) * 1000
+    return {q: round(float(np.percentile(ms, p)), 1) for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
+
+
+def drive(port: int, make_request: Callable[[random.Random], Request], clients: int, seconds: float,
+          min_cosine: float, path: str = "/v1/embeddings") -> dict:
+    """``clients`` threads, each on its own keep-alive connection, send ``make_request``'s requests to ``path``
+    until ``seconds`` are up; every 200 reply is checked with ``reply_problem``. Counts, rates and latencies."""
+    latencies: list[float] = []
+    statuses: Counter = Counter()
+    problems: Counter = Counter()
+    least = [1.0]
+    texts = [0]
+    lock = threading.Lock()
+    stop_at = time.monotonic() + seconds
+
+    def client(seed: int) -> None:
+        rng = random.Random(seed)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        while time.monotonic() < stop_at:
+            body, expected = make_request(rng)
+            t0 = time.perf_counter()
+            try:
+                status, data = post_json(conn, path, body)
+            except (OSError, http.client.HTTPException, json.JSONDecodeError):
+                with lock:
+                    problems["transport"] += 1
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+                continue
+            elapsed = time.perf_counter() - t0
+            problem, cos = reply_problem(data, expected, min_cosine) if status == 200 else (None, float("nan"))
+            with lock:
+                statuses[status] += 1
+                latencies.append(elapsed)
+                if problem:
+                    problems[problem] += 1
+                if cos == cos:  # compared (not nan)
+                    least[0] = min(least[0], cos)
+                texts[0] += len(expected) if status == 200 and not problem else 0
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.monotonic() - started
+    requests = sum(statuses.values())
+    return {"clients": clients, "seconds": seconds, "wall_s": round(wall, 2), "requests": requests,
+            "texts": texts[0], "requests_per_s": round(requests / wall, 1), "texts_per_s": round(texts[0] / wall, 1),
+            "latency_ms": latency_ms(latencies) if latencies else None,
+            "status": {str(s): n for s, n in sorted(statuses.items())},
+            "errors": sum(n for s, n in statuses.items() if s != 200) + problems["transport"],
+            "transport_errors": problems["transport"],
+            "mismatches": sum(problems[k] for k in ("missing", "reordered", "mismatch")),
+            "problems": {k: problems[k] for k in ("missing", "reordered", "mismatch") if problems[k]},
+            "min_cosine_seen": round(least[0], 6)}
