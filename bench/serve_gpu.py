@@ -142,6 +142,74 @@ def default_prompt(folder: Path) -> str:
     return (config.get("prompts") or {}).get(name, "") if name else ""
 
 
+ST3_MODULES = {"Transformer", "Pooling", "Normalize"}  # our exports' modules: sentence_transformers.models.X in 3.x
+
+
+def infinity_folder(folder: Path) -> Path:
+    """``folder`` as infinity's sentence-transformers 3 (and transformers 4) read it, in a new temporary folder: the
+    same weights and tokenizer (linked), its module list, pooling and tokenizer configs in their 3.x / 4.x spelling.
+    An export written by sentence-transformers 6 names modules 3.x has not (``sentence_transformers.base.modules...``),
+    spells the pooling config ``embedding_dimension``/``pooling_mode`` (3.x: ``word_embedding_dimension``, and
+    ``pooling_mode`` only as a string), has no ``max_seq_length`` (3.x: the model's maximum), a tokenizer class
+    transformers 4 lacks or reads differently (below) and a model config whose RoPE settings transformers 4 does not
+    read (see ``_transformers4_config``). A folder 3.x reads already is returned as it is."""
+    modules = json.loads((folder / "modules.json").read_text())
+    if all(m["type"].startswith("sentence_transformers.models.") for m in modules):
+        return folder
+    dest = Path(tempfile.mkdtemp(prefix="serve-gpu-infinity-")) / folder.name
+    dest.mkdir()
+    rewritten = {"modules.json", "sentence_bert_config.json", "tokenizer_config.json", "config.json"}
+    config = _transformers4_config(json.loads((folder / "config.json").read_text()))
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    for m in modules:
+        kind = m["type"].rsplit(".", 1)[1]
+        if kind not in ST3_MODULES:
+            raise SystemExit(f"{folder}: module {m['type']} has no sentence-transformers 3 counterpart here")
+        m["type"] = f"sentence_transformers.models.{kind}"
+        if kind == "Pooling":
+            config = json.loads((folder / m["path"] / "config.json").read_text())
+            mode = config.pop("pooling_mode", "mean")
+            if not isinstance(mode, str):
+                raise SystemExit(f"{folder}: pooling modes {mode} together: sentence-transformers 3 reads one")
+            (dest / m["path"]).mkdir(exist_ok=True)
+            (dest / m["path"] / "config.json").write_text(json.dumps(
+                {"word_embedding_dimension": config.pop("embedding_dimension"),
+                 "pooling_mode": mode, **config}, indent=2))
+            rewritten.add(m["path"])
+    (dest / "modules.json").write_text(json.dumps(modules, indent=2))
+    tokenizer = json.loads((folder / "tokenizer_config.json").read_text())
+    # tokenizer.json as it is, post-processor included: transformers 4's GemmaTokenizerFast rebuilds that from its
+    # add_eos_token flag (off), so it would not append the EOS the export's tokenizer appends; and transformers 5 names
+    # a plain tokenizer.json TokenizersBackend, a class transformers 4 lacks.
+    tokenizer["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (dest / "tokenizer_config.json").write_text(json.dumps(tokenizer, indent=2))
+    spec = json.loads((folder / "embed.json").read_text())["spec"] if (folder / "embed.json").exists() else {}
+    (dest / "sentence_bert_config.json").write_text(json.dumps(
+        {"max_seq_length": spec.get("max_length", tokenizer.get("model_max_length")), "do_lower_case": False}))
+    for path in folder.iterdir():
+        if path.name not in rewritten and not path.name.startswith("."):
+            (dest / path.name).symlink_to(path.resolve())
+    return dest
+
+
+def _transformers4_config(config: dict) -> dict:
+    """A transformers 5 model config in transformers 4's spelling: ``rope_parameters`` (one dict, or one per attention
+    type as Gemma-3 has them) becomes ``rope_theta``/``rope_scaling`` (and Gemma-3's ``rope_local_base_freq``);
+    transformers 4 ignores ``rope_parameters`` and would take its default base (10,000 where SmolLM2 has 100,000)."""
+    config = dict(config)
+    rope = config.pop("rope_parameters", None)
+    if rope and "full_attention" in rope:
+        config["rope_local_base_freq"] = rope["sliding_attention"]["rope_theta"]
+        rope = rope["full_attention"]
+    if rope:
+        config["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        config["rope_scaling"] = None if scaling.get("rope_type", "default") == "default" else scaling
+    if "dtype" in config:
+        config["torch_dtype"] = config.pop("dtype")
+    return config
+
+
 def pools(folder: Path, embedder, size: int) -> dict[str, list[str]]:
     """The texts each mix's requests draw from."""
     from slmembed.data.nli import load_triplets
@@ -170,7 +238,8 @@ def _table(cells: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="an exported sentence-transformers folder (or packaged model)")
-    ap.add_argument("--servers", nargs="+", choices=("slmembed", "infinity"), default=["slmembed", "infinity"])
+    ap.add_argument("--servers", nargs="*", choices=("slmembed", "infinity"), default=["slmembed", "infinity"],
+                    help="none: only the adapter case")
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64, 256])
     ap.add_argument("--mixes", nargs="+", choices=MIXES, default=list(MIXES))
     ap.add_argument("--seconds", type=float, default=30, help="per cell")
@@ -199,6 +268,7 @@ def main() -> int:
     texts = pools(folder, embedder, args.pool)
     expected = {mix: embedder.encode(pool) for mix, pool in texts.items()}
     prompt = default_prompt(folder)
+    infinity_model = infinity_folder(folder)
     versions = {"slmembed": slmembed_versions()}
     if "infinity" in args.servers:
         versions["infinity"] = infinity_versions(args.infinity_python, args.infinity_site)
@@ -208,7 +278,7 @@ def main() -> int:
                       "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-queue", "100000",
                       "--max-connections", "4096", "--request-timeout", "600"], None, ""),
         # --no-bettertransformer: BetterTransformer needs optimum (not installed); it is deprecated upstream.
-        "infinity": ([args.infinity_python, "-m", "infinity_emb.cli", "v2", "--model-id", str(folder),
+        "infinity": ([args.infinity_python, "-m", "infinity_emb.cli", "v2", "--model-id", str(infinity_model),
                       "--served-model-name", name, "--url-prefix", "/v1", "--engine", "torch", "--device", device,
                       "--dtype", args.dtype, "--batch-size", str(args.max_batch), "--no-bettertransformer",
                       "--no-vector-disk-cache", "--model-warmup"],
@@ -246,7 +316,7 @@ def main() -> int:
     result = {
         "command": " ".join(["python", "bench/serve_gpu.py", *sys.argv[1:]]), "model": name, "folder": str(folder),
         "dtype": args.dtype, "device": device, "max_batch": args.max_batch, "min_cosine": args.min_cosine,
-        "infinity_client_prompt": prompt, "long_tokens": list(LONG_TOKENS),
+        "infinity_client_prompt": prompt, "infinity_folder": str(infinity_model), "long_tokens": list(LONG_TOKENS),
         "pool": {m: len(p) for m, p in texts.items()},
         "servers": {s: " ".join(commands[s][0]) for s in args.servers}, "versions": versions,
         "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),

@@ -122,3 +122,14 @@ def test_default_prompt_is_read_from_the_sentence_transformers_config(tmp_path) 
     (tmp_path / "config_sentence_transformers.json").write_text(json.dumps(
         {"prompts": {"default": "Represent: ", "other": "x"}, "default_prompt_name": "default"}))
     assert serve_gpu.default_prompt(tmp_path) == "Represent: "
+
+
+def test_transformers5_rope_parameters_are_spelled_for_transformers4() -> None:
+    smollm2 = {"model_type": "llama", "dtype": "float32", "rope_parameters": {"rope_theta": 100000.0,
+                                                                            "rope_type": "default"}}
+    assert serve_gpu._transformers4_config(smollm2) == {"model_type": "llama", "torch_dtype": "float32",
+                                                        "rope_theta": 100000.0, "rope_scaling": None}
+    gemma3 = {"rope_parameters": {"full_attention": {"rope_theta": 1e6, "rope_type": "linear", "factor": 8.0},
+                                  "sliding_attention": {"rope_theta": 1e4, "rope_type": "default"}}}
+    assert serve_gpu._transformers4_config(gemma3) == {"rope_theta": 1e6, "rope_local_base_freq": 1e4,
+                                                       "rope_scaling": {"rope_type": "linear", "factor": 8.0}}
