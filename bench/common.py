@@ -183,7 +183,8 @@ def latency_ms(seconds: list[float]) -> dict[str, float]:
 def drive(port: int, make_request: Callable[[random.Random], Request], clients: int, seconds: float,
           min_cosine: float, path: str = "/v1/embeddings") -> dict:
     """``clients`` threads, each on its own keep-alive connection, send ``make_request``'s requests to ``path``
-    until ``seconds`` are up; every 200 reply is checked with ``reply_problem``. Counts, rates and latencies."""
+    until ``seconds`` are up; every 200 reply is checked with ``reply_problem``. Counts, rates, latencies, and the
+    CPU seconds of this process per second of wall time."""
     latencies: list[float] = []
     statuses: Counter = Counter()
     problems: Counter = Counter()
@@ -219,12 +220,12 @@ def drive(port: int, make_request: Callable[[random.Random], Request], clients: 
         conn.close()
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.monotonic() - started
+    wall, cpu = time.monotonic() - started, time.process_time() - cpu
     requests = sum(statuses.values())
     return {"clients": clients, "seconds": seconds, "wall_s": round(wall, 2), "requests": requests,
             "texts": texts[0], "requests_per_s": round(requests / wall, 1), "texts_per_s": round(texts[0] / wall, 1),
@@ -234,4 +235,6 @@ def drive(port: int, make_request: Callable[[random.Random], Request], clients: 
             "transport_errors": problems["transport"],
             "mismatches": sum(problems[k] for k in ("missing", "reordered", "mismatch")),
             "problems": {k: problems[k] for k in ("missing", "reordered", "mismatch") if problems[k]},
-            "min_cosine_seen": round(least[0], 6)}
+            "min_cosine_seen": round(least[0], 6),
+            # near 1 (or more): the clients' own process is busy all the time, and may be what limits the rates
+            "client_cpu_per_wall": round(cpu / wall, 2)}

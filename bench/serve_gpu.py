@@ -113,7 +113,8 @@ def _peak_rss_mib(pid: int) -> float | None:
 
 
 def _infinity_env(site: str) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": site, "INFINITY_ANONYMOUS_USAGE_STATS": "0", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": site, "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1",
+           "HF_HUB_OFFLINE": "1"}
     env.pop("SLMEMBED_API_KEY", None)
     return env
 
@@ -268,7 +269,7 @@ def main() -> int:
     texts = pools(folder, embedder, args.pool)
     expected = {mix: embedder.encode(pool) for mix, pool in texts.items()}
     prompt = default_prompt(folder)
-    infinity_model = infinity_folder(folder)
+    infinity_model = infinity_folder(folder) if "infinity" in args.servers else None
     versions = {"slmembed": slmembed_versions()}
     if "infinity" in args.servers:
         versions["infinity"] = infinity_versions(args.infinity_python, args.infinity_site)
@@ -316,8 +317,8 @@ def main() -> int:
     result = {
         "command": " ".join(["python", "bench/serve_gpu.py", *sys.argv[1:]]), "model": name, "folder": str(folder),
         "dtype": args.dtype, "device": device, "max_batch": args.max_batch, "min_cosine": args.min_cosine,
-        "infinity_client_prompt": prompt, "infinity_folder": str(infinity_model), "long_tokens": list(LONG_TOKENS),
-        "pool": {m: len(p) for m, p in texts.items()},
+        "infinity_client_prompt": prompt, "infinity_folder": infinity_model and str(infinity_model),
+        "long_tokens": list(LONG_TOKENS), "pool": {m: len(p) for m, p in texts.items()},
         "servers": {s: " ".join(commands[s][0]) for s in args.servers}, "versions": versions,
         "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
                     "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
