@@ -335,7 +335,8 @@ def main() -> int:
 def adapter_cells(args: argparse.Namespace, load_embedder, pool: list[str], gpu: GpuMemory) -> list[dict]:
     """slmembed serving two runs' adapters (requests to a random one) and then the first run's alone, STS mix."""
     runs = {"A": args.adapter_runs[0], "B": args.adapter_runs[1]}
-    expected = {n: load_embedder(run).encode(pool) for n, run in runs.items()}  # each run's merged model, directly
+    dtype = getattr(torch, args.dtype)
+    expected = {n: load_embedder(run, dtype=dtype).encode(pool) for n, run in runs.items()}  # merged, directly
     cells = []
     for served in (["A", "B"], ["A"]):
         port = free_port()
