@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from sentence_transformers import SentenceTransformer
 from test_train import _tiny_recipe
 
 from slmembed import models, tuning
@@ -255,6 +256,11 @@ def test_soup_of_trained_runs_loads_like_a_run_in_eval_and_export(tmp_path, data
     expected = reference(runs).encode(TEXTS)
     exported = load_embedder(str(tmp_path / "export"), device=CPU, dtype=torch.float32).encode(TEXTS)
     assert float((exported * expected).sum(1).min()) > 0.9999
+    # and as a sentence-transformers folder, which sentence-transformers loads with the same vectors.
+    assert main(["export", "--run", str(out), "--output", str(tmp_path / "st"), "--format", "st",
+                 "--dtype", "float32"]) == 0
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu", local_files_only=True)
+    assert float((st.encode(TEXTS, normalize_embeddings=True) * expected).sum(1).min()) > 0.9999
     # An earlier soup is replaced only with --force, and never what soup did not write.
     capsys.readouterr()
     assert main(args) == 2 and "pass --force" in capsys.readouterr().err
