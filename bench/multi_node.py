@@ -35,16 +35,10 @@ from pathlib import Path
 
 import psutil
 import torch
-from common import save
+from common import free_port, save
 from safetensors.torch import load_file
 
 from slmembed.run import ADAPTER_WEIGHTS, Checkpoint, RunDir
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_command(args: argparse.Namespace, run_dir: Path, launcher: list[str], resume: bool = False) -> list[str]:
