@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from transformers import AutoConfig, DataCollatorForLanguageModeling, get_scheduler
+from transformers import DataCollatorForLanguageModeling, get_scheduler
 
 from slmembed import attention, models, tuning
 from slmembed.atomic import atomic_dir, write_json
@@ -114,17 +114,11 @@ def adapt(recipe: Recipe, texts: list[str], run: RunDir, acc: Accelerator, bf16:
     attention.use(lm, "causal")  # saved as the base model was: the run's spec makes it bidirectional where it runs
     if acc.is_main_process:
         with atomic_dir(run.adapted) as tmp:
-            lm.to(_stored_dtype(mc.name, mc.trust_remote_code)).save_pretrained(tmp, safe_serialization=True)
+            lm.to(models.stored_dtype(mc.name)).save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / RECORD, record)
     acc.wait_for_everyone()
     return record
-
-
-def _stored_dtype(name: str, trust_remote_code: bool) -> torch.dtype:
-    """The dtype the model ``name``'s weights are stored in, as its config says (float32 if it does not)."""
-    dtype = AutoConfig.from_pretrained(models.resolve(name), trust_remote_code=trust_remote_code).dtype
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype or torch.float32
 
 
 # This process's rows of a step -> their loss, its backward done; it runs ``lm``, whose layers the stage's LoRA adapter

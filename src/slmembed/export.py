@@ -274,15 +274,13 @@ def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run
 
 
 def _out_dtype(base: str, dtype: str) -> torch.dtype:
-    """``auto``: the dtype the base model's weights are stored in (float32 if it does not say)."""
+    """``auto``: the dtype the base model's weights are stored in (models.stored_dtype)."""
     import torch
 
     from slmembed import models
 
     if dtype == "auto":
-        config = Path(models.resolve(base)) / "config.json"
-        saved = json.loads(config.read_text()) if config.exists() else {}
-        dtype = saved.get("dtype") or saved.get("torch_dtype")
+        return models.stored_dtype(base)
     return getattr(torch, dtype) if dtype in DTYPES else torch.float32
 
 

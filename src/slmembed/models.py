@@ -256,6 +256,15 @@ def resolve(name_or_path: str) -> str:
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def stored_dtype(name: str) -> torch.dtype:
+    """The dtype model ``name``'s weights are stored in, as its config.json says (float32, bfloat16 or float16;
+    float32 if it says none of them)."""
+    config = Path(resolve(name)) / "config.json"
+    saved = json.loads(config.read_text()) if config.exists() else {}
+    dtype = saved.get("dtype") or saved.get("torch_dtype")
+    return getattr(torch, dtype) if dtype in ("float32", "bfloat16", "float16") else torch.float32
+
+
 def refuse_pickle(folder: str | Path, safetensors_name: str, allow_pickle: bool) -> None:
     """Refuse a folder whose weights are pickles (unpickling can run arbitrary code) unless ``allow_pickle``.
 
