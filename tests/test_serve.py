@@ -159,6 +159,7 @@ def test_openai_client_gets_the_direct_embeddings(server, direct) -> None:
         client.models.retrieve("text-embedding-3-small")
     assert missing.value.code == "model_not_found"
     expected = direct.encode(TEXTS)
+    answers = {}
     for fmt in ("float", "base64", None):  # unasked, the client asks for base64 and decodes it itself
         resp = client.embeddings.create(model="run", input=TEXTS, **({"encoding_format": fmt} if fmt else {}))
         assert [d.index for d in resp.data] == [0, 1, 2, 3]
@@ -166,6 +167,9 @@ def test_openai_client_gets_the_direct_embeddings(server, direct) -> None:
                for d in resp.data]
         assert _cosines(got, expected).min() > 0.999
         assert resp.usage.prompt_tokens == sum(len(ids) for ids in direct.tokenize(TEXTS))
+        answers[fmt] = np.array(got, dtype=np.float32)
+    # The JSON numbers are the float32 vectors' shortest decimal forms: read as float32 they are the same bits.
+    np.testing.assert_array_equal(answers["float"].view(np.uint32), answers["base64"].view(np.uint32))
     single = client.embeddings.create(model="run", input=TEXTS[2], user="alice")  # `user` is accepted and ignored
     assert len(single.data) == 1 and _cosines([single.data[0].embedding], expected[2:3])[0] > 0.999
     short = np.array(client.embeddings.create(model="run", input=TEXTS, dimensions=8).data[0].embedding)

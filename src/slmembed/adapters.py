@@ -3,8 +3,9 @@
 Many adapters share one copy of the base model: each run's adapter is loaded into one PeftModel under the run's
 name with peft's multi-adapter support (``load_adapter`` / ``set_adapter`` / ``delete_adapter``) and never merged,
 and a batch runs with its adapter set active. At most ``max_loaded`` adapters are held; asking for another unloads
-the least recently used one and loads the asked one from its folder again. Only the server's worker thread calls
-``embedder``, one batch at a time, so switching adapters needs no lock.
+the least recently used one and loads the asked one from its folder again. Only the server's worker thread makes an
+adapter active (``embedder``), one batch at a time, so switching adapters needs no lock; its tokenising thread asks
+with ``active=False``, which only reads the run's tokenizer and spec.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class Single:
     def spec(self, name: str) -> EmbedSpec:
         return self._embedder.spec
 
-    def embedder(self, name: str) -> Embedder:
+    def embedder(self, name: str, active: bool = True) -> Embedder:
         return self._embedder
 
     def stats(self) -> dict:
@@ -83,15 +84,18 @@ class AdapterPool:
         name = self.names[0]
         self.model = PeftModel.from_pretrained(base, str(first.folder), adapter_name=name).to(device).eval()
         self.loaded: OrderedDict[str, None] = OrderedDict({name: None})  # least recently used first
-        self.embedders: dict[str, Embedder] = {}
+        # All made here: making one sets the model's attention and packing, which must not happen beside a batch.
+        self.embedders = {name: Embedder(self.model, self.tokenizer, run.spec) for name, run in self.runs.items()}
         self.loads, self.unloads = 1, 0
 
     def spec(self, name: str) -> EmbedSpec:
         return self.runs[name].spec
 
-    def embedder(self, name: str) -> Embedder:
+    def embedder(self, name: str, active: bool = True) -> Embedder:
         """The Embedder of adapter ``name``, made the active adapter (loaded first, unloading the least recently used
-        one if ``max_loaded`` are held)."""
+        one if ``max_loaded`` are held); with ``active=False`` as it is, for its tokenizer and spec only."""
+        if not active:
+            return self.embedders[name]
         if name not in self.loaded:
             if len(self.loaded) >= self.max_loaded:
                 old, _ = self.loaded.popitem(last=False)
@@ -102,8 +106,6 @@ class AdapterPool:
         self.loaded[name] = None
         self.loaded.move_to_end(name)
         self.model.set_adapter(name)
-        if name not in self.embedders:
-            self.embedders[name] = Embedder(self.model, self.tokenizer, self.runs[name].spec)
         return self.embedders[name]
 
     def stats(self) -> dict:
