@@ -10,8 +10,10 @@ ids for about a quarter of the sentences with transformers 5.17, and left paddin
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import multiprocessing
 import random
 import signal
 import socket
@@ -19,8 +21,11 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +111,7 @@ class StEncoder:
 
 
 # Load generation over real sockets (load_test.py, serve_gpu.py): servers started as processes, keep-alive clients in
-# threads, every reply checked against direct embeddings of its inputs.
+# threads (of this process, or of several forked ones), every reply checked against direct embeddings of its inputs.
 
 Request = tuple[dict, np.ndarray]  # a request's JSON body and the expected (unit) vectors of its inputs, in order
 
@@ -180,61 +185,163 @@ def latency_ms(seconds: list[float]) -> dict[str, float]:
     return {q: round(float(np.percentile(ms, p)), 1) for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
 
 
-def drive(port: int, make_request: Callable[[random.Random], Request], clients: int, seconds: float,
-          min_cosine: float, path: str = "/v1/embeddings") -> dict:
-    """``clients`` threads, each on its own keep-alive connection, send ``make_request``'s requests to ``path``
-    until ``seconds`` are up; every 200 reply is checked with ``reply_problem``. Counts, rates, latencies, and the
-    CPU seconds of this process per second of wall time."""
-    latencies: list[float] = []
-    statuses: Counter = Counter()
-    problems: Counter = Counter()
-    least = [1.0]
-    texts = [0]
+@dataclass
+class _Tally:
+    """What a group of clients counted, with the CPU seconds and the monotonic start and end of their threads."""
+
+    statuses: Counter = field(default_factory=Counter)
+    problems: Counter = field(default_factory=Counter)
+    latencies: list[float] = field(default_factory=list)
+    least: float = 1.0
+    texts: int = 0
+    cpu_s: float = 0.0
+    started: float = 0.0
+    ended: float = 0.0
+
+
+def client_groups(clients: int, processes: int) -> list[list[int]]:
+    """The seeds (client numbers 0..clients-1, in order) of each of ``min(processes, clients)`` worker processes, as
+    evenly as possible."""
+    return [g.tolist() for g in np.array_split(np.arange(clients), max(1, min(processes, clients)))]
+
+
+def _run_clients(port: int, make_request: Callable[[random.Random], Request], seeds: list[int], stop_at: float,
+                 min_cosine: float, path: str) -> _Tally:
+    """One thread per seed, each on its own keep-alive connection, sending ``make_request(Random(seed))``'s requests
+    to ``path`` until ``stop_at`` (time.monotonic) and checking every 200 reply with ``reply_problem``. A client whose
+    loop raises (``make_request``, a malformed reply) prints the traceback, stops, and counts as a transport error."""
+    tally = _Tally()
     lock = threading.Lock()
-    stop_at = time.monotonic() + seconds
 
     def client(seed: int) -> None:
         rng = random.Random(seed)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        while time.monotonic() < stop_at:
-            body, expected = make_request(rng)
-            t0 = time.perf_counter()
-            try:
-                status, data = post_json(conn, path, body)
-            except (OSError, http.client.HTTPException, json.JSONDecodeError):
+        try:
+            while time.monotonic() < stop_at:
+                body, expected = make_request(rng)
+                t0 = time.perf_counter()
+                try:
+                    status, data = post_json(conn, path, body)
+                except (OSError, http.client.HTTPException, json.JSONDecodeError):
+                    with lock:
+                        tally.problems["transport"] += 1
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+                    continue
+                elapsed = time.perf_counter() - t0
+                problem, cos = reply_problem(data, expected, min_cosine) if status == 200 else (None, float("nan"))
                 with lock:
-                    problems["transport"] += 1
-                conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-                continue
-            elapsed = time.perf_counter() - t0
-            problem, cos = reply_problem(data, expected, min_cosine) if status == 200 else (None, float("nan"))
+                    tally.statuses[status] += 1
+                    tally.latencies.append(elapsed)
+                    if problem:
+                        tally.problems[problem] += 1
+                    if cos == cos:  # compared (not nan)
+                        tally.least = min(tally.least, cos)
+                    tally.texts += len(expected) if status == 200 and not problem else 0
+        except Exception:
+            traceback.print_exc()
             with lock:
-                statuses[status] += 1
-                latencies.append(elapsed)
-                if problem:
-                    problems[problem] += 1
-                if cos == cos:  # compared (not nan)
-                    least[0] = min(least[0], cos)
-                texts[0] += len(expected) if status == 200 and not problem else 0
-        conn.close()
+                tally.problems["transport"] += 1
+        finally:
+            conn.close()
 
-    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
-    started, cpu = time.monotonic(), time.process_time()
+    threads = [threading.Thread(target=client, args=(k,)) for k in seeds]
+    tally.started, cpu = time.monotonic(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall, cpu = time.monotonic() - started, time.process_time() - cpu
+    tally.ended, tally.cpu_s = time.monotonic(), time.process_time() - cpu
+    return tally
+
+
+GRACE_S = 60.0  # how long past the common window the parent waits for a worker process's counts before giving it up
+
+
+def _run_processes(port: int, make_request: Callable[[random.Random], Request], groups: list[list[int]],
+                   seconds: float, min_cosine: float, path: str) -> tuple[list[_Tally], list[list[int]], float]:
+    """``_run_clients`` in one forked worker process per group of seeds, all released by one barrier into one window
+    of ``seconds``. The workers' tallies, the groups whose worker sent none (it died, or was still running ``GRACE_S``
+    after the window and was killed), and the wall time from the release to the last worker's end."""
+    # fork: make_request is a closure over numpy arrays, shared without pickling; the workers only do HTTP and numpy
+    # (never CUDA, which does not survive a fork).
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Value("d", 0.0, lock=False)
+    # the last party to arrive stamps the common start, before any is released
+    barrier = ctx.Barrier(len(groups) + 1, action=lambda: setattr(start, "value", time.monotonic()))
+
+    def work(seeds: list[int], send: Connection) -> None:
+        try:
+            barrier.wait(GRACE_S)
+        except threading.BrokenBarrierError:
+            return  # sends nothing: the parent counts this worker's clients as lost
+        send.send(_run_clients(port, make_request, seeds, start.value + seconds, min_cosine, path))
+
+    workers: list[tuple[multiprocessing.process.BaseProcess, Connection]] = []
+    for seeds in groups:
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=work, args=(seeds, send), daemon=True)
+        proc.start()
+        send.close()  # the worker holds the only write end: its death reads as EOF here
+        workers.append((proc, recv))
+    try:
+        barrier.wait(GRACE_S)
+        started = start.value
+    except threading.BrokenBarrierError:
+        started = time.monotonic()
+    deadline = started + seconds + GRACE_S
+    tallies: dict[int, _Tally] = {}
+    pending = {recv: k for k, (_, recv) in enumerate(workers)}
+    while pending and (ready := wait(list(pending), timeout=max(0.0, deadline - time.monotonic()))):
+        for recv in ready:
+            k = pending.pop(recv)
+            with contextlib.suppress(EOFError):  # the worker died before sending
+                tallies[k] = recv.recv()
+    for proc, recv in workers:
+        proc.join(timeout=0 if recv in pending else 10)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+        recv.close()
+    ended = max((t.ended for t in tallies.values()), default=time.monotonic())
+    return list(tallies.values()), [g for k, g in enumerate(groups) if k not in tallies], ended - started
+
+
+def drive(port: int, make_request: Callable[[random.Random], Request], clients: int, seconds: float,
+          min_cosine: float, path: str = "/v1/embeddings", processes: int = 1) -> dict:
+    """``clients`` threads, each on its own keep-alive connection, send ``make_request``'s requests to ``path``
+    until ``seconds`` are up; every 200 reply is checked with ``reply_problem``. Client k draws from
+    ``random.Random(k)``. Counts, rates, latencies, and the clients' CPU seconds per second of wall time.
+
+    With ``processes`` > 1 the clients are spread over that many forked worker processes (at most ``clients``; see
+    ``client_groups``), so that parsing and checking replies is not bound to one core; they start together and stop
+    at the same moment, and the counts are summed (``client_cpu_per_wall``: all workers' CPU seconds;
+    ``client_cpu_per_wall_max``: the busiest worker's). A worker that dies or hangs past the window counts each of its
+    clients as one transport error (and in ``client_processes_lost``), and its requests are not counted."""
+    groups = client_groups(clients, processes)
+    if len(groups) == 1:  # threads in this process
+        parts = [_run_clients(port, make_request, groups[0], time.monotonic() + seconds, min_cosine, path)]
+        lost: list[list[int]] = []
+        wall = parts[0].ended - parts[0].started
+    else:
+        parts, lost, wall = _run_processes(port, make_request, groups, seconds, min_cosine, path)
+    statuses: Counter = sum((t.statuses for t in parts), Counter())
+    problems: Counter = sum((t.problems for t in parts), Counter())
+    problems["transport"] += sum(len(g) for g in lost)
+    latencies = [s for t in parts for s in t.latencies]
+    texts = sum(t.texts for t in parts)
     requests = sum(statuses.values())
     return {"clients": clients, "seconds": seconds, "wall_s": round(wall, 2), "requests": requests,
-            "texts": texts[0], "requests_per_s": round(requests / wall, 1), "texts_per_s": round(texts[0] / wall, 1),
+            "texts": texts, "requests_per_s": round(requests / wall, 1), "texts_per_s": round(texts / wall, 1),
             "latency_ms": latency_ms(latencies) if latencies else None,
             "status": {str(s): n for s, n in sorted(statuses.items())},
             "errors": sum(n for s, n in statuses.items() if s != 200) + problems["transport"],
             "transport_errors": problems["transport"],
             "mismatches": sum(problems[k] for k in ("missing", "reordered", "mismatch")),
             "problems": {k: problems[k] for k in ("missing", "reordered", "mismatch") if problems[k]},
-            "min_cosine_seen": round(least[0], 6),
-            # near 1 (or more): the clients' own process is busy all the time, and may be what limits the rates
-            "client_cpu_per_wall": round(cpu / wall, 2)}
+            "min_cosine_seen": round(min((t.least for t in parts), default=1.0), 6),
+            "client_processes": len(groups), "client_processes_lost": len(lost),
+            # near 1 (or more): the clients' own process is busy all the time, and may be what limits the rates;
+            # summed over worker processes, so the max says whether one of them was
+            "client_cpu_per_wall": round(sum(t.cpu_s for t in parts) / wall, 2),
+            "client_cpu_per_wall_max": round(max((t.cpu_s / (t.ended - t.started) for t in parts), default=0.0), 2)}

@@ -1,11 +1,12 @@
 """Load test of `slmembed serve`: concurrent clients on loopback for a fixed time, every reply checked.
 
-Starts the server as a process (default: all-minilm-l6-v2), embeds a pool of STSBenchmark test sentences directly
-with slmembed's Embedder in this process, then runs CLIENTS threads, each sending requests of 1-4 random pool
-sentences over its own keep-alive HTTP connection until the time is up. Every reply is compared with the direct
-embeddings of its own inputs (cosine > 0.999, same count and order): a lost, reordered or mixed-up reply counts as a
-mismatch. Writes request and text throughput, p50/p90/p99 latency and the status counts, with the command, machine and
-date, to results/bench/load_test.json (or --output). Exits 1 on any 5xx, transport error or mismatch.
+Starts the server as a process (default: all-minilm-l6-v2), embeds a pool of STSBenchmark test sentences directly with
+slmembed's Embedder in this process, then runs CLIENTS threads, each sending requests of 1-4 random pool sentences over
+its own keep-alive HTTP connection until the time is up (with --client-processes N, the threads are spread over N forked
+processes, for a server fast enough that one client process's core would limit the rates). Every reply is compared with
+the direct embeddings of its own inputs (cosine > 0.999, same count and order): a lost, reordered or mixed-up reply
+counts as a mismatch. Writes request and text throughput, p50/p90/p99 latency and the status counts, with the command,
+machine and date, to results/bench/load_test.json (or --output). Exits 1 on any 5xx, transport error or mismatch.
 
 With several training runs as --model, the server holds their LoRA adapters over one base model (at most
 --max-adapters at once) and each request names a random one of them; its reply is checked against that run's own
@@ -38,9 +39,12 @@ def main() -> int:
     ap.add_argument("--min-cosine", type=float, default=0.999, help="a reply's least cosine to its direct embedding")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=60)
+    ap.add_argument("--client-processes", type=int, default=1, help="processes the clients are spread over")
     ap.add_argument("--pool", type=int, default=512, help="distinct sentences the requests draw from")
     ap.add_argument("--output", default=str(ROOT / "results/bench/load_test.json"))
     args = ap.parse_args()
+    if args.client_processes < 1:
+        ap.error("--client-processes must be at least 1")
 
     import torch
     from common import Request, drive, free_port, get_json, start_server, stop_server
@@ -64,7 +68,7 @@ def main() -> int:
         name = rng.choice(names)
         return {"model": name, "input": [pool[i] for i in picks]}, expected[name][picks]
 
-    load = drive(port, request, args.clients, args.seconds, args.min_cosine)
+    load = drive(port, request, args.clients, args.seconds, args.min_cosine, processes=args.client_processes)
     health = get_json(port, "/health")
     stop_server(server)
 

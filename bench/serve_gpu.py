@@ -2,7 +2,11 @@
 
 Both servers load the same `slmembed export --format st` folder (or packaged model folder) and run one after the other
 as processes on loopback; the load generator is load_test.py's (common.drive): CLIENTS threads on keep-alive
-connections sending requests of 1-4 texts for SECONDS, for each client count and input mix:
+connections sending requests of 1-4 texts for SECONDS, for each client count and input mix. The clients are spread
+over --client-processes forked processes (default: half the cores, at most 8), so that parsing and checking the
+replies, which holds a process's GIL, does not cap the rates of a fast server; each cell records
+``client_cpu_per_wall_max``, the busiest client process's CPU seconds per second (near 1: it may have been the limit).
+The input mixes:
 
 * ``sts``: STSBenchmark test sentences;
 * ``long``: texts of 200-500 tokens (the model's tokenizer), NLI training sentences joined until in range.
@@ -44,6 +48,8 @@ from slmembed.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXES = ("sts", "long")
+# on a 16-core GPU host: 8 client processes beside the server under test
+CLIENT_PROCESSES = max(1, min(8, (os.cpu_count() or 2) // 2))
 LONG_TOKENS = (200, 500)
 
 
@@ -227,10 +233,11 @@ def pools(folder: Path, embedder, size: int) -> dict[str, list[str]]:
 
 def _table(cells: list[dict]) -> str:
     head = ("server", "mix", "clients", "texts/s", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "mismatch",
-            "min cos", "GPU MiB")
+            "min cos", "client cpu", "GPU MiB")
     rows = [head] + [(c["server"], c["mix"], c["clients"], c["texts_per_s"], c["requests_per_s"],
                       *(c["latency_ms"][q] if c["latency_ms"] else "-" for q in ("p50", "p90", "p99")),
-                      c["errors"], c["mismatches"], c["min_cosine_seen"], c.get("gpu_mem_used_mib") or "-")
+                      c["errors"], c["mismatches"], c["min_cosine_seen"], c["client_cpu_per_wall_max"],
+                      c.get("gpu_mem_used_mib") or "-")
                      for c in cells]
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
     return "\n".join("  ".join(str(v).rjust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
@@ -244,6 +251,9 @@ def main() -> int:
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64, 256])
     ap.add_argument("--mixes", nargs="+", choices=MIXES, default=list(MIXES))
     ap.add_argument("--seconds", type=float, default=30, help="per cell")
+    ap.add_argument("--client-processes", type=int, default=CLIENT_PROCESSES,
+                    help=f"processes the clients are spread over (default here: {CLIENT_PROCESSES}, half the cores, "
+                         "at most 8)")
     ap.add_argument("--pool", type=int, default=512, help="distinct texts per mix")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="both servers' weights")
     ap.add_argument("--max-batch", type=int, default=256, help="texts per forward pass: slmembed's --max-batch, "
@@ -255,6 +265,9 @@ def main() -> int:
     ap.add_argument("--adapter-min-cosine", type=float, default=0.995, help="unmerged LoRA against the merged run")
     ap.add_argument("--output", help="default: results/bench/serve-gpu-<model>.json")
     args = ap.parse_args()
+
+    if args.client_processes < 1:
+        ap.error("--client-processes must be at least 1")
 
     from slmembed import models
     from slmembed.loading import load_embedder
@@ -302,7 +315,7 @@ def main() -> int:
 
             for clients in args.clients:
                 with gpu.sampling():
-                    load = drive(port, request, clients, args.seconds, args.min_cosine)
+                    load = drive(port, request, clients, args.seconds, args.min_cosine, processes=args.client_processes)
                 cells.append({"server": server, "mix": mix, **load, "gpu_mem_used_mib": gpu.peak,
                               "gpu_mem_idle_mib": idle})
                 print(_table(cells[-1:]).splitlines()[-1], flush=True)
@@ -317,6 +330,7 @@ def main() -> int:
     result = {
         "command": " ".join(["python", "bench/serve_gpu.py", *sys.argv[1:]]), "model": name, "folder": str(folder),
         "dtype": args.dtype, "device": device, "max_batch": args.max_batch, "min_cosine": args.min_cosine,
+        "client_processes": args.client_processes,
         "infinity_client_prompt": prompt, "infinity_folder": infinity_model and str(infinity_model),
         "long_tokens": list(LONG_TOKENS), "pool": {m: len(p) for m, p in texts.items()},
         "servers": {s: " ".join(commands[s][0]) for s in args.servers}, "versions": versions,
@@ -351,7 +365,8 @@ def adapter_cells(args: argparse.Namespace, load_embedder, pool: list[str], gpu:
 
         for clients in args.clients:
             with gpu.sampling():
-                load = drive(port, request, clients, args.seconds, args.adapter_min_cosine)
+                load = drive(port, request, clients, args.seconds, args.adapter_min_cosine,
+                             processes=args.client_processes)
             cells.append({"server": f"slmembed-adapters-{len(served)}", "mix": "sts", **load,
                           "gpu_mem_used_mib": gpu.peak})
             print(_table(cells[-1:]).splitlines()[-1], flush=True)

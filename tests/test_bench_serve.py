@@ -4,8 +4,15 @@ load generator against a stub HTTP server, the long-text builder and the latency
 from __future__ import annotations
 
 import json
+import os
+import random
+import signal
 import sys
 import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -44,16 +51,22 @@ def test_reply_checker_flags_a_wrong_vector_a_reordered_reply_and_a_missing_one(
 
 class _Stub(BaseHTTPRequestHandler):
     """Answers /v1/embeddings with each text's vector from ``vectors``; ``drop_last`` leaves a multi-text reply's
-    last vector out."""
+    last vector out; a request with ``busy_text`` among its inputs gets 503. ``log`` gets each request's (nonce,
+    inputs, status, vectors answered)."""
 
     vectors: dict[str, list[float]] = {}
     drop_last = False
+    busy_text: str | None = None
+    log: list[tuple[int, int, int, int]] = []
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         texts = body["input"][:-1] if self.drop_last and len(body["input"]) > 1 else body["input"]
-        payload = json.dumps(_reply(np.array([self.vectors[t] for t in texts]))).encode()
-        self.send_response(200)
+        status = 503 if self.busy_text in body["input"] else 200
+        answered = texts if status == 200 else []
+        payload = json.dumps(_reply(np.array([self.vectors[t] for t in answered]))).encode()
+        self.log.append((body.get("nonce"), len(body["input"]), status, len(answered)))
+        self.send_response(status)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
         self.wfile.write(payload)
@@ -62,29 +75,124 @@ class _Stub(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.mark.parametrize("drop_last", [False, True])
-def test_drive_counts_texts_and_mismatched_replies(drop_last: bool) -> None:
-    texts = [f"text {i}" for i in range(8)]
-    expected = _unit(np.random.default_rng(0), len(texts))
-    handler = type("Stub", (_Stub,), {"vectors": dict(zip(texts, expected.tolist(), strict=True)),
-                                      "drop_last": drop_last})
+TEXTS = [f"text {i}" for i in range(8)]
+VECTORS = _unit(np.random.default_rng(0), len(TEXTS))
+
+
+@contextmanager
+def _stub(**attrs) -> Iterator[tuple[int, list[tuple[int, int, int, int]]]]:
+    """A stub server on a free port answering TEXTS with VECTORS (``attrs``: _Stub's switches), and its log."""
+    log: list[tuple[int, int, int, int]] = []
+    handler = type("Stub", (_Stub,), {"vectors": dict(zip(TEXTS, VECTORS.tolist(), strict=True)), "log": log,
+                                      **attrs})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    sizes: list[int] = []
-
-    def request(rng) -> common.Request:
-        picks = rng.sample(range(len(texts)), rng.randint(1, 4))
-        sizes.append(len(picks))
-        return {"model": "m", "input": [texts[i] for i in picks]}, expected[picks]
-
     try:
-        load = common.drive(server.server_address[1], request, clients=2, seconds=0.5, min_cosine=0.999)
+        yield server.server_address[1], log
     finally:
         server.shutdown()
-    assert load["requests"] == len(sizes) > 0 and load["errors"] == 0
-    multi = sum(n > 1 for n in sizes)
-    assert load["mismatches"] == (multi if drop_last else 0)
-    assert load["texts"] == sum(n for n in sizes if not (drop_last and n > 1))
+        server.server_close()
+
+
+def _request(rng: random.Random) -> common.Request:
+    """1-4 of TEXTS, with a 64-bit nonce that tells which client's stream (and where in it) a request comes from."""
+    nonce = rng.getrandbits(64)
+    picks = rng.sample(range(len(TEXTS)), rng.randint(1, 4))
+    return {"model": "m", "input": [TEXTS[i] for i in picks], "nonce": nonce}, VECTORS[picks]
+
+
+def _per_client(log: list[tuple[int, int, int, int]], clients: int) -> list[int]:
+    """How many requests of the log each client k sent, asserting that the log is, as a multiset, the union of a
+    prefix of each client's request stream (``_request`` drawing from ``random.Random(k)``)."""
+    sent = Counter(entry[0] for entry in log)
+    counts, prefixes = [], Counter()
+    for k in range(clients):
+        rng = random.Random(k)
+        stream = [_request(rng)[0]["nonce"] for _ in range(len(log) + 1)]
+        n = next(i for i, nonce in enumerate(stream) if nonce not in sent)
+        counts.append(n)
+        prefixes.update(stream[:n])
+    assert prefixes == sent
+    return counts
+
+
+def _drive(port: int, make_request, **kwargs) -> dict:
+    """common.drive, failing the test rather than hanging it if drive has not returned after 150 s."""
+    out: dict = {}
+    thread = threading.Thread(target=lambda: out.update(common.drive(port, make_request, **kwargs)), daemon=True)
+    thread.start()
+    thread.join(150)
+    assert not thread.is_alive(), "drive did not return"
+    return out
+
+
+def test_clients_are_spread_over_processes_evenly_in_order() -> None:
+    assert common.client_groups(3, 2) == [[0, 1], [2]]
+    assert common.client_groups(10, 4) == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9]]
+    assert common.client_groups(2, 8) == [[0], [1]]  # no more processes than clients
+    assert common.client_groups(5, 1) == [[0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_drive_counts_what_the_server_answered(drop_last: bool, processes: int, monkeypatch) -> None:
+    latencies: list[int] = []
+    percentiles = common.latency_ms
+    monkeypatch.setattr(common, "latency_ms", lambda seconds: latencies.append(len(seconds)) or percentiles(seconds))
+    with _stub(drop_last=drop_last, busy_text="text 7") as (port, log):
+        load = _drive(port, _request, clients=3, seconds=0.5, min_cosine=0.999, processes=processes)
+    ok = [(n, answered) for _, n, status, answered in log if status == 200]
+    busy = sum(status == 503 for _, _, status, _ in log)
+    short = sum(answered < n for n, answered in ok)
+    assert load["client_processes"] == processes and load["client_processes_lost"] == 0
+    assert min(_per_client(log, 3)) > 0  # clients 0, 1, 2 each sent their own stream, and nothing else was sent
+    assert load["requests"] == len(log) == latencies[0] and len(latencies) == 1
+    assert load["status"] == {"200": len(ok), "503": busy} and busy > 0
+    assert load["errors"] == busy and load["transport_errors"] == 0
+    assert load["mismatches"] == short and (short > 0) == drop_last
+    assert load["problems"] == ({"missing": short} if drop_last else {})
+    assert load["texts"] == sum(n for n, answered in ok if answered == n)
+    assert load["min_cosine_seen"] == pytest.approx(1.0, abs=1e-5)
+    assert load["client_cpu_per_wall_max"] >= 0 and load["client_cpu_per_wall"] >= 0
+
+
+def _failing(how: str):
+    """``_request``, except that client 1's first request raises, kills its process, or never comes."""
+    doomed = random.Random(1).getrandbits(64)
+
+    def request(rng: random.Random) -> common.Request:
+        body, expected = _request(rng)
+        if body["nonce"] == doomed:
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if how == "hang":
+                time.sleep(60)
+            raise RuntimeError("make_request failed")
+        return body, expected
+
+    return request
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_client_whose_make_request_raises_is_a_transport_error(processes: int) -> None:
+    with _stub() as (port, log):
+        load = _drive(port, _failing("raise"), clients=3, seconds=0.5, min_cosine=0.999, processes=processes)
+    sent = _per_client(log, 3)
+    assert sent[1] == 0 and min(sent[0], sent[2]) > 0
+    assert load["requests"] == len(log) and load["status"] == {"200": len(log)}
+    assert load["transport_errors"] == load["errors"] == 1 and load["client_processes_lost"] == 0
+
+
+@pytest.mark.parametrize("how", ["kill", "hang"])
+def test_a_lost_worker_process_counts_its_clients_as_transport_errors(how: str, monkeypatch) -> None:
+    monkeypatch.setattr(common, "GRACE_S", 3.0)  # a hung worker is killed 3 s after the window
+    with _stub() as (port, log):
+        load = _drive(port, _failing(how), clients=3, seconds=0.5, min_cosine=0.999, processes=2)
+    sent = _per_client(log, 3)  # the worker of clients 0 and 1 is lost; what client 0 sent is not counted
+    assert sent[1] == 0 and sent[2] > 0
+    assert load["requests"] == sent[2] and load["status"] == {"200": sent[2]}
+    assert load["client_processes"] == 2 and load["client_processes_lost"] == 1
+    assert load["transport_errors"] == load["errors"] == 2
 
 
 def test_long_texts_have_200_to_500_tokens_of_consecutive_sentences(tiny_models) -> None:
