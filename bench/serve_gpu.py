@@ -246,8 +246,9 @@ def _table(cells: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="an exported sentence-transformers folder (or packaged model)")
-    ap.add_argument("--servers", nargs="*", choices=("slmembed", "infinity"), default=["slmembed", "infinity"],
-                    help="none: only the adapter case")
+    ap.add_argument("--servers", nargs="*", choices=("slmembed", "slmembed-compile", "infinity"),
+                    default=["slmembed", "infinity"],
+                    help="slmembed-compile: slmembed serve --compile; none: only the adapter case")
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64, 256])
     ap.add_argument("--mixes", nargs="+", choices=MIXES, default=list(MIXES))
     ap.add_argument("--seconds", type=float, default=30, help="per cell")
@@ -287,10 +288,12 @@ def main() -> int:
     if "infinity" in args.servers:
         versions["infinity"] = infinity_versions(args.infinity_python, args.infinity_site)
 
+    ours = [sys.executable, "-m", "slmembed", "serve", "--model", str(folder), "--name", name, "--dtype", args.dtype,
+            "--max-batch", str(args.max_batch), "--max-queue", "100000", "--max-connections", "4096",
+            "--request-timeout", "600"]
     commands = {
-        "slmembed": ([sys.executable, "-m", "slmembed", "serve", "--model", str(folder), "--name", name,
-                      "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-queue", "100000",
-                      "--max-connections", "4096", "--request-timeout", "600"], None, ""),
+        "slmembed": (ours, None, ""),
+        "slmembed-compile": ([*ours, "--compile"], None, ""),
         # --no-bettertransformer: BetterTransformer needs optimum (not installed); it is deprecated upstream.
         "infinity": ([args.infinity_python, "-m", "infinity_emb.cli", "v2", "--model-id", str(infinity_model),
                       "--served-model-name", name, "--url-prefix", "/v1", "--engine", "torch", "--device", device,
