@@ -130,7 +130,9 @@ def infinity_versions(python: str, site: str) -> dict:
             "'infinity_emb': infinity_emb.__version__, 'torch': torch.__version__, "
             "'transformers': transformers.__version__, 'sentence_transformers': sentence_transformers.__version__, "
             "'numpy': numpy.__version__}))")
-    out = subprocess.run([python, "-c", code], env=_infinity_env(site), capture_output=True, text=True, check=True)
+    out = subprocess.run([python, "-c", code], env=_infinity_env(site), capture_output=True, text=True)
+    if out.returncode:  # recorded; its server will then fail to start and be reported as well
+        return {"error": out.stderr[-2000:]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -303,12 +305,34 @@ def main() -> int:
     }
     gpu = GpuMemory()
     cells: list[dict] = []
+    failed: dict[str, str] = {}  # servers that did not start, with the end of their log
+    output = args.output or ROOT / f"results/bench/serve-gpu-{name}.json"
+
+    def save() -> None:  # after each server too, so that a later one's failure or a stopped run keeps what was measured
+        write_json(output, {
+            "command": " ".join(["python", "bench/serve_gpu.py", *sys.argv[1:]]), "model": name,
+            "folder": str(folder), "dtype": args.dtype, "device": device, "max_batch": args.max_batch,
+            "min_cosine": args.min_cosine, "client_processes": args.client_processes,
+            "infinity_client_prompt": prompt, "infinity_folder": infinity_model and str(infinity_model),
+            "long_tokens": list(LONG_TOKENS), "pool": {m: len(p) for m, p in texts.items()},
+            "servers": {s: " ".join(commands[s][0]) for s in args.servers}, "versions": versions,
+            "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+                        "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
+                        "note": "servers and clients share the machine; one server runs at a time"},
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "failed_servers": failed,
+            "cells": cells})
+
     for server in args.servers:
         cmd, env, prefix = commands[server]
         port = free_port()
         log = Path(tempfile.gettempdir()) / f"serve-gpu-{server}.log"
         idle = gpu.used() if gpu.available else None
-        proc = start_server([*cmd, "--port", str(port)], port, log, env=env)
+        try:
+            proc = start_server([*cmd, "--port", str(port)], port, log, env=env)
+        except SystemExit as exc:  # start_server's exit: the server died before answering
+            failed[server] = str(exc)[-2000:]
+            print(f"{server} did not start:\n{failed[server]}", flush=True)
+            continue
         for mix in args.mixes:
             pool, vectors = [prefix + t for t in texts[mix]], expected[mix]
 
@@ -327,26 +351,14 @@ def main() -> int:
         for cell in cells:
             if cell["server"] == server:
                 cell["server_peak_rss_mib"] = rss
+        save()
     if args.adapter_runs:
         cells += adapter_cells(args, load_embedder, texts["sts"], gpu)
 
-    result = {
-        "command": " ".join(["python", "bench/serve_gpu.py", *sys.argv[1:]]), "model": name, "folder": str(folder),
-        "dtype": args.dtype, "device": device, "max_batch": args.max_batch, "min_cosine": args.min_cosine,
-        "client_processes": args.client_processes,
-        "infinity_client_prompt": prompt, "infinity_folder": infinity_model and str(infinity_model),
-        "long_tokens": list(LONG_TOKENS), "pool": {m: len(p) for m, p in texts.items()},
-        "servers": {s: " ".join(commands[s][0]) for s in args.servers}, "versions": versions,
-        "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
-                    "cores": os.cpu_count(), "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-                    "note": "servers and clients share the machine; one server runs at a time"},
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "cells": cells,
-    }
-    output = args.output or ROOT / f"results/bench/serve-gpu-{name}.json"
-    write_json(output, result)
+    save()
     print(_table(cells))
     print(f"wrote {output}")
-    return 0 if all(c["errors"] == 0 and c["mismatches"] == 0 for c in cells) else 1
+    return 0 if not failed and all(c["errors"] == 0 and c["mismatches"] == 0 for c in cells) else 1
 
 
 def adapter_cells(args: argparse.Namespace, load_embedder, pool: list[str], gpu: GpuMemory) -> list[dict]:
