@@ -85,6 +85,37 @@ def test_the_block_mask_skips_the_tiles_of_other_sequences() -> None:
         assert int(block.full_kv_num_blocks.sum()) == (0 if causal else 4)
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_the_block_mask_built_from_cu_is_create_block_masks(causal: bool) -> None:
+    """Sequences of 1 to 400 tokens (many to a tile, one over several tiles, boundaries on and off the tiles' edges):
+    the tiles built from ``cu`` are those ``create_block_mask`` finds from every (query, key) pair, partial and full
+    alike, in the same order, and the masks' dense forms are equal."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    rng = np.random.default_rng(0)
+    for lengths in ([3] * 50 + [128, 256, 1], [400, 7, 121, 128, 9], list(rng.integers(1, 60, 70)), [1000]):
+        tokens = int(sum(lengths))
+        padded = -(-tokens // packing.TILE) * packing.TILE
+        cu = torch.tensor(np.cumsum([0, *lengths] + ([padded - tokens] if padded > tokens else [])),
+                          dtype=torch.int32)
+        got = packing.document_mask(cu, padded, causal).block_mask
+        document = torch.searchsorted(cu[1:].long(), torch.arange(padded), right=True)
+
+        def mod(b, h, q, k, document=document):
+            return (document[q] == document[k]) & (q >= k) if causal else document[q] == document[k]
+
+        want = create_block_mask(mod, None, None, padded, padded, device="cpu", BLOCK_SIZE=packing.TILE)
+        for name in ("kv_num_blocks", "full_kv_num_blocks"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), msg=name)
+        for count, name in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+            n = getattr(want, count)[0, 0]
+            for row, k in enumerate(n.tolist()):
+                assert getattr(got, name)[0, 0, row, :k].tolist() == getattr(want, name)[0, 0, row, :k].tolist()
+        torch.testing.assert_close(got.to_dense(), want.to_dense())
+        q, k = torch.randint(0, padded, (2, 2000))
+        assert torch.equal(got.mask_mod(0, 0, q, k), mod(0, 0, q, k))
+
+
 @pytest.mark.parametrize("attention", ["causal", "bidirectional"])
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_flex_vectors_equal_padded_ones(tiny_models, arch: str, attention: str) -> None:

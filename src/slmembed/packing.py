@@ -47,9 +47,9 @@ from slmembed import attention as attention_mode
 from slmembed.errors import SlmembedError
 
 try:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
 except ImportError:  # a torch without FlexAttention: ``check`` refuses flex
-    create_block_mask = flex_attention = None
+    BlockMask = flex_attention = None
 
 NAME = "slmembed_packed"
 TILE = 128  # tokens of FlexAttention's query and key blocks: the block mask's granularity and the row's padding
@@ -173,21 +173,39 @@ def hidden_states(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 def document_mask(cu: torch.Tensor, length: int, causal: bool) -> Documents:
     """FlexAttention's block mask of a packed row of ``length`` tokens (``cu[-1]``, a multiple of ``TILE``): a query
-    sees the keys of its own sequence, the earlier ones only if ``causal``. ``create_block_mask`` builds it on
-    ``cu``'s device from the mask of every (query, key) pair."""
+    sees the keys of its own sequence, the earlier ones only if ``causal``.
 
-    def same(b, h, q, k):
-        return document[q] == document[k]
-
-    def same_causal(b, h, q, k):
-        return (document[q] == document[k]) & (q >= k)
-
+    Built tile by tile from ``cu``, not by ``create_block_mask``, which evaluates the mask for every (query, key)
+    pair, [T, T] (27k tokens at batch 512: 0.75 GB and several passes a forward). Sequences are contiguous, so a tile
+    pair holds a visible pair iff the sequence ranges of its two tiles overlap (and, causal, the key tile is not after
+    the query tile), and every pair is visible iff both tiles lie in one sequence (causal: off the diagonal). The tiles
+    equal ``create_block_mask``'s (tests/test_flex.py)."""
     with torch.profiler.record_function("packing.document_mask"):  # its cost a step, in a profile's operator table
         document = torch.searchsorted(cu[1:].long(), torch.arange(length, device=cu.device), right=True)
-        mask = create_block_mask(same_causal if causal else same, None, None, length, length, device=cu.device,
-                                 BLOCK_SIZE=TILE)
-    return Documents(mask, causal)
+        first, last = document[::TILE], document[TILE - 1 :: TILE]  # each tile's first and last sequence
+        q_first, q_last, k_first, k_last = first[:, None], last[:, None], first[None, :], last[None, :]
+        seen = (q_first <= k_last) & (k_first <= q_last)
+        full = (q_first == q_last) & (k_first == k_last) & (q_first == k_first)
+        if causal:
+            tiles = torch.arange(len(first), device=cu.device)
+            seen &= tiles[None, :] <= tiles[:, None]
+            full &= tiles[None, :] < tiles[:, None]
+        partial = seen & ~full
 
+        def blocks(which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Per query tile: how many key tiles, and their indices first, ascending."""
+            order = torch.argsort((~which).to(torch.int8), dim=-1, stable=True)
+            return which.sum(-1, dtype=torch.int32)[None, None], order.to(torch.int32)[None, None]
+
+        def same(b, h, q, k):
+            return document[q] == document[k]
+
+        def same_causal(b, h, q, k):
+            return (document[q] == document[k]) & (q >= k)
+
+        mask = BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=TILE,
+                                        mask_mod=same_causal if causal else same, seq_lengths=(length, length))
+    return Documents(mask, causal)
 
 
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
