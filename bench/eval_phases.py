@@ -46,7 +46,7 @@ def phases(args: argparse.Namespace) -> dict:
     mark("import slmembed.cli")
     sets = load_all(args.tasks or TASKS, args.data_dir)
     mark("read the sets")
-    loading = cli._loading(argparse.Namespace(device="auto", dtype="auto"))
+    loading = cli._loading(cli.parser().parse_args(["eval", "--model", args.model]))  # as `slmembed eval` reads it
     mark("resolve the device")
     from slmembed.embedder import batching
     from slmembed.evaluate import score, unique_sentences
