@@ -54,6 +54,7 @@ log = logging.getLogger("slmembed.serve")
 
 Input = str | list[int]  # a text, or its token ids
 Served = Single | AdapterPool  # what a server serves (adapters.py)
+Queued = tuple[str, list[list[int]], asyncio.Future]  # a request waiting for the worker: model, token ids, its answer
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,7 @@ class Batcher:
 
     def __init__(self, served: Served, limits: Limits) -> None:
         self.served, self.limits = served, limits
-        self.queue: asyncio.Queue[tuple[str, list[list[int]], asyncio.Future]] = asyncio.Queue()
+        self.queue: asyncio.Queue[Queued] = asyncio.Queue()
         # One thread, apart from the encoding worker's, so that the device is not kept waiting on the tokenizer; one
         # only, because a fast tokenizer's truncation settings are set on it for each call (embedder._fast_tokenize).
         self.tokenizing = ThreadPoolExecutor(1, thread_name_prefix="slmembed-tokenize")
@@ -182,14 +183,14 @@ class Batcher:
             vectors = embedder.forward_ids(ids, max_tokens=self.limits.max_batch * embedder.spec.max_length)
         return vectors.cpu().numpy()
 
-    def _dropped(self, item: tuple[str, list[Input], asyncio.Future]) -> bool:
+    def _dropped(self, item: Queued) -> bool:
         """Whether a queued request timed out; its inputs then leave the queue unembedded."""
         if item[2].done():
             self.queued -= len(item[1])
         return item[2].done()
 
     async def run(self) -> None:
-        backlog: list[tuple[str, list[Input], asyncio.Future]] = []  # taken from the queue, oldest first
+        backlog: list[Queued] = []  # taken from the queue, oldest first
         while True:
             if not backlog:
                 backlog.append(await self.queue.get())
