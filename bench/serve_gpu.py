@@ -233,6 +233,12 @@ def pools(folder: Path, embedder, size: int) -> dict[str, list[str]]:
             "long": long_texts(sentences, count, size)}
 
 
+def serve_limits(args: argparse.Namespace) -> list[str]:
+    """`slmembed serve`'s options in every case here: the weights' dtype, the batch, and limits the load never hits."""
+    return ["--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-queue", "100000",
+            "--max-connections", "4096", "--request-timeout", "600"]
+
+
 def _table(cells: list[dict]) -> str:
     head = ("server", "mix", "clients", "texts/s", "req/s", "p50 ms", "p90 ms", "p99 ms", "errors", "mismatch",
             "min cos", "client cpu", "GPU MiB")
@@ -290,9 +296,7 @@ def main() -> int:
     if "infinity" in args.servers:
         versions["infinity"] = infinity_versions(args.infinity_python, args.infinity_site)
 
-    ours = [sys.executable, "-m", "slmembed", "serve", "--model", str(folder), "--name", name, "--dtype", args.dtype,
-            "--max-batch", str(args.max_batch), "--max-queue", "100000", "--max-connections", "4096",
-            "--request-timeout", "600"]
+    ours = [sys.executable, "-m", "slmembed", "serve", "--model", str(folder), "--name", name, *serve_limits(args)]
     commands = {
         "slmembed": (ours, None, ""),
         "slmembed-compile": ([*ours, "--compile"], None, ""),
@@ -370,8 +374,7 @@ def adapter_cells(args: argparse.Namespace, load_embedder, pool: list[str], gpu:
     for served in (["A", "B"], ["A"]):
         port = free_port()
         cmd = [sys.executable, "-m", "slmembed", "serve", *(x for n in served for x in ("--run", f"{n}={runs[n]}")),
-               "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-queue", "100000",
-               "--max-connections", "4096", "--request-timeout", "600", "--port", str(port)]
+               *serve_limits(args), "--port", str(port)]
         proc = start_server(cmd, port, Path(tempfile.gettempdir()) / "serve-gpu-adapters.log")
 
         def request(rng: random.Random, served=served) -> Request:
