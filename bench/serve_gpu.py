@@ -119,8 +119,10 @@ def _peak_rss_mib(pid: int) -> float | None:
 
 
 def _infinity_env(site: str) -> dict[str, str]:
+    """infinity's environment: its own site dir, no telemetry, offline, and its transformers 4 kept to torch (it
+    otherwise imports any jax or TensorFlow the machine has, and a jaxlib that fails to load stops the server)."""
     env = {**os.environ, "PYTHONPATH": site, "INFINITY_ANONYMOUS_USAGE_STATS": "0", "DO_NOT_TRACK": "1",
-           "HF_HUB_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "USE_TORCH": "1", "USE_FLAX": "0", "USE_TF": "0"}
     env.pop("SLMEMBED_API_KEY", None)
     return env
 

@@ -3,7 +3,11 @@
 # it reuses: infinity pins numpy<2 and sentence-transformers<4 (hence transformers<5), so it runs from a separate
 # `pip install --target` site dir on PYTHONPATH, ahead of the machine's site-packages.
 #
-#   bench/serve_gpu_wheels.sh [DEST]        # default DEST: wheels-infinity; PYVER=3.12 (the GPU machine's Python)
+#   bench/serve_gpu_wheels.sh [DEST [SPEC ...]]   # default DEST: wheels-infinity; PYVER=3.12 (the GPU machine's Python)
+#
+# SPEC (default infinity's) may name other requirements: `slmembed serve`'s own on that machine, at the lock's versions,
+#   bench/serve_gpu_wheels.sh wheels-serve fastapi==0.165.0 uvicorn==0.54.0 orjson==3.13.0 uvloop==0.23.0
+# (pip's resolution, not a hand-made list: fastapi 0.165 imports opentelemetry-api, which such a list missed).
 #
 # pip resolves the whole set from PyPI's metadata only (--dry-run --report), then downloads it without torch, triton,
 # the nvidia-* CUDA wheels and what only torch needs (sympy, mpmath, networkx, setuptools), in DEST/part1, part2, ...
@@ -13,15 +17,17 @@
 #   PYTHONPATH=INFSITE python -m infinity_emb.cli v2 --model-id FOLDER ...
 set -euo pipefail
 DEST=${1:-wheels-infinity}
+shift || true
+SPEC=("$@")
+[ ${#SPEC[@]} -gt 0 ] || SPEC=("infinity-emb[server,torch]==0.0.78")
 PYVER=${PYVER:-3.12}
 PART_MB=${PART_MB:-55}
 PIP=${PIP:-python3 -m pip}
 TAGS=(--python-version "$PYVER" --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --only-binary=:all:)
-SPEC="infinity-emb[server,torch]==0.0.78"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-$PIP install --dry-run --quiet --ignore-installed --target "$work/t" --report "$work/report.json" "${TAGS[@]}" "$SPEC"
+$PIP install --dry-run --quiet --ignore-installed --target "$work/t" --report "$work/report.json" "${TAGS[@]}" "${SPEC[@]}"
 python3 - "$work/report.json" >"$work/reqs.txt" <<'EOF'
 import json, re, sys
 skip = re.compile(r"^(torch|triton|nvidia-.*|sympy|mpmath|networkx|setuptools)$", re.I)

@@ -34,11 +34,10 @@ for m in smollm2-135m gemma-3-270m; do python3 -c "from slmembed import models; 
 short="--set train.max_steps=3"
 step train 240 "python3 -m slmembed train --recipe smollm2-135m $short --output $WORK/smollm2-a &
   python3 -m slmembed train --recipe smollm2-135m $short --set train.seed=7 --output $WORK/smollm2-b &
-  python3 -m slmembed train --recipe gemma-3-270m-plus $short --set train.select=last --set train.average_last=1 \
-    --set train.dev_every=null --output $WORK/gemma &
+  python3 -m slmembed train --recipe gemma-3-270m $short --output $WORK/gemma &
   wait
   python3 -m slmembed export --run $WORK/smollm2-a --output $WORK/smollm2-135m --format st &
-  python3 -m slmembed export --run $WORK/gemma --output $WORK/gemma-3-270m-plus --format st &
+  python3 -m slmembed export --run $WORK/gemma --output $WORK/gemma-3-270m --format st &
   wait"
 serve="python3 bench/serve_gpu.py --infinity-python python3 --infinity-site $INFSITE --dtype bfloat16 --seconds $CELL_S"
 step serve-smollm2 300 "$serve --servers slmembed infinity --model $WORK/smollm2-135m \
@@ -51,8 +50,8 @@ step flex-gemma 420 "python3 bench/train_speed.py --model gemma-3-270m --batches
   --variants compile_graphs --packed-attention varlen flex --peer-losses \
   --profile 'results/bench/profile-gemma-3-270m-b512-{variant}.txt' --profile-variants compile \
   --output results/bench/train-gemma-3-270m-b512-flex-$dev.json"
-step serve-gemma 360 "$serve --servers slmembed infinity --model $WORK/gemma-3-270m-plus \
-  --output results/bench/serve-gpu-gemma-3-270m-plus-$dev.json"
+step serve-gemma 360 "$serve --servers slmembed infinity --model $WORK/gemma-3-270m \
+  --output results/bench/serve-gpu-gemma-3-270m-$dev.json"
 step serve-smollm2-compile 150 "$serve --servers slmembed-compile --model $WORK/smollm2-135m \
   --output results/bench/serve-gpu-smollm2-135m-compile-$dev.json"
 step serve-adapters 200 "python3 bench/serve_gpu.py --model $WORK/smollm2-135m --servers \
