@@ -75,6 +75,25 @@ def test_eos_appended_and_kept_under_truncation(tiny_models) -> None:
     assert ids[1][:-1] == emb.tokenizer("hi")["input_ids"]
 
 
+@pytest.mark.parametrize("prompt", ["P1", "P2", "{} is: ", 'Q: "{}"!'])
+@pytest.mark.parametrize("max_length", [6, 12, 40])
+def test_a_cut_text_keeps_the_templates_tail(tiny_models, prompt: str, max_length: int) -> None:
+    emb = _embedder(tiny_models["llama"], "right", prompt=prompt, max_length=max_length)
+    template, tok, eos = emb.spec.template, emb.tokenizer, emb.tokenizer.eos_token_id
+    prefix = template.partition("{}")[0]
+    # the tail, independently: the tokens after "0" (a digit never merges with the quote or space that follows)
+    tail = tok(template.format("0"))["input_ids"][len(tok(prefix + "0")["input_ids"]):]
+    texts = ["a cat", "one two three four five six seven eight nine ten " * 4, "(quoted) text."]
+    for text, got in zip(texts, emb.tokenize(texts), strict=True):
+        whole = tok(template.format(text))["input_ids"]
+        if len(whole) < max_length:
+            assert got == whole + [eos]
+        else:  # cut to fit the EOS, then its last tokens overwritten with the tail
+            keep = min(len(tail), max_length - 1)
+            assert got == whole[:max_length - 1 - keep] + tail[len(tail) - keep:] + [eos]
+    assert tail and emb.tail == tail
+
+
 @pytest.mark.parametrize(("name", "template"), [
     ("P1", 'This sentence: "{}" means in one word: "'),
     ("PromptEOL", 'This sentence : "{}" means in one word:"'),  # Jiang et al. 2023

@@ -27,6 +27,7 @@ from slmembed.train import train
 CPU = torch.device("cpu")
 RUNS = {  # name: (base tokenizer's padding side, pooling, prompt)
     "right-last-prompt": ("right", "last", "Represent this sentence: {}"),
+    "left-last-P1": ("left", "last", "P1"),  # text after {}: the tokenizer's chat template for sentence-transformers
     "left-last": ("left", "last", None),
     "left-mean": ("left", "mean", None),
 }
@@ -94,7 +95,11 @@ def test_sentence_transformers_round_trip(runs, stsb_texts, tmp_path, name) -> N
         pooling, pooling)
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     st_config = json.loads((out / "config_sentence_transformers.json").read_text())
-    assert st_config["default_prompt_name"] == ("default" if prompt else None)
+    suffix = bool(prompt) and not prompt.endswith("{}")
+    assert st_config["default_prompt_name"] == ("default" if prompt and not suffix else None)
+    modalities = json.loads((out / "sentence_bert_config.json").read_text())["modality_config"]
+    assert ("message" in modalities) == suffix
+    assert ("one text a call" in (AutoTokenizer.from_pretrained(out).chat_template or "")) == suffix  # ours
 
     texts = stsb_texts[::5] + stsb_texts[-1:]  # every STSB sentence: bench/export_check.py on the real model
     reference = _reference(runs[name])
@@ -169,14 +174,19 @@ def test_bad_exports_are_refused(runs, tmp_path) -> None:
     run = tmp_path / "suffix-run"
     shutil.copytree(runs["left-last"], run)
     saved = json.loads((run / "embed.json").read_text())
-    saved["spec"]["prompt"] = "P1"  # text after {}: not a sentence-transformers prompt
+    saved["spec"]["prompt"] = "P1"  # text after {}: sentence-transformers' prompts are prefixes
     (run / "embed.json").write_text(json.dumps(saved))
-    with pytest.raises(SlmembedError, match="--format hf"):
-        export(run, tmp_path / "out")
-    assert not (tmp_path / "out").exists()
     export(run, tmp_path / "out", fmt="hf")  # slmembed applies the whole template itself
     back = load_embedder(str(tmp_path / "out"), device=CPU, dtype=torch.float32)
     assert back.tokenize(["a cat"]) == _reference(run).tokenize(["a cat"])
+    model = SentenceTransformer(str(_exported_st(run, tmp_path / "st")), device="cpu")
+    with pytest.raises(Exception, match="one text a call"):  # a prompt= would arrive as a system message
+        model.encode(["a cat"], prompt="Query: ")
+
+
+def _exported_st(run: Path, out: Path) -> Path:
+    export(run, out)
+    return out
 
 
 def test_cli_export(runs, tmp_path, capsys) -> None:

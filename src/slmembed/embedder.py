@@ -1,7 +1,9 @@
 """Text -> L2-normalised vectors.
 
 Each text is wrapped in the optional prompt template, tokenised (truncated to ``max_length`` tokens, EOS included), and
-given an appended EOS token for last-token pooling. Pooling (last token, mean or first token) is pooling.py's.
+given an appended EOS token for last-token pooling. A truncated text keeps the template's text after ``{}`` (its
+last tokens are overwritten with it), as sentence-transformers keeps a chat template's suffix, so that the prompt's
+instruction still precedes the pooled token. Pooling (last token, mean or first token) is pooling.py's.
 
 With left padding, position ids are ``cumsum(mask) - 1`` so that every sequence starts at position 0 whatever its
 padding. ``encode`` sorts texts by length (within pieces of ``PIECE``) to keep padding small and returns
@@ -90,6 +92,7 @@ class Embedder:
         self.skip = 0  # leading tokens of every text that pooling leaves out: the prompt's, if not included
         if spec.prompt and not include_prompt:
             self.skip = st_pipeline.prompt_tokens(tokenizer, spec.template, spec.max_length)
+        self.tail = template_tail(tokenizer, spec)  # what a truncated text keeps at its end
 
     @property
     def device(self) -> torch.device:
@@ -106,12 +109,18 @@ class Embedder:
         return min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
 
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids per text: prompt applied, truncated so that the appended EOS still fits in ``max_length``."""
+        """Token ids per text: prompt applied, truncated so that the appended EOS still fits in ``max_length``, a
+        truncated text ending in the template's tail (module docstring)."""
         room = self.spec.max_length - (self.eos is not None)
         texts = [self.spec.template.format(t) for t in texts] if self.spec.prompt else list(texts)
         ids = _fast_tokenize(self.tokenizer, texts, room)
         if ids is None:
             ids = self.tokenizer(texts, truncation=True, max_length=room, add_special_tokens=True)["input_ids"]
+        if self.tail:
+            for row in ids:
+                if len(row) >= room:  # cut (or exactly full, when the tail is there already)
+                    keep = min(len(self.tail), len(row))
+                    row[-keep:] = self.tail[-keep:]
         if self.eos is None:
             return ids
         return [row + [self.eos] for row in ids]
@@ -262,6 +271,22 @@ def _to_numpy(vectors: torch.Tensor) -> np.ndarray:
         return vectors.cpu().numpy()
     host = torch.empty(vectors.shape, dtype=vectors.dtype, pin_memory=True)
     return host.copy_(vectors).numpy()
+
+
+def template_tail(tokenizer: PreTrainedTokenizerBase, spec: EmbedSpec) -> list[int]:
+    """The token ids of the template's text after ``{}`` and of any special tokens the tokenizer appends itself (an
+    exported tokenizer's EOS), as sentence-transformers derives a chat template's suffix
+    (``Transformer._chat_template_suffix_ids``): the longest common tail of the template around two fillers that
+    tokenise differently ("0" and "1 2 3 4"), so never a token that merges with the text. Empty without such text."""
+    if not spec.parts[1]:
+        return []
+    first, second = (tokenizer(spec.template.format(filler))["input_ids"] for filler in ("0", "1 2 3 4"))
+    count = 0
+    for left, right in zip(reversed(first), reversed(second), strict=False):
+        if left != right:
+            break
+        count += 1
+    return first[len(first) - count:] if 0 < count < min(len(first), len(second)) else []
 
 
 def _fast_tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], room: int) -> list[list[int]] | None:

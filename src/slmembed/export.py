@@ -60,12 +60,6 @@ DTYPES = ("float32", "bfloat16", "float16")  # --dtype besides auto, as torch na
 PROBES = ["A man is playing a guitar.", "Hi", "Zwei Hunde rennen über die Wiese!", "word " * 400]
 
 
-def prompt_parts(spec: EmbedSpec) -> tuple[str, str]:
-    """The prompt template's text before and after the ``{}`` placeholder."""
-    prefix, _, suffix = spec.template.format("\0").partition("\0")
-    return prefix, suffix
-
-
 def _append_eos_json(post: dict | None, eos: str, eos_id: int) -> dict:
     """A tokenizers post-processor (JSON) that does what ``post`` does and then appends ``eos`` to each sequence."""
     seq = [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}]
@@ -114,16 +108,37 @@ def export_tokenizer(tokenizer: PreTrainedTokenizerBase, spec: EmbedSpec) -> Non
 
 
 def check_token_ids(folder: Path, reference: Embedder) -> None:
-    """Raise unless the folder's tokenizer, given the prompted texts, gives ``reference.tokenize``'s token ids."""
+    """Raise unless the folder's tokenizer, given the prompted texts, gives ``reference.tokenize``'s token ids (the
+    texts it does not cut, where the template has a tail: a plain tokenizer call cuts that tail off)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
     got = tokenizer([reference.spec.template.format(t) for t in PROBES], truncation=True)["input_ids"]
     want = reference.tokenize(PROBES)
     for text, a, b in zip(PROBES, got, want, strict=True):
-        if a != b:
+        if a != b and not (reference.tail and len(b) == reference.spec.max_length):
             raise SlmembedError(f"exported tokenizer gives {a[:8]}... for {text[:30]!r}, slmembed gives {b[:8]}...: "
                                 "this tokenizer cannot be made to append EOS on its own")
+
+
+def chat_template(tokenizer: PreTrainedTokenizerBase, spec: EmbedSpec) -> str:
+    """A chat template that renders one text as slmembed tokenises it: the prompt template around it, with the BOS
+    the tokenizer adds and the spec's EOS written out, since sentence-transformers tokenises a chat template's render
+    without adding special tokens. It refuses anything but one message, e.g. sentence-transformers' ``prompt=``,
+    which would arrive as a system message."""
+    bare = tokenizer("0", add_special_tokens=False)["input_ids"]
+    full = tokenizer("0", add_special_tokens=True)["input_ids"]
+    start = full.index(bare[0]) if bare and bare[0] in full else -1
+    lead = full[:start]
+    if start < 0 or full[start:start + len(bare)] != bare or lead not in ([], [tokenizer.bos_token_id]):
+        raise SlmembedError(f"{tokenizer.name_or_path}: its tokenizer adds {full} around {bare}; a chat template for "
+                            "sentence-transformers can write out a leading BOS only: export with --format hf")
+    prefix, suffix = spec.parts
+    text = " + ".join([*(["bos_token"] if lead else []), json.dumps(prefix, ensure_ascii=False),
+                       "messages[0]['content']", json.dumps(suffix, ensure_ascii=False),
+                       *(["eos_token"] if spec.append_eos else [])])
+    refusal = json.dumps("one text a call: this model's prompt template is its chat template")
+    return f"{{%- if messages|length != 1 %}}{{{{ raise_exception({refusal}) }}}}{{%- endif %}}{{{{ {text} }}}}"
 
 
 def check_bidirectional(folder: Path, reference: Embedder) -> None:
@@ -215,7 +230,7 @@ def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run
     on_hub = hub_id.count("/") == 1 and not Path(hub_id).exists()
     about = f"[{hub_id}](https://huggingface.co/{hub_id})" if on_hub else f"`{hub_id}`"
     recipe, summary = run.recipe(), run.summary()
-    prefix, suffix = prompt_parts(spec)
+    prefix, suffix = spec.parts
     full = run.finetune == "full"
     tags = ["slmembed", "sentence-similarity", "feature-extraction", *([] if full else ["lora"])]
     library = {"st": "sentence-transformers", "hf": "transformers", "onnx": "onnx"}[fmt]
@@ -229,8 +244,9 @@ def model_card(name: str, base: str, spec: EmbedSpec, fmt: str, merge: bool, run
              "", f"Embedding: {pooling.PHRASES[spec.pooling]}, L2-normalised; inputs are truncated to "
              f"{spec.max_length} tokens."]
     if prefix or suffix:
-        lines.append(f"Each text is wrapped in the prompt `{spec.template}`"
-                     + (" (the model's default prompt)." if fmt == "st" else "; apply it yourself."))
+        how = {"st": " (the tokenizer's chat template, which sentence-transformers applies to every text)." if suffix
+               else " (the model's default prompt).", "hf": "; apply it yourself.", "onnx": "; apply it yourself."}
+        lines.append(f"Each text is wrapped in the prompt `{spec.template}`" + how[fmt])
     lines += _attention_card(spec, base, merge)
     lines += ["", "## Use", ""]
     if fmt == "st":
@@ -309,10 +325,14 @@ def _write_transformers(run: RunDir, folder: Path, base: str, spec: EmbedSpec, m
 
 
 def _write_sentence_transformers(staging: Path, folder: Path, spec: EmbedSpec, dtype: torch.dtype,
-                                 adapter_base: str | None) -> None:
+                                 adapter_base: str | None, reference: Embedder) -> None:
     """Build Transformer -> Pooling -> Normalize from the transformers folder ``staging`` and save it to ``folder``.
 
-    ``adapter_base``: ``staging`` holds a PEFT adapter (and the tokenizer) over this base model folder or hub id.
+    ``adapter_base``: ``staging`` holds a PEFT adapter (and the tokenizer) over this base model folder or hub id. A
+    prompt template with text after ``{}`` is written as the tokenizer's chat template, through which
+    sentence-transformers runs every text (its "message" modality, which also keeps the template's tail on a cut
+    text, as slmembed does); a prefix alone is the model's default prompt. Either way sentence-transformers'
+    own preprocessing of the saved folder must give ``reference``'s token ids.
     """
     from peft import PeftModel
     from sentence_transformers import SentenceTransformer
@@ -321,10 +341,12 @@ def _write_sentence_transformers(staging: Path, folder: Path, spec: EmbedSpec, d
 
     from slmembed import pooling
 
-    # Text only: with the message modality, sentence-transformers would wrap texts in the chat template.
-    text_only = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
+    prefix, suffix = spec.parts
+    text = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
+    # Text only, unless the template needs the chat template: with "message", every text goes through it.
+    modalities = {**text, "message": {**text["text"], "format": "flat"}} if suffix else text
     transformer = Transformer(adapter_base or str(staging), max_seq_length=spec.max_length,
-                              model_kwargs={"dtype": dtype}, modality_config=text_only,
+                              model_kwargs={"dtype": dtype}, modality_config=modalities,
                               module_output_name="token_embeddings")
     if adapter_base:
         # The adapter is attached and saved by peft itself: transformers' own adapter saving ties the two libraries'
@@ -332,12 +354,22 @@ def _write_sentence_transformers(staging: Path, folder: Path, spec: EmbedSpec, d
         # (Transformer.save) its model and its processor, here the export tokenizer.
         transformer.model = PeftModel.from_pretrained(transformer.model, str(staging))
         transformer.processor = AutoTokenizer.from_pretrained(staging)
-    prefix, _ = prompt_parts(spec)
+    if suffix:
+        transformer.processor.chat_template = chat_template(transformer.processor, spec)
+    default = {"prompts": {"default": prefix}, "default_prompt_name": "default"} if prefix and not suffix else {}
     model = SentenceTransformer(
         modules=[transformer, Pooling(transformer.get_embedding_dimension(), pooling.TO_ST[spec.pooling]), Normalize()],
-        prompts={"default": prefix} if prefix else None, default_prompt_name="default" if prefix else None,
-        device="cpu", similarity_fn_name="cosine")
+        device="cpu", similarity_fn_name="cosine", **default)
     model.save(str(folder), create_model_card=False)
+    transformer.processor = AutoTokenizer.from_pretrained(folder)  # as saved
+    prompt = model.prompts.get(model.default_prompt_name or "")
+    features = model.preprocess(PROBES, prompt=prompt)
+    got = [row[mask.bool()].tolist() for row, mask in zip(features["input_ids"], features["attention_mask"],
+                                                         strict=True)]
+    for text, a, b in zip(PROBES, got, reference.tokenize(PROBES), strict=True):
+        if a != b:
+            raise SlmembedError(f"sentence-transformers tokenises {text[:30]!r} as {a[:8]}...{a[-4:]}, slmembed as "
+                                f"{b[:8]}...{b[-4:]}: export with --format hf")
 
 
 def _onnx_gate(reference: Embedder, exported: Embedder, sets: dict, quantize: str | None, max_drop: float) -> dict:
@@ -412,9 +444,6 @@ def _check_format(spec: EmbedSpec, fmt: str, merge: bool) -> None:
         raise SlmembedError("a bidirectional run cannot be exported unmerged for sentence-transformers: it would load "
                             "the adapter over the base model's causal config and run causally; export it merged, or "
                             "with --format hf --no-merge (for slmembed, and PEFT with the keywords its card names)")
-    if fmt == "st" and prompt_parts(spec)[1]:
-        raise SlmembedError(f"prompt {spec.template!r} has text after '{{}}': sentence-transformers prompts are "
-                            "prefixes only; export with --format hf (slmembed applies the whole template)")
 
 
 def _write_checked_onnx(run: RunDir, tmp: Path, output: Path, base: str, spec: EmbedSpec, out_spec: EmbedSpec,
@@ -445,7 +474,8 @@ def _write_checked_model(run: RunDir, tmp: Path, output: Path, base: str, spec: 
     if fmt == "st":
         with tempfile.TemporaryDirectory(dir=tmp.parent, prefix=f".{output.name}.stage.") as staging:
             reference = _write_transformers(run, Path(staging), base, spec, merge, dtype)
-            _write_sentence_transformers(Path(staging), tmp, spec, dtype, None if merge else models.resolve(base))
+            _write_sentence_transformers(Path(staging), tmp, spec, dtype, None if merge else models.resolve(base),
+                                         reference)
     else:
         reference = _write_transformers(run, tmp, base, spec, merge, dtype)
     check_token_ids(tmp, reference)

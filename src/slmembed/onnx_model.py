@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer
 
 from slmembed import models, pooling
-from slmembed.embedder import Embedder
+from slmembed.embedder import Embedder, template_tail
 from slmembed.errors import SlmembedError
 from slmembed.run import EmbedInfo
 from slmembed.spec import EmbedSpec
@@ -101,6 +101,7 @@ class OnnxEmbedder(Embedder):
         models.give_pad_token(self.tokenizer)
         self.tokenizer.padding_side = "right"  # the graph's positions start at 0: no left padding
         self.eos = self.tokenizer.eos_token_id if spec.append_eos else None
+        self.tail = template_tail(self.tokenizer, spec)
         self.causal, self.packed = False, False  # collate keeps the mask, which the graph always takes
         info = EmbedInfo.read(folder)  # none yet while the export checks it
         self._weights = f"onnx {(info and info.quantize) or 'float32'}"

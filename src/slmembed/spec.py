@@ -73,3 +73,9 @@ class EmbedSpec:
     @property
     def template(self) -> str:
         return PROMPTS.get(self.prompt, self.prompt) if self.prompt else "{}"
+
+    @property
+    def parts(self) -> tuple[str, str]:
+        """The template's text before and after the ``{}`` placeholder."""
+        prefix, _, suffix = self.template.format("\0").partition("\0")
+        return prefix, suffix
