@@ -46,6 +46,7 @@ def main() -> int:
     from slmembed.atomic import write_json
     from slmembed.data.sts import TASKS, load_all, load_sts
     from slmembed.evaluate import evaluate
+    from slmembed.export import st_token_ids
     from slmembed.loading import load_embedder
 
     sts = load_sts("STSBenchmark")
@@ -55,9 +56,7 @@ def main() -> int:
         run = load_embedder(None, adapter=args.run, dtype=dtype)
         st = SentenceTransformer(args.export, device=str(run.device), local_files_only=True,
                                  model_kwargs={"dtype": dtype} if dtype else None)
-        features = st.preprocess(texts, prompt=st.prompts.get(st.default_prompt_name or "", None))
-        pairs = zip(features["input_ids"], features["attention_mask"], strict=True)
-        st_ids = [row[m.bool()].tolist() for row, m in pairs]
+        st_ids = st_token_ids(st, texts)
         a, b = st.encode(texts, batch_size=64), run.encode(texts)
         out[label] = {"token_ids_equal": st_ids == run.tokenize(texts), **_cosines(a, b),
                       "st_dtype": str(next(st.parameters()).dtype), "slmembed_dtype": str(run.model.dtype)}

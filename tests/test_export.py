@@ -19,7 +19,7 @@ from slmembed.config import Recipe
 from slmembed.data.sts import load_all, load_sts
 from slmembed.errors import SlmembedError
 from slmembed.evaluate import evaluate
-from slmembed.export import check_bidirectional, export
+from slmembed.export import check_bidirectional, export, st_token_ids
 from slmembed.loading import load_embedder
 from slmembed.pooling import padded as pool
 from slmembed.train import train
@@ -73,12 +73,6 @@ def _reference(run):
     return load_embedder(None, adapter=run, device=CPU, dtype=torch.float32)
 
 
-def _st_token_ids(model: SentenceTransformer, texts: list[str]) -> list[list[int]]:
-    features = model.preprocess(texts, prompt=model.prompts.get(model.default_prompt_name or "", None))
-    rows = zip(features["input_ids"], features["attention_mask"], strict=True)
-    return [row[mask.bool()].tolist() for row, mask in rows]
-
-
 def _min_cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum(1).min())
 
@@ -104,7 +98,7 @@ def test_sentence_transformers_round_trip(runs, stsb_texts, tmp_path, name) -> N
     texts = stsb_texts[::5] + stsb_texts[-1:]  # every STSB sentence: bench/export_check.py on the real model
     reference = _reference(runs[name])
     model = SentenceTransformer(str(out), device="cpu", local_files_only=True)
-    assert _st_token_ids(model, texts) == reference.tokenize(texts)  # EOS appended, truncated alike
+    assert st_token_ids(model, texts) == reference.tokenize(texts)  # EOS appended, truncated alike
     expected = reference.encode(texts)
     right = model.encode(texts, batch_size=64)
     assert _min_cosine(right, expected) >= 0.999

@@ -46,6 +46,7 @@ from slmembed.spec import EmbedSpec
 
 if TYPE_CHECKING:
     import torch
+    from sentence_transformers import SentenceTransformer
     from transformers import PreTrainedTokenizerBase
 
     from slmembed.embedder import Embedder
@@ -362,14 +363,18 @@ def _write_sentence_transformers(staging: Path, folder: Path, spec: EmbedSpec, d
         device="cpu", similarity_fn_name="cosine", **default)
     model.save(str(folder), create_model_card=False)
     transformer.processor = AutoTokenizer.from_pretrained(folder)  # as saved
-    prompt = model.prompts.get(model.default_prompt_name or "")
-    features = model.preprocess(PROBES, prompt=prompt)
-    got = [row[mask.bool()].tolist() for row, mask in zip(features["input_ids"], features["attention_mask"],
-                                                         strict=True)]
-    for text, a, b in zip(PROBES, got, reference.tokenize(PROBES), strict=True):
+    for text, a, b in zip(PROBES, st_token_ids(model, PROBES), reference.tokenize(PROBES), strict=True):
         if a != b:
             raise SlmembedError(f"sentence-transformers tokenises {text[:30]!r} as {a[:8]}...{a[-4:]}, slmembed as "
                                 f"{b[:8]}...{b[-4:]}: export with --format hf")
+
+
+def st_token_ids(model: SentenceTransformer, texts: list[str]) -> list[list[int]]:
+    """The token ids sentence-transformers' own preprocessing gives ``texts`` for the SentenceTransformer ``model``,
+    its default prompt applied."""
+    features = model.preprocess(texts, prompt=model.prompts.get(model.default_prompt_name or ""))
+    rows = zip(features["input_ids"], features["attention_mask"], strict=True)
+    return [row[mask.bool()].tolist() for row, mask in rows]
 
 
 def _onnx_gate(reference: Embedder, exported: Embedder, sets: dict, quantize: str | None, max_drop: float) -> dict:
