@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from sentence_transformers import SentenceTransformer
 
 from slmembed.cli import main
 from slmembed.config import Recipe, load_recipe, recipe_from_dict, with_overrides
@@ -159,15 +160,16 @@ def test_a_promptEOL_run_tokenises_as_the_template_says(angle_run) -> None:
                                    for t in texts]
 
 
-def test_a_promptEOL_run_exports_for_transformers_with_equal_vectors(angle_run, tmp_path, capsys) -> None:
-    """Text after {} is no sentence-transformers prompt: --format st is one error naming --format hf, which writes a
-    folder that embeds as the run does, its card naming the template."""
+def test_a_promptEOL_run_exports_with_equal_vectors(angle_run, tmp_path) -> None:
+    """Text after {}: --format st writes it as the tokenizer's chat template, which sentence-transformers applies;
+    --format hf leaves it to the user, its card naming the template. Both embed as the run does."""
     _, run = angle_run
-    assert main(["export", "--run", str(run), "--output", str(tmp_path / "st")]) == 2
-    assert "--format hf" in capsys.readouterr().err and not (tmp_path / "st").exists()
+    assert main(["export", "--run", str(run), "--output", str(tmp_path / "st")]) == 0
     assert main(["export", "--run", str(run), "--output", str(tmp_path / "hf"), "--format", "hf"]) == 0
     assert f"`{PROMPT_EOL}`" in (tmp_path / "hf/README.md").read_text()
     texts = ["A man is playing a guitar.", "Someone plays an instrument.", "Hi"]
     want = load_embedder(None, run, device=CPU, dtype=torch.float32).encode(texts)
     got = load_embedder(str(tmp_path / "hf"), device=CPU, dtype=torch.float32).encode(texts)
     np.testing.assert_allclose(got, want, atol=1e-5)
+    st = SentenceTransformer(str(tmp_path / "st"), device="cpu", local_files_only=True)
+    np.testing.assert_allclose(st.encode(texts), want, atol=1e-5)
