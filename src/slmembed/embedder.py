@@ -91,7 +91,7 @@ class Embedder:
         self.head = None if head is None else head.to(self.device)
         self.skip = 0  # leading tokens of every text that pooling leaves out: the prompt's, if not included
         if spec.prompt and not include_prompt:
-            self.skip = st_pipeline.prompt_tokens(tokenizer, spec.template, spec.max_length)
+            self.skip = st_pipeline.prompt_tokens(tokenizer, spec.parts[0], spec.max_length)
         self.tail = template_tail(tokenizer, spec)  # what a truncated text keeps at its end
 
     @property

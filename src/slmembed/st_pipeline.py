@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,10 +143,9 @@ def lowercase(tokenizer) -> None:
     backend.normalizer = Sequence([Lowercase()] + ([current] if current is not None else []))
 
 
-def prompt_tokens(tokenizer, template: str, max_length: int) -> int:
-    """The tokens of the text before ``{}`` in ``template``, counted as sentence-transformers counts a prompt to
-    leave out of pooling: tokenised alone, special tokens in, but a special token at its end."""
-    prefix = next(string.Formatter().parse(template))[0]
+def prompt_tokens(tokenizer, prefix: str, max_length: int) -> int:
+    """The tokens of a prompt's text before ``{}`` (``EmbedSpec.parts``), counted as sentence-transformers counts a
+    prompt to leave out of pooling: tokenised alone, special tokens in, but a special token at its end."""
     ids = tokenizer(prefix, truncation=True, max_length=max_length)["input_ids"]
     return len(ids) - int(bool(ids) and ids[-1] in tokenizer.all_special_ids)
 
