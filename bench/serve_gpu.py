@@ -2,14 +2,17 @@
 
 Both servers load the same `slmembed export --format st` folder (or packaged model folder) and run one after the other
 as processes on loopback; the load generator is load_test.py's (common.drive): CLIENTS threads on keep-alive
-connections sending requests of 1-4 texts for SECONDS, for each client count and input mix. The clients are spread
-over --client-processes forked processes (default: half the cores, at most 8), so that parsing and checking the
-replies, which holds a process's GIL, does not cap the rates of a fast server; each cell records
-``client_cpu_per_wall_max``, the busiest client process's CPU seconds per second (near 1: it may have been the limit).
+connections sending requests of 1-4 texts (one in the ``single`` mix) for SECONDS, for each client count and input
+mix. The clients are spread over --client-processes forked processes (default: half the cores, at most 8), so that
+parsing and checking the replies, which holds a process's GIL, does not cap the rates of a fast server; each cell
+records ``client_cpu_per_wall_max``, the busiest client process's CPU seconds per second (near 1: it may have been
+the limit).
+
 The input mixes:
 
 * ``sts``: STSBenchmark test sentences;
-* ``long``: texts of 200-500 tokens (the model's tokenizer), NLI training sentences joined until in range.
+* ``long``: texts of 200-500 tokens (the model's tokenizer), NLI training sentences joined until in range;
+* ``single``: one STSBenchmark test sentence a request (the latency of a lone short text).
 
 Every reply is compared with slmembed's direct embedding of its inputs in this process (cosine > --min-cosine, one
 vector per input, in order). infinity's torch engine runs the folder's sentence-transformers modules (its pooling,
@@ -47,7 +50,7 @@ from slmembed import __version__ as slmembed_version
 from slmembed.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-MIXES = ("sts", "long")
+MIXES = ("sts", "long", "single")
 # on a 16-core GPU host: 8 client processes beside the server under test
 CLIENT_PROCESSES = max(1, min(8, (os.cpu_count() or 2) // 2))
 LONG_TOKENS = (200, 500)
@@ -231,8 +234,8 @@ def pools(folder: Path, embedder, size: int) -> dict[str, list[str]]:
     random.Random(0).shuffle(sentences)
     tokenizer = embedder.tokenizer
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    return {"sts": sorted(set(sts.sentences1) | set(sts.sentences2))[:size],
-            "long": long_texts(sentences, count, size)}
+    short = sorted(set(sts.sentences1) | set(sts.sentences2))[:size]
+    return {"sts": short, "long": long_texts(sentences, count, size), "single": short}
 
 
 def serve_limits(args: argparse.Namespace) -> list[str]:
@@ -342,8 +345,10 @@ def main() -> int:
         for mix in args.mixes:
             pool, vectors = [prefix + t for t in texts[mix]], expected[mix]
 
-            def request(rng: random.Random, pool=pool, vectors=vectors) -> Request:
-                picks = rng.sample(range(len(pool)), rng.randint(1, 4))
+            most = 1 if mix == "single" else 4
+
+            def request(rng: random.Random, pool=pool, vectors=vectors, most=most) -> Request:
+                picks = rng.sample(range(len(pool)), rng.randint(1, most))
                 return {"model": name, "input": [pool[i] for i in picks]}, vectors[picks]
 
             for clients in args.clients:

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The speed measurements of one GPU, in priority order, each stopped in time for the next and for the results to come
-# back: serving against infinity-emb (SmolLM2-135M, then Gemma-3-270M), the nine-set eval in fresh processes, batch
-# 512 training with variable-length FlashAttention against FlexAttention, the multi-adapter server. Run it detached
-# from the repository root on the GPU machine (see ../shared/gpu/README.md for staging; infinity's wheels:
-# bench/serve_gpu_wheels.sh, installed with `pip install --no-deps --target $INFSITE`):
+# back: serving against infinity-emb (SmolLM2-135M, then Gemma-3-270M), the multi-adapter server, the nine-set eval in
+# fresh processes, the compiled server, batch 512 training with variable-length FlashAttention against FlexAttention.
+# Run it detached from the repository root on the GPU machine (see ../shared/gpu/README.md for staging; infinity's
+# wheels: bench/serve_gpu_wheels.sh, installed with `pip install --no-deps --target $INFSITE`):
 #
 #   DEADLINE=$(( $(date +%s) + 1200 )) INFSITE=/tmp/infsite setsid nohup bash bench/speed_gpu.sh >LOG 2>&1 &
 #
@@ -42,21 +42,21 @@ step train 240 "python3 -m slmembed train --recipe smollm2-135m $short --output 
 serve="python3 bench/serve_gpu.py --infinity-python python3 --infinity-site $INFSITE --dtype bfloat16 --seconds $CELL_S"
 step serve-smollm2 300 "$serve --servers slmembed infinity --model $WORK/smollm2-135m \
   --output results/bench/serve-gpu-smollm2-135m-$dev.json"
+step serve-gemma 360 "$serve --servers slmembed infinity --model $WORK/gemma-3-270m \
+  --output results/bench/serve-gpu-gemma-3-270m-$dev.json"
+step serve-adapters 200 "python3 bench/serve_gpu.py --model $WORK/smollm2-135m --servers \
+  --adapter-runs $WORK/smollm2-a $WORK/smollm2-b --dtype bfloat16 --seconds $CELL_S \
+  --output results/bench/serve-gpu-adapters-smollm2-135m-$dev.json"
 step eval-phases 240 "cd bench && python3 eval_phases.py --model gemma-3-270m --repeats 3 \
   --output ../results/bench/eval-phases-gemma-3-270m-$dev.json && cd .. &&
   python3 -X importtime -m slmembed eval --model gemma-3-270m --output $WORK/eval.json \
   2>results/bench/importtime-eval-$dev.txt"
+step serve-smollm2-compile 150 "$serve --servers slmembed-compile --model $WORK/smollm2-135m \
+  --output results/bench/serve-gpu-smollm2-135m-compile-$dev.json"
 step flex-gemma 420 "python3 bench/train_speed.py --model gemma-3-270m --batches 512 --warmup 6 --steps 12 \
   --variants compile_graphs --packed-attention varlen flex --peer-losses \
   --profile 'results/bench/profile-gemma-3-270m-b512-{variant}.txt' --profile-variants compile \
   --output results/bench/train-gemma-3-270m-b512-flex-$dev.json"
-step serve-gemma 360 "$serve --servers slmembed infinity --model $WORK/gemma-3-270m \
-  --output results/bench/serve-gpu-gemma-3-270m-$dev.json"
-step serve-smollm2-compile 150 "$serve --servers slmembed-compile --model $WORK/smollm2-135m \
-  --output results/bench/serve-gpu-smollm2-135m-compile-$dev.json"
-step serve-adapters 200 "python3 bench/serve_gpu.py --model $WORK/smollm2-135m --servers \
-  --adapter-runs $WORK/smollm2-a $WORK/smollm2-b --dtype bfloat16 --seconds $CELL_S \
-  --output results/bench/serve-gpu-adapters-smollm2-135m-$dev.json"
 step flex-smollm2 360 "python3 bench/train_speed.py --model smollm2-135m --batches 512 --warmup 6 --steps 12 \
   --variants compile_graphs --packed-attention varlen flex --peer-losses \
   --profile 'results/bench/profile-smollm2-135m-b512-{variant}.txt' --profile-variants compile \
