@@ -23,6 +23,7 @@ from slmembed import cuda_graphs, packing
 from slmembed import train as train_mod
 from slmembed.batch import batch_loss
 from slmembed.cli import main
+from slmembed.config import TrainConfig, field_error
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
 from slmembed.losses.infonce import info_nce
@@ -43,20 +44,21 @@ def cpu_backward(monkeypatch):
     monkeypatch.setattr(flex_module, "_validate_device", lifted)
 
 
+@pytest.mark.parametrize("tile", [128, 32])
 @pytest.mark.parametrize("causal", [True, False])
-def test_flex_attention_equals_the_reference_with_its_gradients(cpu_backward, causal: bool) -> None:
-    """Four query heads over two key/value heads, scale 0.3, sequences of 1 to 129 tokens: the outputs of the real
-    rows and the gradients of q, k and v equal the explicit mask's (``_reference``, each key/value head repeated for
-    its group), within 1e-5; the filler's rows stay finite."""
+def test_flex_attention_equals_the_reference_with_its_gradients(cpu_backward, causal: bool, tile: int) -> None:
+    """Four query heads over two key/value heads, scale 0.3, sequences of 1 to 129 tokens, tiles of 128 or 32 tokens:
+    the outputs of the real rows and the gradients of q, k and v equal the explicit mask's (``_reference``, each
+    key/value head repeated for its group), within 1e-5; the filler's rows stay finite."""
     tokens = sum(LENGTHS)
-    padded = -(-tokens // packing.TILE) * packing.TILE
+    padded = -(-tokens // tile) * tile
     cu = torch.tensor(np.cumsum([0, *LENGTHS, padded - tokens]), dtype=torch.int32)
     generator = torch.Generator().manual_seed(0)
     query = torch.randn(1, 4, padded, 8, generator=generator, requires_grad=True)
     key, value = (torch.randn(1, 2, padded, 8, generator=generator, requires_grad=True) for _ in range(2))
     weights = torch.randn(tokens, 4, 8, generator=generator)  # a loss that weighs every output differently
 
-    documents = packing.document_mask(cu, padded, causal)
+    documents = packing.document_mask(cu, padded, causal, tile)
     out, _ = packing.attention(torch.nn.Module(), query, key, value, None, scaling=0.3, cu_seq_lens_q=cu,
                                is_causal=causal, documents=documents)
     assert out.shape == (1, padded, 4, 8) and torch.isfinite(out).all()
@@ -85,26 +87,27 @@ def test_the_block_mask_skips_the_tiles_of_other_sequences() -> None:
         assert int(block.full_kv_num_blocks.sum()) == (0 if causal else 4)
 
 
+@pytest.mark.parametrize("tile", sorted(set(packing.FLEX_TILES.values())))
 @pytest.mark.parametrize("causal", [True, False])
-def test_the_block_mask_built_from_cu_is_create_block_masks(causal: bool) -> None:
-    """Sequences of 1 to 400 tokens (many to a tile, one over several tiles, boundaries on and off the tiles' edges):
-    the tiles built from ``cu`` are those ``create_block_mask`` finds from every (query, key) pair, partial and full
-    alike, in the same order, and the masks' dense forms are equal."""
+def test_the_block_mask_built_from_cu_is_create_block_masks(causal: bool, tile: int) -> None:
+    """Sequences of 1 to 400 tokens (many to a tile, one over several tiles, boundaries on and off the tiles' edges),
+    in each kernel's tiles: the tiles built from ``cu`` are those ``create_block_mask`` finds from every (query, key)
+    pair, partial and full alike, in the same order, and the masks' dense forms are equal."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     rng = np.random.default_rng(0)
     for lengths in ([3] * 50 + [128, 256, 1], [400, 7, 121, 128, 9], list(rng.integers(1, 60, 70)), [1000]):
         tokens = int(sum(lengths))
-        padded = -(-tokens // packing.TILE) * packing.TILE
+        padded = -(-tokens // tile) * tile
         cu = torch.tensor(np.cumsum([0, *lengths] + ([padded - tokens] if padded > tokens else [])),
                           dtype=torch.int32)
-        got = packing.document_mask(cu, padded, causal).block_mask
+        got = packing.document_mask(cu, padded, causal, tile).block_mask
         document = torch.searchsorted(cu[1:].long(), torch.arange(padded), right=True)
 
         def mod(b, h, q, k, document=document):
             return (document[q] == document[k]) & (q >= k) if causal else document[q] == document[k]
 
-        want = create_block_mask(mod, None, None, padded, padded, device="cpu", BLOCK_SIZE=packing.TILE)
+        want = create_block_mask(mod, None, None, padded, padded, device="cpu", BLOCK_SIZE=tile)
         for name in ("kv_num_blocks", "full_kv_num_blocks"):
             torch.testing.assert_close(getattr(got, name), getattr(want, name), msg=name)
         for count, name in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
@@ -116,23 +119,23 @@ def test_the_block_mask_built_from_cu_is_create_block_masks(causal: bool) -> Non
         assert torch.equal(got.mask_mod(0, 0, q, k), mod(0, 0, q, k))
 
 
-@pytest.mark.parametrize("attention", ["causal", "bidirectional"])
+@pytest.mark.parametrize("kernel,attention", [("flex", "causal"), ("flex", "bidirectional"), ("flex32", "causal")])
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_flex_vectors_equal_padded_ones(tiny_models, arch: str, attention: str) -> None:
+def test_flex_vectors_equal_padded_ones(tiny_models, arch: str, attention: str, kernel: str) -> None:
     """A tiny Llama (four query heads over two) and a tiny Gemma-3 (four over one, its own scale), causal or
-    bidirectional: packed with FlexAttention, the vectors of the padded forward."""
+    bidirectional: packed with FlexAttention (128-token tiles, or 32), the vectors of the padded forward."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     source = str(tiny_models[arch]) if arch in tiny_models else MORE[arch]
     if arch == "gemma3_text" and attention == "bidirectional":  # its window |i - j| < 17 then holds 16 tokens
         source = Gemma3TextConfig(**{**source.to_dict(), "sliding_window": 32})
     spec = EmbedSpec(max_length=16, attention=attention)
     padded = Embedder(_model(source, tokenizer).eval(), tokenizer, spec, packed=False)
-    flex = Embedder(_model(source, tokenizer).eval(), tokenizer, spec, packed=True, kernel="flex")
+    flex = Embedder(_model(source, tokenizer).eval(), tokenizer, spec, packed=True, kernel=kernel)
     calls = []
     flex_attention = packing._flex
 
     def counted(*args):
-        calls.append(args[3].shape)
+        calls.append(args[3].BLOCK_SIZE)
         return flex_attention(*args)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -140,6 +143,7 @@ def test_flex_vectors_equal_padded_ones(tiny_models, arch: str, attention: str) 
         got = flex.encode(TEXTS, batch_size=24, max_tokens=60)
     layers = flex.model.config.num_hidden_layers
     assert len(calls) == layers * len(flex.chunks(flex.tokenize(TEXTS), 60))  # every layer of every chunk: flex
+    assert set(calls) == {(packing.FLEX_TILES[kernel],) * 2}
     np.testing.assert_allclose(got, padded.encode(TEXTS, batch_size=5), atol=2e-5, err_msg=f"{arch} {attention}")
 
 
@@ -222,13 +226,15 @@ def test_a_graphed_step_with_flex_gives_the_ordinary_steps_loss_and_gradients(ti
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel: run on the GPU machine")
+@pytest.mark.parametrize("tile", sorted(set(packing.FLEX_TILES.values())))
 @pytest.mark.parametrize("heads,kv_heads,size", [(9, 3, 64), (4, 1, 256)])  # SmolLM2-135M's, Gemma-3-270M's
 @pytest.mark.parametrize("causal", [True, False])
-def test_compiled_flex_on_the_gpu_equals_the_reference(causal: bool, heads: int, kv_heads: int, size: int) -> None:
-    """torch's fused kernel, bf16, on the two models' head layouts: outputs and gradients within bf16's rounding of
-    the explicit mask's."""
+def test_compiled_flex_on_the_gpu_equals_the_reference(causal: bool, heads: int, kv_heads: int, size: int,
+                                                       tile: int) -> None:
+    """torch's fused kernel, bf16, on the two models' head layouts, in each kernel's tiles (its blocks set to match
+    below 128): outputs and gradients within bf16's rounding of the explicit mask's."""
     tokens = sum(LENGTHS)
-    padded = -(-tokens // packing.TILE) * packing.TILE
+    padded = -(-tokens // tile) * tile
     cu = torch.tensor(np.cumsum([0, *LENGTHS, padded - tokens]), dtype=torch.int32, device="cuda")
     generator = torch.Generator(device="cuda").manual_seed(0)
     query = torch.randn(1, heads, padded, size, generator=generator, device="cuda", dtype=torch.bfloat16)
@@ -236,7 +242,7 @@ def test_compiled_flex_on_the_gpu_equals_the_reference(causal: bool, heads: int,
                   for _ in range(2))
     query, key, value = (x.requires_grad_() for x in (query, key, value))
     out, _ = packing.attention(torch.nn.Module(), query, key, value, None, scaling=size**-0.5, cu_seq_lens_q=cu,
-                               is_causal=causal, documents=packing.document_mask(cu, padded, causal))
+                               is_causal=causal, documents=packing.document_mask(cu, padded, causal, tile))
     got = torch.autograd.grad(out[0, :tokens].float().square().sum(), (query, key, value))
     group = heads // kv_heads
     q, k, v = (x[0, :, :tokens].transpose(0, 1) for x in (query, key, value))
@@ -262,3 +268,10 @@ def test_flex_training_on_the_gpu_equals_varlen(tmp_path, tiny_models, data_dir,
         losses[kernel] = [json.loads(line)["loss"] for line in (tmp_path / f"{kernel}/train_log.jsonl").open()]
     assert len(losses["flex"]) == 8
     np.testing.assert_allclose(losses["flex"], losses["varlen"], rtol=1e-2)
+
+
+def test_the_recipe_field_takes_every_kernel_and_no_other() -> None:
+    """``train.packed_attention`` accepts auto, varlen and each FlexAttention tile packing.py has, and nothing else."""
+    for kernel in ("auto", "varlen", *packing.FLEX_TILES):
+        assert field_error(TrainConfig, "packed_attention", kernel) is None, kernel
+    assert field_error(TrainConfig, "packed_attention", "flex16") is not None

@@ -14,6 +14,8 @@ unless the model was made bidirectional (attention.py), by one of three kernels 
   multiple of the tile with a filler sequence that attends only to itself (no row without a key, so no NaN) and whose
   outputs are dropped. On the GPU the kernel is compiled (``torch.compile``; inside a compiled block, the block's
   compile takes it in), else it runs unfused;
+* ``flex64``, ``flex32``: the same with 64- and 32-token tiles (on the GPU the kernel's blocks set to match): less of
+  each computed tile is masked away where sequences are short, at the price of smaller matrix products;
 * the explicit block-diagonal mask (``_reference``, which the tests compare against) wherever neither is asked or
   runs: ``auto`` is ``varlen`` where it runs, this elsewhere.
 
@@ -53,8 +55,9 @@ except ImportError:  # a torch without FlexAttention: ``check`` refuses flex
 
 NAME = "slmembed_packed"
 TILE = 128  # tokens of FlexAttention's query and key blocks: the block mask's granularity and the row's padding
+FLEX_TILES = {"flex": TILE, "flex64": 64, "flex32": 32}  # train.packed_attention's FlexAttention kernels' tiles
 _KERNELS: dict = {}  # causal (bool) -> the GPU kernel ``attention`` calls (see ``_varlen``), set by ``use``
-_FLEX = "_slmembed_flex_causal"  # on the transformers model, set by ``use``: None, or flex's mask's causality
+_FLEX = "_slmembed_flex"  # on the transformers model, set by ``use``: None, or flex's mask's (causality, tile)
 ARCHITECTURES = frozenset({"llama", "gemma", "gemma3_text", "phi", "qwen2", "mistral"})
 
 
@@ -92,7 +95,9 @@ def fast(model: torch.nn.Module, kernel: str = "auto") -> bool:
     weight = next(model.parameters())
     if not (weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)):
         return False
-    return flex_attention is not None if kernel == "flex" else _varlen(attention_mode.is_causal(model)) is not None
+    if kernel in FLEX_TILES:
+        return flex_attention is not None
+    return _varlen(attention_mode.is_causal(model)) is not None
 
 
 def check(kernel: str, device: torch.device, training: bool = True) -> None:
@@ -105,18 +110,18 @@ def check(kernel: str, device: torch.device, training: bool = True) -> None:
     if kernel == "varlen" and _varlen_attn() is None:
         raise SlmembedError(f"{field} needs torch.nn.attention.varlen, which torch {torch.__version__} lacks: set "
                             "train.packed_attention=auto")
-    if kernel == "flex" and flex_attention is None:
+    if kernel in FLEX_TILES and flex_attention is None:
         raise SlmembedError(f"{field} needs torch.nn.attention.flex_attention, which torch {torch.__version__} lacks: "
                             "set train.packed_attention=auto")
-    if kernel == "flex" and training and not _flex_trains(device.type):
+    if kernel in FLEX_TILES and training and not _flex_trains(device.type):
         raise SlmembedError(f"{field}: torch {torch.__version__} has no FlexAttention backward on the {device.type}: "
                             "set train.packed_attention=auto, or train on a GPU")
 
 
 def use(model: torch.nn.Module, packed: bool, kernel: str = "auto") -> None:
     """Route ``model``'s attention through ``attention`` (every forward must then be given a packed batch) with
-    ``kernel`` (``train.packed_attention``: auto, varlen or flex), or, if it was, back to the implementation it had
-    before."""
+    ``kernel`` (``train.packed_attention``: auto, varlen, flex, flex64 or flex32), or, if it was, back to the
+    implementation it had before."""
     base = _pretrained(model)
     if base is None:
         return
@@ -128,7 +133,7 @@ def use(model: torch.nn.Module, packed: bool, kernel: str = "auto") -> None:
         if kernel == "varlen" and not _KERNELS[causal]:
             raise SlmembedError("train.packed_attention: varlen disagrees with the reference on this GPU (packing.py): "
                                 "set train.packed_attention=auto")
-        setattr(base, _FLEX, causal if kernel == "flex" else None)
+        setattr(base, _FLEX, (causal, FLEX_TILES[kernel]) if kernel in FLEX_TILES else None)
     current = base.config._attn_implementation
     if packed and current != NAME:
         base._slmembed_unpacked_attention = current
@@ -159,21 +164,22 @@ def hidden_states(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """The last layer's hidden states [T, D] of a packed batch (already on the model's device)."""
     ids, positions, cu, longest = batch["input_ids"], batch["position_ids"], batch["cu_seq_lens"], batch["max_length"]
     tokens, extra = ids.shape[1], {}
-    causal = getattr(_pretrained(model), _FLEX, None)
-    if causal is not None:
-        filler = -tokens % TILE
+    flex = getattr(_pretrained(model), _FLEX, None)
+    if flex is not None:
+        causal, tile = flex
+        filler = -tokens % tile
         if filler:  # a sequence of its own, of token 0 at position 0 (any will do: its outputs are dropped)
             ids, positions = F.pad(ids, (0, filler)), F.pad(positions, (0, filler))
             cu = torch.cat([cu, cu.new_full((1,), tokens + filler)])
-        extra["documents"] = document_mask(cu, tokens + filler, causal)
+        extra["documents"] = document_mask(cu, tokens + filler, causal, tile)
     out = model(input_ids=ids, position_ids=positions, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
                 max_length_k=longest, **extra)
     return out.last_hidden_state[0, :tokens]
 
 
-def document_mask(cu: torch.Tensor, length: int, causal: bool) -> Documents:
-    """FlexAttention's block mask of a packed row of ``length`` tokens (``cu[-1]``, a multiple of ``TILE``): a query
-    sees the keys of its own sequence, the earlier ones only if ``causal``.
+def document_mask(cu: torch.Tensor, length: int, causal: bool, tile: int = TILE) -> Documents:
+    """FlexAttention's block mask, in ``tile``-token tiles, of a packed row of ``length`` tokens (``cu[-1]``, a
+    multiple of ``tile``): a query sees the keys of its own sequence, the earlier ones only if ``causal``.
 
     Built tile by tile from ``cu``, not by ``create_block_mask``, which evaluates the mask for every (query, key)
     pair, [T, T] (27k tokens at batch 512: 0.75 GB and several passes a forward). Sequences are contiguous, so a tile
@@ -182,7 +188,7 @@ def document_mask(cu: torch.Tensor, length: int, causal: bool) -> Documents:
     equal ``create_block_mask``'s (tests/test_flex.py)."""
     with torch.profiler.record_function("packing.document_mask"):  # its cost a step, in a profile's operator table
         document = torch.searchsorted(cu[1:].long(), torch.arange(length, device=cu.device), right=True)
-        first, last = document[::TILE], document[TILE - 1 :: TILE]  # each tile's first and last sequence
+        first, last = document[::tile], document[tile - 1 :: tile]  # each tile's first and last sequence
         q_first, q_last, k_first, k_last = first[:, None], last[:, None], first[None, :], last[None, :]
         seen = (q_first <= k_last) & (k_first <= q_last)
         full = (q_first == q_last) & (k_first == k_last) & (q_first == k_first)
@@ -203,7 +209,7 @@ def document_mask(cu: torch.Tensor, length: int, causal: bool) -> Documents:
         def same_causal(b, h, q, k):
             return (document[q] == document[k]) & (q >= k)
 
-        mask = BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=TILE,
+        mask = BlockMask.from_kv_blocks(*blocks(partial), *blocks(full), BLOCK_SIZE=tile,
                                         mask_mod=same_causal if causal else same, seq_lengths=(length, length))
     return Documents(mask, causal)
 
@@ -256,10 +262,18 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tens
 
 def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask, scale: float | None) -> torch.Tensor:
     """FlexAttention of [1, H, T, D] queries and [1, H_kv, T, D] keys and values (grouped-query attention where
-    H_kv < H) under ``block_mask``: [1, T, H, D]. Compiled on the GPU, unless already inside compiled code."""
+    H_kv < H) under ``block_mask``: [1, T, H, D]. Compiled on the GPU, unless already inside compiled code; there,
+    a mask's tiles smaller than ``TILE`` set the kernel's blocks (forward and backward) to the tile, since torch's
+    default blocks (up to 128) must divide it."""
     flex = _compiled_flex() if query.is_cuda and not torch.compiler.is_compiling() else flex_attention
-    out = flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+    tile = block_mask.BLOCK_SIZE[0]
+    options = dict.fromkeys(_BLOCKS, tile) if query.is_cuda and tile < TILE else None
+    out = flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1],
+               kernel_options=options)
     return out.transpose(1, 2)
+
+
+_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")  # flex's kernel blocks, fwd and bwd
 
 
 @functools.cache
