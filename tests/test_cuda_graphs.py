@@ -249,3 +249,66 @@ def test_graphed_training_on_two_gpus_equals_ddp(tmp_path, tiny_models, data_dir
     assert all(value.abs().max() > 0 for key, value in runs[True].items() if "lora_B" in key)
     for key, value in runs[False].items():
         assert (runs[True][key] - value).norm() <= 0.05 * value.norm(), key
+
+
+def test_serving_graphs_give_the_ordinary_vectors_and_are_reused(tiny_models) -> None:
+    """GraphedEncoder's static inputs (sequence slots to the next power of two, tokens to the bucket) give
+    ``forward_ids``'s vectors; a batch of the same slots and bucket reuses its entry with new contents; batches over
+    the token or row bound are left to the caller (None)."""
+    embedder = _embedder(tiny_models)
+    embedder.model.eval()
+    ids = embedder.tokenize(SENTENCES)
+    encoder = cuda_graphs.GraphedEncoder(embedder, max_tokens=1024, max_rows=8)
+    with torch.inference_mode():
+        start = 0
+        for n in (1, 3, 4, 5, 3):  # the second 3 reuses the entry of the first (and of 4) with other sentences
+            batch = ids[start : start + n]
+            got = encoder(batch)
+            torch.testing.assert_close(got, embedder.forward_ids(batch), rtol=0, atol=1e-5)
+            start += n
+        assert sorted(encoder.graphs) == [(1, 256), (4, 256), (8, 256)]
+        assert encoder(ids[:9]) is None  # 16 slots
+        assert encoder([[5] * 600, [6] * 600]) is None  # a 1,280-token bucket
+        assert sorted(encoder.graphs) == [(1, 256), (4, 256), (8, 256)]
+    unpacked = Embedder(embedder.model, embedder.tokenizer, embedder.spec, packed=False)
+    with pytest.raises(SlmembedError, match=r"^--cuda-graphs replays packed forwards, which PeftModel does not run"):
+        cuda_graphs.GraphedEncoder(unpacked)
+
+
+def test_a_server_with_cuda_graphs_answers_through_them(tiny_models) -> None:
+    """``create_app(cuda_graphs=True)``: requests are embedded by the graphs (the CPU's static-input path), with the
+    direct vectors; a lone text's graph is recorded before the first request."""
+    from fastapi.testclient import TestClient
+
+    from slmembed.adapters import Single
+    from slmembed.serve import create_app
+
+    embedder = _embedder(tiny_models)
+    embedder.model.eval()
+    calls = []
+    real = cuda_graphs.GraphedEncoder.__call__
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cuda_graphs.GraphedEncoder, "__call__",
+                      lambda self, ids: calls.append(len(ids)) or real(self, ids))
+        with TestClient(create_app(Single(embedder, "tiny"), cuda_graphs=True)) as client:
+            assert calls == [1]
+            reply = client.post("/v1/embeddings", json={"model": "tiny", "input": SENTENCES[:3]})
+    assert reply.status_code == 200 and calls == [1, 3]
+    got = np.array([row["embedding"] for row in reply.json()["data"]])
+    np.testing.assert_allclose(got, embedder.encode(SENTENCES[:3]), atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: run on the GPU machine")
+def test_recorded_serving_graphs_replay_the_ordinary_vectors_on_the_gpu(tiny_models) -> None:
+    """Recorded and replayed on a GPU in bf16, batches of 1-8 short texts: ``forward_ids``'s vectors within bf16's
+    rounding, replay after replay."""
+    embedder = _embedder(tiny_models)
+    embedder.model.to("cuda", torch.bfloat16).eval()
+    embedder = Embedder(embedder.model, embedder.tokenizer, embedder.spec, packed=True)
+    ids = embedder.tokenize(SENTENCES)
+    encoder = cuda_graphs.GraphedEncoder(embedder)
+    with torch.inference_mode():
+        for start, n in ((0, 1), (1, 3), (4, 8), (12, 3), (15, 1)):
+            batch = ids[start : start + n]
+            torch.testing.assert_close(encoder(batch), embedder.forward_ids(batch), rtol=0, atol=2e-2)
+    assert all(graph is not None for _, graph, _ in encoder.graphs.values())

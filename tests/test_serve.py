@@ -593,7 +593,8 @@ def test_several_models_refuse_one_model_options(run_dir, tmp_path, capsys) -> N
     from slmembed.cli import main
 
     for extra, message in ((["--name", "x"], "--name applies to a server of one model"),
-                           (["--compile"], "--compile applies to a server of one model")):
+                           (["--compile"], "--compile applies to a server of one model"),
+                           (["--cuda-graphs", "--device", "auto"], "--cuda-graphs")):
         assert main(["serve", "--run", str(run_dir), "--run", f"other={run_dir}", *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
@@ -648,6 +649,11 @@ def test_unusable_api_key_is_refused_before_the_model_loads(no_model, monkeypatc
         monkeypatch.setenv(name, value)
     err = _refusal(capsys, *args)
     assert message in err and "s3cr" not in err
+
+
+def test_cuda_graphs_on_the_cpu_are_refused_before_the_model_loads(no_model, capsys) -> None:
+    assert _refusal(capsys, "--cuda-graphs", "--device", "cpu") == (
+        "slmembed: error: --cuda-graphs records on a GPU; this server is on the cpu: leave --cuda-graphs out\n")
 
 
 @pytest.mark.parametrize("args, message", [

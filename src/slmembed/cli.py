@@ -294,7 +294,8 @@ def _served(args: argparse.Namespace, model: str | None, runs: list[tuple[str | 
         embedder, model_id = _load_model(args, model, runs[0][1] if runs else None)
         return Single(embedder, args.name or (runs and runs[0][0]) or model_id)
     names = [name or folder.resolve().name for name, folder in runs]
-    for option, value in (("--name", args.name), ("--compile", args.compile), ("--calibration", args.calibration)):
+    for option, value in (("--name", args.name), ("--compile", args.compile), ("--calibration", args.calibration),
+                          ("--cuda-graphs", args.cuda_graphs)):
         if value:
             raise SlmembedError(f"{option} applies to a server of one model; several runs are served under their "
                                 "names")
@@ -309,6 +310,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from slmembed.endpoint import api_key, listening
 
     model, runs = _serve_what(args)
+    if args.cuda_graphs:
+        from slmembed.models import resolve_device
+
+        if resolve_device(args.device).type != "cuda":
+            raise SlmembedError("--cuda-graphs records on a GPU; this server is on the cpu: leave --cuda-graphs out")
     key = api_key(args.api_key)
     _check_calibration(args)
     with listening(args.host, args.port) as sockets:  # bound before the model loads: a taken port fails at once
@@ -323,7 +329,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from slmembed.embed_file import load_calibration
 
             calibration = load_calibration(args.calibration, served.embedder(served.names[0]))
-        serve(served, sockets, limits=limits, api_key=key, calibration=calibration)
+        serve(served, sockets, limits=limits, api_key=key, calibration=calibration, cuda_graphs=args.cuda_graphs)
     return 0
 
 
@@ -622,6 +628,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                                          "with precision int8/uint8 (without it, those get 400)")
     v.add_argument("--request-timeout", type=seconds, default=60.0,
                    help="seconds a request may wait for its embeddings (else 503)")
+    v.add_argument("--cuda-graphs", action="store_true",
+                   help="replay batches of up to 16k tokens as recorded CUDA graphs: a short request's latency "
+                        "without the host's kernel launches (one packed decoder on a GPU)")
     _model_safety(v)
     _encoding(v)
     v.set_defaults(func=cmd_serve)

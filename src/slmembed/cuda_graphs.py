@@ -1,4 +1,5 @@
-"""CUDA graphs for small batches: a training step's forward, loss and backward recorded once and replayed.
+"""CUDA graphs for small batches: a training step's forward, loss and backward recorded once and replayed (and a
+serving batch's forward: ``GraphedEncoder``).
 
 At batch 60 the GPU computes a step in a third of the step's time; the rest is the host launching some 2,000
 kernels (bench/NOTES.md). A CUDA graph (``torch.cuda.CUDAGraph``) records a step's kernels once, and replaying it is
@@ -213,3 +214,66 @@ class GraphedStep:
         for param in self.params:  # set again before each replay (the next bucket's recording resets them)
             param.grad = None
         return _Graph(inputs, graph, loss, grads)
+
+
+class GraphedEncoder:
+    """``encoder(ids) -> vectors``: a serving batch's packed forward as a replayed CUDA graph, for latency.
+
+    A short request's forward costs the host far more than the GPU (a launch per kernel, hundreds a forward); replayed
+    as a graph it is one launch. A graph replays fixed shapes, so a batch of N sequences is recorded as N's slots, the
+    next power of two (the missing ones one-token sequences), and its tokens' bucket (``bucket_of``, the rest a
+    filler sequence); every filler's vector is dropped. Graphs are recorded on first use, one per (slots, bucket),
+    and share one memory pool (one batch runs at a time). A batch of more than ``max_tokens`` tokens or ``max_rows``
+    sequences returns None, for the caller to run the ordinary way. The weights must stay where they are (one model,
+    no adapters loaded and unloaded). On the CPU (``record=False``) the same static inputs run directly.
+    """
+
+    def __init__(self, embedder: Embedder, max_tokens: int = 16384, max_rows: int = 256, record: bool = True) -> None:
+        if not embedder.packed:
+            raise SlmembedError(f"--cuda-graphs replays packed forwards, which {type(embedder.model).__name__} does "
+                                "not run here (packing.py: a supported decoder in bf16 or fp16 on a GPU)")
+        self.embedder, self.max_tokens, self.max_rows = embedder, max_tokens, max_rows
+        self.record = record and embedder.device.type == "cuda"
+        self.pad = embedder.tokenizer.pad_token_id
+        self.graphs: dict[tuple[int, int], tuple[dict, torch.cuda.CUDAGraph | None, torch.Tensor | None]] = {}
+        self._pool = None
+
+    def __call__(self, ids: list[list[int]]) -> torch.Tensor | None:
+        """Normalised embeddings [N, D] of ``ids`` (a copy), or None if the batch is larger than recorded ones."""
+        slots = 1 << (len(ids) - 1).bit_length()
+        rows = [*ids, *[[self.pad]] * (slots - len(ids))]
+        tokens = sum(len(row) for row in rows)
+        bucket, filler = bucket_of(tokens)
+        if bucket > self.max_tokens or slots > self.max_rows:
+            return None
+        host = packing.collate([*rows, [self.pad] * (bucket - tokens)])
+        host["max_length"] = max(self.embedder.spec.max_length, filler)  # as GraphedStep's
+        entry = self.graphs.get((slots, bucket))
+        if entry is None:
+            entry = self.graphs[slots, bucket] = self._new(host)
+        else:
+            self.embedder.to_device(host, into=entry[0])
+        inputs, graph, out = entry
+        if graph is None:
+            out = self.embedder.forward(inputs)
+        else:
+            graph.replay()
+        return out[: len(ids)].clone()
+
+    def _new(self, host: dict) -> tuple[dict, torch.cuda.CUDAGraph | None, torch.Tensor | None]:
+        """A bucket's input tensors on the device and (on a GPU) its graph and output, recorded after a warm-up pass
+        on a side stream."""
+        inputs = self.embedder.to_device(host)
+        if not self.record:
+            return inputs, None, None
+        device = self.embedder.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self.embedder.forward(inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):  # the server's worker
+            out = self.embedder.forward(inputs)
+        self._pool = self._pool or graph.pool()
+        return inputs, graph, out

@@ -47,6 +47,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from slmembed import endpoint, quantize
 from slmembed.adapters import AdapterPool, Single
+from slmembed.cuda_graphs import GraphedEncoder
 from slmembed.data.texts import text_problem
 from slmembed.errors import SlmembedError
 
@@ -131,8 +132,8 @@ class Batcher:
     """One worker that merges pending requests for the same model into one encode call (the oldest request's model
     goes first); ``embed`` tokenises a request on the tokenising thread and awaits its share."""
 
-    def __init__(self, served: Served, limits: Limits) -> None:
-        self.served, self.limits = served, limits
+    def __init__(self, served: Served, limits: Limits, graphed: GraphedEncoder | None = None) -> None:
+        self.served, self.limits, self.graphed = served, limits, graphed
         self.queue: asyncio.Queue[Queued] = asyncio.Queue()
         # One thread, apart from the encoding worker's, so that the device is not kept waiting on the tokenizer; one
         # only, because a fast tokenizer's truncation settings are set on it for each call (embedder._fast_tokenize).
@@ -180,7 +181,9 @@ class Batcher:
     def _encode(self, name: str, ids: list[list[int]]) -> np.ndarray:
         embedder = self.served.embedder(name)
         with torch.inference_mode():
-            vectors = embedder.forward_ids(ids, max_tokens=self.limits.max_batch * embedder.spec.max_length)
+            vectors = self.graphed(ids) if self.graphed else None  # None: larger than a recorded batch
+            if vectors is None:
+                vectors = embedder.forward_ids(ids, max_tokens=self.limits.max_batch * embedder.spec.max_length)
         return vectors.cpu().numpy()
 
     def _dropped(self, item: Queued) -> bool:
@@ -267,12 +270,21 @@ class HeadAsGet:
 
 
 def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = None,
-               calibration: np.ndarray | None = None) -> FastAPI:
+               calibration: np.ndarray | None = None, cuda_graphs: bool = False) -> FastAPI:
     """The FastAPI app serving ``served``'s models (adapters.py: one model, or adapters over one base) under their
-    names; ``calibration`` (embeddings [N, D], one model only) gives int8 and uint8 requests their ranges."""
-    batcher = Batcher(served, limits)
+    names; ``calibration`` (embeddings [N, D], one model only) gives int8 and uint8 requests their ranges;
+    ``cuda_graphs`` (one model only) replays batches of up to ``limits.max_batch`` inputs as CUDA graphs
+    (cuda_graphs.GraphedEncoder)."""
     embedder = served.embedder(served.names[0])
+    if cuda_graphs and len(served.names) > 1:
+        raise SlmembedError("--cuda-graphs applies to a server of one model (a graph holds its weights' addresses, "
+                            "which loading and unloading adapters moves)")
+    graphed = GraphedEncoder(embedder, max_rows=limits.max_batch) if cuda_graphs else None
+    batcher = Batcher(served, limits, graphed)
     dim = int(embedder.encode(["warm-up"]).shape[1])  # also compiles the first forward before requests arrive
+    if graphed is not None:
+        with torch.inference_mode():
+            graphed(embedder.tokenize(["warm-up"]))  # a lone short text's graph, recorded before requests arrive
     if calibration is not None and (calibration.shape[1] != dim or len(served.names) > 1):
         raise SlmembedError(f"the calibration embeddings have {calibration.shape[1]} dimensions, the model {dim}"
                             if len(served.names) == 1 else "--calibration applies to a server of one model")
@@ -520,12 +532,12 @@ def _protocol(read_timeout: float) -> type[H11Protocol]:
 
 
 def serve(served: Served, sockets: list[socket.socket], limits: Limits = Limits(), api_key: str | None = None,
-          graceful_timeout: float = 30.0, calibration: np.ndarray | None = None) -> None:
+          graceful_timeout: float = 30.0, calibration: np.ndarray | None = None, cuda_graphs: bool = False) -> None:
     """Serve on ``sockets`` (``endpoint.listening``'s) until SIGINT/SIGTERM; requests in flight are finished first
     (for up to ``graceful_timeout`` seconds)."""
     import uvicorn
 
-    app = create_app(served, limits, api_key, calibration)
+    app = create_app(served, limits, api_key, calibration, cuda_graphs)
     config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=graceful_timeout,
                             limit_concurrency=limits.max_connections, http=_protocol(limits.read_timeout))
     urls = ", ".join(f"http://{endpoint.address(*sock.getsockname()[:2])}" for sock in sockets)
