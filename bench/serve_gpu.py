@@ -259,9 +259,10 @@ def _table(cells: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="an exported sentence-transformers folder (or packaged model)")
-    ap.add_argument("--servers", nargs="*", choices=("slmembed", "slmembed-compile", "infinity"),
+    ap.add_argument("--servers", nargs="*", choices=("slmembed", "slmembed-compile", "slmembed-graphs", "infinity"),
                     default=["slmembed", "infinity"],
-                    help="slmembed-compile: slmembed serve --compile; none: only the adapter case")
+                    help="slmembed-compile: slmembed serve --compile; slmembed-graphs: --cuda-graphs; none: only "
+                         "the adapter case")
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64, 256])
     ap.add_argument("--mixes", nargs="+", choices=MIXES, default=list(MIXES))
     ap.add_argument("--seconds", type=float, default=30, help="per cell")
@@ -305,6 +306,7 @@ def main() -> int:
     commands = {
         "slmembed": (ours, None, ""),
         "slmembed-compile": ([*ours, "--compile"], None, ""),
+        "slmembed-graphs": ([*ours, "--cuda-graphs"], None, ""),
         # --no-bettertransformer: BetterTransformer needs optimum (not installed); it is deprecated upstream.
         "infinity": ([args.infinity_python, "-m", "infinity_emb.cli", "v2", "--model-id", str(infinity_model),
                       "--served-model-name", name, "--url-prefix", "/v1", "--engine", "torch", "--device", device,
