@@ -40,9 +40,9 @@ step train 240 "python3 -m slmembed train --recipe smollm2-135m $short --output 
   python3 -m slmembed export --run $WORK/gemma --output $WORK/gemma-3-270m --format st &
   wait"
 serve="python3 bench/serve_gpu.py --infinity-python python3 --infinity-site $INFSITE --dtype bfloat16 --seconds $CELL_S"
-step serve-smollm2 300 "$serve --servers slmembed slmembed-graphs infinity --model $WORK/smollm2-135m \
+step serve-smollm2 300 "$serve --servers slmembed infinity slmembed-graphs --model $WORK/smollm2-135m \
   --output results/bench/serve-gpu-smollm2-135m-$dev.json"
-step serve-gemma 360 "$serve --servers slmembed slmembed-graphs infinity --model $WORK/gemma-3-270m \
+step serve-gemma 360 "$serve --servers slmembed infinity slmembed-graphs --model $WORK/gemma-3-270m \
   --output results/bench/serve-gpu-gemma-3-270m-$dev.json"
 step serve-adapters 200 "python3 bench/serve_gpu.py --model $WORK/smollm2-135m --servers \
   --adapter-runs $WORK/smollm2-a $WORK/smollm2-b --dtype bfloat16 --seconds $CELL_S \
