@@ -79,8 +79,10 @@ def data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    """The packaged SmolLM2-135M, converted once from GGUF into the cache."""
-    return Path(models.resolve("smollm2-135m"))
+    """The packaged SmolLM2-135M, converted once from GGUF into the cache; or, where the package is not installed
+    (a GPU machine), $SLMEMBED_TEST_TOKENIZER: a folder with its tokenizer alone, for the tests of tiny models."""
+    tokenizer = os.environ.get("SLMEMBED_TEST_TOKENIZER")
+    return Path(tokenizer) if tokenizer else Path(models.resolve("smollm2-135m"))
 
 
 @pytest.fixture(scope="session")
