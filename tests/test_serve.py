@@ -710,3 +710,27 @@ def test_ipv6_loopback_serves(run_dir, direct, tmp_path) -> None:
         resp = srv.client().embeddings.create(model="run", input=TEXTS, encoding_format="float")
         assert _cosines([d.embedding for d in resp.data], direct.encode(TEXTS)).min() > 0.999
         assert f"Uvicorn running on http://[::1]:{srv.port} " in srv.log.read_text()
+
+
+def test_the_worker_embeds_in_encodes_chunks(direct) -> None:
+    """A batch the worker runs the ordinary way is cut as ``encode`` cuts it (``embedder.batching``: on the CPU 64
+    texts and 2,048 padded tokens a chunk), not into one chunk of ``max_batch`` texts, with the direct vectors."""
+    from slmembed.adapters import Single
+    from slmembed.embedder import batching
+    from slmembed.serve import Batcher
+
+    texts = [f"text {i} " + "word " * (5 + i % 40) for i in range(150)]
+    ids = direct.tokenize(texts)
+    cuts = []
+    chunks = direct.chunks
+    with pytest.MonkeyPatch.context() as patch:
+        def cut(ids, tokens, rows=None):
+            cuts.append((tokens, rows))
+            return chunks(ids, tokens, rows)
+
+        patch.setattr(direct, "chunks", cut)
+        got = Batcher(Single(direct, "tiny"), Limits(max_batch=256))._encode("tiny", ids)
+    rows, tokens = batching(direct)
+    assert cuts == [(tokens, rows)] and (rows, tokens) == (64, 2048)
+    assert len(chunks(ids, tokens, rows)) >= 3  # the old cut (256 texts a chunk) made one
+    np.testing.assert_allclose(got, direct.encode(texts), atol=1e-5)

@@ -199,12 +199,14 @@ class Embedder:
             start = end
         return out
 
-    def forward_ids(self, ids: Sequence[list[int]], max_tokens: int = 4096) -> torch.Tensor:
-        """Embeddings [N, D] (input order, with gradients) of token id lists, run as length-sorted chunks.
+    def forward_ids(self, ids: Sequence[list[int]], max_tokens: int = 4096,
+                    max_rows: int | None = None) -> torch.Tensor:
+        """Embeddings [N, D] (input order, with gradients) of token id lists, run as length-sorted chunks of at most
+        ``max_tokens`` tokens (and ``max_rows`` sequences).
 
         The chunks' graphs stay alive for one backward over the whole batch.
         """
-        return self._embed_chunks(ids, self.chunks(ids, max_tokens))
+        return self._embed_chunks(ids, self.chunks(ids, max_tokens, max_rows))
 
     @torch.inference_mode()
     def encode(self, texts: Sequence[str], batch_size: int | None = 64, max_tokens: int | None = None,
