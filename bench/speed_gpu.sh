@@ -50,7 +50,8 @@ step serve-adapters 200 "python3 bench/serve_gpu.py --model $WORK/smollm2-135m -
 step eval-phases 240 "cd bench && python3 eval_phases.py --model gemma-3-270m --repeats 3 \
   --output ../results/bench/eval-phases-gemma-3-270m-$dev.json && cd .. &&
   python3 -X importtime -m slmembed eval --model gemma-3-270m --output $WORK/eval.json \
-  2>results/bench/importtime-eval-$dev.txt"
+  2>results/bench/importtime-eval-$dev.txt &&
+  echo staged .pyc files: \$(find /tmp/site -name '*.pyc' | wc -l), .py files: \$(find /tmp/site -name '*.py' | wc -l)"
 step serve-smollm2-compile 150 "$serve --servers slmembed-compile --model $WORK/smollm2-135m \
   --output results/bench/serve-gpu-smollm2-135m-compile-$dev.json"
 step flex-gemma 420 "python3 bench/train_speed.py --model gemma-3-270m --batches 512 --warmup 6 --steps 12 \
