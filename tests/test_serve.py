@@ -734,3 +734,13 @@ def test_the_worker_embeds_in_encodes_chunks(direct) -> None:
     assert cuts == [(tokens, rows)] and (rows, tokens) == (64, 2048)
     assert len(chunks(ids, tokens, rows)) >= 3  # the old cut (256 texts a chunk) made one
     np.testing.assert_allclose(got, direct.encode(texts), atol=1e-5)
+
+
+def test_cuda_graphs_refuse_a_server_of_several_adapters(run_dir) -> None:
+    """A graph holds the weights' addresses, which loading and unloading adapters moves: one model only."""
+    from slmembed.adapters import AdapterPool
+    from slmembed.serve import create_app
+
+    pool = AdapterPool({"a": run_dir, "b": run_dir})
+    with pytest.raises(SlmembedError, match=r"^--cuda-graphs applies to a server of one model"):
+        create_app(pool, cuda_graphs=True)
