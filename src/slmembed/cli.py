@@ -629,7 +629,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--request-timeout", type=seconds, default=60.0,
                    help="seconds a request may wait for its embeddings (else 503)")
     v.add_argument("--cuda-graphs", action="store_true",
-                   help="replay batches of up to 16k tokens as recorded CUDA graphs: a short request's latency "
+                   help="replay batches of up to 4,096 tokens as recorded CUDA graphs: a short request's latency "
                         "without the host's kernel launches (one packed decoder on a GPU)")
     _model_safety(v)
     _encoding(v)

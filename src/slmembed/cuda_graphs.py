@@ -224,11 +224,13 @@ class GraphedEncoder:
     next power of two (the missing ones one-token sequences), and its tokens' bucket (``bucket_of``, the rest a
     filler sequence); every filler's vector is dropped. Graphs are recorded on first use, one per (slots, bucket),
     and share one memory pool (one batch runs at a time). A batch of more than ``max_tokens`` tokens or ``max_rows``
-    sequences returns None, for the caller to run the ordinary way. The weights must stay where they are (one model,
-    no adapters loaded and unloaded). On the CPU (``record=False``) the same static inputs run directly.
+    sequences returns None, for the caller to run the ordinary way: larger batches keep the GPU busy for longer than
+    their launches take, and 4,096 tokens bound the graphs to 16 buckets by 9 slot counts. The weights must stay
+    where they are (one model, no adapters loaded and unloaded). On the CPU (``record=False``) the same static inputs
+    run directly.
     """
 
-    def __init__(self, embedder: Embedder, max_tokens: int = 16384, max_rows: int = 256, record: bool = True) -> None:
+    def __init__(self, embedder: Embedder, max_tokens: int = 4096, max_rows: int = 256, record: bool = True) -> None:
         if not embedder.packed:
             raise SlmembedError(f"--cuda-graphs replays packed forwards, which {type(embedder.model).__name__} does "
                                 "not run here (packing.py: a supported decoder in bf16 or fp16 on a GPU)")
