@@ -183,8 +183,10 @@ class Batcher:
         embedder = self.served.embedder(name)
         with torch.inference_mode():
             vectors = self.graphed(ids) if self.graphed else None  # None: larger than a recorded batch
-            if vectors is None:  # in the chunks `encode` takes (``batching``): on a CPU, padded long texts in one
-                rows, tokens = batching(embedder)  # chunk of 65k tokens took 1.25x as long as in chunks of 2k
+            if vectors is None:
+                # In encode's chunks (``batching``): on a CPU, long texts padded into one chunk of 65k tokens took
+                # 1.25x as long as in chunks of 2k (bench/NOTES.md).
+                rows, tokens = batching(embedder)
                 vectors = embedder.forward_ids(ids, max_tokens=tokens, max_rows=rows)
         return vectors.cpu().numpy()
 
