@@ -50,7 +50,7 @@ from slmembed import __version__ as slmembed_version
 from slmembed.atomic import write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-MIXES = ("sts", "long", "single")
+MIXES = {"sts": ("sts", 4), "long": ("long", 4), "single": ("sts", 1)}  # mix -> (its texts' pool, most a request)
 # on a 16-core GPU host: 8 client processes beside the server under test
 CLIENT_PROCESSES = max(1, min(8, (os.cpu_count() or 2) // 2))
 LONG_TOKENS = (200, 500)
@@ -225,7 +225,7 @@ def _transformers4_config(config: dict) -> dict:
 
 
 def pools(folder: Path, embedder, size: int) -> dict[str, list[str]]:
-    """The texts each mix's requests draw from."""
+    """The pools of texts the mixes' requests draw from (``MIXES``)."""
     from slmembed.data.nli import load_triplets
     from slmembed.data.sts import load_sts
 
@@ -234,8 +234,8 @@ def pools(folder: Path, embedder, size: int) -> dict[str, list[str]]:
     random.Random(0).shuffle(sentences)
     tokenizer = embedder.tokenizer
     count = lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
-    short = sorted(set(sts.sentences1) | set(sts.sentences2))[:size]
-    return {"sts": short, "long": long_texts(sentences, count, size), "single": short}
+    return {"sts": sorted(set(sts.sentences1) | set(sts.sentences2))[:size],
+            "long": long_texts(sentences, count, size)}
 
 
 def serve_limits(args: argparse.Namespace) -> list[str]:
@@ -264,7 +264,7 @@ def main() -> int:
                     help="slmembed-compile: slmembed serve --compile; slmembed-graphs: --cuda-graphs; none: only "
                          "the adapter case")
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64, 256])
-    ap.add_argument("--mixes", nargs="+", choices=MIXES, default=list(MIXES))
+    ap.add_argument("--mixes", nargs="+", choices=list(MIXES), default=list(MIXES))
     ap.add_argument("--seconds", type=float, default=30, help="per cell")
     ap.add_argument("--client-processes", type=int, default=CLIENT_PROCESSES,
                     help=f"processes the clients are spread over (default here: {CLIENT_PROCESSES}, half the cores, "
@@ -295,7 +295,7 @@ def main() -> int:
     dtype = getattr(torch, args.dtype)
     embedder = load_embedder(str(folder), dtype=dtype)
     texts = pools(folder, embedder, args.pool)
-    expected = {mix: embedder.encode(pool) for mix, pool in texts.items()}
+    expected = {name: embedder.encode(pool) for name, pool in texts.items()}
     prompt = default_prompt(folder)
     infinity_model = infinity_folder(folder) if "infinity" in args.servers else None
     versions = {"slmembed": slmembed_versions()}
@@ -345,9 +345,8 @@ def main() -> int:
             print(f"{server} did not start:\n{failed[server]}", flush=True)
             continue
         for mix in args.mixes:
-            pool, vectors = [prefix + t for t in texts[mix]], expected[mix]
-
-            most = 1 if mix == "single" else 4
+            source, most = MIXES[mix]
+            pool, vectors = [prefix + t for t in texts[source]], expected[source]
 
             def request(rng: random.Random, pool=pool, vectors=vectors, most=most) -> Request:
                 picks = rng.sample(range(len(pool)), rng.randint(1, most))
