@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -199,16 +200,13 @@ class GraphedStep:
             return _Graph(inputs)
         for param in self.params:  # the backward then allocates the gradients inside the graph's pool
             param.grad = None
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+
+        def warm_up() -> None:
             self._run(inputs, batch)
             for param in self.params:
                 param.grad = None
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            loss = self._run(inputs, batch)
+
+        graph, loss = _record(device, lambda: self._run(inputs, batch), self._pool, warm_up)
         self._pool = self._pool or graph.pool()
         grads = [param.grad for param in self.params]
         for param in self.params:  # set again before each replay (the next bucket's recording resets them)
@@ -268,14 +266,24 @@ class GraphedEncoder:
         inputs = self.embedder.to_device(host)
         if not self.record:
             return inputs, None, None
-        device = self.embedder.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            self.embedder.forward(inputs)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):  # the server's worker
-            out = self.embedder.forward(inputs)
+        # thread_local: recorded on the server's worker thread, while its other threads go on
+        graph, out = _record(self.embedder.device, lambda: self.embedder.forward(inputs), self._pool,
+                             mode="thread_local")
         self._pool = self._pool or graph.pool()
         return inputs, graph, out
+
+
+def _record(device: torch.device, run: Callable[[], Any], pool, warm_up: Callable[[], object] | None = None,
+            mode: str = "global") -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``run`` recorded as a CUDA graph in the memory pool ``pool`` (None: a pool of its own), and what it returned,
+    after one pass of ``warm_up`` (default: ``run``) on a side stream, which sets up cuBLAS's workspaces and compiled
+    code's first call outside the graph. ``mode``: ``torch.cuda.graph``'s capture_error_mode."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        (warm_up or run)()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
+        out = run()
+    return graph, out
