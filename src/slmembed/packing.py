@@ -56,6 +56,7 @@ except ImportError:  # a torch without FlexAttention: ``check`` refuses flex
 NAME = "slmembed_packed"
 TILE = 128  # tokens of FlexAttention's query and key blocks: the block mask's granularity and the row's padding
 FLEX_TILES = {"flex": TILE, "flex64": 64, "flex32": 32}  # train.packed_attention's FlexAttention kernels' tiles
+_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")  # flex's kernel blocks, fwd and bwd
 _KERNELS: dict = {}  # causal (bool) -> the GPU kernel ``attention`` calls (see ``_varlen``), set by ``use``
 _FLEX = "_slmembed_flex"  # on the transformers model, set by ``use``: None, or flex's mask's (causality, tile)
 ARCHITECTURES = frozenset({"llama", "gemma", "gemma3_text", "phi", "qwen2", "mistral"})
@@ -271,9 +272,6 @@ def _flex(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mas
     out = flex(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1],
                kernel_options=options)
     return out.transpose(1, 2)
-
-
-_BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")  # flex's kernel blocks, fwd and bwd
 
 
 @functools.cache
