@@ -193,7 +193,8 @@ class _Tally:
     problems: Counter = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
     least: float = 1.0
-    texts: int = 0
+    texts: int = 0  # inputs answered with a vector each, in order (a mismatched vector still counts: it was served)
+    matched: int = 0  # of those, inputs in replies whose every vector matched
     cpu_s: float = 0.0
     started: float = 0.0
     ended: float = 0.0
@@ -237,7 +238,9 @@ def _run_clients(port: int, make_request: Callable[[random.Random], Request], se
                         tally.problems[problem] += 1
                     if cos == cos:  # compared (not nan)
                         tally.least = min(tally.least, cos)
-                    tally.texts += len(expected) if status == 200 and not problem else 0
+                    if status == 200 and problem in (None, "mismatch"):
+                        tally.texts += len(expected)
+                        tally.matched += 0 if problem else len(expected)
         except Exception:
             traceback.print_exc()
             with lock:
@@ -311,7 +314,9 @@ def drive(port: int, make_request: Callable[[random.Random], Request], clients: 
           min_cosine: float, path: str = "/v1/embeddings", processes: int = 1) -> dict:
     """``clients`` threads, each on its own keep-alive connection, send ``make_request``'s requests to ``path``
     until ``seconds`` are up; every 200 reply is checked with ``reply_problem``. Client k draws from
-    ``random.Random(k)``. Counts, rates, latencies, and the clients' CPU seconds per second of wall time.
+    ``random.Random(k)``. Counts, rates, latencies, and the clients' CPU seconds per second of wall time. ``texts``
+    counts every input answered with a vector in its place (the server's throughput), ``texts_matched`` those in
+    replies whose vectors all passed the cosine check (a mismatched reply is in ``mismatches``).
 
     With ``processes`` > 1 the clients are spread over that many forked worker processes (at most ``clients``; see
     ``client_groups``), so that parsing and checking replies is not bound to one core; they start together and stop
@@ -329,10 +334,11 @@ def drive(port: int, make_request: Callable[[random.Random], Request], clients: 
     problems: Counter = sum((t.problems for t in parts), Counter())
     problems["transport"] += sum(len(g) for g in lost)
     latencies = [s for t in parts for s in t.latencies]
-    texts = sum(t.texts for t in parts)
+    texts, matched = sum(t.texts for t in parts), sum(t.matched for t in parts)
     requests = sum(statuses.values())
     return {"clients": clients, "seconds": seconds, "wall_s": round(wall, 2), "requests": requests,
             "texts": texts, "requests_per_s": round(requests / wall, 1), "texts_per_s": round(texts / wall, 1),
+            "texts_matched": matched, "texts_matched_per_s": round(matched / wall, 1),
             "latency_ms": latency_ms(latencies) if latencies else None,
             "status": {str(s): n for s, n in sorted(statuses.items())},
             "errors": sum(n for s, n in statuses.items() if s != 200) + problems["transport"],

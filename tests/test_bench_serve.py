@@ -51,21 +51,27 @@ def test_reply_checker_flags_a_wrong_vector_a_reordered_reply_and_a_missing_one(
 
 class _Stub(BaseHTTPRequestHandler):
     """Answers /v1/embeddings with each text's vector from ``vectors``; ``drop_last`` leaves a multi-text reply's
-    last vector out; a request with ``busy_text`` among its inputs gets 503. ``log`` gets each request's (nonce,
-    inputs, status, vectors answered)."""
+    last vector out; ``wrong_text`` is answered with another text's vector; a request with ``busy_text`` among its
+    inputs gets 503. ``log`` gets each request's (nonce, inputs, status, vectors answered), ``wrong`` the inputs
+    answered of each reply with a wrong vector."""
 
     vectors: dict[str, list[float]] = {}
     drop_last = False
+    wrong_text: str | None = None
     busy_text: str | None = None
     log: list[tuple[int, int, int, int]] = []
+    wrong: list[int] = []
 
     def do_POST(self) -> None:  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         texts = body["input"][:-1] if self.drop_last and len(body["input"]) > 1 else body["input"]
         status = 503 if self.busy_text in body["input"] else 200
         answered = texts if status == 200 else []
-        payload = json.dumps(_reply(np.array([self.vectors[t] for t in answered]))).encode()
+        payload = json.dumps(_reply(np.array([self.vectors[TEXTS[0] if t == self.wrong_text else t]
+                                              for t in answered]))).encode()
         self.log.append((body.get("nonce"), len(body["input"]), status, len(answered)))
+        if self.wrong_text in answered:
+            self.wrong.append(len(answered))
         self.send_response(status)
         self.send_header("Content-Length", str(len(payload)))
         self.end_headers()
@@ -134,25 +140,30 @@ def test_clients_are_spread_over_processes_evenly_in_order() -> None:
 
 
 @pytest.mark.parametrize("processes", [1, 2])
-@pytest.mark.parametrize("drop_last", [False, True])
-def test_drive_counts_what_the_server_answered(drop_last: bool, processes: int, monkeypatch) -> None:
+@pytest.mark.parametrize("fault", [None, "drop_last", "wrong_text"])
+def test_drive_counts_what_the_server_answered(fault: str | None, processes: int, monkeypatch) -> None:
+    """Requests, statuses, latencies, and texts: a reply short of a vector is a mismatch and serves no text; a
+    reply with a wrong vector is a mismatch whose texts were served (``texts``) but not matched (``texts_matched``)."""
     latencies: list[int] = []
     percentiles = common.latency_ms
     monkeypatch.setattr(common, "latency_ms", lambda seconds: latencies.append(len(seconds)) or percentiles(seconds))
-    with _stub(drop_last=drop_last, busy_text="text 7") as (port, log):
+    wrong: list[int] = []
+    switches = {"drop_last": {"drop_last": True}, "wrong_text": {"wrong_text": "text 3"}}.get(fault, {})
+    with _stub(busy_text="text 7", wrong=wrong, **switches) as (port, log):
         load = _drive(port, _request, clients=3, seconds=0.5, min_cosine=0.999, processes=processes)
     ok = [(n, answered) for _, n, status, answered in log if status == 200]
     busy = sum(status == 503 for _, _, status, _ in log)
-    short = sum(answered < n for n, answered in ok)
+    short = [n for n, answered in ok if answered < n]
     assert load["client_processes"] == processes and load["client_processes_lost"] == 0
     assert min(_per_client(log, 3)) > 0  # clients 0, 1, 2 each sent their own stream, and nothing else was sent
     assert load["requests"] == len(log) == latencies[0] and len(latencies) == 1
     assert load["status"] == {"200": len(ok), "503": busy} and busy > 0
     assert load["errors"] == busy and load["transport_errors"] == 0
-    assert load["mismatches"] == short and (short > 0) == drop_last
-    assert load["problems"] == ({"missing": short} if drop_last else {})
+    assert load["mismatches"] == len(short) + len(wrong) and (len(short) + len(wrong) > 0) == (fault is not None)
+    assert load["problems"] == ({"missing": len(short)} if short else {"mismatch": len(wrong)} if wrong else {})
     assert load["texts"] == sum(n for n, answered in ok if answered == n)
-    assert load["min_cosine_seen"] == pytest.approx(1.0, abs=1e-5)
+    assert load["texts_matched"] == load["texts"] - sum(wrong)
+    assert load["min_cosine_seen"] == pytest.approx(1.0, abs=1e-5) or fault == "wrong_text"
     assert load["client_cpu_per_wall_max"] >= 0 and load["client_cpu_per_wall"] >= 0
 
 
