@@ -55,12 +55,12 @@ step eval-phases 240 "cd bench && python3 eval_phases.py --model gemma-3-270m --
 step serve-smollm2-compile 150 "$serve --servers slmembed-compile --model $WORK/smollm2-135m \
   --output results/bench/serve-gpu-smollm2-135m-compile-$dev.json"
 step flex-gemma 420 "python3 bench/train_speed.py --model gemma-3-270m --batches 512 --warmup 6 --steps 12 \
-  --variants compile_graphs --packed-attention varlen flex flex64 flex32 --peer-losses \
+  --variants compile_graphs --packed-attention varlen flex flex64 --peer-losses \
   --profile 'results/bench/profile-gemma-3-270m-b512-{variant}.txt' --profile-variants compile \
-  --output results/bench/train-gemma-3-270m-b512-flex-$dev.json"
+  --output results/bench/train-gemma-3-270m-b512-flex-tiles-$dev.json"
 step flex-smollm2 360 "python3 bench/train_speed.py --model smollm2-135m --batches 512 --warmup 6 --steps 12 \
-  --variants compile_graphs --packed-attention varlen flex --peer-losses \
+  --variants compile_graphs --packed-attention varlen flex flex64 --peer-losses \
   --profile 'results/bench/profile-smollm2-135m-b512-{variant}.txt' --profile-variants compile \
-  --output results/bench/train-smollm2-135m-b512-flex-$dev.json"
+  --output results/bench/train-smollm2-135m-b512-flex-tiles-$dev.json"
 echo "end $(date -u +%FT%TZ)"
 touch "$LOGS/done"

@@ -98,7 +98,7 @@ VARIANTS = {"eager": [], "compile": ["train.compile=true"], "grad_cache": ["trai
             "graphs": ["train.cuda_graphs=true"], "compile_graphs": ["train.compile=true", "train.cuda_graphs=true"]}
 VARIANTS.update({f"{name}_padded": [*overrides, "train.packing=false"] for name, overrides in list(VARIANTS.items())
                  if "graphs" not in name})
-KERNELS = ("auto", "varlen", "flex", "flex64", "flex32")  # train.packed_attention (packing.py)
+KERNELS = ("auto", "varlen", "flex", "flex64")  # train.packed_attention (packing.py)
 
 
 def configurations(variants: list[str], kernels: list[str]) -> dict[str, list[str]]:

@@ -44,10 +44,10 @@ def cpu_backward(monkeypatch):
     monkeypatch.setattr(flex_module, "_validate_device", lifted)
 
 
-@pytest.mark.parametrize("tile", [128, 32])
+@pytest.mark.parametrize("tile", [128, 64])
 @pytest.mark.parametrize("causal", [True, False])
 def test_flex_attention_equals_the_reference_with_its_gradients(cpu_backward, causal: bool, tile: int) -> None:
-    """Four query heads over two key/value heads, scale 0.3, sequences of 1 to 129 tokens, tiles of 128 or 32 tokens:
+    """Four query heads over two key/value heads, scale 0.3, sequences of 1 to 129 tokens, tiles of 128 or 64 tokens:
     the outputs of the real rows and the gradients of q, k and v equal the explicit mask's (``_reference``, each
     key/value head repeated for its group), within 1e-5; the filler's rows stay finite."""
     tokens = sum(LENGTHS)
@@ -119,11 +119,11 @@ def test_the_block_mask_built_from_cu_is_create_block_masks(causal: bool, tile: 
         assert torch.equal(got.mask_mod(0, 0, q, k), mod(0, 0, q, k))
 
 
-@pytest.mark.parametrize("kernel,attention", [("flex", "causal"), ("flex", "bidirectional"), ("flex32", "causal")])
+@pytest.mark.parametrize("kernel,attention", [("flex", "causal"), ("flex", "bidirectional"), ("flex64", "causal")])
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
 def test_flex_vectors_equal_padded_ones(tiny_models, arch: str, attention: str, kernel: str) -> None:
     """A tiny Llama (four query heads over two) and a tiny Gemma-3 (four over one, its own scale), causal or
-    bidirectional: packed with FlexAttention (128-token tiles, or 32), the vectors of the padded forward."""
+    bidirectional: packed with FlexAttention (128-token tiles, or 64), the vectors of the padded forward."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     source = str(tiny_models[arch]) if arch in tiny_models else MORE[arch]
     if arch == "gemma3_text" and attention == "bidirectional":  # its window |i - j| < 17 then holds 16 tokens

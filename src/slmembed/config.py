@@ -125,9 +125,9 @@ class TrainConfig:
     chunk_tokens: int = checked(at_least(1), default=4096)
     packing: bool | None = None  # chunks as one row without padding (packing.py); None: where supported, on a GPU
     # The packed batches' attention kernel (packing.py): auto: variable-length FlashAttention on a GPU, an explicit
-    # mask elsewhere; varlen: FlashAttention; flex: FlexAttention with a document mask in 128-token tiles (flex64,
-    # flex32: smaller tiles). Any but auto packs wherever packing is supported and is refused where it cannot run.
-    packed_attention: str = checked(one_of("auto", "varlen", "flex", "flex64", "flex32"), default="auto")
+    # mask elsewhere; varlen: FlashAttention; flex: FlexAttention with a document mask in 128-token tiles (flex64:
+    # 64-token tiles). Any but auto packs wherever packing is supported and is refused where it cannot run.
+    packed_attention: str = checked(one_of("auto", "varlen", "flex", "flex64"), default="auto")
     grad_cache: bool = False  # cached negatives (GradCache): memory set by chunk_tokens, not batch_size
     compile: bool = False  # torch.compile each transformer block (compile.py): fused kernels, a one-off compile time
     # Each step's forward and backward replayed as a CUDA graph (cuda_graphs.py): for small batches, whose steps the

@@ -14,8 +14,9 @@ unless the model was made bidirectional (attention.py), by one of three kernels 
   multiple of the tile with a filler sequence that attends only to itself (no row without a key, so no NaN) and whose
   outputs are dropped. On the GPU the kernel is compiled (``torch.compile``; inside a compiled block, the block's
   compile takes it in), else it runs unfused;
-* ``flex64``, ``flex32``: the same with 64- and 32-token tiles (on the GPU the kernel's blocks set to match): less of
-  each computed tile is masked away where sequences are short, at the price of smaller matrix products;
+* ``flex64``: the same with 64-token tiles (on the GPU the kernel's blocks set to match): less of each computed tile
+  is masked away where sequences are short, at the price of smaller matrix products (32-token tiles were tried: with
+  Gemma-3's head size of 256, Inductor finds no configuration for the backward);
 * the explicit block-diagonal mask (``_reference``, which the tests compare against) wherever neither is asked or
   runs: ``auto`` is ``varlen`` where it runs, this elsewhere.
 
@@ -55,7 +56,7 @@ except ImportError:  # a torch without FlexAttention: ``check`` refuses flex
 
 NAME = "slmembed_packed"
 TILE = 128  # tokens of FlexAttention's query and key blocks: the block mask's granularity and the row's padding
-FLEX_TILES = {"flex": TILE, "flex64": 64, "flex32": 32}  # train.packed_attention's FlexAttention kernels' tiles
+FLEX_TILES = {"flex": TILE, "flex64": 64}  # train.packed_attention's FlexAttention kernels' tiles
 _BLOCKS = ("BLOCK_M", "BLOCK_N", "BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2")  # flex's kernel blocks, fwd and bwd
 _KERNELS: dict = {}  # causal (bool) -> the GPU kernel ``attention`` calls (see ``_varlen``), set by ``use``
 _FLEX = "_slmembed_flex"  # on the transformers model, set by ``use``: None, or flex's mask's (causality, tile)
@@ -121,7 +122,7 @@ def check(kernel: str, device: torch.device, training: bool = True) -> None:
 
 def use(model: torch.nn.Module, packed: bool, kernel: str = "auto") -> None:
     """Route ``model``'s attention through ``attention`` (every forward must then be given a packed batch) with
-    ``kernel`` (``train.packed_attention``: auto, varlen, flex, flex64 or flex32), or, if it was, back to the
+    ``kernel`` (``train.packed_attention``: auto, varlen, flex or flex64), or, if it was, back to the
     implementation it had before."""
     base = _pretrained(model)
     if base is None:
