@@ -1,0 +1,107 @@
+"""The server's own time for a lone short text: `slmembed serve`'s p50 at one client against the same encode in-process.
+
+The model is a tiny random Llama (2 layers, hidden size 64, SmolLM2-135M's tokenizer) unless --model names one, so
+that what is left after subtracting the in-process ``Embedder.encode`` is the request path: HTTP (uvicorn, Starlette),
+parsing, the tokenising and encoding threads' hand-offs, writing the answer. ``GET /health`` gives the bare HTTP round
+trip. One keep-alive client, sequential requests. Writes results/bench/serve-overhead-<host>.json (or --output).
+
+    .venv/bin/python bench/serve_overhead.py --requests 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import http.client
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from common import free_port, start_server, stop_server
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from slmembed import models
+from slmembed.atomic import write_json
+from slmembed.loading import load_embedder
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXT = "A man is playing a guitar on the stage."
+
+
+def tiny_llama(folder: Path) -> Path:
+    """A 2-layer random Llama with SmolLM2-135M's tokenizer in ``folder``."""
+    tokenizer = AutoTokenizer.from_pretrained(models.resolve("smollm2-135m"))
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(tokenizer), eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def p50_ms(call: Callable[[], object], n: int, warmup: int = 50) -> dict[str, float]:
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"p50": round(statistics.median(times) * 1000, 3), "p90": round(times[int(0.9 * n)] * 1000, 3)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="a model name or folder (default: a tiny random Llama)")
+    ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--output", help="default: results/bench/serve-overhead-<host>.json")
+    args = ap.parse_args()
+    if args.requests < 10:
+        ap.error("--requests must be at least 10")
+
+    model = args.model or str(tiny_llama(Path(tempfile.mkdtemp(prefix="serve-overhead-")) / "tiny-llama"))
+    embedder = load_embedder(model, dtype=torch.float32)
+    encode = p50_ms(lambda: embedder.encode([TEXT]), args.requests)
+
+    port = free_port()
+    proc = start_server([sys.executable, "-m", "slmembed", "serve", "--model", model, "--name", "m", "--port",
+                         str(port)], port, Path(tempfile.gettempdir()) / "serve-overhead.log")
+    conn = http.client.HTTPConnection("127.0.0.1", port)
+    body = json.dumps({"model": "m", "input": [TEXT]})
+
+    def embed() -> None:
+        conn.request("POST", "/v1/embeddings", body=body, headers={"Content-Type": "application/json"})
+        json.loads(conn.getresponse().read())
+
+    def health() -> None:
+        conn.request("GET", "/health")
+        conn.getresponse().read()
+
+    try:
+        served, bare = p50_ms(embed, args.requests), p50_ms(health, args.requests)
+    finally:
+        conn.close()
+        stop_server(proc)
+    out = {"command": " ".join(["python", "bench/serve_overhead.py", *sys.argv[1:]]), "model": args.model or
+           "tiny random Llama (2 layers, hidden 64)", "text": TEXT, "requests": args.requests,
+           "encode_in_process_ms": encode, "embeddings_request_ms": served, "health_request_ms": bare,
+           "server_path_p50_ms": round(served["p50"] - encode["p50"], 3),
+           "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
+                       "cores": os.cpu_count(), "torch": torch.__version__},
+           "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    write_json(Path(args.output or ROOT / f"results/bench/serve-overhead-{platform.node()}.json"), out)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
