@@ -3,9 +3,12 @@
 The model is a tiny random Llama (2 layers, hidden size 64, SmolLM2-135M's tokenizer) unless --model names one, so
 that what is left after subtracting the in-process ``Embedder.encode`` is the request path: HTTP (uvicorn, Starlette),
 parsing, the tokenising and encoding threads' hand-offs, writing the answer. ``GET /health`` gives the bare HTTP round
-trip. One keep-alive client, sequential requests. Writes results/bench/serve-overhead-<host>.json (or --output).
+trip. In-process, the request's own two steps are timed apart too, as the server runs them: tokenising, and the
+forward with the copy of the vector to the host (with --cuda-graphs, the recorded graph's replay: ``GraphedEncoder``).
+One keep-alive client, sequential requests. Writes results/bench/serve-overhead-<host>.json (or --output).
 
     .venv/bin/python bench/serve_overhead.py --requests 500
+    python bench/serve_overhead.py --model EXPORT --dtype bfloat16 --cuda-graphs --requests 2000     # on a GPU
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from slmembed import models
 from slmembed.atomic import write_json
+from slmembed.cuda_graphs import GraphedEncoder
+from slmembed.embedder import batching
 from slmembed.loading import load_embedder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,18 +68,30 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a model name or folder (default: a tiny random Llama)")
     ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the weights', both sides")
+    ap.add_argument("--cuda-graphs", action="store_true", help="serve --cuda-graphs; in-process: its graph replay")
     ap.add_argument("--output", help="default: results/bench/serve-overhead-<host>.json")
     args = ap.parse_args()
     if args.requests < 10:
         ap.error("--requests must be at least 10")
+    if args.cuda_graphs and not torch.cuda.is_available():
+        ap.error("--cuda-graphs needs a GPU")
 
     model = args.model or str(tiny_llama(Path(tempfile.mkdtemp(prefix="serve-overhead-")) / "tiny-llama"))
-    embedder = load_embedder(model, dtype=torch.float32)
+    embedder = load_embedder(model, dtype=getattr(torch, args.dtype))
     encode = p50_ms(lambda: embedder.encode([TEXT]), args.requests)
+    ids = embedder.tokenize([TEXT])
+    graphed = GraphedEncoder(embedder) if args.cuda_graphs else None
+    rows, tokens = batching(embedder)
+    with torch.inference_mode():  # as the server's worker: its forward, then the copy to the host
+        steps = {"tokenise": p50_ms(lambda: embedder.tokenize([TEXT]), args.requests),
+                 "forward_and_copy": p50_ms(lambda: (graphed(ids) if graphed else embedder.forward_ids(
+                     ids, max_tokens=tokens, max_rows=rows)).cpu().numpy(), args.requests)}
 
     port = free_port()
+    extra = ["--dtype", args.dtype, *(["--cuda-graphs"] if args.cuda_graphs else [])]
     proc = start_server([sys.executable, "-m", "slmembed", "serve", "--model", model, "--name", "m", "--port",
-                         str(port)], port, Path(tempfile.gettempdir()) / "serve-overhead.log")
+                         str(port), *extra], port, Path(tempfile.gettempdir()) / "serve-overhead.log")
     conn = http.client.HTTPConnection("127.0.0.1", port)
     body = json.dumps({"model": "m", "input": [TEXT]})
 
@@ -93,10 +110,14 @@ def main() -> int:
         stop_server(proc)
     out = {"command": " ".join(["python", "bench/serve_overhead.py", *sys.argv[1:]]), "model": args.model or
            "tiny random Llama (2 layers, hidden 64)", "text": TEXT, "requests": args.requests,
-           "encode_in_process_ms": encode, "embeddings_request_ms": served, "health_request_ms": bare,
-           "server_path_p50_ms": round(served["p50"] - encode["p50"], 3),
+           "dtype": args.dtype, "cuda_graphs": args.cuda_graphs, "device": str(embedder.device),
+           "encode_in_process_ms": encode, "in_process_steps_ms": steps, "embeddings_request_ms": served,
+           "health_request_ms": bare, "server_path_p50_ms": round(served["p50"] - encode["p50"], 3),
+           "server_path_beyond_its_steps_p50_ms":
+               round(served["p50"] - steps["tokenise"]["p50"] - steps["forward_and_copy"]["p50"], 3),
            "machine": {"host": platform.node(), "cpu": platform.processor() or platform.machine(),
-                       "cores": os.cpu_count(), "torch": torch.__version__},
+                       "cores": os.cpu_count(), "torch": torch.__version__,
+                       "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
     write_json(Path(args.output or ROOT / f"results/bench/serve-overhead-{platform.node()}.json"), out)
     print(json.dumps(out, indent=1))

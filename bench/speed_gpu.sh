@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The speed measurements of one GPU, in priority order, each stopped in time for the next and for the results to come
-# back: serving against infinity-emb (SmolLM2-135M, then Gemma-3-270M), the multi-adapter server, the nine-set eval in
-# fresh processes, the compiled server, batch 512 training with variable-length FlashAttention against FlexAttention.
+# back: serving against infinity-emb (SmolLM2-135M), a lone text's time split into its steps (bench/serve_overhead.py),
+# serving Gemma-3-270M, the multi-adapter server, the nine-set eval in fresh processes, the compiled server, batch 512
+# training with variable-length FlashAttention against FlexAttention in 128- and 64-token tiles.
 # Run it detached from the repository root on the GPU machine (see ../shared/gpu/README.md for staging; infinity's
 # wheels: bench/serve_gpu_wheels.sh, installed with `pip install --no-deps --target $INFSITE`):
 #
@@ -42,6 +43,10 @@ step train 240 "python3 -m slmembed train --recipe smollm2-135m $short --output 
 serve="python3 bench/serve_gpu.py --infinity-python python3 --infinity-site $INFSITE --dtype bfloat16 --seconds $CELL_S"
 step serve-smollm2 300 "$serve --servers slmembed infinity slmembed-graphs --model $WORK/smollm2-135m \
   --output results/bench/serve-gpu-smollm2-135m-$dev.json"
+step serve-overhead 120 "python3 bench/serve_overhead.py --model $WORK/smollm2-135m --dtype bfloat16 --requests 2000 \
+  --output results/bench/serve-overhead-smollm2-135m-$dev.json &&
+  python3 bench/serve_overhead.py --model $WORK/smollm2-135m --dtype bfloat16 --cuda-graphs --requests 2000 \
+  --output results/bench/serve-overhead-smollm2-135m-graphs-$dev.json"
 step serve-gemma 360 "$serve --servers slmembed infinity slmembed-graphs --model $WORK/gemma-3-270m \
   --output results/bench/serve-gpu-gemma-3-270m-$dev.json"
 step serve-adapters 200 "python3 bench/serve_gpu.py --model $WORK/smollm2-135m --servers \

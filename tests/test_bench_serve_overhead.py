@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
@@ -17,15 +20,24 @@ def test_the_server_path_is_the_request_less_the_in_process_encode(tmp_path: Pat
     subprocess.run([sys.executable, str(BENCH / "serve_overhead.py"), "--requests", "20", "--output", str(out)],
                    check=True, capture_output=True, text=True, cwd=BENCH, timeout=300)
     got = json.loads(out.read_text())
-    for key in ("encode_in_process_ms", "embeddings_request_ms", "health_request_ms"):
-        assert 0 < got[key]["p50"] <= got[key]["p90"]
+    steps = got["in_process_steps_ms"]
+    for figures in (got["encode_in_process_ms"], got["embeddings_request_ms"], got["health_request_ms"],
+                    steps["tokenise"], steps["forward_and_copy"]):
+        assert 0 < figures["p50"] <= figures["p90"]
     assert got["health_request_ms"]["p50"] < got["embeddings_request_ms"]["p50"]
     request, encode = got["embeddings_request_ms"]["p50"], got["encode_in_process_ms"]["p50"]
     assert got["server_path_p50_ms"] == round(request - encode, 3)
+    beyond = request - steps["tokenise"]["p50"] - steps["forward_and_copy"]["p50"]
+    assert got["server_path_beyond_its_steps_p50_ms"] == round(beyond, 3)
+    assert (got["device"], got["dtype"], got["cuda_graphs"]) == ("cpu", "float32", False)
     assert got["requests"] == 20 and got["command"].endswith(f"--output {out}")
 
 
-def test_too_few_requests_is_refused_before_any_model_loads(tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, str(BENCH / "serve_overhead.py"), "--requests", "3"],
+@pytest.mark.parametrize("args,message", [(["--requests", "3"], "--requests must be at least 10"),
+                                          (["--cuda-graphs"], "--cuda-graphs needs a GPU")])
+def test_bad_arguments_are_refused_before_any_model_loads(args: list[str], message: str) -> None:
+    if "--cuda-graphs" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is here: --cuda-graphs runs")
+    run = subprocess.run([sys.executable, str(BENCH / "serve_overhead.py"), *args],
                          capture_output=True, text=True, cwd=BENCH, timeout=120)
-    assert run.returncode == 2 and "--requests must be at least 10" in run.stderr
+    assert run.returncode == 2 and message in run.stderr
