@@ -6,7 +6,7 @@
 # run starts only while the deadline (/tmp/rq/deadline, epoch seconds, which a later call may rewrite) leaves it the
 # minutes need() gives it; at the deadline every run is stopped. Each run goes through bench/reproduce_gpu.sh
 # (results/reproduce/NAME/); /tmp/rq/rc/NAME holds its exit status, /tmp/rq/done marks the end.
-#   PLAN=bench/plans/quality-7.txt N=6 setsid nohup bash bench/queue_gpu.sh >/tmp/rq/driver.log 2>&1 &
+#   PLAN=bench/plans/quality-8.txt N=6 setsid nohup bash bench/queue_gpu.sh >/tmp/rq/driver.log 2>&1 &
 PLAN=${PLAN:?PLAN: the plan file}
 mkdir -p /tmp/rq
 echo "driver start $(date -u +%FT%TZ)"
