@@ -261,8 +261,8 @@ def main() -> int:
     ap.add_argument("--model", required=True, help="an exported sentence-transformers folder (or packaged model)")
     ap.add_argument("--servers", nargs="*", choices=("slmembed", "slmembed-compile", "slmembed-graphs", "infinity"),
                     default=["slmembed", "infinity"],
-                    help="slmembed-compile: slmembed serve --compile; slmembed-graphs: --cuda-graphs; none: only "
-                         "the adapter case")
+                    help="slmembed: serve --no-cuda-graphs; slmembed-compile: --compile; slmembed-graphs: "
+                         "--cuda-graphs (the default on a GPU); none: only the adapter case")
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64, 256])
     ap.add_argument("--mixes", nargs="+", choices=list(MIXES), default=list(MIXES))
     ap.add_argument("--seconds", type=float, default=30, help="per cell")
@@ -304,7 +304,7 @@ def main() -> int:
 
     ours = [sys.executable, "-m", "slmembed", "serve", "--model", str(folder), "--name", name, *serve_limits(args)]
     commands = {
-        "slmembed": (ours, None, ""),
+        "slmembed": ([*ours, "--no-cuda-graphs"], None, ""),  # the eager forward (graphs are the GPU's default)
         "slmembed-compile": ([*ours, "--compile"], None, ""),
         "slmembed-graphs": ([*ours, "--cuda-graphs"], None, ""),
         # --no-bettertransformer: BetterTransformer needs optimum (not installed); it is deprecated upstream.

@@ -69,7 +69,9 @@ def main() -> int:
     ap.add_argument("--model", help="a model name or folder (default: a tiny random Llama)")
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the weights', both sides")
-    ap.add_argument("--cuda-graphs", action="store_true", help="serve --cuda-graphs; in-process: its graph replay")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="serve --cuda-graphs, in-process the graph's replay (else: --no-cuda-graphs, the eager "
+                         "forward)")
     ap.add_argument("--output", help="default: results/bench/serve-overhead-<host>.json")
     args = ap.parse_args()
     if args.requests < 10:
@@ -89,7 +91,7 @@ def main() -> int:
                      ids, max_tokens=tokens, max_rows=rows)).cpu().numpy(), args.requests)}
 
     port = free_port()
-    extra = ["--dtype", args.dtype, *(["--cuda-graphs"] if args.cuda_graphs else [])]
+    extra = ["--dtype", args.dtype, "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
     proc = start_server([sys.executable, "-m", "slmembed", "serve", "--model", model, "--name", "m", "--port",
                          str(port), *extra], port, Path(tempfile.gettempdir()) / "serve-overhead.log")
     conn = http.client.HTTPConnection("127.0.0.1", port)

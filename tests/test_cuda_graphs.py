@@ -312,3 +312,34 @@ def test_recorded_serving_graphs_replay_the_ordinary_vectors_on_the_gpu(tiny_mod
             batch = ids[start : start + n]
             torch.testing.assert_close(encoder(batch), embedder.forward_ids(batch), rtol=0, atol=2e-2)
     assert all(graph is not None for _, graph, _ in encoder.graphs.values())
+
+
+def test_default_graphs_that_fail_to_record_leave_the_server_eager(tiny_models, monkeypatch, caplog) -> None:
+    """Graphs by default (not asked for): if the warm-up's recording fails, the server logs one warning and embeds
+    without them; asked for (``--cuda-graphs``), the failure stops the server's start."""
+    from fastapi.testclient import TestClient
+
+    from slmembed import serve
+    from slmembed.adapters import Single
+
+    embedder = _embedder(tiny_models)
+    embedder.model.eval()
+    monkeypatch.setattr(serve, "graphs_wanted", lambda asked, served, embedder: True)
+    calls = []
+
+    def failing(self, ids):
+        calls.append(len(ids))
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(cuda_graphs.GraphedEncoder, "__call__", failing)
+    with caplog.at_level("WARNING", logger="slmembed.serve"), \
+            TestClient(serve.create_app(Single(embedder, "tiny"), cuda_graphs=None)) as client:
+        reply = client.post("/v1/embeddings", json={"model": "tiny", "input": SENTENCES[:3]})
+    assert calls == [1]  # the warm-up only: requests run eagerly
+    assert [r.getMessage() for r in caplog.records if r.name == "slmembed.serve"] == [
+        "serving without CUDA graphs: recording one failed (RuntimeError: operation not permitted when stream is "
+        "capturing)"]
+    got = np.array([row["embedding"] for row in reply.json()["data"]])
+    np.testing.assert_allclose(got, embedder.encode(SENTENCES[:3]), atol=1e-5)
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        serve.create_app(Single(embedder, "tiny"), cuda_graphs=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI, RateLimitError
 
 from slmembed.config import Recipe
@@ -744,3 +745,30 @@ def test_cuda_graphs_refuse_a_server_of_several_adapters(run_dir) -> None:
     pool = AdapterPool({"a": run_dir, "b": run_dir})
     with pytest.raises(SlmembedError, match=r"^--cuda-graphs applies to a server of one model"):
         create_app(pool, cuda_graphs=True)
+
+
+@pytest.mark.parametrize("asked,names,packed,device,wanted", [
+    (None, ["m"], True, "cuda", True),  # not asked: on wherever they run
+    (None, ["m"], True, "cpu", False),
+    (None, ["m"], False, "cuda", False),  # an encoder, or a decoder packing.py does not run
+    (None, ["a", "b"], True, "cuda", False),  # adapters: their weights move
+    (False, ["m"], True, "cuda", False),  # --no-cuda-graphs
+    (True, ["m"], False, "cpu", True),  # --cuda-graphs: as asked (refused later where it cannot run)
+])
+def test_cuda_graphs_are_on_by_default_wherever_they_run(asked, names, packed, device, wanted) -> None:
+    from types import SimpleNamespace
+
+    from slmembed.serve import graphs_wanted
+
+    served = SimpleNamespace(names=names)
+    embedder = SimpleNamespace(packed=packed, device=torch.device(device))
+    assert graphs_wanted(asked, served, embedder) is wanted
+
+
+def test_serve_takes_cuda_graphs_and_no_cuda_graphs() -> None:
+    from slmembed.cli import parser
+
+    parse = parser().parse_args
+    assert parse(["serve", "--model", "m"]).cuda_graphs is None
+    assert parse(["serve", "--model", "m", "--cuda-graphs"]).cuda_graphs is True
+    assert parse(["serve", "--model", "m", "--no-cuda-graphs"]).cuda_graphs is False
