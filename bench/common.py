@@ -179,10 +179,11 @@ def reply_problem(data: dict, expected: np.ndarray, min_cosine: float) -> tuple[
     return (None if cos > min_cosine else "mismatch"), cos
 
 
-def latency_ms(seconds: list[float]) -> dict[str, float]:
-    """p50, p90, p99 and max of request latencies given in seconds, in milliseconds."""
+def latency_ms(seconds: list[float], digits: int = 1) -> dict[str, float]:
+    """p50, p90, p99 and max of request latencies given in seconds, in milliseconds to ``digits`` decimals."""
     ms = np.asarray(seconds, dtype=np.float64) * 1000
-    return {q: round(float(np.percentile(ms, p)), 1) for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
+    return {q: round(float(np.percentile(ms, p)), digits)
+            for q, p in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
 
 
 @dataclass

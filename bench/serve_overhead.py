@@ -19,7 +19,6 @@ import http.client
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from common import free_port, start_server, stop_server
+from common import free_port, latency_ms, start_server, stop_server
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from slmembed import models
@@ -52,16 +51,17 @@ def tiny_llama(folder: Path) -> Path:
     return folder
 
 
-def p50_ms(call: Callable[[], object], n: int, warmup: int = 50) -> dict[str, float]:
+def timed_ms(call: Callable[[], object], n: int, warmup: int = 50) -> dict[str, float]:
+    """``call``'s latency percentiles over ``n`` calls after ``warmup`` (common.latency_ms: p50, p90, p99, max; to the
+    microsecond: tokenising one text takes tens of them)."""
     for _ in range(warmup):
         call()
-    times = []
+    seconds = []
     for _ in range(n):
         t0 = time.perf_counter()
         call()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"p50": round(statistics.median(times) * 1000, 3), "p90": round(times[int(0.9 * n)] * 1000, 3)}
+        seconds.append(time.perf_counter() - t0)
+    return latency_ms(seconds, digits=3)
 
 
 def main() -> int:
@@ -81,13 +81,13 @@ def main() -> int:
 
     model = args.model or str(tiny_llama(Path(tempfile.mkdtemp(prefix="serve-overhead-")) / "tiny-llama"))
     embedder = load_embedder(model, dtype=getattr(torch, args.dtype))
-    encode = p50_ms(lambda: embedder.encode([TEXT]), args.requests)
+    encode = timed_ms(lambda: embedder.encode([TEXT]), args.requests)
     ids = embedder.tokenize([TEXT])
     graphed = GraphedEncoder(embedder) if args.cuda_graphs else None
     rows, tokens = batching(embedder)
     with torch.inference_mode():  # as the server's worker: its forward, then the copy to the host
-        steps = {"tokenise": p50_ms(lambda: embedder.tokenize([TEXT]), args.requests),
-                 "forward_and_copy": p50_ms(lambda: (graphed(ids) if graphed else embedder.forward_ids(
+        steps = {"tokenise": timed_ms(lambda: embedder.tokenize([TEXT]), args.requests),
+                 "forward_and_copy": timed_ms(lambda: (graphed(ids) if graphed else embedder.forward_ids(
                      ids, max_tokens=tokens, max_rows=rows)).cpu().numpy(), args.requests)}
 
     port = free_port()
@@ -106,7 +106,7 @@ def main() -> int:
         conn.getresponse().read()
 
     try:
-        served, bare = p50_ms(embed, args.requests), p50_ms(health, args.requests)
+        served, bare = timed_ms(embed, args.requests), timed_ms(health, args.requests)
     finally:
         conn.close()
         stop_server(proc)
