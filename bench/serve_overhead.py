@@ -30,10 +30,11 @@ from common import free_port, latency_ms, start_server, stop_server
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from slmembed import models
+from slmembed.adapters import Single
 from slmembed.atomic import write_json
 from slmembed.cuda_graphs import GraphedEncoder
-from slmembed.embedder import batching
 from slmembed.loading import load_embedder
+from slmembed.serve import Batcher, Limits
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "A man is playing a guitar on the stage."
@@ -82,13 +83,11 @@ def main() -> int:
     model = args.model or str(tiny_llama(Path(tempfile.mkdtemp(prefix="serve-overhead-")) / "tiny-llama"))
     embedder = load_embedder(model, dtype=getattr(torch, args.dtype))
     encode = timed_ms(lambda: embedder.encode([TEXT]), args.requests)
-    ids = embedder.tokenize([TEXT])
-    graphed = GraphedEncoder(embedder) if args.cuda_graphs else None
-    rows, tokens = batching(embedder)
-    with torch.inference_mode():  # as the server's worker: its forward, then the copy to the host
-        steps = {"tokenise": timed_ms(lambda: embedder.tokenize([TEXT]), args.requests),
-                 "forward_and_copy": timed_ms(lambda: (graphed(ids) if graphed else embedder.forward_ids(
-                     ids, max_tokens=tokens, max_rows=rows)).cpu().numpy(), args.requests)}
+    # the server's own two steps, called directly: its tokenising, and its worker's forward with the copy to the host
+    batcher = Batcher(Single(embedder, "m"), Limits(), GraphedEncoder(embedder) if args.cuda_graphs else None)
+    ids = batcher._ids("m", [TEXT])
+    steps = {"tokenise": timed_ms(lambda: batcher._ids("m", [TEXT]), args.requests),
+             "forward_and_copy": timed_ms(lambda: batcher._encode("m", ids), args.requests)}
 
     port = free_port()
     extra = ["--dtype", args.dtype, "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
