@@ -259,10 +259,12 @@ def _table(cells: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="an exported sentence-transformers folder (or packaged model)")
-    ap.add_argument("--servers", nargs="*", choices=("slmembed", "slmembed-compile", "slmembed-graphs", "infinity"),
+    ap.add_argument("--servers", nargs="*",
+                    choices=("slmembed", "slmembed-compile", "slmembed-graphs", "slmembed-compile-graphs", "infinity"),
                     default=["slmembed", "infinity"],
                     help="slmembed: serve --no-cuda-graphs; slmembed-compile: --compile; slmembed-graphs: "
-                         "--cuda-graphs (the default on a GPU); none: only the adapter case")
+                         "--cuda-graphs (the default on a GPU); slmembed-compile-graphs: --compile --cuda-graphs "
+                         "(the compiled blocks' fused kernels recorded in the graphs); none: only the adapter case")
     ap.add_argument("--clients", nargs="+", type=int, default=[1, 16, 64, 256])
     ap.add_argument("--mixes", nargs="+", choices=list(MIXES), default=list(MIXES))
     ap.add_argument("--seconds", type=float, default=30, help="per cell")
@@ -307,6 +309,7 @@ def main() -> int:
         "slmembed": ([*ours, "--no-cuda-graphs"], None, ""),  # the eager forward (graphs are the GPU's default)
         "slmembed-compile": ([*ours, "--compile"], None, ""),
         "slmembed-graphs": ([*ours, "--cuda-graphs"], None, ""),
+        "slmembed-compile-graphs": ([*ours, "--compile", "--cuda-graphs"], None, ""),
         # --no-bettertransformer: BetterTransformer needs optimum (not installed); it is deprecated upstream.
         "infinity": ([args.infinity_python, "-m", "infinity_emb.cli", "v2", "--model-id", str(infinity_model),
                       "--served-model-name", name, "--url-prefix", "/v1", "--engine", "torch", "--device", device,

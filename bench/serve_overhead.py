@@ -9,6 +9,7 @@ One keep-alive client, sequential requests. Writes results/bench/serve-overhead-
 
     .venv/bin/python bench/serve_overhead.py --requests 500
     python bench/serve_overhead.py --model EXPORT --dtype bfloat16 --cuda-graphs --requests 2000     # on a GPU
+    python bench/serve_overhead.py --model EXPORT --dtype bfloat16 --cuda-graphs --compile --requests 2000
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from slmembed import models
 from slmembed.adapters import Single
 from slmembed.atomic import write_json
+from slmembed.compile import compile_blocks
 from slmembed.cuda_graphs import GraphedEncoder
 from slmembed.loading import load_embedder
 from slmembed.serve import Batcher, Limits
@@ -73,6 +75,8 @@ def main() -> int:
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="serve --cuda-graphs, in-process the graph's replay (else: --no-cuda-graphs, the eager "
                          "forward)")
+    ap.add_argument("--compile", action="store_true",
+                    help="serve --compile, in-process the compiled blocks (with --cuda-graphs: recorded in the graphs)")
     ap.add_argument("--output", help="default: results/bench/serve-overhead-<host>.json")
     args = ap.parse_args()
     if args.requests < 10:
@@ -82,6 +86,8 @@ def main() -> int:
 
     model = args.model or str(tiny_llama(Path(tempfile.mkdtemp(prefix="serve-overhead-")) / "tiny-llama"))
     embedder = load_embedder(model, dtype=getattr(torch, args.dtype))
+    if args.compile:
+        compile_blocks(embedder.model)
     encode = timed_ms(lambda: embedder.encode([TEXT]), args.requests)
     # the server's own two steps, called directly: its tokenising, and its worker's forward with the copy to the host
     batcher = Batcher(Single(embedder, "m"), Limits(), GraphedEncoder(embedder) if args.cuda_graphs else None)
@@ -90,7 +96,8 @@ def main() -> int:
              "forward_and_copy": timed_ms(lambda: batcher._encode("m", ids), args.requests)}
 
     port = free_port()
-    extra = ["--dtype", args.dtype, "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs"]
+    extra = ["--dtype", args.dtype, "--cuda-graphs" if args.cuda_graphs else "--no-cuda-graphs",
+             *(["--compile"] if args.compile else [])]
     proc = start_server([sys.executable, "-m", "slmembed", "serve", "--model", model, "--name", "m", "--port",
                          str(port), *extra], port, Path(tempfile.gettempdir()) / "serve-overhead.log")
     conn = http.client.HTTPConnection("127.0.0.1", port)
@@ -111,7 +118,8 @@ def main() -> int:
         stop_server(proc)
     out = {"command": " ".join(["python", "bench/serve_overhead.py", *sys.argv[1:]]), "model": args.model or
            "tiny random Llama (2 layers, hidden 64)", "text": TEXT, "requests": args.requests,
-           "dtype": args.dtype, "cuda_graphs": args.cuda_graphs, "device": str(embedder.device),
+           "dtype": args.dtype, "cuda_graphs": args.cuda_graphs, "compile": args.compile,
+           "device": str(embedder.device),
            "encode_in_process_ms": encode, "in_process_steps_ms": steps, "embeddings_request_ms": served,
            "health_request_ms": bare, "server_path_p50_ms": round(served["p50"] - encode["p50"], 3),
            "server_path_beyond_its_steps_p50_ms":

@@ -43,10 +43,12 @@ step train 240 "python3 -m slmembed train --recipe smollm2-135m $short --output 
 serve="python3 bench/serve_gpu.py --infinity-python python3 --infinity-site $INFSITE --dtype bfloat16 --seconds $CELL_S"
 step serve-smollm2 300 "$serve --servers slmembed infinity slmembed-graphs --model $WORK/smollm2-135m \
   --output results/bench/serve-gpu-smollm2-135m-$dev.json"
-step serve-overhead 120 "python3 bench/serve_overhead.py --model $WORK/smollm2-135m --dtype bfloat16 --requests 2000 \
+step serve-overhead 200 "python3 bench/serve_overhead.py --model $WORK/smollm2-135m --dtype bfloat16 --requests 2000 \
   --output results/bench/serve-overhead-smollm2-135m-$dev.json &&
   python3 bench/serve_overhead.py --model $WORK/smollm2-135m --dtype bfloat16 --cuda-graphs --requests 2000 \
-  --output results/bench/serve-overhead-smollm2-135m-graphs-$dev.json"
+  --output results/bench/serve-overhead-smollm2-135m-graphs-$dev.json &&
+  python3 bench/serve_overhead.py --model $WORK/smollm2-135m --dtype bfloat16 --cuda-graphs --compile --requests 2000 \
+  --output results/bench/serve-overhead-smollm2-135m-compile-graphs-$dev.json"
 step serve-gemma 360 "$serve --servers slmembed infinity slmembed-graphs --model $WORK/gemma-3-270m \
   --output results/bench/serve-gpu-gemma-3-270m-$dev.json"
 step serve-adapters 200 "python3 bench/serve_gpu.py --model $WORK/smollm2-135m --servers \
@@ -57,7 +59,7 @@ step eval-phases 240 "cd bench && python3 eval_phases.py --model gemma-3-270m --
   python3 -X importtime -m slmembed eval --model gemma-3-270m --output $WORK/eval.json \
   2>results/bench/importtime-eval-$dev.txt &&
   echo staged .pyc files: \$(find /tmp/site -name '*.pyc' | wc -l), .py files: \$(find /tmp/site -name '*.py' | wc -l)"
-step serve-smollm2-compile 150 "$serve --servers slmembed-compile --model $WORK/smollm2-135m \
+step serve-smollm2-compile 240 "$serve --servers slmembed-compile slmembed-compile-graphs --model $WORK/smollm2-135m \
   --output results/bench/serve-gpu-smollm2-135m-compile-$dev.json"
 step flex-gemma 420 "python3 bench/train_speed.py --model gemma-3-270m --batches 512 --warmup 6 --steps 12 \
   --variants compile_graphs --packed-attention varlen flex flex64 --peer-losses \
