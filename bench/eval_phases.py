@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 
-START, START_CPU = time.perf_counter(), time.process_time()
+START, START_CPU, START_EPOCH = time.perf_counter(), time.process_time(), time.time()
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -63,7 +63,8 @@ def phases(args: argparse.Namespace) -> dict:
     if args.passes:
         score(sets, dict(zip(texts, vecs, strict=True)))
         mark("score")
-    return {"phases_s": wall, "cpu_s": cpu, "sentences": len(texts), "device": str(embedder.device)}
+    return {"phases_s": wall, "cpu_s": cpu, "sentences": len(texts), "device": str(embedder.device),
+            "epochs": [START_EPOCH, time.time()]}
 
 
 def _median(runs: list[dict]) -> dict:
@@ -75,9 +76,17 @@ def repeated(args: argparse.Namespace, options: list[str], extra: list[str]) -> 
     (``options``)."""
     runs = []
     for _ in range(args.repeats):
+        spawned = time.time()
         done = subprocess.run([sys.executable, __file__, *options, *extra], check=True, capture_output=True, text=True)
-        runs.append(json.loads(done.stdout.splitlines()[-1]))
-        print(done.stdout.splitlines()[-1], flush=True)
+        exited = time.time()
+        run = json.loads(done.stdout.splitlines()[-1])
+        first, last = run.pop("epochs")
+        # outside the phases: the interpreter's start (up to this file's first line) and the process's end (after
+        # its last phase: CUDA's and Python's teardown)
+        run["phases_s"] = {"interpreter start": round(first - spawned, 3), **run["phases_s"],
+                           "process exit": round(exited - last, 3)}
+        runs.append(run)
+        print(json.dumps(run), flush=True)
     command = [sys.executable, "-m", "slmembed", "eval", *options]
     walls, cpus = [], []
     for _ in range(0 if args.phases_only else args.repeats):

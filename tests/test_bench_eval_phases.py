@@ -25,3 +25,17 @@ def test_eval_phases_times_every_step_of_the_command(tiny_models) -> None:
     assert result["device"] == "cpu"
     sts = load_sts("STS12")
     assert result["sentences"] == len(set(sts.sentences1) | set(sts.sentences2))
+
+
+def test_repeated_runs_time_the_process_outside_its_phases(tiny_models, tmp_path: Path) -> None:
+    """With --repeats, each fresh process's phases are framed by what the parent sees: the interpreter's start before
+    the first phase and the process's exit after the last, both positive and together under the process's wall time."""
+    out = tmp_path / "phases.json"
+    subprocess.run([sys.executable, str(BENCH / "eval_phases.py"), "--model", str(tiny_models["llama"]), "--tasks",
+                    "STS12", "--passes", "0", "--repeats", "1", "--phases-only", "--output", str(out)],
+                   capture_output=True, text=True, check=True, cwd=BENCH)
+    phases = json.loads(out.read_text())["phases_s"][0]
+    names = list(phases)
+    assert names[0] == "interpreter start" and names[-1] == "process exit" and names[-2] == "load model"
+    assert phases["interpreter start"] > 0 and phases["process exit"] > 0
+    assert phases["interpreter start"] + phases["process exit"] < sum(phases.values())
