@@ -123,6 +123,9 @@ def main() -> None:
     args = p.parse_args()
     if not args.repeats:
         print(json.dumps(phases(args)))
+        from slmembed.cli import skip_final_collection  # imported by the phases already
+
+        skip_final_collection()  # as the command leaves: the "process exit" phase is the command's
         return
     options = ["--model", args.model, *(["--tasks", *args.tasks] if args.tasks else []),
                *(["--data-dir", args.data_dir] if args.data_dir else [])]

@@ -326,3 +326,27 @@ def test_settings_a_model_cannot_take_are_one_line_errors(args, message, tiny_be
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.startswith("slmembed: error: ") and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [["eval"], ["--help"]])
+def test_the_command_leaves_its_objects_to_the_process_end(argv: list[str]) -> None:
+    """`python -m slmembed` (and the console script, the same `entry`) freezes the collector's objects once the command
+    is done, whether it returned an exit code or raised SystemExit, so that the interpreter's last collections skip
+    them; the exit code is the command's own."""
+    probe = ("import atexit, gc, runpy, sys; atexit.register(lambda: print('frozen', gc.get_freeze_count())); "
+             f"sys.argv = ['slmembed', *{argv!r}]; runpy.run_module('slmembed', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == (2 if argv == ["eval"] else 0), proc.stderr
+    frozen = int(proc.stdout.split("frozen ")[-1])
+    assert frozen > 10_000  # the imported modules' objects, not a handful
+    scripts = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert 'slmembed = "slmembed.cli:entry"' in scripts
+
+
+def test_a_command_called_in_process_freezes_nothing() -> None:
+    """`main`, which tests and other programs call in-process, leaves the collector alone."""
+    import gc
+
+    before = gc.get_freeze_count()
+    assert main(["eval"]) == 2
+    assert gc.get_freeze_count() == before

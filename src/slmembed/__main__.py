@@ -1,3 +1,3 @@
-from slmembed.cli import main
+from slmembed.cli import entry
 
-raise SystemExit(main())
+raise SystemExit(entry())
