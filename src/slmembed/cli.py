@@ -670,9 +670,8 @@ def skip_final_collection() -> None:
 
     Once torch and transformers' model classes are imported, those collections walk every object the imports made,
     for memory the OS takes back anyway: 1.07 s of a Gemma-3-270M `slmembed eval`'s exit on 2 CPU cores, 0.28 s
-    after this (bench/NOTES.md). Exit handlers,
-    stream flushing and module teardown still run. Only for a process about to end: frozen objects are never
-    collected again (``gc.freeze``)."""
+    after this (bench/NOTES.md). Exit handlers, stream flushing and module teardown still run. Only for a process
+    about to end: frozen objects are never collected again (``gc.freeze``)."""
     gc.freeze()
 
 
