@@ -29,7 +29,7 @@ def test_eval_phases_times_every_step_of_the_command(tiny_models) -> None:
 
 def test_repeated_runs_time_the_process_outside_its_phases(tiny_models, tmp_path: Path) -> None:
     """With --repeats, each fresh process's phases are framed by what the parent sees: the interpreter's start before
-    the first phase and the process's exit after the last, both positive and together under the process's wall time."""
+    the first phase and the process's exit after the last, both positive and together less than the whole process."""
     out = tmp_path / "phases.json"
     subprocess.run([sys.executable, str(BENCH / "eval_phases.py"), "--model", str(tiny_models["llama"]), "--tasks",
                     "STS12", "--passes", "0", "--repeats", "1", "--phases-only", "--output", str(out)],
