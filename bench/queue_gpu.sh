@@ -27,14 +27,16 @@ one() {  # NAME ARGS...: one reproduce run through bench/reproduce_gpu.sh, its r
     local rc=$?; echo $rc > /tmp/rq/rc/$name; echo "finished $name rc=$rc $(date -u +%FT%TZ)"; return
   fi
   printf '%s 0 %s\n' "$name" "$*" > /tmp/rq/$name/plan.txt
-  OUT=/tmp/rq/$name RUN_TIMEOUT=$(( $(cat /tmp/rq/deadline) - $(date +%s) )) bash bench/reproduce_gpu.sh /tmp/rq/$name/plan.txt >/tmp/rq/$name/runner.log 2>&1
+  # no timeout of its own: the loop below stops the runs at the deadline, read afresh each time, so that a later call
+  # that moves the deadline gives the running runs the time too
+  OUT=/tmp/rq/$name RUN_TIMEOUT=infinity bash bench/reproduce_gpu.sh /tmp/rq/$name/plan.txt >/tmp/rq/$name/runner.log 2>&1
   local rc=$?; [ -f results/reproduce/$name/$name.json ] || rc=1
   echo $rc > /tmp/rq/rc/$name; echo "finished $name rc=$rc $(date -u +%FT%TZ)"
 }
 mapfile -t lines < <(grep -v '^#' "$PLAN" | grep .)
 declare -A started
 need() {  # NAME: minutes a run needs from its start (SmolLM2 runs and 4-epoch Gemma runs are the long ones)
-  case "$1" in *ensemble*) echo 2;; gemma*-data-*) echo 4;; *-data-1-8) echo 3;; *-data-1-4) echo 4;; *-data-1-2) echo 6;; *adapt*|*mntp*|*llm2vec*) echo 14;; *soup*) echo 20;; smollm2*|*smollm2-recipe*) echo 11;; *) echo 7;; esac; }
+  case "$1" in *ensemble*) echo 2;; gemma*-data-*) echo 4;; *-data-1-8) echo 3;; *-data-1-4) echo 4;; *-data-1-2) echo 6;; *adapt*|*mntp*|*llm2vec*) echo 9;; *soup*) echo 20;; smollm2*|*smollm2-recipe*) echo 11;; *) echo 7;; esac; }
 while :; do
   left=$(( $(cat /tmp/rq/deadline) - $(date +%s) ))
   pick=""

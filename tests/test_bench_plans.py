@@ -10,7 +10,7 @@ import pytest
 
 from slmembed.config import load_recipe, with_overrides
 
-PLANS = sorted((Path(__file__).resolve().parents[1] / "bench" / "plans").glob("quality-[78].txt"))
+PLANS = sorted((Path(__file__).resolve().parents[1] / "bench" / "plans").glob("quality-[789].txt"))
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=lambda p: p.name)
