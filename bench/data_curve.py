@@ -2,9 +2,9 @@
 
 Reads `slmembed reproduce` results: RESULTS/NAME-data-1-K/NAME-data-1-K.json (the recipe on 1/K of the triplets,
 ``data.max_triplets``) and RESULTS/NAME-seedS/NAME-seedS.json (the full data, several seeds, averaged). Fits the
-saturating power law ``score(n) = a - b * n**-c`` to the nine-set points, and reports the gain of the last doubling
-(nine sets and STSBenchmark dev) and how many more doublings at that rate the target would take (the optimistic,
-non-saturating reading). Writes OUT.json and OUT.png; imports no torch.
+saturating power law ``score(n) = a - b * n**-c`` to the nine-set points (with the standard error of its ceiling),
+and reports the gain of the last doubling (nine sets and STSBenchmark dev) and how many more doublings at that rate
+the target would take (the optimistic, non-saturating reading). Writes OUT.json and OUT.png; imports no torch.
 
     python bench/data_curve.py --recipe gemma-3-270m-plus --output results/reproduce/data-curve-gemma-3-270m-plus
 """
@@ -15,10 +15,11 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import curve_fit
+from scipy.optimize import OptimizeWarning, curve_fit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -54,10 +55,16 @@ def saturating(n: np.ndarray, a: float, b: float, c: float) -> np.ndarray:
 
 
 def fit(counts: np.ndarray, scores: np.ndarray) -> dict:
-    """The power law's a (the ceiling), b, c, and its predictions at 2x and 10x the largest count."""
-    (a, b, c), _ = curve_fit(saturating, counts, scores, p0=(scores[-1] + 1, 100.0, 0.5), maxfev=20000)
+    """The power law's a (the ceiling), b, c, the standard errors of a and c (from the fit's covariance, scaled by
+    its residuals; None where the points leave no degree of freedom), and its predictions at 2x and 10x the largest
+    count."""
+    with warnings.catch_warnings():  # three points for three parameters: no covariance, reported as None below
+        warnings.simplefilter("ignore", OptimizeWarning)
+        (a, b, c), cov = curve_fit(saturating, counts, scores, p0=(scores[-1] + 1, 100.0, 0.5), maxfev=20000)
+    se = np.sqrt(np.diag(cov))
     top = counts[-1]
-    return {"ceiling": round(a, 2), "b": round(b, 2), "c": round(c, 3),
+    return {"ceiling": round(a, 2), "ceiling_se": round(float(se[0]), 2) if np.isfinite(se[0]) else None,
+            "b": round(b, 2), "c": round(c, 3), "c_se": round(float(se[2]), 3) if np.isfinite(se[2]) else None,
             "at_2x": round(float(saturating(2 * top, a, b, c)), 2),
             "at_10x": round(float(saturating(10 * top, a, b, c)), 2)}
 
@@ -96,7 +103,8 @@ def main() -> int:
     f = summary["fit_nine"]
     ax.plot(counts, nine, "o", color="#1f6feb", label="nine-set average (measured)")
     ax.plot(grid, saturating(grid, f["ceiling"], f["b"], f["c"]), "-", color="#1f6feb", alpha=0.5,
-            label=f"fit a - b n^-c, ceiling {f['ceiling']}")
+            label=f"fit a - b n^-c, ceiling {f['ceiling']}"
+                  + (f" +- {f['ceiling_se']}" if f["ceiling_se"] is not None else ""))
     ax.axhline(args.target, color="#f0883e", linestyle="--", label=f"target {args.target}")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training triplets")

@@ -40,10 +40,26 @@ def test_the_fit_recovers_the_ceiling_of_an_exact_power_law(tmp_path: Path) -> N
     assert summary["points"][-1]["nine_std"] == 0.14 and summary["points"][-1]["stsb_dev"] == 86.6
     fit = summary["fit_nine"]
     assert abs(fit["ceiling"] - 82.5) < 0.05 and abs(fit["c"] - 0.65) < 0.02
+    assert fit["ceiling_se"] < 0.05 and fit["c_se"] < 0.01  # on the law: only the rounding is left
     gain = round(law(40000), 2) - round(law(20000), 2)
     assert abs(summary["last_doubling_gain"] - gain) < 0.011
     assert abs(summary["doublings_to_target_at_that_gain"] - (84 - round(law(40000), 2)) / gain) < 0.2
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_the_ceiling_s_error_grows_with_scatter_and_is_none_without_a_degree_of_freedom(tmp_path: Path) -> None:
+    """Four points off the law by +-0.4 give a ceiling error far above the exact law's; three points leave the fit
+    no degree of freedom, so its errors are None (not infinite, not made up)."""
+    law = lambda n: 82.5 - 700 * n ** -0.65  # noqa: E731
+    results = tmp_path / "reproduce"
+    for k, n, off in ((8, 5000, 0.4), (4, 10000, -0.4), (2, 20000, 0.4), (1, 40000, -0.4)):
+        _result(results, f"r-data-1-{k}", n, round(law(n) + off, 4), 86.0)
+    assert _run(results, tmp_path / "noisy").returncode == 0
+    assert json.loads((tmp_path / "noisy.json").read_text())["fit_nine"]["ceiling_se"] > 0.5
+    (results / "r-data-1-1" / "r-data-1-1.json").unlink()
+    assert _run(results, tmp_path / "three").returncode == 0
+    fit = json.loads((tmp_path / "three.json").read_text())["fit_nine"]
+    assert fit["ceiling_se"] is None and fit["c_se"] is None
 
 
 def test_fewer_than_three_counts_is_refused_in_one_line(tmp_path: Path) -> None:
