@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The speed measurements of one GPU, in priority order, each stopped in time for the next and for the results to come
-# back: serving against infinity-emb (SmolLM2-135M), a lone text's time split into its steps (bench/serve_overhead.py),
-# serving Gemma-3-270M, the multi-adapter server, the nine-set eval in fresh processes, the compiled server, batch 512
-# training with variable-length FlashAttention against FlexAttention in 128- and 64-token tiles.
+# back: serving against infinity-emb (SmolLM2-135M; eager, CUDA graphs, compiled blocks in graphs), a lone text's time
+# split into its steps (bench/serve_overhead.py), serving Gemma-3-270M, the multi-adapter server, the nine-set eval in
+# fresh processes, batch 512 training with variable-length FlashAttention against FlexAttention in 128- and 64-token
+# tiles.
 # Run it detached from the repository root on the GPU machine (see ../shared/gpu/README.md for staging; infinity's
 # wheels: bench/serve_gpu_wheels.sh, installed with `pip install --no-deps --target $INFSITE`):
 #
@@ -41,16 +42,18 @@ step train 240 "python3 -m slmembed train --recipe smollm2-135m $short --output 
   python3 -m slmembed export --run $WORK/gemma --output $WORK/gemma-3-270m --format st &
   wait"
 serve="python3 bench/serve_gpu.py --infinity-python python3 --infinity-site $INFSITE --dtype bfloat16 --seconds $CELL_S"
-step serve-smollm2 300 "$serve --servers slmembed infinity slmembed-graphs --model $WORK/smollm2-135m \
-  --output results/bench/serve-gpu-smollm2-135m-$dev.json"
-step serve-overhead 200 "python3 bench/serve_overhead.py --model $WORK/smollm2-135m --dtype bfloat16 --requests 2000 \
-  --output results/bench/serve-overhead-smollm2-135m-$dev.json &&
-  python3 bench/serve_overhead.py --model $WORK/smollm2-135m --dtype bfloat16 --cuda-graphs --requests 2000 \
+step serve-smollm2 420 "$serve --servers slmembed infinity slmembed-graphs slmembed-compile-graphs \
+  --model $WORK/smollm2-135m --output results/bench/serve-gpu-smollm2-135m-$dev.json"
+# the fastest server first; the eager forward of a lone text takes ~37 ms on an H100 host, hence its fewer requests
+step serve-overhead 300 "for m in smollm2-135m gemma-3-270m; do
+  python3 bench/serve_overhead.py --model $WORK/\$m --dtype bfloat16 --cuda-graphs --compile --requests 1000 \
+  --output results/bench/serve-overhead-\$m-compile-graphs-$dev.json; done &&
+  python3 bench/serve_overhead.py --model $WORK/smollm2-135m --dtype bfloat16 --cuda-graphs --requests 1000 \
   --output results/bench/serve-overhead-smollm2-135m-graphs-$dev.json &&
-  python3 bench/serve_overhead.py --model $WORK/smollm2-135m --dtype bfloat16 --cuda-graphs --compile --requests 2000 \
-  --output results/bench/serve-overhead-smollm2-135m-compile-graphs-$dev.json"
-step serve-gemma 360 "$serve --servers slmembed infinity slmembed-graphs --model $WORK/gemma-3-270m \
-  --output results/bench/serve-gpu-gemma-3-270m-$dev.json"
+  python3 bench/serve_overhead.py --model $WORK/smollm2-135m --dtype bfloat16 --requests 300 \
+  --output results/bench/serve-overhead-smollm2-135m-$dev.json"
+step serve-gemma 480 "$serve --servers slmembed infinity slmembed-graphs slmembed-compile-graphs \
+  --model $WORK/gemma-3-270m --output results/bench/serve-gpu-gemma-3-270m-$dev.json"
 step serve-adapters 200 "python3 bench/serve_gpu.py --model $WORK/smollm2-135m --servers \
   --adapter-runs $WORK/smollm2-a $WORK/smollm2-b --dtype bfloat16 --seconds $CELL_S \
   --output results/bench/serve-gpu-adapters-smollm2-135m-$dev.json"
@@ -59,8 +62,6 @@ step eval-phases 240 "cd bench && python3 eval_phases.py --model gemma-3-270m --
   python3 -X importtime -m slmembed eval --model gemma-3-270m --output $WORK/eval.json \
   2>results/bench/importtime-eval-$dev.txt &&
   echo staged .pyc files: \$(find /tmp/site -name '*.pyc' | wc -l), .py files: \$(find /tmp/site -name '*.py' | wc -l)"
-step serve-smollm2-compile 240 "$serve --servers slmembed-compile slmembed-compile-graphs --model $WORK/smollm2-135m \
-  --output results/bench/serve-gpu-smollm2-135m-compile-$dev.json"
 step flex-gemma 420 "python3 bench/train_speed.py --model gemma-3-270m --batches 512 --warmup 6 --steps 12 \
   --variants compile_graphs --packed-attention varlen flex flex64 --peer-losses \
   --profile 'results/bench/profile-gemma-3-270m-b512-{variant}.txt' --profile-variants compile \

@@ -41,3 +41,16 @@ def test_bad_arguments_are_refused_before_any_model_loads(args: list[str], messa
     run = subprocess.run([sys.executable, str(BENCH / "serve_overhead.py"), *args],
                          capture_output=True, text=True, cwd=BENCH, timeout=120)
     assert run.returncode == 2 and message in run.stderr
+
+
+def test_with_cuda_graphs_only_the_steps_give_the_server_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Figures of the H100 run (SmolLM2-135M, graphs): the request (5.542 ms) less the eager in-process encode
+    (41.006) would be negative, so that figure is None; less the graph's own steps it is 1.506 ms."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    from serve_overhead import server_path_p50
+
+    steps = {"tokenise": {"p50": 0.038}, "forward_and_copy": {"p50": 3.998}}
+    served, encode = {"p50": 5.542}, {"p50": 41.006}
+    assert server_path_p50(served, encode, steps, cuda_graphs=True) == {
+        "server_path_p50_ms": None, "server_path_beyond_its_steps_p50_ms": 1.506}
+    assert server_path_p50(served, {"p50": 4.0}, steps, cuda_graphs=False)["server_path_p50_ms"] == 1.542
