@@ -36,7 +36,7 @@ def _matmul_gflop_s(dtype) -> float:
 
 
 def machine_speed() -> dict:
-    """How fast this machine is right now: float32 and bf16 matmuls (torch's threads) and a pure-Python loop. Lent
+    """How fast this machine is right now: float32 and bf16 matmuls (torch's threads) and a pure-Python loop. Shared
     2-core machines differ by 2x from day to day, so times measured on different days are compared through these;
     the bf16 figure shows whether the CPU computes bf16 natively (slmembed then uses it: ``models.computes_bf16``)."""
     import torch

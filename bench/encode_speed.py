@@ -40,7 +40,7 @@ REPEATS = 3  # timed calls of each variant, the fastest kept (the same for the p
 
 def timed(fn, *args, **kwargs) -> tuple[np.ndarray, float]:
     """``fn``'s output and its fastest of ``REPEATS`` calls after a warm-up call (kernels chosen, caches filled): a
-    pass takes about a second, and on the lent host one call's time moves by a third between calls."""
+    pass takes about a second, and on a shared host one call's time moves by a third between calls."""
     fn(*args, **kwargs)
     best = float("inf")
     for _ in range(REPEATS):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issues 15 and 16's runs on the two-GPU machine (nvidia-h200-x2), staged as in bench/reproduce_gpu.sh's header, started
-# detached from a copy of the checkout (the plan outlasts one device call). Each argument is one item, run in order:
-#   quality      at once: issue 16's Matryoshka run of smollm2-135m-plus (train.matryoshka_dims=[64,128,256]) on GPU 1
+# The multi-GPU and Matryoshka runs on a two-GPU machine (two H200s), staged as in bench/reproduce_gpu.sh's header,
+# started detached from a copy of the checkout (the plan outlasts one 10-minute call). Each argument is one item, run
+# in order:
+#   quality      at once: the Matryoshka run of smollm2-135m-plus (train.matryoshka_dims=[64,128,256]) on GPU 1
 #                and its plain twin on GPU 0 (slmembed reproduce, then eval --dims 64 128 256), and bench/multi_node.py
 #                on both GPUs (two launchers of one GPU each against one launcher, and a launcher killed);
 #   nccl         the NCCL case of tests/test_loss.py;
@@ -9,21 +10,21 @@
 #   checks       at once, as neither is timed: graphs-test and multinode (two GPUs);
 #   MODEL-bB     bench/multi_gpu.py for MODEL (smollm2-135m, gemma-3-270m) at B triplets per device, train.compile on
 #                (packing is on by default on a GPU; neither recipe needs GradCache at these sizes on an H200), profiled;
-#   MODEL-bB-graphs  the same with train.cuda_graphs (issue 15: graphs holding the collectives); if that fails at
+#   MODEL-bB-graphs  the same with train.cuda_graphs (graphs holding the collectives); if that fails at
 #                once, MODEL-bB follows, so the item still gives a measurement;
 #   paper        the paper recipe (SmolLM2-135M, one epoch) on one GPU at batch 60 against two at 30 each;
 #   sharded      bench/sharded.py: Gemma-3-270M, FSDP against DDP, both uncompiled;
-#   encode-MODEL bench/encode_speed.py --compile --budgets for MODEL (issue 17: encoding against the peer, nine-set
-#                eval end to end in a fresh process), then bench/encode_profile.py;
+#   encode-MODEL bench/encode_speed.py --compile --budgets for MODEL (encoding against the peer, nine-set eval
+#                end to end in a fresh process), then bench/encode_profile.py;
 #   kernels      kernels-test, then kernels-MODEL for both models;
-#   kernels-test issue 17: tests/test_kernels.py on the GPU (liger-kernel's fused kernels against transformers' modules);
+#   kernels-test tests/test_kernels.py on the GPU (liger-kernel's fused kernels against transformers' modules);
 #   kernels-MODEL bench/train_speed.py at 512: compiled with CUDA graphs, compiled, eager and eager with liger
 #                (needs liger-kernel's wheel among the staged ones), the compiled steps profiled;
 #   graphs       graphs-test, then graphs-MODEL for both models;
-#   graphs-test  issues 15 and 17: tests/test_cuda_graphs.py on the GPU (on two GPUs also two processes over NCCL);
+#   graphs-test  tests/test_cuda_graphs.py on the GPU (on two GPUs also two processes over NCCL);
 #   graphs-MODEL bench/train_speed.py at 60: compiled with CUDA graphs against compiled packed and padded and the peer,
 #                the first two profiled.
-# On a one-GPU machine (nvidia-h200), quality runs the Matryoshka pair together on GPU 0 and skips multi-node (one
+# On a one-GPU machine, quality runs the Matryoshka pair together on GPU 0 and skips multi-node (one
 # launcher per GPU needs two); the MODEL-bB, paper, sharded and nccl items need two GPUs.
 # Speed items run one at a time with the GPUs to themselves. After each item, results/bench, results/matryoshka and
 # the logs are packed into $RESULTS/latest.tgz (atomically), so a plan cut short still returns what it finished.
