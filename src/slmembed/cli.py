@@ -330,8 +330,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             from slmembed.embed_file import load_calibration
 
             calibration = load_calibration(args.calibration, served.embedder(served.names[0]))
-        graphs = False if args.compile and args.cuda_graphs is None else args.cuda_graphs  # None: where they run
-        serve(served, sockets, limits=limits, api_key=key, calibration=calibration, cuda_graphs=graphs)
+        serve(served, sockets, limits=limits, api_key=key, calibration=calibration, cuda_graphs=args.cuda_graphs)
     return 0
 
 
@@ -631,9 +630,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     v.add_argument("--request-timeout", type=seconds, default=60.0,
                    help="seconds a request may wait for its embeddings (else 503)")
     v.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                   help="replay batches of up to 4,096 tokens as recorded CUDA graphs: a short request's latency "
-                        "without the host's kernel launches (one packed decoder on a GPU). Default: on wherever "
-                        "that holds and --compile is not given; --cuda-graphs insists (else refused), "
+                   help="replay batches of up to 4,096 tokens as recorded CUDA graphs (with --compile, of the "
+                        "compiled blocks): a short request's latency without the host's kernel launches (one packed "
+                        "decoder on a GPU). Default: on wherever that holds; --cuda-graphs insists (else refused), "
                         "--no-cuda-graphs turns them off")
     _model_safety(v)
     _encoding(v)

@@ -286,8 +286,9 @@ def create_app(served: Served, limits: Limits = Limits(), api_key: str | None = 
     """The FastAPI app serving ``served``'s models (adapters.py: one model, or adapters over one base) under their
     names; ``calibration`` (embeddings [N, D], one model only) gives int8 and uint8 requests their ranges;
     ``cuda_graphs`` (one model only) replays batches of up to ``limits.max_batch`` inputs as CUDA graphs
-    (cuda_graphs.GraphedEncoder); None: wherever they run (one model, packed, on a GPU), for a lone short text in
-    5.6 ms against 42 without them on an H100 (bench/NOTES.md)."""
+    (cuda_graphs.GraphedEncoder; compiled blocks, if compiled, are recorded in them); None: wherever they run (one
+    model, packed, on a GPU), for a lone short text in 5.5 ms against 45 without them on an H100, 4.0 ms with
+    compiled blocks (bench/NOTES.md)."""
     embedder = served.embedder(served.names[0])
     asked, cuda_graphs = cuda_graphs, graphs_wanted(cuda_graphs, served, embedder)
     if cuda_graphs and len(served.names) > 1:
