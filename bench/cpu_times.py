@@ -38,10 +38,10 @@ def _matmul_gflop_s(dtype) -> float:
 def machine_speed() -> dict:
     """How fast this machine is right now: float32 and bf16 matmuls (torch's threads) and a pure-Python loop. Shared
     2-core machines differ by 2x from day to day, so times measured on different days are compared through these;
-    the bf16 figure shows whether the CPU computes bf16 natively (slmembed then uses it: ``models.computes_bf16``)."""
+    the bf16 figure shows whether the CPU computes bf16 natively (slmembed then uses it: ``device.computes_bf16``)."""
     import torch
 
-    from slmembed.models import computes_bf16
+    from slmembed.device import computes_bf16
 
     fp32, bf16 = _matmul_gflop_s(torch.float32), _matmul_gflop_s(torch.bfloat16)
     t = time.perf_counter()

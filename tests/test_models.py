@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from slmembed import models, tuning
+from slmembed import models
 from slmembed.config import Recipe
 from slmembed.errors import SlmembedError
 from slmembed.tuning import prepare
@@ -112,19 +112,6 @@ def test_concurrent_resolves_build_a_packaged_model_once(tmp_path, tiny_models, 
     assert json.loads((Path(folders[0]) / "config.json").read_text())["model_type"] == "llama"
 
 
-def test_a_gpu_started_in_the_background_never_raises_there(monkeypatch) -> None:
-    """``start`` asks CUDA to set up in a thread of its own, and only for a CUDA device; a failure there (here, on a
-    machine without CUDA, every time) is left to the model's load to report, not printed from the thread."""
-    raised = []
-    monkeypatch.setattr(threading, "excepthook", raised.append)
-    models.start(torch.device("cpu"))
-    assert not [t for t in threading.enumerate() if t.name == "slmembed-cuda-start"]
-    models.start(torch.device("cuda"))
-    for thread in [t for t in threading.enumerate() if t.name == "slmembed-cuda-start"]:
-        thread.join()
-    assert raised == []
-
-
 def test_lora_layers_out_of_range_are_refused(tiny_models) -> None:
     model, _ = models.load(str(tiny_models["llama"]))
     recipe = Recipe()
@@ -204,17 +191,3 @@ def test_safetensors_win_over_pickle_weights(pickle_model, tiny_models) -> None:
     (pickle_model / "model.safetensors").write_bytes((tiny_models["llama"] / "model.safetensors").read_bytes())
     for allow in (False, True):
         assert _same_weights(models.load(str(pickle_model), allow_pickle=allow)[0], reference)
-
-
-@pytest.mark.parametrize("avx512_bf16, amx, native", [(False, False, False), (True, False, True), (False, True, True)])
-def test_bf16_only_where_the_cpu_computes_it(monkeypatch, avx512_bf16: bool, amx: bool, native: bool) -> None:
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    cpu = torch.device("cpu")
-    assert models.computes_bf16(cpu) is native
-    assert models.best_dtype(cpu) == (torch.bfloat16 if native else torch.float32)
-    recipe = Recipe()
-    assert recipe.train.bf16 and tuning.uses_bf16(recipe, cpu) is native
-    assert tuning.weights_dtype(recipe, cpu) == (torch.bfloat16 if native else torch.float32)
-    recipe.train.bf16 = False
-    assert not tuning.uses_bf16(recipe, cpu) and tuning.weights_dtype(recipe, cpu) == torch.float32

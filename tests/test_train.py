@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from slmembed import models
+from slmembed import models, tuning
 from slmembed import train as train_mod
 from slmembed.config import Recipe, load_recipe, with_overrides
 from slmembed.data.nli import load_triplets
@@ -62,7 +62,7 @@ def _tiny_recipe(tiny_models, **train) -> Recipe:
 @pytest.mark.parametrize("native", [False, True])
 def test_bf16_is_used_only_where_the_device_computes_it(tmp_path, tiny_models, data_dir, monkeypatch, capsys,
                                                        native: bool) -> None:
-    monkeypatch.setattr(models, "computes_bf16", lambda device: native)
+    monkeypatch.setattr(tuning, "computes_bf16", lambda device: native)
     loaded = []
     load = models.load
     monkeypatch.setattr(models, "load", lambda *a, **k: loaded.append(k["dtype"]) or load(*a, **k))

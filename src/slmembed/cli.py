@@ -33,10 +33,10 @@ DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO}
 def _loading(args: argparse.Namespace) -> dict:
     """How every command loads a model (load_embedder's keywords): the device and dtype that --device and --dtype ask
     for (auto: None, the device's best), and what --trust-remote-code and --allow-pickle allow; a GPU starts getting
-    ready in the background (``models.start``)."""
+    ready in the background (``device.start``)."""
     import torch
 
-    from slmembed.models import resolve_device, start
+    from slmembed.device import resolve_device, start
 
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     device = resolve_device(args.device)
@@ -53,7 +53,7 @@ def provenance(command: str) -> dict:
     import torch
     import transformers
 
-    from slmembed.models import device_name, resolve_device
+    from slmembed.device import device_name, resolve_device
 
     return {"command": command, "device": device_name(resolve_device()),
             "host": platform.node(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -82,7 +82,7 @@ def _recipe(args: argparse.Namespace, name: str, model: str | None = None):
 def _check_device(args: argparse.Namespace) -> None:
     """Refuse ``--device cuda`` without a GPU (auto and cpu need no check, nor the import it takes)."""
     if args.device == "cuda":
-        from slmembed.models import resolve_device
+        from slmembed.device import resolve_device
 
         resolve_device(args.device)
 
@@ -312,7 +312,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model, runs = _serve_what(args)
     if args.cuda_graphs:
-        from slmembed.models import resolve_device
+        from slmembed.device import resolve_device
 
         if resolve_device(args.device).type != "cuda":
             raise SlmembedError("--cuda-graphs records on a GPU; this server is on the cpu: leave --cuda-graphs out")

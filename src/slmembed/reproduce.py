@@ -34,9 +34,9 @@ def _state_scorer(recipe: Recipe, run_dir: Path, sets: dict, device: str):
     from safetensors.torch import load_file
 
     from slmembed import tuning
+    from slmembed.device import resolve_device
     from slmembed.evaluate import evaluate
     from slmembed.loading import load_embedder
-    from slmembed.models import resolve_device
 
     embedder = load_embedder(RunDir(run_dir).info().model, device=resolve_device(device),
                              trust_remote_code=recipe.model.trust_remote_code, allow_pickle=recipe.model.allow_pickle,
@@ -101,9 +101,9 @@ def _scores(embedder, sets: dict, data_dir: str | None) -> dict:
 def _reproduce(build: composite.Build, output: Path, *, data_dir: str | None, device: str, curve: int,
                force: bool, provenance: Callable[[], dict] | None) -> dict:
     """``reproduce`` once its outputs are checked and held."""
+    from slmembed.device import resolve_device
     from slmembed.evaluate import evaluate
     from slmembed.loading import load_embedder
-    from slmembed.models import resolve_device
 
     name, recipe, run_dir = output.name, build.recipe, build.path
     sets = load_all(TASKS, data_dir)

@@ -193,11 +193,12 @@ def _soup(members: list[Member], output: Path, *, greedy: bool, dev: dict[str, S
           device: str, trust_remote_code: bool, allow_pickle: bool, provenance: Callable[[], dict] | None) -> dict:
     """``soup`` once the members and the output are checked and held."""
     # torch and the modules built on it: here, so that the checks above answer before they load.
-    from slmembed import models, tuning
+    from slmembed import tuning
+    from slmembed.device import resolve_device
     from slmembed.evaluate import evaluate
     from slmembed.loading import load_embedder
 
-    where = models.resolve_device(device)
+    where = resolve_device(device)
     loading = {"trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle}
     first, names = members[0], [str(m.run) for m in members]
     model, tokenizer, member_dev, chosen, steps = _choose(members, greedy, dev, where, loading)

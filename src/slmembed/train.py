@@ -68,6 +68,7 @@ from slmembed.batch import batch_loss as batch_loss
 from slmembed.batch import rank_rows as rank_rows
 from slmembed.config import Recipe, TrainConfig, recipe_from_dict
 from slmembed.data.nli import Example, load_triplets
+from slmembed.device import device_name, resolve_device
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
 from slmembed.run import Checkpoint, RunDir
@@ -190,7 +191,7 @@ def _environment(recipe: Recipe, device: str) -> tuple[Accelerator, bool]:
     # DDP without the per-forward broadcast of buffers (the rotary tables, equal everywhere: a collective per forward
     # for nothing) and with gradients that are views of its all-reduce buckets (no copy in and out).
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, gradient_as_bucket_view=True)
-    acc = _accelerator(models.resolve_device(device).type == "cpu", ddp)
+    acc = _accelerator(resolve_device(device).type == "cpu", ddp)
     kernels.check(tc.kernels, tc.compile, acc.device)
     packing.check(tc.packed_attention, acc.device)
     sharded = tc.sharding == "fsdp"
@@ -400,7 +401,7 @@ def _finish(recipe: Recipe, run_dir: Path, acc: Accelerator, embedder: Embedder,
     sharded = tc.sharding == "fsdp"
     summary = {"steps": plan.total, "batch_size": plan.global_batch, "triplets": triplets,
                "triplets_seen": plan.total * plan.global_batch, "minutes": round(elapsed / 60, 3),
-               "device": models.device_name(acc.device), "world_size": acc.num_processes, "finetune": tc.finetune,
+               "device": device_name(acc.device), "world_size": acc.num_processes, "finetune": tc.finetune,
                "bf16": bf16, **({"adapt": adapted} if adapted is not None else {})}
     final = acc.unwrap_model(embedder.model)
     if dev is not None and (acc.is_main_process or sharded):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from slmembed import models, sharding
 from slmembed.config import Recipe
+from slmembed.device import computes_bf16
 from slmembed.errors import SlmembedError
 from slmembed.run import ADAPTER_WEIGHTS
 
@@ -28,8 +29,8 @@ AVERAGE = "average"  # the name of the adapter that holds an averaged LoRA state
 
 def uses_bf16(recipe: Recipe, device: torch.device) -> bool:
     """Whether training computes in bf16: ``train.bf16`` asks for it and ``device`` computes it natively
-    (``models.computes_bf16``). Elsewhere it runs in float32, which is faster there as well as exact."""
-    return recipe.train.bf16 and models.computes_bf16(device)
+    (``device.computes_bf16``). Elsewhere it runs in float32, which is faster there as well as exact."""
+    return recipe.train.bf16 and computes_bf16(device)
 
 
 def weights_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
