@@ -34,13 +34,14 @@ step() {  # NAME MAXSECONDS CMD: CMD under a timeout of min(MAXSECONDS, the time
 }
 for m in smollm2-135m gemma-3-270m; do python3 -c "from slmembed import models; print(models.resolve('$m'))" & done; wait
 short="--set train.max_steps=3"
-step train 240 "python3 -m slmembed train --recipe smollm2-135m $short --output $WORK/smollm2-a &
-  python3 -m slmembed train --recipe smollm2-135m $short --set train.seed=7 --output $WORK/smollm2-b &
-  python3 -m slmembed train --recipe gemma-3-270m $short --output $WORK/gemma &
-  wait
-  python3 -m slmembed export --run $WORK/smollm2-a --output $WORK/smollm2-135m --format st &
-  python3 -m slmembed export --run $WORK/gemma --output $WORK/gemma-3-270m --format st &
-  wait"
+# (each background job waited for by its pid: a bare `wait` returns 0 whichever of them failed)
+step train 240 "python3 -m slmembed train --recipe smollm2-135m $short --output $WORK/smollm2-a & a=\$!
+  python3 -m slmembed train --recipe smollm2-135m $short --set train.seed=7 --output $WORK/smollm2-b & b=\$!
+  python3 -m slmembed train --recipe gemma-3-270m $short --output $WORK/gemma & c=\$!
+  wait \$a && wait \$b && wait \$c || exit 1
+  python3 -m slmembed export --run $WORK/smollm2-a --output $WORK/smollm2-135m --format st & a=\$!
+  python3 -m slmembed export --run $WORK/gemma --output $WORK/gemma-3-270m --format st & b=\$!
+  wait \$a && wait \$b"
 serve="python3 bench/serve_gpu.py --infinity-python python3 --infinity-site $INFSITE --dtype bfloat16 --seconds $CELL_S"
 step serve-smollm2 420 "$serve --servers slmembed infinity slmembed-graphs slmembed-compile-graphs \
   --model $WORK/smollm2-135m --output results/bench/serve-gpu-smollm2-135m-$dev.json"
