@@ -7,7 +7,7 @@ while [ ! -f /tmp/session/done ] && [ "$waited" -lt "$limit" ]; do sleep 10; wai
 date -u +%T
 cat /tmp/session.log 2>/dev/null | grep -v "^\s*$" | tail -25
 grep -v "^\s*$" /tmp/rq/driver.log 2>/dev/null | tail -12
-nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader 2>/dev/null
 for log in /tmp/rq/*/logs/*.log; do
   [ -f "$log" ] || continue
   echo "--- $(basename "$log" .log)"; tail -c 4000 "$log" | tr '\r' '\n' | grep -a "reproduce\]\|rror\|step " | tail -3
