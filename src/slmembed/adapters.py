@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from slmembed import models
-from slmembed.device import best_dtype
+from slmembed.device import best_dtype, resolve_device
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
 from slmembed.run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, RunDir
@@ -78,7 +78,7 @@ class AdapterPool:
                                     "served together must share it (it is a setting of the base model)")
         self.names = list(self.runs)
         self.max_loaded = min(max_loaded or len(self.names), len(self.names))
-        device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or resolve_device()
         base, self.tokenizer = models.load(first.base, dtype=dtype or best_dtype(device),
                                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                                            device=device)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from slmembed import models, onnx_model, st_pipeline
-from slmembed.device import best_dtype
+from slmembed.device import best_dtype, resolve_device
 from slmembed.embedder import Embedder
 from slmembed.errors import SlmembedError
 from slmembed.run import ADAPTER_CONFIG, ADAPTER_WEIGHTS, EmbedInfo, RunDir
@@ -99,7 +99,7 @@ def load_embedder(
     (``model`` may then be None: a run names its base model). What each kind of folder loads as: the module
     docstring; ``spec_overrides`` win over the spec it comes with. ``sources`` is set to the model folder (or hub id)
     and the adapter folder its weights were read from."""
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or resolve_device()
     dtype = dtype or best_dtype(device)
     found = _source(model, adapter, allow_pickle)
     spec = dataclasses.replace(found.spec, **spec_overrides) if spec_overrides else found.spec
