@@ -36,7 +36,7 @@ one() {  # NAME ARGS...: one reproduce run through bench/reproduce_gpu.sh, its r
 mapfile -t lines < <(grep -v '^#' "$PLAN" | grep .)
 declare -A started
 need() {  # NAME: minutes a run needs from its start (SmolLM2 runs and 4-epoch Gemma runs are the long ones)
-  case "$1" in *ensemble*) echo 2;; gemma*-data-*) echo 4;; *-data-1-8) echo 3;; *-data-1-4) echo 4;; *-data-1-2) echo 6;; *adapt*|*mntp*|*llm2vec*) echo 9;; *soup*) echo 20;; smollm2*|*smollm2-recipe*) echo 11;; *) echo 7;; esac; }
+  case "$1" in *ensemble*) echo 2;; gemma*-data-*) echo 4;; *-data-1-8) echo 3;; *-data-1-4) echo 4;; *-data-1-2) echo 6;; smollm2*llm2vec*) echo 13;; *adapt*|*mntp*|*llm2vec*) echo 9;; *soup*) echo 20;; smollm2*|*smollm2-recipe*) echo 11;; *) echo 7;; esac; }
 while :; do
   left=$(( $(cat /tmp/rq/deadline) - $(date +%s) ))
   pick=""
