@@ -13,13 +13,19 @@
 #
 # Q_S: seconds from now to the queue's deadline (bench/queue_gpu.sh; a later call may move it in /tmp/rq/deadline);
 # S_S: seconds the speed steps get once the queue is done; N: runs at once (default 4); PLAN=none: speed steps only.
-# INFSITE: infinity-emb's wheels installed there (bench/serve_gpu_wheels.sh) for the serving comparison.
+# INFWHEELS (default /tmp/infw): infinity-emb's staged wheels (bench/serve_gpu_wheels.sh), installed once into INFSITE
+# (default /tmp/infsite) for the serving comparison; without them the steps that start infinity-emb belong in SPEED_SKIP.
 set -u
 PLAN=${PLAN:?PLAN: a plan file of bench/plans, or none}
 rm -rf /tmp/repo /tmp/rq /tmp/session && mkdir -p /tmp/repo /tmp/rq /tmp/session
 cp -r src bench results pyproject.toml /tmp/repo
 cd /tmp/repo
 source bench/gpu_env.sh
+export INFSITE=${INFSITE:-/tmp/infsite}
+infwheels=$(find "${INFWHEELS:-/tmp/infw}" -name '*.whl' 2>/dev/null)
+if [ -n "$infwheels" ] && [ ! -d "$INFSITE/infinity_emb" ]; then
+  python3 -m pip install -q --no-index --no-deps --target "$INFSITE" $infwheels
+fi
 echo "session start $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)"
 if [ "$PLAN" = none ]; then
   touch /tmp/rq/done
