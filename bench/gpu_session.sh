@@ -35,8 +35,7 @@ else
   # the queue converts the packaged models into the cache first: the exports wait for that, not convert beside it
   for _ in $(seq 200); do grep -q "resolved in" /tmp/rq/driver.log 2>/dev/null && break; sleep 3; done
 fi
-steps="serve-smollm2 serve-overhead serve-gemma serve-adapters eval-phases flex-gemma flex-smollm2"
-SKIP="$steps" LOGS=/tmp/session/prepare bash bench/speed_gpu.sh  # its first step alone: the runs to serve
+ONLY=train LOGS=/tmp/session/prepare bash bench/speed_gpu.sh  # the runs to serve, made beside the queue
 echo "exports ready $(date -u +%T)"
 until [ -f /tmp/rq/done ]; do sleep 3; done
 if [ "$PLAN" != none ]; then

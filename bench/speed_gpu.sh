@@ -9,7 +9,8 @@
 #
 #   DEADLINE=$(( $(date +%s) + 1200 )) INFSITE=/tmp/infsite setsid nohup bash bench/speed_gpu.sh >LOG 2>&1 &
 #
-# SKIP="NAME ..." leaves steps out (e.g. SKIP=eval-phases where that card's figures exist).
+# SKIP="NAME ..." leaves steps out (e.g. SKIP=eval-phases where that card's figures exist); ONLY="NAME ..." runs those
+# steps alone (e.g. ONLY=train: the short runs and exports the serving steps use).
 # Results: results/bench/{serve-gpu,eval-phases,importtime-eval,train,profile}-*-DEVICE.json/txt; each step's output in
 # $LOGS/NAME.log; $LOGS/done when it ends. The served models come from short runs of the shipped recipes (a few steps:
 # serving speed depends on the architecture and the embedding spec, not on the weights).
@@ -25,6 +26,7 @@ case "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" in *H200*)
 step() {  # NAME MAXSECONDS CMD: CMD under a timeout of min(MAXSECONDS, the time left), its output in $LOGS/NAME.log
   local name=$1 max=$2 left=$(( DEADLINE - $(date +%s) )); shift 2
   case " ${SKIP:-} " in *" $name "*) echo "skip $name (SKIP)"; return 1;; esac
+  [ -n "${ONLY:-}" ] && case " $ONLY " in *" $name "*) ;; *) echo "skip $name (ONLY)"; return 1;; esac
   [ "$left" -lt 45 ] && { echo "skip $name (${left}s left)"; return 1; }
   [ "$max" -gt "$left" ] && max=$left
   echo "start $name $(date -u +%T) (limit ${max}s)"
