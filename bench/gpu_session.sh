@@ -12,7 +12,8 @@
 #   bash bench/gpu_wait.sh 540          # in this and the following calls, until it says "session done"
 #
 # Q_S: seconds from now to the queue's deadline (bench/queue_gpu.sh; a later call may move it in /tmp/rq/deadline);
-# S_S: seconds the speed steps get once the queue is done; N: runs at once (default 4); PLAN=none: speed steps only.
+# S_S: seconds the speed steps get once the queue is done (0: the queue alone, no exports made beside it); N: runs at
+# once (default 4); PLAN=none: speed steps only.
 # INFWHEELS (default /tmp/infw): infinity-emb's staged wheels (bench/serve_gpu_wheels.sh), installed once into INFSITE
 # (default /tmp/infsite) for the serving comparison; without them the steps that start infinity-emb belong in SPEED_SKIP.
 set -u
@@ -35,16 +36,21 @@ else
   # the queue converts the packaged models into the cache first: the exports wait for that, not convert beside it
   for _ in $(seq 200); do grep -q "resolved in" /tmp/rq/driver.log 2>/dev/null && break; sleep 3; done
 fi
-ONLY=train LOGS=/tmp/session/prepare bash bench/speed_gpu.sh  # the runs to serve, made beside the queue
-echo "exports ready $(date -u +%T)"
+S_S=${S_S:-420}
+if [ "$S_S" != 0 ]; then
+  ONLY=train LOGS=/tmp/session/prepare bash bench/speed_gpu.sh  # the runs to serve, made beside the queue
+  echo "exports ready $(date -u +%T)"
+fi
 until [ -f /tmp/rq/done ]; do sleep 3; done
 if [ "$PLAN" != none ]; then
   (cd /tmp/rq && tar czf /tmp/session/quality.tgz.tmp driver.log $(ls -- */reproduce.tgz */runner.log */eval.log \
     2>/dev/null) && mv /tmp/session/quality.tgz.tmp /tmp/session/quality.tgz)
   echo "quality packed $(date -u +%T)"
 fi
-DEADLINE=$(( $(date +%s) + ${S_S:-420} )) SKIP="train ${SPEED_SKIP:-}" LOGS=/tmp/session/speed bash bench/speed_gpu.sh
-tar czf /tmp/session/speed.tgz.tmp -C /tmp/repo results/bench -C /tmp/session prepare speed \
-  && mv /tmp/session/speed.tgz.tmp /tmp/session/speed.tgz
+if [ "$S_S" != 0 ]; then
+  DEADLINE=$(( $(date +%s) + S_S )) SKIP="train ${SPEED_SKIP:-}" LOGS=/tmp/session/speed bash bench/speed_gpu.sh
+  tar czf /tmp/session/speed.tgz.tmp -C /tmp/repo results/bench -C /tmp/session prepare speed \
+    && mv /tmp/session/speed.tgz.tmp /tmp/session/speed.tgz
+fi
 echo "session done $(date -u +%T)"
 touch /tmp/session/done
