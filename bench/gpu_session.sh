@@ -7,7 +7,7 @@
 # /tmp/session/quality.tgz (the queue's log and each run's reproduce.tgz) and /tmp/session/speed.tgz (results/bench
 # and the steps' logs). bench/gpu_wait.sh waits for them and hands them back.
 #
-#   PLAN=bench/plans/quality-10.txt Q_S=780 S_S=420 SPEED_SKIP="serve-adapters flex-gemma" \
+#   PLAN=bench/plans/quality-11.txt Q_S=780 S_S=420 SPEED_SKIP="serve-adapters flex-gemma" \
 #     setsid nohup bash bench/gpu_session.sh >/tmp/session.log 2>&1 &
 #   bash bench/gpu_wait.sh 540          # in this and the following calls, until it says "session done"
 #
