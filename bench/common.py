@@ -33,6 +33,7 @@ import torch
 
 from slmembed.atomic import write_json
 from slmembed.cli import provenance
+from slmembed.device import resolve_device
 from slmembed.embedder import Embedder
 from slmembed.export import export_tokenizer
 from slmembed.report import read_log
@@ -80,8 +81,7 @@ def st_model(folder: str | Path, spec: EmbedSpec, dtype: torch.dtype = torch.bfl
         tokenizer.pad_token = tokenizer.eos_token
     export_tokenizer(tokenizer, spec)
     pooling = Pooling(backbone.get_embedding_dimension(), pooling_mode="lasttoken")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return SentenceTransformer(modules=[backbone, pooling, Normalize()], device=device)
+    return SentenceTransformer(modules=[backbone, pooling, Normalize()], device=str(resolve_device()))
 
 
 def st_texts(texts: list[str], embedder: Embedder) -> list[str]:

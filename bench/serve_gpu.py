@@ -48,6 +48,7 @@ from common import Request, drive, free_port, start_server, stop_server
 
 from slmembed import __version__ as slmembed_version
 from slmembed.atomic import write_json
+from slmembed.device import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 MIXES = {"sts": ("sts", 4), "long": ("long", 4), "single": ("sts", 1)}  # mix -> (its texts' pool, most a request)
@@ -293,7 +294,7 @@ def main() -> int:
         ap.error("--infinity-site is needed to run infinity")
     folder = Path(args.model) if Path(args.model).is_dir() else Path(models.resolve(args.model))
     name = folder.name if Path(args.model).is_dir() else args.model
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device().type
     dtype = getattr(torch, args.dtype)
     embedder = load_embedder(str(folder), dtype=dtype)
     texts = pools(folder, embedder, args.pool)
