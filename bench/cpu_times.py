@@ -19,8 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def timed(command: list[str]) -> float:
+    """Wall seconds of ``command``; if it fails, the end of what it printed (a failed test's report), then the exit."""
     t = time.perf_counter()
-    subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run(command, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stdout[-20000:]}")
     return round(time.perf_counter() - t, 1)
 
 
